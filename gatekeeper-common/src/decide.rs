@@ -1,0 +1,319 @@
+//! The packet decision: what happens to a parsed frame, given the maps.
+//!
+//! This is the one definition of the gate's rules. The XDP program calls
+//! [`decide`] with [`Tables`] backed by BPF maps; userspace tests call it
+//! with tables backed by ordinary collections and use it as the reference
+//! the real program must agree with.
+
+use crate::{
+    knock,
+    maps::{
+        ANY_PORT, AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT,
+        WhitelistKey, WhitelistValue, protected_slot,
+    },
+    parse::{Kind, Packet, TCP_ACK, TCP_SYN},
+    proto,
+};
+
+/// Why a packet got its verdict. Doubles as the index of its counter in the
+/// STATS map, so the order is part of the map layout.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    NotIp = 0,
+    IcmpControl,
+    OtherProtocol,
+    Unprotected,
+    Reply,
+    Whitelisted,
+    Allowlisted,
+    /// Audit mode: would have been dropped, passed instead.
+    AuditWouldDrop,
+    NotAllowed,
+    Malformed,
+    FragmentUnmatched,
+    KnockDiverted,
+    KnockRateLimited,
+    KnockBadLength,
+    /// The ring buffer had no room; set by the XDP program, not by [`decide`].
+    KnockRingFull,
+}
+
+impl Reason {
+    pub const COUNT: usize = 15;
+    pub const ALL: [Reason; Self::COUNT] = [
+        Reason::NotIp,
+        Reason::IcmpControl,
+        Reason::OtherProtocol,
+        Reason::Unprotected,
+        Reason::Reply,
+        Reason::Whitelisted,
+        Reason::Allowlisted,
+        Reason::AuditWouldDrop,
+        Reason::NotAllowed,
+        Reason::Malformed,
+        Reason::FragmentUnmatched,
+        Reason::KnockDiverted,
+        Reason::KnockRateLimited,
+        Reason::KnockBadLength,
+        Reason::KnockRingFull,
+    ];
+
+    /// Stable snake_case name, used by `gatekeeper stats` and in logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotIp => "pass_not_ip",
+            Reason::IcmpControl => "pass_icmp_control",
+            Reason::OtherProtocol => "pass_other_protocol",
+            Reason::Unprotected => "pass_unprotected",
+            Reason::Reply => "pass_reply",
+            Reason::Whitelisted => "pass_whitelisted",
+            Reason::Allowlisted => "pass_allowlisted",
+            Reason::AuditWouldDrop => "audit_would_drop",
+            Reason::NotAllowed => "drop_not_allowed",
+            Reason::Malformed => "drop_malformed",
+            Reason::FragmentUnmatched => "drop_fragment_unmatched",
+            Reason::KnockDiverted => "knock_diverted",
+            Reason::KnockRateLimited => "knock_rate_limited",
+            Reason::KnockBadLength => "knock_bad_length",
+            Reason::KnockRingFull => "knock_ring_full",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Self::ALL.get(v as usize).copied()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+    /// Copy to the daemon through the ring buffer, then drop.
+    Divert,
+}
+
+/// Flat rather than carrying an `Option<WhitelistKey>`, for the same
+/// verifier reason as [`Packet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// Why. In audit mode a would-drop packet has `action == Pass` and keeps
+    /// the reason it would have been dropped for.
+    pub reason: Reason,
+    /// The entry in `matched` should have its `last_seen` refreshed.
+    pub touch: bool,
+    /// The whitelist entry that passed the packet (zeroed otherwise).
+    pub matched: WhitelistKey,
+}
+
+impl Decision {
+    const fn new(action: Action, reason: Reason) -> Self {
+        Decision {
+            action,
+            reason,
+            touch: false,
+            matched: WhitelistKey::new([0; 16], 0, 0),
+        }
+    }
+
+    /// The STATS counter this decision increments.
+    pub fn counter(&self) -> Reason {
+        match (self.action, self.reason) {
+            (Action::Pass, r) if r.is_denial() => Reason::AuditWouldDrop,
+            (_, r) => r,
+        }
+    }
+}
+
+impl Reason {
+    /// Reasons that drop in enforce mode.
+    pub const fn is_denial(self) -> bool {
+        matches!(
+            self,
+            Reason::NotAllowed
+                | Reason::Malformed
+                | Reason::FragmentUnmatched
+                | Reason::KnockRateLimited
+                | Reason::KnockBadLength
+        )
+    }
+}
+
+/// The map lookups the decision needs. The XDP program implements this over
+/// BPF maps; tests implement it over collections.
+pub trait Tables {
+    /// One 64-bit word of the PROTECTED bitmap.
+    fn protected_word(&self, index: u32) -> u64;
+    fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue>;
+    /// Longest-prefix match of `addr` in the operator allowlist.
+    fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue>;
+    /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
+    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool;
+}
+
+/// Refresh `last_seen` at most this often per entry, so busy flows do not
+/// write the shared map on every packet.
+pub const TOUCH_GRANULARITY_NS: u64 = 100_000_000;
+
+/// Whether a whitelist entry still exists for the sweeper: it is inside its
+/// TTL, or traffic matched it less than `idle_ns` ago.
+#[inline(always)]
+pub fn entry_is_live(v: &WhitelistValue, now: u64, idle_ns: u64) -> bool {
+    now < v.expires_ns || (v.last_seen_ns != 0 && now.saturating_sub(v.last_seen_ns) < idle_ns)
+}
+
+/// Whether `v` passes a packet to `dport`. Inside its TTL an entry passes
+/// everything in its port range; after it, only an active flow that keeps
+/// it from going idle, and no new TCP connection.
+#[inline(always)]
+fn entry_admits(v: &WhitelistValue, dport: u16, now: u64, idle_ns: u64, new_tcp: bool) -> bool {
+    if dport < v.dport_lo || dport > v.dport_hi {
+        return false;
+    }
+    now < v.expires_ns || (!new_tcp && entry_is_live(v, now, idle_ns))
+}
+
+#[inline(always)]
+fn pass(reason: Reason) -> Decision {
+    Decision::new(Action::Pass, reason)
+}
+
+/// Drop, or in audit mode pass while keeping the reason.
+#[inline(always)]
+fn deny(cfg: &Config, reason: Reason) -> Decision {
+    let action = if cfg.mode == MODE_AUDIT {
+        Action::Pass
+    } else {
+        Action::Drop
+    };
+    Decision::new(action, reason)
+}
+
+/// Decides one parsed frame at monotonic time `now`.
+#[inline(always)]
+pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision {
+    let (key_proto, sport, dport) = match pkt.kind {
+        Kind::NotIp => return pass(Reason::NotIp),
+        Kind::Malformed => return deny(cfg, Reason::Malformed),
+        Kind::IcmpControl => return pass(Reason::IcmpControl),
+        Kind::Other => return pass(Reason::OtherProtocol),
+        Kind::Fragment => return fragment(pkt, cfg, t, now),
+        Kind::Tcp => (proto::TCP, pkt.sport, pkt.dport),
+        Kind::Udp => (proto::UDP, pkt.sport, pkt.dport),
+        Kind::Echo => (proto::ICMP, ANY_PORT, 0),
+    };
+    let knock_port =
+        key_proto == proto::UDP && cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
+    if !knock_port && !is_protected(cfg, t, key_proto, dport) {
+        return pass(Reason::Unprotected);
+    }
+    let new_tcp = key_proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Knocks ride in UDP, in a TCP SYN (never in an established stream) and
+    // in echo requests.
+    if pkt.knock_prefix && (key_proto != proto::TCP || new_tcp) {
+        if !knock::plausible_len(pkt.payload_len as usize) {
+            return deny(cfg, Reason::KnockBadLength);
+        }
+        if !t.admit_knock(&pkt.src, now, cfg) {
+            return deny(cfg, Reason::KnockRateLimited);
+        }
+        return Decision::new(Action::Divert, Reason::KnockDiverted);
+    }
+    if is_reply(cfg, key_proto, new_tcp, dport) {
+        return pass(Reason::Reply);
+    }
+    let idle = cfg.idle_timeout_ns;
+    // Exact tuple first, then the any-port entry. Echo has no source port,
+    // so for it the two keys are the same.
+    if sport != ANY_PORT {
+        let exact = WhitelistKey::new(pkt.src, sport, key_proto);
+        if let Some(d) = whitelisted(t, exact, dport, now, idle, new_tcp) {
+            return d;
+        }
+    }
+    let any = WhitelistKey::new(pkt.src, ANY_PORT, key_proto);
+    if let Some(d) = whitelisted(t, any, dport, now, idle, new_tcp) {
+        return d;
+    }
+    if allowlisted(t, &pkt.src, now) {
+        return pass(Reason::Allowlisted);
+    }
+    deny(cfg, Reason::NotAllowed)
+}
+
+#[inline(always)]
+fn whitelisted<T: Tables>(
+    t: &T,
+    key: WhitelistKey,
+    dport: u16,
+    now: u64,
+    idle: u64,
+    new_tcp: bool,
+) -> Option<Decision> {
+    let v = t.whitelist(&key)?;
+    if !entry_admits(&v, dport, now, idle, new_tcp) {
+        return None;
+    }
+    let touch = now.saturating_sub(v.last_seen_ns) >= TOUCH_GRANULARITY_NS;
+    Some(Decision {
+        action: Action::Pass,
+        reason: Reason::Whitelisted,
+        touch,
+        matched: key,
+    })
+}
+
+#[inline(always)]
+fn is_protected<T: Tables>(cfg: &Config, t: &T, key_proto: u8, dport: u16) -> bool {
+    if key_proto == proto::ICMP {
+        return cfg.flags & CFG_PROTECT_ECHO != 0;
+    }
+    match protected_slot(key_proto, dport) {
+        Some((index, mask)) => t.protected_word(index) & mask != 0,
+        None => false,
+    }
+}
+
+/// Replies to connections the gateway itself opened arrive on its ephemeral
+/// ports: UDP there, and TCP segments that do not open a connection, pass.
+/// A bare SYN to an ephemeral port is never a reply, so scans still see
+/// nothing there.
+#[inline(always)]
+fn is_reply(cfg: &Config, key_proto: u8, new_tcp: bool, dport: u16) -> bool {
+    let ephemeral = cfg.ephemeral_lo != 0 && dport >= cfg.ephemeral_lo && dport <= cfg.ephemeral_hi;
+    ephemeral && (key_proto == proto::UDP || (key_proto == proto::TCP && !new_tcp))
+}
+
+#[inline(always)]
+fn allowlisted<T: Tables>(t: &T, src: &[u8; 16], now: u64) -> bool {
+    matches!(t.allowlist(src), Some(v) if now < v.expires_ns)
+}
+
+/// A non-first fragment has no ports. It passes when its protocol is not
+/// gated at all, or when its source holds a live any-port entry or an
+/// allowlist prefix; the first fragment, which carries the ports, was
+/// checked in full, and the stack cannot reassemble without it.
+#[inline(always)]
+fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision {
+    let l4 = pkt.proto;
+    let gated = match l4 {
+        proto::TCP => cfg.flags & CFG_ANY_TCP != 0,
+        proto::UDP => cfg.flags & CFG_ANY_UDP != 0,
+        proto::ICMP | proto::ICMPV6 => cfg.flags & CFG_PROTECT_ECHO != 0,
+        _ => false,
+    };
+    if !gated {
+        return pass(Reason::Unprotected);
+    }
+    let key_proto = if l4 == proto::ICMPV6 { proto::ICMP } else { l4 };
+    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto)) {
+        if entry_is_live(&v, now, cfg.idle_timeout_ns) {
+            return pass(Reason::Whitelisted);
+        }
+    }
+    if allowlisted(t, &pkt.src, now) {
+        return pass(Reason::Allowlisted);
+    }
+    deny(cfg, Reason::FragmentUnmatched)
+}

@@ -1,0 +1,177 @@
+//! BPF map names, key and value layouts, and the slot layouts inside the
+//! array maps. Every type here crosses the kernel boundary: `#[repr(C)]`,
+//! explicit padding, no bool/enum/Option, and a size check at compile time.
+//! Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`); ports and times
+//! are host byte order; times are CLOCK_MONOTONIC nanoseconds, the clock of
+//! `bpf_ktime_get_ns`.
+
+use crate::proto;
+
+pub const WHITELIST: &str = "WHITELIST";
+pub const ALLOWLIST: &str = "ALLOWLIST";
+pub const PROTECTED: &str = "PROTECTED";
+pub const CONFIG: &str = "CONFIG";
+pub const EVENTS: &str = "EVENTS";
+pub const KNOCK_RATE: &str = "KNOCK_RATE";
+pub const STATS: &str = "STATS";
+
+/// Every map the daemon pins, in a fixed order.
+pub const ALL: [&str; 7] = [
+    WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS,
+];
+
+pub const WHITELIST_MAX: u32 = 1 << 20;
+pub const ALLOWLIST_MAX: u32 = 1 << 14;
+pub const KNOCK_RATE_MAX: u32 = 1 << 16;
+pub const EVENTS_BYTES: u32 = 1 << 22;
+
+/// `src_port` value of an entry that matches any source port.
+pub const ANY_PORT: u16 = 0;
+
+/// (source address, source port or [`ANY_PORT`], protocol). ICMP and
+/// ICMPv6 echo both use [`proto::ICMP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WhitelistKey {
+    pub addr: [u8; 16],
+    pub src_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl WhitelistKey {
+    pub const fn new(addr: [u8; 16], src_port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            src_port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Set on entries an operator added by hand, so audits can tell them apart
+/// from knock-made ones.
+pub const FLAG_OPERATOR: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WhitelistValue {
+    pub expires_ns: u64,
+    /// Last packet that matched; 0 until the first one.
+    pub last_seen_ns: u64,
+    pub dport_lo: u16,
+    pub dport_hi: u16,
+    pub flags: u32,
+    /// Who the entry belongs to (a client id once knocks create entries).
+    pub owner: u32,
+    pub _pad: u32,
+}
+
+/// Value of the ALLOWLIST LPM trie, keyed by a prefix of the 16-byte address
+/// (an IPv4 /24 is a /120 over the mapped address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowValue {
+    pub expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KnockBucket {
+    /// Nano-tokens: one knock costs 10^9.
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// `Config::flags`: ICMP and ICMPv6 echo requests are gated.
+pub const CFG_PROTECT_ECHO: u32 = 1;
+/// `Config::flags`: at least one TCP port is gated, so TCP fragments are too.
+pub const CFG_ANY_TCP: u32 = 2;
+/// `Config::flags`: at least one UDP port is gated, so UDP fragments are too.
+pub const CFG_ANY_UDP: u32 = 4;
+
+/// The single entry of the CONFIG array. An all-zero config (a program whose
+/// daemon has not configured it yet) gates nothing; the daemon writes it
+/// before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    pub mode: u32,
+    pub flags: u32,
+    /// An expired entry keeps passing established traffic until it has been
+    /// idle this long.
+    pub idle_timeout_ns: u64,
+    pub knock_rate_per_sec: u32,
+    pub knock_burst: u32,
+    /// The host's ephemeral port range: replies to connections the gateway
+    /// opened arrive here.
+    pub ephemeral_lo: u16,
+    pub ephemeral_hi: u16,
+    /// UDP port that accepts knocks even when it is not otherwise protected
+    /// (0: none).
+    pub knock_udp_port: u16,
+    pub _pad: u16,
+    /// Report one in this many audit-mode would-drop packets (0: none).
+    pub audit_sample_every: u32,
+    pub _pad2: u32,
+}
+
+/// PROTECTED is an array of u64 words: a bitmap of TCP ports, then one of
+/// UDP ports.
+pub const PROTECTED_WORDS_PER_PROTO: u32 = 65536 / 64;
+pub const PROTECTED_WORDS: u32 = 2 * PROTECTED_WORDS_PER_PROTO;
+
+/// Word index and bit mask of `port` in the PROTECTED bitmap, or `None` for
+/// protocols without ports.
+#[inline(always)]
+pub const fn protected_slot(l4: u8, port: u16) -> Option<(u32, u64)> {
+    let base = match l4 {
+        proto::TCP => 0,
+        proto::UDP => PROTECTED_WORDS_PER_PROTO,
+        _ => return None,
+    };
+    Some((base + (port as u32 >> 6), 1u64 << (port & 63)))
+}
+
+/// Ring-buffer event kinds.
+pub const EVENT_KNOCK: u32 = 1;
+pub const EVENT_AUDIT_SAMPLE: u32 = 2;
+
+/// One record in the EVENTS ring buffer: a diverted knock (with its payload)
+/// or a sampled audit-mode would-drop packet (payload empty).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub kind: u32,
+    pub ifindex: u32,
+    pub ts_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// Why the packet would have been dropped ([`crate::decide::Reason`]),
+    /// for audit samples.
+    pub reason: u8,
+    pub _pad: u8,
+    pub payload_len: u32,
+    pub _pad2: u32,
+    pub payload: [u8; crate::knock::MAX_LEN],
+}
+
+/// Indices of the STATS per-CPU array; one counter per [`crate::decide::Reason`].
+pub const STATS_LEN: u32 = crate::decide::Reason::COUNT as u32;
+
+const _: () = {
+    assert!(core::mem::size_of::<WhitelistKey>() == 20);
+    assert!(core::mem::size_of::<WhitelistValue>() == 32);
+    assert!(core::mem::size_of::<AllowValue>() == 8);
+    assert!(core::mem::size_of::<KnockBucket>() == 16);
+    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Event>() == 64 + crate::knock::MAX_LEN);
+};

@@ -1,0 +1,201 @@
+//! The gate's XDP program. It only adapts: packet access and BPF maps in,
+//! the shared decision from `gatekeeper-common`, counters and the event ring
+//! out. The rules themselves live in `gatekeeper_common::decide`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    macros::{map, xdp},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::XdpContext,
+};
+use gatekeeper_common::{
+    decide::{decide, Action, Decision, Reason, Tables},
+    knock,
+    maps::{
+        AllowValue, Config, Event, KnockBucket, WhitelistKey, WhitelistValue, ALLOWLIST_MAX,
+        EVENTS_BYTES, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, KNOCK_RATE_MAX, PROTECTED_WORDS, STATS_LEN,
+        WHITELIST_MAX,
+    },
+    parse::{parse, Frame, Kind, Packet, MAX_FRAME},
+    ratelimit,
+};
+
+#[map]
+static WHITELIST: LruHashMap<WhitelistKey, WhitelistValue> = LruHashMap::with_max_entries(WHITELIST_MAX, 0);
+#[map]
+static ALLOWLIST: LpmTrie<[u8; 16], AllowValue> = LpmTrie::with_max_entries(ALLOWLIST_MAX, 0);
+#[map]
+static PROTECTED: Array<u64> = Array::with_max_entries(PROTECTED_WORDS, 0);
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+#[map]
+static KNOCK_RATE: LruHashMap<[u8; 16], KnockBucket> = LruHashMap::with_max_entries(KNOCK_RATE_MAX, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Packet bytes between `data` and `data_end`.
+struct XdpFrame {
+    start: usize,
+    end: usize,
+}
+
+impl XdpFrame {
+    /// `data_end`, opaque to the optimiser. Otherwise LLVM proves some
+    /// bounds checks redundant from earlier ones (the IP length check covers
+    /// the L4 header) and drops them, and the verifier, which cannot follow
+    /// that reasoning, rejects the load.
+    #[inline(always)]
+    fn end(&self) -> usize {
+        core::hint::black_box(self.end)
+    }
+}
+
+impl Frame for XdpFrame {
+    #[inline(always)]
+    fn covers(&self, len: usize) -> bool {
+        len <= MAX_FRAME && self.start + len <= self.end()
+    }
+
+    /// Callers use N >= 2: LLVM turns a one-byte check into `ptr >= end`,
+    /// from which this kernel's verifier derives no readable range.
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        const { assert!(N >= 2, "XdpFrame::load needs N >= 2") };
+        // The explicit bound lets the verifier prove the offset small.
+        if off > MAX_FRAME || self.start + off + N > self.end() {
+            return None;
+        }
+        // SAFETY: the N bytes at `off` lie inside the packet, checked above.
+        Some(unsafe { core::ptr::read_unaligned((self.start + off) as *const [u8; N]) })
+    }
+}
+
+struct Maps;
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn protected_word(&self, index: u32) -> u64 {
+        PROTECTED.get(index).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue> {
+        // SAFETY: the value is copied out at once; concurrent writers only
+        // ever store whole timestamps.
+        unsafe { WHITELIST.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue> {
+        ALLOWLIST.get(Key::new(128, *addr)).copied()
+    }
+
+    #[inline(always)]
+    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool {
+        // SAFETY: copied out at once; a racing CPU can at worst let one
+        // extra knock through, which the daemon's own checks absorb.
+        let bucket = unsafe { KNOCK_RATE.get(src) }.copied();
+        let (bucket, allowed) = ratelimit::take(bucket, now, cfg.knock_rate_per_sec, cfg.knock_burst);
+        let _ = KNOCK_RATE.insert(src, &bucket, 0);
+        allowed
+    }
+}
+
+#[xdp]
+pub fn gatekeeper(ctx: XdpContext) -> u32 {
+    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pkt = parse(&frame);
+    let mut decision = decide(&pkt, cfg, &Maps, now);
+
+    if decision.touch {
+        if let Some(v) = WHITELIST.get_ptr_mut(&decision.matched) {
+            // SAFETY: a map value pointer from a successful lookup.
+            unsafe { (*v).last_seen_ns = now };
+        }
+    }
+    match decision.action {
+        Action::Divert => {
+            if !emit(&ctx, &pkt, EVENT_KNOCK, Reason::KnockDiverted, now) {
+                decision.reason = Reason::KnockRingFull;
+            }
+        }
+        Action::Pass if decision.reason.is_denial() => sample_audit(&ctx, &pkt, &decision, cfg, now),
+        _ => {}
+    }
+    count(decision.counter());
+    match decision.action {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop | Action::Divert => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn count(reason: Reason) {
+    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot; nothing else on this CPU runs concurrently.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn sample_audit(ctx: &XdpContext, pkt: &Packet, d: &Decision, cfg: &Config, now: u64) {
+    let every = cfg.audit_sample_every;
+    if every != 0 && unsafe { bpf_get_prandom_u32() } % every == 0 {
+        emit(ctx, pkt, EVENT_AUDIT_SAMPLE, d.reason, now);
+    }
+}
+
+/// Writes one event (with the L4 payload for knocks) into the ring.
+/// Returns false when the ring is full.
+#[inline(always)]
+fn emit(ctx: &XdpContext, pkt: &Packet, kind: u32, reason: Reason, now: u64) -> bool {
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        return false;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned ring slot of
+    // size_of::<Event>(); every field is written before submit.
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).ifindex = ctx.ingress_ifindex() as u32;
+        (*ev).ts_ns = now;
+        (*ev).src = pkt.src;
+        (*ev).dst = pkt.dst;
+        (*ev).sport = pkt.sport;
+        (*ev).dport = pkt.dport;
+        (*ev).proto = pkt.proto;
+        (*ev).tcp_flags = pkt.tcp_flags;
+        (*ev).reason = reason as u8;
+        (*ev)._pad = 0;
+        (*ev)._pad2 = 0;
+        (*ev).payload_len = 0;
+        let len = pkt.payload_len as u32;
+        let carries_payload = matches!(pkt.kind, Kind::Tcp | Kind::Udp | Kind::Echo);
+        if kind == EVENT_KNOCK && carries_payload && len > 0 && len <= knock::MAX_LEN as u32 {
+            let dst = (*ev).payload.as_mut_ptr() as *mut core::ffi::c_void;
+            // Same value as `len`, rebuilt through a mask the verifier can
+            // see: LLVM would otherwise drop the bound it already proved.
+            let n = ((core::hint::black_box(len) - 1) & (knock::MAX_LEN as u32 - 1)) + 1;
+            if bpf_xdp_load_bytes(ctx.ctx, pkt.payload_off as u32, dst, n) == 0 {
+                (*ev).payload_len = len;
+            }
+        }
+    }
+    slot.submit(0);
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,79 @@
+//! Builds the XDP program (nightly, bpfel-unknown-none, build-std) so the
+//! `gatekeeper` binary can embed it. `cargo xtask setup` installs what this
+//! needs: the nightly's rust-src and bpf-linker.
+
+use std::{env, path::PathBuf, process::Command};
+
+fn main() {
+    let manifest =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .parent()
+        .expect("gatekeeper/ sits in the workspace root")
+        .to_path_buf();
+    let ebpf = root.join("gatekeeper-ebpf");
+    for watched in [
+        "gatekeeper-ebpf/src",
+        "gatekeeper-ebpf/Cargo.toml",
+        "gatekeeper-common/src",
+        "gatekeeper-common/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("bpf");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+    ]
+    .join("\x1f");
+
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .arg("--manifest-path")
+    .arg(ebpf.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    // The outer (stable) build's settings must not leak into the nightly one.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("could not run rustup to build the XDP program: {e}; run `cargo xtask setup`")
+    });
+    if !status.success() {
+        panic!(
+            "building the XDP program failed (see above); `cargo xtask setup` installs the nightly rust-src and bpf-linker it needs"
+        );
+    }
+    let object = target_dir.join("bpfel-unknown-none/release/gatekeeper");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("gatekeeper.bpf.o");
+    std::fs::copy(&object, &out)
+        .unwrap_or_else(|e| panic!("copying {} failed: {e}", object.display()));
+}

@@ -1,0 +1,274 @@
+//! `gatekeeper whitelist|allow|stats`: the operator's view of the pinned maps.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use gatekeeper::{
+    clock,
+    gate::{Gate, WhitelistEntry, key_tuple},
+    spec::{self, PortRange, Prefix, Tuple, format_duration},
+};
+use gatekeeper_common::maps::{AllowValue, FLAG_OPERATOR};
+use serde_json::json;
+
+use super::Target;
+
+/// Inspect and change who may pass the gate.
+///
+/// An entry lets one source tuple reach a destination-port range until its
+/// TTL runs out; a flow that is still active keeps passing after that until
+/// it has been idle for the daemon's idle timeout.
+#[derive(Subcommand, Debug)]
+pub enum Whitelist {
+    /// List entries: address, source port (or any), protocol, port range,
+    /// remaining TTL and idle time.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// One JSON array for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a tuple in: ADDR[:SRCPORT]/PROTO, e.g. 10.0.0.2/tcp (any source
+    /// port), 10.0.0.2:40000/tcp, [2001:db8::2]:5353/udp.
+    Add {
+        tuple: Tuple,
+        /// Destination ports: PORT or LOW-HIGH.
+        #[arg(long, value_name = "PORTS")]
+        ports: PortRange,
+        /// How long the entry lets new flows in: 1500ms, 60s, 5m, 1h, 30d.
+        #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove one entry, named as it was added.
+    Del {
+        tuple: Tuple,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove every entry: only the allowlist and unprotected ports stay open.
+    Flush {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// The operator allowlist: address prefixes that pass to every port.
+#[derive(Subcommand, Debug)]
+pub enum Allow {
+    /// List prefixes with their remaining TTL.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow a prefix (10.0.0.0/24, 2001:db8::/32, or one address) for a while.
+    Add {
+        prefix: Prefix,
+        #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove one prefix.
+    Del {
+        prefix: Prefix,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove every prefix.
+    Flush {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Show the gate's counters, summed over CPUs.
+#[derive(Args, Debug)]
+pub struct Stats {
+    #[command(flatten)]
+    target: Target,
+    /// One JSON object, counter name to value.
+    #[arg(long)]
+    json: bool,
+}
+
+fn open(target: &Target) -> Result<Gate> {
+    Ok(Gate::open(&target.resolve()?)?)
+}
+
+pub fn whitelist(cmd: Whitelist) -> Result<()> {
+    match cmd {
+        Whitelist::List { target, json } => {
+            let gate = open(&target)?;
+            let now = clock::now_ns();
+            let entries = gate.whitelist()?;
+            if json {
+                let rows: Vec<_> = entries.iter().map(|e| entry_json(e, now)).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                print_entries(&entries, now);
+            }
+        }
+        Whitelist::Add {
+            tuple,
+            ports,
+            ttl,
+            target,
+        } => {
+            if tuple.proto == spec::Proto::Icmp && ports != PortRange::ALL {
+                anyhow::bail!("icmp has no ports: use --ports 1-65535 for {tuple}");
+            }
+            open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
+            println!(
+                "added {tuple} -> ports {ports} for {}",
+                format_duration(ttl)
+            );
+        }
+        Whitelist::Del { tuple, target } => {
+            open(&target)?.whitelist_del(&tuple)?;
+            println!("removed {tuple}");
+        }
+        Whitelist::Flush { target } => {
+            let n = open(&target)?.whitelist_flush()?;
+            println!("removed {n} whitelist entries");
+        }
+    }
+    Ok(())
+}
+
+fn remaining(until_ns: u64, now: u64) -> Option<Duration> {
+    (until_ns > now).then(|| Duration::from_nanos(until_ns - now))
+}
+
+fn entry_json(e: &WhitelistEntry, now: u64) -> serde_json::Value {
+    let tuple = key_tuple(&e.key);
+    json!({
+        "address": tuple.map(|t| t.addr.to_string()),
+        "src_port": tuple.and_then(|t| t.src_port),
+        "proto": tuple.map(|t| t.proto.name()),
+        "port_lo": e.value.dport_lo,
+        "port_hi": e.value.dport_hi,
+        "ttl_ms": remaining(e.value.expires_ns, now).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "expired": e.value.expires_ns <= now,
+        "idle_ms": (e.value.last_seen_ns != 0).then(|| now.saturating_sub(e.value.last_seen_ns) / 1_000_000),
+        "operator": e.value.flags & FLAG_OPERATOR != 0,
+        "owner": e.value.owner,
+    })
+}
+
+fn print_entries(entries: &[WhitelistEntry], now: u64) {
+    if entries.is_empty() {
+        println!("no whitelist entries");
+        return;
+    }
+    println!(
+        "{:<40} {:>8} {:<5} {:<11} {:>10} {:>10}  BY",
+        "ADDRESS", "SRC-PORT", "PROTO", "PORTS", "TTL", "IDLE"
+    );
+    for e in entries {
+        let t = key_tuple(&e.key);
+        let ports = PortRange {
+            lo: e.value.dport_lo,
+            hi: e.value.dport_hi,
+        };
+        let ttl = remaining(e.value.expires_ns, now)
+            .map(format_duration)
+            .unwrap_or_else(|| "expired".into());
+        let idle = if e.value.last_seen_ns == 0 {
+            "never".to_string()
+        } else {
+            format_duration(Duration::from_nanos(
+                now.saturating_sub(e.value.last_seen_ns),
+            ))
+        };
+        println!(
+            "{:<40} {:>8} {:<5} {:<11} {:>10} {:>10}  {}",
+            t.map(|t| t.addr.to_string()).unwrap_or_else(|| "?".into()),
+            t.and_then(|t| t.src_port)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "any".into()),
+            t.map(|t| t.proto.name()).unwrap_or("?"),
+            ports.to_string(),
+            ttl,
+            idle,
+            if e.value.flags & FLAG_OPERATOR != 0 {
+                "operator"
+            } else {
+                "knock"
+            },
+        );
+    }
+}
+
+pub fn allow(cmd: Allow) -> Result<()> {
+    match cmd {
+        Allow::List { target, json } => {
+            let gate = open(&target)?;
+            let now = clock::now_ns();
+            let prefixes = gate.allowlist()?;
+            if json {
+                let rows: Vec<_> = prefixes
+                    .iter()
+                    .map(|(p, v)| prefix_json(p, v, now))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else if prefixes.is_empty() {
+                println!("no allowlist prefixes");
+            } else {
+                println!("{:<44} {:>10}", "PREFIX", "TTL");
+                for (p, v) in &prefixes {
+                    let ttl = remaining(v.expires_ns, now)
+                        .map(format_duration)
+                        .unwrap_or_else(|| "expired".into());
+                    println!("{:<44} {:>10}", p.to_string(), ttl);
+                }
+            }
+        }
+        Allow::Add {
+            prefix,
+            ttl,
+            target,
+        } => {
+            open(&target)?.allow_add(&prefix, ttl)?;
+            println!("allowed {prefix} for {}", format_duration(ttl));
+        }
+        Allow::Del { prefix, target } => {
+            open(&target)?.allow_del(&prefix)?;
+            println!("removed {prefix}");
+        }
+        Allow::Flush { target } => {
+            let n = open(&target)?.allow_remove_all(None)?.len();
+            println!("removed {n} allowlist prefixes");
+        }
+    }
+    Ok(())
+}
+
+fn prefix_json(p: &Prefix, v: &AllowValue, now: u64) -> serde_json::Value {
+    json!({
+        "prefix": p.to_string(),
+        "ttl_ms": remaining(v.expires_ns, now).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "expired": v.expires_ns <= now,
+    })
+}
+
+pub fn stats(s: Stats) -> Result<()> {
+    let counters = open(&s.target)?.stats()?;
+    if s.json {
+        let obj: serde_json::Map<String, serde_json::Value> = counters
+            .iter()
+            .map(|(r, v)| (r.name().to_string(), json!(v)))
+            .collect();
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        for (r, v) in counters {
+            println!("{:<24} {v:>14}", r.name());
+        }
+    }
+    Ok(())
+}

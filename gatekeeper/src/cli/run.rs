@@ -1,0 +1,109 @@
+//! `gatekeeper run`: the daemon.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use gatekeeper::{
+    config::{Mode, Overrides, Settings, XdpModeChoice},
+    daemon::{self, Exit},
+    spec::{self, ProtectSpec},
+};
+use tracing_subscriber::EnvFilter;
+
+/// Load the gate on an interface and serve it.
+///
+/// Loads the XDP program, pins its maps and link under
+/// /sys/fs/bpf/gatekeeper/IFACE (mounting bpffs if needed), configures the
+/// protected ports, and then receives knocks and sweeps expired entries.
+/// If a gate is already pinned there, its entries are kept and the new
+/// program replaces the old one atomically.
+///
+/// Stopping the daemon (Ctrl-C, SIGTERM, even SIGKILL) leaves the gate
+/// closed and attached; `gatekeeper detach` removes it.
+///
+/// Example: gatekeeper run --iface eth0 --protect tcp/22,tcp/8000-8100,udp/53
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Interface to gate.
+    #[arg(long, value_name = "IFACE")]
+    iface: Option<String>,
+    /// TOML config file (keys: see gatekeeper/config.example.toml); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where to pin maps and the link [default: /sys/fs/bpf/gatekeeper/IFACE].
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Ports to gate: PROTO/PORT or PROTO/LOW-HIGH, comma-separated, plus
+    /// `icmp` for echo requests; or `all` (every TCP/UDP port and echo).
+    #[arg(long, value_name = "SPEC", value_parser = parse_protect)]
+    protect: Option<ProtectSpec>,
+    /// auto tries native (driver) XDP and falls back to generic (skb).
+    #[arg(long, value_enum, value_name = "MODE")]
+    xdp_mode: Option<XdpModeChoice>,
+    /// enforce drops; audit passes would-drop packets, counts and samples them.
+    #[arg(long, value_enum, value_name = "MODE")]
+    mode: Option<Mode>,
+    /// How long an expired entry keeps passing a flow that is still active [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
+    idle_timeout: Option<std::time::Duration>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_protect(s: &str) -> Result<ProtectSpec, spec::SpecError> {
+    s.parse()
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    let overrides = Overrides {
+        iface: args.iface,
+        pin_dir: args.pin_dir,
+        protect: args.protect,
+        xdp_mode: args.xdp_mode,
+        mode: args.mode,
+        idle_timeout: args.idle_timeout,
+    };
+    let settings = Settings::resolve(args.config.as_deref(), overrides)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let exit = runtime.block_on(daemon::run(settings, shutdown_signal()))?;
+    if exit == Exit::Detached {
+        eprintln!("gatekeeper: the gate was detached; exiting");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The running daemon: loads or adopts the gate, configures it, then serves
+//! the event ring and sweeps until told to stop. Stopping leaves the program
+//! attached and the entries in place (fail closed); only `gatekeeper
+//! detach` removes the gate, and the daemon exits when it sees that.
+
+use std::{future::Future, time::Duration};
+
+use thiserror::Error;
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Settings, ephemeral_ports},
+    events::{self, Kind},
+    gate::{Gate, GateError},
+    loader::{self, LoaderError},
+    pins::{self, PinError},
+    sweeper,
+};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error("watching the event ring: {0}")]
+    Ring(std::io::Error),
+}
+
+/// Why [`run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A signal: the gate stays attached.
+    Stopped,
+    /// The link pin vanished (`gatekeeper detach`): the gate is gone.
+    Detached,
+}
+
+/// Counts of what the daemon has seen since it started.
+#[derive(Debug, Default)]
+struct Seen {
+    knocks: u64,
+    audit_samples: u64,
+    unknown: u64,
+}
+
+/// Runs the daemon until `shutdown` completes or the gate is detached.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit, DaemonError> {
+    let dir = &settings.pin_dir;
+    pins::prepare(dir)?;
+    let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;
+    let gate = Gate::open(dir)?;
+    // Configure before attaching: an unconfigured program gates nothing.
+    gate.set_protected(&settings.protect)?;
+    let ephemeral = ephemeral_ports();
+    gate.set_config(&settings.map_config(ephemeral))?;
+    let attachment = loader::attach(&mut ebpf, &settings.iface, dir, settings.xdp_mode)?;
+    info!(
+        event = "started",
+        iface = %settings.iface,
+        pin_dir = %dir.display(),
+        attachment = attachment.name(),
+        protect = %settings.protect,
+        mode = ?settings.mode,
+        knock_udp_port = settings.knock_udp_port,
+        ephemeral = format!("{}-{}", ephemeral.0, ephemeral.1),
+        entries = gate.whitelist().map(|w| w.len()).unwrap_or(0),
+        "gate up"
+    );
+
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(gate.events()?, Interest::READABLE) }
+        .map_err(|e| DaemonError::Ring(e.into()))?;
+    let mut sweep = tokio::time::interval(settings.sweep_interval.max(Duration::from_millis(10)));
+    let idle_ns = settings.idle_timeout.as_nanos().min(u64::MAX as u128) as u64;
+    let link = dir.join(pins::LINK);
+    let mut seen = Seen::default();
+    tokio::pin!(shutdown);
+
+    let exit = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Exit::Stopped,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(DaemonError::Ring)?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    record(&item, &mut seen);
+                }
+                guard.clear_ready();
+            }
+            _ = sweep.tick() => {
+                if !link.exists() {
+                    break Exit::Detached;
+                }
+                if let Err(e) = sweeper::sweep(&gate, idle_ns) {
+                    warn!(error = %e, "sweep failed; retrying next tick");
+                }
+            }
+        }
+    };
+    info!(
+        event = "stopped",
+        ?exit,
+        knocks = seen.knocks,
+        audit_samples = seen.audit_samples,
+        unknown_events = seen.unknown,
+        "daemon stopping; {}",
+        match exit {
+            Exit::Stopped => "the gate stays attached with its entries",
+            Exit::Detached => "the gate was detached",
+        }
+    );
+    Ok(exit)
+}
+
+fn record(bytes: &[u8], seen: &mut Seen) {
+    let Some(ev) = events::decode(bytes) else {
+        seen.unknown += 1;
+        return;
+    };
+    match ev.kind {
+        Kind::Knock => {
+            seen.knocks += 1;
+            info!(event = "knock_received", src = %ev.src, sport = ev.sport, dst = %ev.dst, dport = ev.dport, proto = ev.proto,
+                len = ev.payload.len(), total = seen.knocks, "knock received");
+        }
+        Kind::AuditSample(reason) => {
+            seen.audit_samples += 1;
+            info!(event = "audit_would_drop", src = %ev.src, sport = ev.sport, dst = %ev.dst, dport = ev.dport, proto = ev.proto,
+                reason = reason.map(|r| r.name()).unwrap_or("unknown"), "audit mode passed a packet enforce mode would drop");
+        }
+    }
+}

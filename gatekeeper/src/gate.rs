@@ -1,0 +1,322 @@
+//! Typed access to a gate's pinned maps. The CLI and the daemon both go
+//! through here, so each map's layout is handled in one place.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key,
+};
+use gatekeeper_common::{
+    decide::{Reason, entry_is_live},
+    maps::{self as names, AllowValue, Config, PROTECTED_WORDS, WhitelistKey, WhitelistValue},
+};
+use thiserror::Error;
+
+use crate::{
+    clock,
+    pins::{self, PinError},
+    spec::{PortRange, Prefix, ProtectSpec, Proto, Tuple, map_addr},
+};
+
+#[derive(Debug, Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("map {map} at {dir}: {source}")]
+    Map {
+        map: &'static str,
+        dir: PathBuf,
+        source: MapError,
+    },
+    #[error("no whitelist entry for {0}")]
+    NoSuchEntry(String),
+    #[error("no allowlist entry for {0}")]
+    NoSuchPrefix(String),
+}
+
+/// The maps of one pinned gate.
+pub struct Gate {
+    dir: PathBuf,
+}
+
+/// One whitelist entry as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WhitelistEntry {
+    pub key: WhitelistKey,
+    pub value: WhitelistValue,
+}
+
+impl Gate {
+    /// Opens the gate pinned at `dir` (see [`pins::resolve`]).
+    pub fn open(dir: &Path) -> Result<Gate, GateError> {
+        if !dir.join(names::WHITELIST).exists() {
+            return Err(PinError::NotPinned(dir.to_path_buf()).into());
+        }
+        Ok(Gate {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn err(&self, map: &'static str) -> impl FnOnce(MapError) -> GateError + '_ {
+        move |source| GateError::Map {
+            map,
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn map(&self, name: &'static str) -> Result<Map, GateError> {
+        let data = MapData::from_pin(self.dir.join(name)).map_err(self.err(name))?;
+        Map::from_map_data(data).map_err(self.err(name))
+    }
+
+    fn whitelist_map(&self) -> Result<HashMap<MapData, WhitelistKey, WhitelistValue>, GateError> {
+        HashMap::try_from(self.map(names::WHITELIST)?).map_err(self.err(names::WHITELIST))
+    }
+
+    fn allowlist_map(&self) -> Result<LpmTrie<MapData, [u8; 16], AllowValue>, GateError> {
+        LpmTrie::try_from(self.map(names::ALLOWLIST)?).map_err(self.err(names::ALLOWLIST))
+    }
+
+    fn config_map(&self) -> Result<Array<MapData, Config>, GateError> {
+        Array::try_from(self.map(names::CONFIG)?).map_err(self.err(names::CONFIG))
+    }
+
+    /// The ring buffer the XDP program writes knocks and audit samples to.
+    pub fn events(&self) -> Result<RingBuf<MapData>, GateError> {
+        RingBuf::try_from(self.map(names::EVENTS)?).map_err(self.err(names::EVENTS))
+    }
+
+    pub fn config(&self) -> Result<Config, GateError> {
+        self.config_map()?
+            .get(&0, 0)
+            .map_err(self.err(names::CONFIG))
+    }
+
+    pub fn set_config(&self, cfg: &Config) -> Result<(), GateError> {
+        self.config_map()?
+            .set(0, cfg, 0)
+            .map_err(self.err(names::CONFIG))
+    }
+
+    /// Rewrites the whole PROTECTED bitmap for `spec`.
+    pub fn set_protected(&self, spec: &ProtectSpec) -> Result<(), GateError> {
+        let mut words = vec![0u64; PROTECTED_WORDS as usize];
+        for &(p, range) in &spec.ranges {
+            for port in range.lo..=range.hi {
+                if let Some((i, mask)) = names::protected_slot(p.number(), port) {
+                    words[i as usize] |= mask;
+                }
+            }
+        }
+        let mut map: Array<MapData, u64> =
+            Array::try_from(self.map(names::PROTECTED)?).map_err(self.err(names::PROTECTED))?;
+        for (i, w) in words.iter().enumerate() {
+            map.set(i as u32, w, 0)
+                .map_err(self.err(names::PROTECTED))?;
+        }
+        Ok(())
+    }
+
+    /// Every whitelist entry, in key order.
+    pub fn whitelist(&self) -> Result<Vec<WhitelistEntry>, GateError> {
+        let map = self.whitelist_map()?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            match item {
+                Ok((key, value)) => out.push(WhitelistEntry { key, value }),
+                // Deleted (by the sweeper or LRU) between listing and reading.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(self.err(names::WHITELIST)(e)),
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Adds or replaces the entry for `tuple`, open to `ports` for `ttl`.
+    pub fn whitelist_add(
+        &self,
+        tuple: &Tuple,
+        ports: PortRange,
+        ttl: Duration,
+        flags: u32,
+        owner: u32,
+    ) -> Result<WhitelistKey, GateError> {
+        let key = tuple_key(tuple);
+        let value = WhitelistValue {
+            expires_ns: clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64),
+            last_seen_ns: 0,
+            dport_lo: ports.lo,
+            dport_hi: ports.hi,
+            flags,
+            owner,
+            _pad: 0,
+        };
+        self.whitelist_map()?
+            .insert(key, value, 0)
+            .map_err(self.err(names::WHITELIST))?;
+        Ok(key)
+    }
+
+    pub fn whitelist_del(&self, tuple: &Tuple) -> Result<(), GateError> {
+        match self.whitelist_map()?.remove(&tuple_key(tuple)) {
+            Err(MapError::KeyNotFound) => Err(GateError::NoSuchEntry(tuple.to_string())),
+            other => other.map_err(self.err(names::WHITELIST)),
+        }
+    }
+
+    /// Removes every whitelist entry; returns how many there were.
+    pub fn whitelist_flush(&self) -> Result<usize, GateError> {
+        let mut map = self.whitelist_map()?;
+        let keys: Vec<WhitelistKey> = map.keys().filter_map(Result::ok).collect();
+        let mut removed = 0;
+        for key in keys {
+            match map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(self.err(names::WHITELIST)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes entries that are past their TTL and idle; returns them.
+    pub fn whitelist_sweep(
+        &self,
+        now: u64,
+        idle_ns: u64,
+    ) -> Result<Vec<WhitelistEntry>, GateError> {
+        let mut map = self.whitelist_map()?;
+        let mut gone = Vec::new();
+        for entry in self.whitelist()? {
+            // Re-read: the XDP program may have refreshed it since the listing.
+            let Ok(fresh) = map.get(&entry.key, 0) else {
+                continue;
+            };
+            if !entry_is_live(&fresh, now, idle_ns) && map.remove(&entry.key).is_ok() {
+                gone.push(WhitelistEntry {
+                    key: entry.key,
+                    value: fresh,
+                });
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Every allowlist prefix with its expiry.
+    pub fn allowlist(&self) -> Result<Vec<(Prefix, AllowValue)>, GateError> {
+        let map = self.allowlist_map()?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            match item {
+                Ok((key, value)) => {
+                    out.push((Prefix::from_mapped(key.data(), key.prefix_len()), value))
+                }
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(self.err(names::ALLOWLIST)(e)),
+            }
+        }
+        out.sort_by_key(|(p, _)| (map_addr(p.addr), p.len));
+        Ok(out)
+    }
+
+    pub fn allow_add(&self, prefix: &Prefix, ttl: Duration) -> Result<(), GateError> {
+        let value = AllowValue {
+            expires_ns: clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64),
+        };
+        self.allowlist_map()?
+            .insert(&prefix_key(prefix), value, 0)
+            .map_err(self.err(names::ALLOWLIST))
+    }
+
+    pub fn allow_del(&self, prefix: &Prefix) -> Result<(), GateError> {
+        match self.allowlist_map()?.remove(&prefix_key(prefix)) {
+            Err(MapError::KeyNotFound) => Err(GateError::NoSuchPrefix(prefix.to_string())),
+            other => other.map_err(self.err(names::ALLOWLIST)),
+        }
+    }
+
+    /// Removes allowlist prefixes; with `only_expired_at`, only those expired
+    /// by then. Returns what was removed.
+    pub fn allow_remove_all(&self, only_expired_at: Option<u64>) -> Result<Vec<Prefix>, GateError> {
+        let mut map = self.allowlist_map()?;
+        let mut removed = Vec::new();
+        for (prefix, value) in self.allowlist()? {
+            if only_expired_at.is_some_and(|now| now < value.expires_ns) {
+                continue;
+            }
+            if map.remove(&prefix_key(&prefix)).is_ok() {
+                removed.push(prefix);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The counters, summed over CPUs, in [`Reason`] order.
+    pub fn stats(&self) -> Result<Vec<(Reason, u64)>, GateError> {
+        let map: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(self.map(names::STATS)?).map_err(self.err(names::STATS))?;
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let per_cpu = map.get(&(r as u32), 0).map_err(self.err(names::STATS))?;
+                Ok((r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+pub fn tuple_key(t: &Tuple) -> WhitelistKey {
+    WhitelistKey::new(
+        map_addr(t.addr),
+        t.src_port.unwrap_or(names::ANY_PORT),
+        t.proto.number(),
+    )
+}
+
+/// The tuple a key stands for; `None` for a protocol no CLI could have written.
+pub fn key_tuple(k: &WhitelistKey) -> Option<Tuple> {
+    Some(Tuple {
+        addr: crate::spec::unmap_addr(k.addr),
+        src_port: (k.src_port != names::ANY_PORT).then_some(k.src_port),
+        proto: Proto::from_number(k.proto)?,
+    })
+}
+
+fn prefix_key(p: &Prefix) -> Key<[u8; 16]> {
+    Key::new(p.mapped_len(), p.mapped_network())
+}
+
+/// Removes a gate's pins: the link first (which detaches the program once no
+/// process holds it), then every map, then the directory.
+pub fn unpin_all(dir: &Path) -> Result<bool, PinError> {
+    let link = dir.join(pins::LINK);
+    let had_link = link.exists();
+    for name in std::iter::once(pins::LINK).chain(names::ALL) {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PinError::Io { path, source }),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(PinError::Io {
+                path: dir.into(),
+                source,
+            });
+        }
+    }
+    Ok(had_link)
+}

@@ -1,0 +1,468 @@
+//! What operators type: protocols, port ranges, protected-port lists,
+//! whitelist tuples, address prefixes and durations. Every parser names the
+//! bad input and says what would be accepted.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    str::FromStr,
+    time::Duration,
+};
+
+use gatekeeper_common::{parse::mapped_v4, proto};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("unknown protocol {0:?}: use tcp, udp or icmp")]
+    Protocol(String),
+    #[error("bad port {0:?}: use a number from 1 to 65535")]
+    Port(String),
+    #[error("bad port range {0:?}: use PORT or LOW-HIGH with 1 <= LOW <= HIGH <= 65535")]
+    PortRange(String),
+    #[error(
+        "bad protected port {0:?}: use PROTO/PORT or PROTO/LOW-HIGH (tcp/22, udp/53, tcp/8000-8100), icmp, or all"
+    )]
+    Protect(String),
+    #[error("bad address {0:?}: use an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7")]
+    Address(String),
+    #[error(
+        "bad tuple {0:?}: use ADDR/PROTO or ADDR:SRCPORT/PROTO, with [brackets] around IPv6 when a port follows (10.0.0.2:40000/tcp, [2001:db8::2]/udp)"
+    )]
+    Tuple(String),
+    #[error(
+        "bad prefix {0:?}: use ADDR/LEN such as 10.0.0.0/24 or 2001:db8::/32 (LEN up to 32 for IPv4, 128 for IPv6)"
+    )]
+    Prefix(String),
+    #[error("bad duration {0:?}: use a number with a unit, such as 1500ms, 60s, 5m, 1h or 30d")]
+    Duration(String),
+    #[error("duration {0:?} is zero: use a positive duration such as 60s")]
+    ZeroDuration(String),
+}
+
+/// A transport the gate knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    /// ICMP and ICMPv6 echo.
+    Icmp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proto::TCP,
+            Proto::Udp => proto::UDP,
+            Proto::Icmp => proto::ICMP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            proto::TCP => Some(Proto::Tcp),
+            proto::UDP => Some(Proto::Udp),
+            proto::ICMP => Some(Proto::Icmp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            "icmp" | "icmpv6" => Ok(Proto::Icmp),
+            _ => Err(SpecError::Protocol(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn port(s: &str) -> Result<u16, SpecError> {
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(SpecError::Port(s.to_string())),
+    }
+}
+
+/// An inclusive destination-port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange { lo: 1, hi: 65535 };
+}
+
+impl FromStr for PortRange {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SpecError::PortRange(s.to_string());
+        let (lo, hi) = match s.split_once('-') {
+            Some((lo, hi)) => (
+                port(lo.trim()).map_err(|_| bad())?,
+                port(hi.trim()).map_err(|_| bad())?,
+            ),
+            None => {
+                let p = port(s.trim()).map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if lo > hi {
+            return Err(bad());
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// What the gate protects: TCP/UDP port ranges and, optionally, echo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProtectSpec {
+    pub ranges: Vec<(Proto, PortRange)>,
+    pub echo: bool,
+}
+
+impl ProtectSpec {
+    /// Every TCP and UDP port and echo requests.
+    pub fn all() -> Self {
+        ProtectSpec {
+            ranges: vec![(Proto::Tcp, PortRange::ALL), (Proto::Udp, PortRange::ALL)],
+            echo: true,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && !self.echo
+    }
+}
+
+impl FromStr for ProtectSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut spec = ProtectSpec::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let lower = item.to_ascii_lowercase();
+            if lower == "all" {
+                return Ok(ProtectSpec::all());
+            }
+            if lower == "icmp" || lower == "icmpv6" {
+                spec.echo = true;
+                continue;
+            }
+            let (p, r) = item
+                .split_once('/')
+                .ok_or_else(|| SpecError::Protect(item.to_string()))?;
+            let p = p.parse::<Proto>()?;
+            if p == Proto::Icmp {
+                return Err(SpecError::Protect(item.to_string()));
+            }
+            spec.ranges.push((p, r.parse()?));
+        }
+        if spec.is_empty() {
+            return Err(SpecError::Protect(s.to_string()));
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for ProtectSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut items: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|(p, r)| format!("{p}/{r}"))
+            .collect();
+        if self.echo {
+            items.push("icmp".into());
+        }
+        f.write_str(&items.join(","))
+    }
+}
+
+/// An IP address as the maps store it: IPv6, or IPv4-mapped IPv6.
+pub fn map_addr(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => mapped_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`map_addr`]: IPv4-mapped addresses come back as IPv4.
+pub fn unmap_addr(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn addr(s: &str) -> Result<IpAddr, SpecError> {
+    s.parse::<IpAddr>()
+        .map_err(|_| SpecError::Address(s.to_string()))
+}
+
+/// A whitelist key as typed: `ADDR[:SRCPORT]/PROTO`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub addr: IpAddr,
+    /// `None` matches any source port.
+    pub src_port: Option<u16>,
+    pub proto: Proto,
+}
+
+impl FromStr for Tuple {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SpecError::Tuple(s.to_string());
+        let (host, proto) = s.rsplit_once('/').ok_or_else(bad)?;
+        let proto = proto.parse::<Proto>()?;
+        let (addr_s, port_s) = if let Some(rest) = host.strip_prefix('[') {
+            let (a, after) = rest.split_once(']').ok_or_else(bad)?;
+            match after {
+                "" => (a, None),
+                p => (a, Some(p.strip_prefix(':').ok_or_else(bad)?)),
+            }
+        } else if host.matches(':').count() == 1 {
+            let (a, p) = host.split_once(':').ok_or_else(bad)?;
+            (a, Some(p))
+        } else {
+            (host, None)
+        };
+        let addr = addr(addr_s)?;
+        let src_port = port_s.map(port).transpose()?;
+        if src_port.is_some() && proto == Proto::Icmp {
+            return Err(bad());
+        }
+        Ok(Tuple {
+            addr,
+            src_port,
+            proto,
+        })
+    }
+}
+
+impl fmt::Display for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.addr, self.src_port) {
+            (IpAddr::V6(a), Some(p)) => write!(f, "[{a}]:{p}/{}", self.proto),
+            (a, Some(p)) => write!(f, "{a}:{p}/{}", self.proto),
+            (a, None) => write!(f, "{a}/{}", self.proto),
+        }
+    }
+}
+
+/// An address prefix (`10.0.0.0/24`, `2001:db8::/32`, or one address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Prefix length over the 16-byte mapped address the LPM trie keys on.
+    pub fn mapped_len(&self) -> u32 {
+        match self.addr {
+            IpAddr::V4(_) => 96 + self.len as u32,
+            IpAddr::V6(_) => self.len as u32,
+        }
+    }
+
+    /// The mapped address with host bits cleared, as the LPM trie keys on.
+    pub fn mapped_network(&self) -> [u8; 16] {
+        let mut bytes = map_addr(self.addr);
+        let keep = self.mapped_len() as usize;
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let bits_here = keep.saturating_sub(i * 8).min(8);
+            *b &= if bits_here == 0 {
+                0
+            } else {
+                0xffu8 << (8 - bits_here)
+            };
+        }
+        bytes
+    }
+
+    /// From a trie key back to what an operator would type.
+    pub fn from_mapped(bytes: [u8; 16], mapped_len: u32) -> Prefix {
+        let addr = unmap_addr(bytes);
+        let len = match addr {
+            IpAddr::V4(_) => mapped_len.saturating_sub(96),
+            IpAddr::V6(_) => mapped_len,
+        } as u8;
+        Prefix { addr, len }
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SpecError::Prefix(s.to_string());
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                addr(a).map_err(|_| bad())?,
+                Some(l.parse::<u8>().map_err(|_| bad())?),
+            ),
+            None => (addr(s).map_err(|_| bad())?, None),
+        };
+        let max = if a.is_ipv4() { 32 } else { 128 };
+        let len = len.unwrap_or(max);
+        if len > max {
+            return Err(bad());
+        }
+        let p = Prefix { addr: a, len };
+        Ok(Prefix {
+            addr: Prefix::from_mapped(p.mapped_network(), p.mapped_len()).addr,
+            len,
+        })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// Parses `1500ms`, `60s`, `5m`, `1h`, `30d`; zero is refused.
+pub fn duration(s: &str) -> Result<Duration, SpecError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SpecError::Duration(s.to_string()))?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => None,
+    }
+    .ok_or_else(|| SpecError::Duration(s.to_string()))?;
+    if d.is_zero() {
+        return Err(SpecError::ZeroDuration(s.to_string()));
+    }
+    Ok(d)
+}
+
+/// A duration as `duration` would read it back, in its largest whole unit.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..10_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => format!("{}s", ms / 1000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_ranges() {
+        assert_eq!("22".parse::<PortRange>(), Ok(PortRange { lo: 22, hi: 22 }));
+        assert_eq!(
+            "8000-8100".parse::<PortRange>(),
+            Ok(PortRange { lo: 8000, hi: 8100 })
+        );
+        for bad in ["0", "65536", "9-8", "x", "", "1-0", "-5"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn protect_lists() {
+        let s: ProtectSpec = "tcp/22,tcp/8000-8100, udp/53,icmp".parse().unwrap();
+        assert_eq!(s.ranges.len(), 3);
+        assert!(s.echo);
+        assert_eq!(s.to_string(), "tcp/22,tcp/8000-8100,udp/53,icmp");
+        assert_eq!("ALL".parse::<ProtectSpec>().unwrap(), ProtectSpec::all());
+        for bad in ["tcp/0", "sctp/5", "tcp", "icmp/8", "", ","] {
+            assert!(bad.parse::<ProtectSpec>().is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn tuples() {
+        let t: Tuple = "10.0.0.2:40000/tcp".parse().unwrap();
+        assert_eq!((t.src_port, t.proto), (Some(40000), Proto::Tcp));
+        let t: Tuple = "2001:db8::2/udp".parse().unwrap();
+        assert_eq!(t.src_port, None);
+        let t: Tuple = "[2001:db8::2]:53/udp".parse().unwrap();
+        assert_eq!(t.to_string(), "[2001:db8::2]:53/udp");
+        for bad in [
+            "10.0.0.2",
+            "10.0.0.2:0/tcp",
+            "10.0.0.2/gre",
+            "1.2.3/tcp",
+            "10.0.0.2:5/icmp",
+            "[::1:5/tcp",
+        ] {
+            assert!(bad.parse::<Tuple>().is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_normalised() {
+        let p: Prefix = "10.1.2.3/24".parse().unwrap();
+        assert_eq!(p.to_string(), "10.1.2.0/24");
+        assert_eq!(p.mapped_len(), 120);
+        assert_eq!("2001:db8::1".parse::<Prefix>().unwrap().len, 128);
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("nope/8".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration("30d"), Ok(Duration::from_secs(30 * 86400)));
+        assert_eq!(duration("0s"), Err(SpecError::ZeroDuration("0s".into())));
+        for bad in ["", "s", "10", "10y", "-1s", "99999999999999999999d"] {
+            assert!(duration(bad).is_err(), "{bad} must be refused");
+        }
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+    }
+}

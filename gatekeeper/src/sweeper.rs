@@ -1,0 +1,32 @@
+//! Removes what has run out: whitelist entries past their TTL and idle for
+//! the idle timeout, and expired allowlist prefixes. The XDP program already
+//! ignores such entries; sweeping frees their slots and records the event.
+
+use tracing::info;
+
+use crate::{
+    clock,
+    gate::{Gate, GateError, key_tuple},
+};
+
+/// Sweeps once; returns how many whitelist entries and prefixes went.
+pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
+    let now = clock::now_ns();
+    let gone = gate.whitelist_sweep(now, idle_ns)?;
+    for e in &gone {
+        let tuple = key_tuple(&e.key)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| format!("{:?}", e.key));
+        info!(
+            event = "whitelist_expired",
+            tuple,
+            ports = format!("{}-{}", e.value.dport_lo, e.value.dport_hi),
+            "whitelist entry expired"
+        );
+    }
+    let prefixes = gate.allow_remove_all(Some(now))?;
+    for p in &prefixes {
+        info!(event = "allowlist_expired", prefix = %p, "allowlist prefix expired");
+    }
+    Ok((gone.len(), prefixes.len()))
+}

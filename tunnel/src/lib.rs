@@ -1,0 +1,1 @@
+//! TLS reverse tunnel (server and agent). Filled by the tunnel issue.
