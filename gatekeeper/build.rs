@@ -5,8 +5,7 @@
 use std::{env, path::PathBuf, process::Command};
 
 fn main() {
-    let manifest =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest
         .parent()
         .expect("gatekeeper/ sits in the workspace root")
@@ -63,17 +62,15 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| {
-        panic!("could not run rustup to build the XDP program: {e}; run `cargo xtask setup`")
-    });
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("could not run rustup to build the XDP program: {e}; run `cargo xtask setup`"));
     if !status.success() {
         panic!(
             "building the XDP program failed (see above); `cargo xtask setup` installs the nightly rust-src and bpf-linker it needs"
         );
     }
     let object = target_dir.join("bpfel-unknown-none/release/gatekeeper");
-    let out =
-        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("gatekeeper.bpf.o");
-    std::fs::copy(&object, &out)
-        .unwrap_or_else(|e| panic!("copying {} failed: {e}", object.display()));
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("gatekeeper.bpf.o");
+    std::fs::copy(&object, &out).unwrap_or_else(|e| panic!("copying {} failed: {e}", object.display()));
 }

@@ -8,8 +8,8 @@
 use crate::{
     knock,
     maps::{
-        ANY_PORT, AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT,
-        WhitelistKey, WhitelistValue, protected_slot,
+        ANY_PORT, AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT, WhitelistKey,
+        WhitelistValue, protected_slot,
     },
     parse::{Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
@@ -203,8 +203,7 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decisio
         Kind::Udp => (proto::UDP, pkt.sport, pkt.dport),
         Kind::Echo => (proto::ICMP, ANY_PORT, 0),
     };
-    let knock_port =
-        key_proto == proto::UDP && cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
+    let knock_port = key_proto == proto::UDP && cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
     if !knock_port && !is_protected(cfg, t, key_proto, dport) {
         return pass(Reason::Unprotected);
     }

@@ -16,9 +16,7 @@ pub const KNOCK_RATE: &str = "KNOCK_RATE";
 pub const STATS: &str = "STATS";
 
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 7] = [
-    WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS,
-];
+pub const ALL: [&str; 7] = [WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
 pub const ALLOWLIST_MAX: u32 = 1 << 14;

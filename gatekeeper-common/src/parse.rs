@@ -126,9 +126,7 @@ fn be16(b: [u8; 2]) -> u16 {
 /// IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub const fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 /// Parses one Ethernet frame.
@@ -271,11 +269,7 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, mut p: Packet, v6: bool, off: usize, len: 
             if len < 8 {
                 return Packet::of(Kind::Malformed);
             }
-            let echo_request = if v6 {
-                ICMPV6_ECHO_REQUEST
-            } else {
-                ICMP_ECHO_REQUEST
-            };
+            let echo_request = if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
             if h[0] != echo_request {
                 p.kind = Kind::IcmpControl;
                 return p;
@@ -290,7 +284,6 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, mut p: Packet, v6: bool, off: usize, len: 
     p.kind = kind;
     p.payload_off = (off + payload_off) as u16;
     p.payload_len = (len - payload_off) as u16;
-    p.knock_prefix = len - payload_off >= knock::PREFIX.len()
-        && f.load::<3>(off + payload_off) == Some(knock::PREFIX);
+    p.knock_prefix = len - payload_off >= knock::PREFIX.len() && f.load::<3>(off + payload_off) == Some(knock::PREFIX);
     p
 }

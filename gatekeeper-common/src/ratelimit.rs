@@ -9,12 +9,7 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// nano-tokens (one token = 10^9) so refills need no division per packet.
 /// Returns the updated bucket and whether the knock may pass. A missing
 /// bucket starts full.
-pub fn take(
-    bucket: Option<KnockBucket>,
-    now: u64,
-    rate_per_sec: u32,
-    burst: u32,
-) -> (KnockBucket, bool) {
+pub fn take(bucket: Option<KnockBucket>, now: u64, rate_per_sec: u32, burst: u32) -> (KnockBucket, bool) {
     let cap = burst as u64 * NS_PER_SEC;
     let mut tokens = match bucket {
         None => cap,
@@ -38,13 +33,7 @@ pub fn take(
     if allowed {
         tokens -= NS_PER_SEC;
     }
-    (
-        KnockBucket {
-            tokens,
-            last_ns: now,
-        },
-        allowed,
-    )
+    (KnockBucket { tokens, last_ns: now }, allowed)
 }
 
 #[cfg(test)]
@@ -60,10 +49,7 @@ mod tests {
             b = Some(nb);
             passed += ok as u32;
         }
-        assert_eq!(
-            passed, 3,
-            "a full bucket allows exactly `burst` knocks at once"
-        );
+        assert_eq!(passed, 3, "a full bucket allows exactly `burst` knocks at once");
         let (nb, ok) = take(b, 1_000 + NS_PER_SEC / 2, 2, 3);
         assert!(ok, "half a second at 2/s refills one token");
         let (_, ok) = take(Some(nb), 1_000 + NS_PER_SEC / 2, 2, 3);
@@ -72,10 +58,7 @@ mod tests {
 
     #[test]
     fn huge_gap_does_not_overflow() {
-        let start = KnockBucket {
-            tokens: 0,
-            last_ns: 0,
-        };
+        let start = KnockBucket { tokens: 0, last_ns: 0 };
         let (b, ok) = take(Some(start), u64::MAX, u32::MAX, u32::MAX);
         assert!(ok);
         assert_eq!(b.tokens, u32::MAX as u64 * NS_PER_SEC - NS_PER_SEC);

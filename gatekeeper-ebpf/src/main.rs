@@ -8,18 +8,17 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    decide::{decide, Action, Decision, Reason, Tables},
+    decide::{Action, Decision, Reason, Tables, decide},
     knock,
     maps::{
-        AllowValue, Config, Event, KnockBucket, WhitelistKey, WhitelistValue, ALLOWLIST_MAX,
-        EVENTS_BYTES, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, KNOCK_RATE_MAX, PROTECTED_WORDS, STATS_LEN,
-        WHITELIST_MAX,
+        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, KNOCK_RATE_MAX,
+        KnockBucket, PROTECTED_WORDS, STATS_LEN, WHITELIST_MAX, WhitelistKey, WhitelistValue,
     },
-    parse::{parse, Frame, Kind, Packet, MAX_FRAME},
+    parse::{Frame, Kind, MAX_FRAME, Packet, parse},
     ratelimit,
 };
 
@@ -108,7 +107,10 @@ impl Tables for Maps {
 
 #[xdp]
 pub fn gatekeeper(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_DROP;
     };

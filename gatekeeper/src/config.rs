@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use gatekeeper_common::maps::{
-    CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT, MODE_ENFORCE,
-};
+use gatekeeper_common::maps::{CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT, MODE_ENFORCE};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -20,20 +18,14 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {source}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
     #[error("`{key}` is not set: {hint}")]
-    Missing {
-        key: &'static str,
-        hint: &'static str,
-    },
+    Missing { key: &'static str, hint: &'static str },
     #[error("`{key}` = {value}: {why}")]
     Invalid {
         key: &'static str,
@@ -115,9 +107,7 @@ fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecErr
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
-    spec::duration(&s)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
+    spec::duration(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Resolved settings of one daemon.
@@ -171,10 +161,7 @@ impl Settings {
             key: "protect",
             hint: "pass --protect (for example tcp/22,udp/53 or all) or set `protect` in the config file",
         })?;
-        let pin_dir = cli
-            .pin_dir
-            .or(f.pin_dir)
-            .unwrap_or_else(|| pins::dir_for_iface(&iface));
+        let pin_dir = cli.pin_dir.or(f.pin_dir).unwrap_or_else(|| pins::dir_for_iface(&iface));
         let whitelist_capacity = f.whitelist_capacity.unwrap_or(DEFAULT_WHITELIST_CAPACITY);
         if !(1024..=1 << 24).contains(&whitelist_capacity) {
             return Err(invalid(
@@ -201,10 +188,7 @@ impl Settings {
             protect,
             xdp_mode: cli.xdp_mode.or(f.xdp_mode).unwrap_or_default(),
             mode: cli.mode.or(f.mode).unwrap_or_default(),
-            idle_timeout: cli
-                .idle_timeout
-                .or(f.idle_timeout)
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            idle_timeout: cli.idle_timeout.or(f.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT),
             sweep_interval: f.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
             whitelist_capacity,
             knock_udp_port: f.knock.udp_port.unwrap_or(DEFAULT_KNOCK_UDP_PORT),
@@ -271,11 +255,7 @@ mod tests {
     use super::*;
 
     fn file(text: &str) -> Result<Settings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "gk-config-test-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
+        let dir = std::env::temp_dir().join(format!("gk-config-test-{}-{}", std::process::id(), text.len()));
         std::fs::write(&dir, text).unwrap();
         let r = Settings::resolve(Some(&dir), Overrides::default());
         std::fs::remove_file(&dir).unwrap();
@@ -310,13 +290,9 @@ mod tests {
 
     #[test]
     fn bad_files_name_the_key() {
-        let e = file("iface = \"eth0\"\nprotect = \"tcp/0\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = file("iface = \"eth0\"\nprotect = \"tcp/0\"\n").unwrap_err().to_string();
         assert!(e.contains("protect") && e.contains("tcp/0"), "{e}");
-        let e = file("iface = \"eth0\"\nprotec = \"tcp/22\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = file("iface = \"eth0\"\nprotec = \"tcp/22\"\n").unwrap_err().to_string();
         assert!(e.contains("protec"), "{e}");
         let e = file("iface = \"eth0\"\nprotect = \"tcp/22\"\nidle_timeout = \"soon\"\n")
             .unwrap_err()

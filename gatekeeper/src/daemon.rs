@@ -48,10 +48,7 @@ struct Seen {
 }
 
 /// Runs the daemon until `shutdown` completes or the gate is detached.
-pub async fn run(
-    settings: Settings,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Exit, DaemonError> {
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<Exit, DaemonError> {
     let dir = &settings.pin_dir;
     pins::prepare(dir)?;
     let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;

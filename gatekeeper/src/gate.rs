@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{
-    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key,
-};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
 use gatekeeper_common::{
     decide::{Reason, entry_is_live},
     maps::{self as names, AllowValue, Config, PROTECTED_WORDS, WhitelistKey, WhitelistValue},
@@ -55,9 +53,7 @@ impl Gate {
         if !dir.join(names::WHITELIST).exists() {
             return Err(PinError::NotPinned(dir.to_path_buf()).into());
         }
-        Ok(Gate {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Gate { dir: dir.to_path_buf() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -95,32 +91,20 @@ impl Gate {
     }
 
     pub fn config(&self) -> Result<Config, GateError> {
-        self.config_map()?
-            .get(&0, 0)
-            .map_err(self.err(names::CONFIG))
+        self.config_map()?.get(&0, 0).map_err(self.err(names::CONFIG))
     }
 
     pub fn set_config(&self, cfg: &Config) -> Result<(), GateError> {
-        self.config_map()?
-            .set(0, cfg, 0)
-            .map_err(self.err(names::CONFIG))
+        self.config_map()?.set(0, cfg, 0).map_err(self.err(names::CONFIG))
     }
 
     /// Rewrites the whole PROTECTED bitmap for `spec`.
     pub fn set_protected(&self, spec: &ProtectSpec) -> Result<(), GateError> {
-        let mut words = vec![0u64; PROTECTED_WORDS as usize];
-        for &(p, range) in &spec.ranges {
-            for port in range.lo..=range.hi {
-                if let Some((i, mask)) = names::protected_slot(p.number(), port) {
-                    words[i as usize] |= mask;
-                }
-            }
-        }
+        let words = protected_words(spec);
         let mut map: Array<MapData, u64> =
             Array::try_from(self.map(names::PROTECTED)?).map_err(self.err(names::PROTECTED))?;
         for (i, w) in words.iter().enumerate() {
-            map.set(i as u32, w, 0)
-                .map_err(self.err(names::PROTECTED))?;
+            map.set(i as u32, w, 0).map_err(self.err(names::PROTECTED))?;
         }
         Ok(())
     }
@@ -160,10 +144,15 @@ impl Gate {
             owner,
             _pad: 0,
         };
+        self.whitelist_insert(&key, &value)?;
+        Ok(key)
+    }
+
+    /// Writes one entry exactly as given.
+    pub fn whitelist_insert(&self, key: &WhitelistKey, value: &WhitelistValue) -> Result<(), GateError> {
         self.whitelist_map()?
             .insert(key, value, 0)
-            .map_err(self.err(names::WHITELIST))?;
-        Ok(key)
+            .map_err(self.err(names::WHITELIST))
     }
 
     pub fn whitelist_del(&self, tuple: &Tuple) -> Result<(), GateError> {
@@ -189,11 +178,7 @@ impl Gate {
     }
 
     /// Removes entries that are past their TTL and idle; returns them.
-    pub fn whitelist_sweep(
-        &self,
-        now: u64,
-        idle_ns: u64,
-    ) -> Result<Vec<WhitelistEntry>, GateError> {
+    pub fn whitelist_sweep(&self, now: u64, idle_ns: u64) -> Result<Vec<WhitelistEntry>, GateError> {
         let mut map = self.whitelist_map()?;
         let mut gone = Vec::new();
         for entry in self.whitelist()? {
@@ -217,9 +202,7 @@ impl Gate {
         let mut out = Vec::new();
         for item in map.iter() {
             match item {
-                Ok((key, value)) => {
-                    out.push((Prefix::from_mapped(key.data(), key.prefix_len()), value))
-                }
+                Ok((key, value)) => out.push((Prefix::from_mapped(key.data(), key.prefix_len()), value)),
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(self.err(names::ALLOWLIST)(e)),
             }
@@ -232,6 +215,11 @@ impl Gate {
         let value = AllowValue {
             expires_ns: clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64),
         };
+        self.allow_insert(prefix, &value)
+    }
+
+    /// Writes one prefix exactly as given.
+    pub fn allow_insert(&self, prefix: &Prefix, value: &AllowValue) -> Result<(), GateError> {
         self.allowlist_map()?
             .insert(&prefix_key(prefix), value, 0)
             .map_err(self.err(names::ALLOWLIST))
@@ -272,6 +260,19 @@ impl Gate {
             })
             .collect()
     }
+}
+
+/// The PROTECTED bitmap for `spec`.
+pub fn protected_words(spec: &ProtectSpec) -> Vec<u64> {
+    let mut words = vec![0u64; PROTECTED_WORDS as usize];
+    for &(p, range) in &spec.ranges {
+        for port in range.lo..=range.hi {
+            if let Some((i, mask)) = names::protected_slot(p.number(), port) {
+                words[i as usize] |= mask;
+            }
+        }
+    }
+    words
 }
 
 pub fn tuple_key(t: &Tuple) -> WhitelistKey {

@@ -15,8 +15,7 @@ use tracing::warn;
 use crate::{config::XdpModeChoice, pins};
 
 /// The XDP object built from `gatekeeper-ebpf` by build.rs.
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper.bpf.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper.bpf.o"));
 /// The program's name inside [`OBJECT`].
 pub const PROGRAM: &str = "gatekeeper";
 
@@ -89,12 +88,7 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
 /// Attaches the loaded program to `iface` and pins the link. When a link is
 /// already pinned (an earlier daemon), the new program replaces the old one
 /// inside that link atomically, so no packet ever meets an ungated NIC.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    iface: &str,
-    pin_dir: &Path,
-    choice: XdpModeChoice,
-) -> Result<Attachment, LoaderError> {
+pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path, choice: XdpModeChoice) -> Result<Attachment, LoaderError> {
     let prog = program(ebpf)?;
     let link_path = pin_dir.join(pins::LINK);
     if link_path.exists() {

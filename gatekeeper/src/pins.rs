@@ -27,9 +27,7 @@ pub enum PinError {
         "no gate is pinned at {0}: start one with `gatekeeper run --iface IFACE`, or pass the --iface/--pin-dir it was started with"
     )]
     NotPinned(PathBuf),
-    #[error(
-        "no gate is pinned under {DEFAULT_ROOT}: start one with `gatekeeper run --iface IFACE`, or pass --pin-dir"
-    )]
+    #[error("no gate is pinned under {DEFAULT_ROOT}: start one with `gatekeeper run --iface IFACE`, or pass --pin-dir")]
     NoGates,
     #[error("several gates are pinned ({0}): pick one with --iface")]
     Ambiguous(String),
@@ -124,19 +122,10 @@ pub fn prepare(dir: &Path) -> Result<(), PinError> {
 }
 
 fn mount_bpffs() -> Result<(), PinError> {
-    let target = CString::new(BPFFS)
-        .map_err(|e| PinError::Mount(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let target = CString::new(BPFFS).map_err(|e| PinError::Mount(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let fstype = c"bpf";
     // SAFETY: all pointers are valid NUL-terminated strings; no mount data.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(PinError::Mount(io::Error::last_os_error()));
     }

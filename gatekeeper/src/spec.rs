@@ -20,9 +20,7 @@ pub enum SpecError {
     Port(String),
     #[error("bad port range {0:?}: use PORT or LOW-HIGH with 1 <= LOW <= HIGH <= 65535")]
     PortRange(String),
-    #[error(
-        "bad protected port {0:?}: use PROTO/PORT or PROTO/LOW-HIGH (tcp/22, udp/53, tcp/8000-8100), icmp, or all"
-    )]
+    #[error("bad protected port {0:?}: use PROTO/PORT or PROTO/LOW-HIGH (tcp/22, udp/53, tcp/8000-8100), icmp, or all")]
     Protect(String),
     #[error("bad address {0:?}: use an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7")]
     Address(String),
@@ -117,10 +115,7 @@ impl FromStr for PortRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || SpecError::PortRange(s.to_string());
         let (lo, hi) = match s.split_once('-') {
-            Some((lo, hi)) => (
-                port(lo.trim()).map_err(|_| bad())?,
-                port(hi.trim()).map_err(|_| bad())?,
-            ),
+            Some((lo, hi)) => (port(lo.trim()).map_err(|_| bad())?, port(hi.trim()).map_err(|_| bad())?),
             None => {
                 let p = port(s.trim()).map_err(|_| bad())?;
                 (p, p)
@@ -195,11 +190,7 @@ impl FromStr for ProtectSpec {
 
 impl fmt::Display for ProtectSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut items: Vec<String> = self
-            .ranges
-            .iter()
-            .map(|(p, r)| format!("{p}/{r}"))
-            .collect();
+        let mut items: Vec<String> = self.ranges.iter().map(|(p, r)| format!("{p}/{r}")).collect();
         if self.echo {
             items.push("icmp".into());
         }
@@ -225,8 +216,7 @@ pub fn unmap_addr(bytes: [u8; 16]) -> IpAddr {
 }
 
 fn addr(s: &str) -> Result<IpAddr, SpecError> {
-    s.parse::<IpAddr>()
-        .map_err(|_| SpecError::Address(s.to_string()))
+    s.parse::<IpAddr>().map_err(|_| SpecError::Address(s.to_string()))
 }
 
 /// A whitelist key as typed: `ADDR[:SRCPORT]/PROTO`.
@@ -261,11 +251,7 @@ impl FromStr for Tuple {
         if src_port.is_some() && proto == Proto::Icmp {
             return Err(bad());
         }
-        Ok(Tuple {
-            addr,
-            src_port,
-            proto,
-        })
+        Ok(Tuple { addr, src_port, proto })
     }
 }
 
@@ -301,11 +287,7 @@ impl Prefix {
         let keep = self.mapped_len() as usize;
         for (i, b) in bytes.iter_mut().enumerate() {
             let bits_here = keep.saturating_sub(i * 8).min(8);
-            *b &= if bits_here == 0 {
-                0
-            } else {
-                0xffu8 << (8 - bits_here)
-            };
+            *b &= if bits_here == 0 { 0 } else { 0xffu8 << (8 - bits_here) };
         }
         bytes
     }
@@ -326,10 +308,7 @@ impl FromStr for Prefix {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || SpecError::Prefix(s.to_string());
         let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (
-                addr(a).map_err(|_| bad())?,
-                Some(l.parse::<u8>().map_err(|_| bad())?),
-            ),
+            Some((a, l)) => (addr(a).map_err(|_| bad())?, Some(l.parse::<u8>().map_err(|_| bad())?)),
             None => (addr(s).map_err(|_| bad())?, None),
         };
         let max = if a.is_ipv4() { 32 } else { 128 };
@@ -356,9 +335,7 @@ pub fn duration(s: &str) -> Result<Duration, SpecError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| SpecError::Duration(s.to_string()))?;
+    let n: u64 = num.parse().map_err(|_| SpecError::Duration(s.to_string()))?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
         "ms" => Some(Duration::from_millis(n)),
@@ -378,12 +355,7 @@ pub fn duration(s: &str) -> Result<Duration, SpecError> {
 /// A duration as `duration` would read it back, in its largest whole unit.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000u128),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }
@@ -402,10 +374,7 @@ mod tests {
     #[test]
     fn ports_and_ranges() {
         assert_eq!("22".parse::<PortRange>(), Ok(PortRange { lo: 22, hi: 22 }));
-        assert_eq!(
-            "8000-8100".parse::<PortRange>(),
-            Ok(PortRange { lo: 8000, hi: 8100 })
-        );
+        assert_eq!("8000-8100".parse::<PortRange>(), Ok(PortRange { lo: 8000, hi: 8100 }));
         for bad in ["0", "65536", "9-8", "x", "", "1-0", "-5"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad} must be refused");
         }

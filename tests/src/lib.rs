@@ -1,1 +1,14 @@
+//! What Gatekeeper's tests, demo and benchmarks share:
+//!
+//! - [`lab`]: network namespaces wired into a small network, processes and
+//!   sockets inside them, all removed again on drop.
+//! - [`frames`]: Ethernet frames built byte by byte, and a seeded generator
+//!   of well-formed and malformed ones.
+//! - [`model`]: the reference tables that let `gatekeeper_common::decide`
+//!   predict what the real XDP program must do.
+//! - [`nmap`]: running nmap and reading what it found.
 
+pub mod frames;
+pub mod lab;
+pub mod model;
+pub mod nmap;

@@ -124,10 +124,7 @@ pub fn whitelist(cmd: Whitelist) -> Result<()> {
                 anyhow::bail!("icmp has no ports: use --ports 1-65535 for {tuple}");
             }
             open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
-            println!(
-                "added {tuple} -> ports {ports} for {}",
-                format_duration(ttl)
-            );
+            println!("added {tuple} -> ports {ports} for {}", format_duration(ttl));
         }
         Whitelist::Del { tuple, target } => {
             open(&target)?.whitelist_del(&tuple)?;
@@ -182,9 +179,7 @@ fn print_entries(entries: &[WhitelistEntry], now: u64) {
         let idle = if e.value.last_seen_ns == 0 {
             "never".to_string()
         } else {
-            format_duration(Duration::from_nanos(
-                now.saturating_sub(e.value.last_seen_ns),
-            ))
+            format_duration(Duration::from_nanos(now.saturating_sub(e.value.last_seen_ns)))
         };
         println!(
             "{:<40} {:>8} {:<5} {:<11} {:>10} {:>10}  {}",
@@ -212,10 +207,7 @@ pub fn allow(cmd: Allow) -> Result<()> {
             let now = clock::now_ns();
             let prefixes = gate.allowlist()?;
             if json {
-                let rows: Vec<_> = prefixes
-                    .iter()
-                    .map(|(p, v)| prefix_json(p, v, now))
-                    .collect();
+                let rows: Vec<_> = prefixes.iter().map(|(p, v)| prefix_json(p, v, now)).collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else if prefixes.is_empty() {
                 println!("no allowlist prefixes");
@@ -229,11 +221,7 @@ pub fn allow(cmd: Allow) -> Result<()> {
                 }
             }
         }
-        Allow::Add {
-            prefix,
-            ttl,
-            target,
-        } => {
+        Allow::Add { prefix, ttl, target } => {
             open(&target)?.allow_add(&prefix, ttl)?;
             println!("allowed {prefix} for {}", format_duration(ttl));
         }
@@ -260,10 +248,8 @@ fn prefix_json(p: &Prefix, v: &AllowValue, now: u64) -> serde_json::Value {
 pub fn stats(s: Stats) -> Result<()> {
     let counters = open(&s.target)?.stats()?;
     if s.json {
-        let obj: serde_json::Map<String, serde_json::Value> = counters
-            .iter()
-            .map(|(r, v)| (r.name().to_string(), json!(v)))
-            .collect();
+        let obj: serde_json::Map<String, serde_json::Value> =
+            counters.iter().map(|(r, v)| (r.name().to_string(), json!(v))).collect();
         println!("{}", serde_json::Value::Object(obj));
     } else {
         for (r, v) in counters {

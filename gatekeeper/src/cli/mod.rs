@@ -70,15 +70,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let dir = d.target.resolve()?;
             let had_link = gatekeeper::gate::unpin_all(&dir)?;
             if had_link {
-                println!(
-                    "detached: removed the gate and its maps at {}",
-                    dir.display()
-                );
+                println!("detached: removed the gate and its maps at {}", dir.display());
             } else {
-                println!(
-                    "removed the maps at {} (no program was attached)",
-                    dir.display()
-                );
+                println!("removed the maps at {} (no program was attached)", dir.display());
             }
             Ok(())
         }

@@ -1,0 +1,554 @@
+//! A lab of network namespaces: a gateway, a client and an intruder on one
+//! bridge, each in its own namespace, with Gatekeeper's daemon and CLI run
+//! against the gateway. Every name carries this process's id and a counter,
+//! so parallel labs never collide; dropping a lab kills what it started,
+//! removes the gate's pins and deletes its namespaces, and a new lab first
+//! removes what dead processes left behind.
+//!
+//! Traffic only ever goes to addresses that exist inside these namespaces.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Roles in the lab; each is a namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Client,
+    Intruder,
+}
+
+impl Role {
+    const ALL: [Role; 3] = [Role::Gateway, Role::Client, Role::Intruder];
+
+    fn short(self) -> &'static str {
+        match self {
+            Role::Gateway => "gw",
+            Role::Client => "cl",
+            Role::Intruder => "in",
+        }
+    }
+
+    /// The role's address on the lab network.
+    pub fn addr(self) -> Ipv4Addr {
+        match self {
+            Role::Gateway => Ipv4Addr::new(10, 77, 0, 1),
+            Role::Client => Ipv4Addr::new(10, 77, 0, 2),
+            Role::Intruder => Ipv4Addr::new(10, 77, 0, 3),
+        }
+    }
+}
+
+/// The gateway's interface, inside its namespace.
+pub const GW_IFACE: &str = "gw0";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+const PREFIX: &str = "gk";
+
+/// A unique pin directory on bpffs for one test's gate, removed on drop.
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new() -> Result<Pins> {
+        remove_stale();
+        let dir = Path::new(gatekeeper::pins::BPFFS).join(unique_id());
+        gatekeeper::pins::prepare(&dir)?;
+        Ok(Pins { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = gatekeeper::gate::unpin_all(&self.dir);
+    }
+}
+
+fn unique_id() -> String {
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub struct Lab {
+    id: String,
+    namespaces: Vec<String>,
+    pin_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    scratch: PathBuf,
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn sh(args: &[&str]) -> Result<Output> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(out)
+}
+
+/// The `gatekeeper` binary under test: `$GATEKEEPER_BIN`, else the one
+/// cargo built next to the running executable.
+pub fn gatekeeper_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("GATEKEEPER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("gatekeeper");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no gatekeeper binary next to {}: build it with `cargo build -p gatekeeper` or set GATEKEEPER_BIN",
+        exe.display()
+    )
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid embedded in a lab name (`gk<pid>x<n>...`), if it is one.
+fn lab_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
+}
+
+/// Removes namespaces and pins left by labs whose process has died.
+fn remove_stale() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if lab_pid(name).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(gatekeeper::pins::BPFFS) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if lab_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = gatekeeper::gate::unpin_all(&e.path());
+            }
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the lab: gateway, client and intruder namespaces joined by a
+    /// bridge in a fourth, each with an IPv4 and an IPv6 address.
+    pub fn new() -> Result<Lab> {
+        remove_stale();
+        let id = unique_id();
+        let scratch = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&scratch)?;
+        let mut lab = Lab {
+            pin_dir: Path::new(gatekeeper::pins::BPFFS).join(&id),
+            id,
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            scratch,
+        };
+        let sw = format!("{}-sw", lab.id);
+        lab.add_ns(&sw)?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for (i, role) in Role::ALL.into_iter().enumerate() {
+            let ns = lab.ns(role);
+            lab.add_ns(&ns)?;
+            let inner = if role == Role::Gateway {
+                GW_IFACE.to_string()
+            } else {
+                format!("{}0", role.short())
+            };
+            let outer = format!("p{i}");
+            sh(&[
+                "ip", "link", "add", &inner, "netns", &ns, "type", "veth", "peer", "name", &outer, "netns", &sw,
+            ])?;
+            sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", role.addr()),
+                "dev",
+                &inner,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fd77::{}/64", i + 1),
+                "dev",
+                &inner,
+                "nodad",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", &inner, "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        Ok(())
+    }
+
+    /// The namespace a role lives in.
+    pub fn ns(&self, role: Role) -> String {
+        format!("{}-{}", self.id, role.short())
+    }
+
+    /// Where this lab's gate pins its maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// A scratch directory removed with the lab.
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// Runs a program inside a role's namespace (`ip netns exec`, which
+    /// also gives it a private /sys: fine for anything but bpffs).
+    pub fn exec(&self, role: Role, args: &[&str]) -> Result<Output> {
+        let ns = self.ns(role);
+        let mut full = vec!["ip", "netns", "exec", ns.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered a role's network namespace.
+    /// Sockets it creates stay in that namespace wherever they are used.
+    pub fn in_ns<T: Send + 'static>(&self, role: Role, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.ns(role));
+        std::thread::spawn(move || -> Result<T> {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("lab thread panicked"))?
+    }
+
+    /// An echo service on a TCP port of a role, until the lab is dropped.
+    pub fn serve_tcp_echo(&mut self, role: Role, port: u16) -> Result<()> {
+        let listener = self.in_ns(role, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        listener.set_nonblocking(true)?;
+        let stop = self.stop.clone();
+        self.threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || echo_stream(conn, &stop));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// An echo service on a UDP port of a role, until the lab is dropped.
+    pub fn serve_udp_echo(&mut self, role: Role, port: u16) -> Result<()> {
+        let sock = self.in_ns(role, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = self.stop.clone();
+        self.threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Opens a TCP connection from a role (from `src_port`, or any), or
+    /// `None` when it does not come up within `timeout`.
+    pub fn tcp_connect(
+        &self,
+        role: Role,
+        to: SocketAddr,
+        src_port: Option<u16>,
+        timeout: Duration,
+    ) -> Result<Option<TcpStream>> {
+        self.in_ns(role, move || -> Result<Option<TcpStream>> {
+            let domain = if to.is_ipv4() {
+                socket2::Domain::IPV4
+            } else {
+                socket2::Domain::IPV6
+            };
+            let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            sock.set_reuse_address(true)?;
+            if let Some(p) = src_port {
+                let any: IpAddr = if to.is_ipv4() {
+                    Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                sock.bind(&SocketAddr::new(any, p).into())?;
+            }
+            match sock.connect_timeout(&to.into(), timeout) {
+                Ok(()) => {
+                    let stream: TcpStream = sock.into();
+                    stream.set_read_timeout(Some(timeout))?;
+                    Ok(Some(stream))
+                }
+                Err(_) => Ok(None),
+            }
+        })?
+    }
+
+    /// Whether a role can connect to `to` and get `ping` echoed back.
+    pub fn tcp_echo_works(&self, role: Role, to: SocketAddr, src_port: Option<u16>) -> Result<bool> {
+        let Some(mut s) = self.tcp_connect(role, to, src_port, Duration::from_secs(2))? else {
+            return Ok(false);
+        };
+        Ok(round_trip(&mut s, b"ping").unwrap_or(false))
+    }
+
+    /// Whether a UDP datagram from a role to `to` comes back within a second.
+    pub fn udp_echo_works(&self, role: Role, to: SocketAddr) -> Result<bool> {
+        self.in_ns(role, move || -> Result<bool> {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                sock.send_to(b"ping", to)?;
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    return Ok(&buf[..n] == b"ping");
+                }
+            }
+            Ok(false)
+        })?
+    }
+
+    /// Runs the `gatekeeper` CLI on this lab's gate (adds `--pin-dir`).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let out = Command::new(gatekeeper_bin()?)
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out)
+    }
+
+    /// Like [`Lab::cli`], failing unless the command succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "gatekeeper {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts the daemon in the gateway's namespace with `args` after
+    /// `run --iface gw0 --pin-dir <lab pins>`, and waits until the gate is up.
+    /// Only the network namespace is entered, so daemon and CLI see the
+    /// same bpffs.
+    pub fn start_daemon(&self, args: &[&str]) -> Result<Daemon> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let log_path = self.scratch.join(format!("daemon-{n}.log"));
+        let log = File::create(&log_path)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(Role::Gateway)))
+            .arg(gatekeeper_bin()?)
+            .args(["run", "--iface", GW_IFACE, "--pin-dir"])
+            .arg(&self.pin_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting the daemon")?;
+        let mut d = Daemon {
+            child: Some(child),
+            log: log_path,
+        };
+        d.wait_for("gate up", Duration::from_secs(20))?;
+        Ok(d)
+    }
+}
+
+fn echo_stream(mut conn: TcpStream, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends `msg` and reads it back; false on a short or wrong answer.
+pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<bool> {
+    s.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got)?;
+    Ok(got == msg)
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = gatekeeper::gate::unpin_all(&self.pin_dir);
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// A running `gatekeeper run`; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("daemon exited ({status}) before logging {needle:?}:\n{}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("daemon did not log {needle:?} within {limit:?}:\n{}", self.log())
+    }
+
+    /// SIGKILL: no cleanup of any kind can run.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (bounded) for exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("daemon already stopped")
+        };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.kill()?;
+        bail!("daemon ignored SIGTERM for 10s")
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let Some(c) = self.child.as_mut() else {
+            bail!("daemon already stopped")
+        };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("daemon still running after {limit:?}")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,104 @@
+//! The reference model: the shared decision function over plain
+//! collections. Tests install the same contents into the real maps and
+//! check that the real XDP program agrees with the model frame by frame.
+
+use std::{cell::RefCell, collections::HashMap};
+
+use anyhow::Result;
+use gatekeeper::{
+    gate::{Gate, protected_words},
+    spec::{Prefix, ProtectSpec, map_addr},
+};
+use gatekeeper_common::{
+    decide::{Decision, Tables, decide},
+    maps::{AllowValue, Config, KnockBucket, WhitelistKey, WhitelistValue},
+    parse::parse,
+    ratelimit,
+};
+
+pub struct Model {
+    pub config: Config,
+    pub protect: ProtectSpec,
+    protected: Vec<u64>,
+    pub whitelist: RefCell<HashMap<WhitelistKey, WhitelistValue>>,
+    pub allowlist: Vec<(Prefix, AllowValue)>,
+    buckets: RefCell<HashMap<[u8; 16], KnockBucket>>,
+}
+
+impl Model {
+    pub fn new(config: Config, protect: ProtectSpec) -> Model {
+        Model {
+            config,
+            protected: protected_words(&protect),
+            protect,
+            whitelist: RefCell::new(HashMap::new()),
+            allowlist: Vec::new(),
+            buckets: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Writes the model's contents into a real gate's maps.
+    pub fn install(&self, gate: &Gate) -> Result<()> {
+        gate.set_config(&self.config)?;
+        gate.set_protected(&self.protect)?;
+        for (k, v) in self.whitelist.borrow().iter() {
+            gate.whitelist_insert(k, v)?;
+        }
+        for (p, v) in &self.allowlist {
+            gate.allow_insert(p, v)?;
+        }
+        Ok(())
+    }
+
+    /// What the XDP program must do with `frame` at `now`, applying the same
+    /// side effects (last-seen refresh, knock buckets) to the model.
+    pub fn decide(&self, frame: &[u8], now: u64) -> Decision {
+        let d = decide(&parse(frame), &self.config, self, now);
+        if d.touch {
+            if let Some(v) = self.whitelist.borrow_mut().get_mut(&d.matched) {
+                v.last_seen_ns = now;
+            }
+        }
+        d
+    }
+}
+
+/// Whether `addr` falls inside `p`.
+fn contains(p: &Prefix, addr: &[u8; 16]) -> bool {
+    let net = p.mapped_network();
+    let bits = p.mapped_len() as usize;
+    (0..bits).all(|i| {
+        let mask = 0x80u8 >> (i % 8);
+        addr[i / 8] & mask == net[i / 8] & mask
+    })
+}
+
+impl Tables for Model {
+    fn protected_word(&self, index: u32) -> u64 {
+        self.protected.get(index as usize).copied().unwrap_or(0)
+    }
+
+    fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue> {
+        self.whitelist.borrow().get(key).copied()
+    }
+
+    fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue> {
+        self.allowlist
+            .iter()
+            .filter(|(p, _)| contains(p, addr))
+            .max_by_key(|(p, _)| p.mapped_len())
+            .map(|(_, v)| *v)
+    }
+
+    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool {
+        let mut buckets = self.buckets.borrow_mut();
+        let (b, ok) = ratelimit::take(buckets.get(src).copied(), now, cfg.knock_rate_per_sec, cfg.knock_burst);
+        buckets.insert(*src, b);
+        ok
+    }
+}
+
+/// The 16-byte form of an address literal, for building keys in tests.
+pub fn addr(s: &str) -> [u8; 16] {
+    map_addr(s.parse().expect("test address literal"))
+}
