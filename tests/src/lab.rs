@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -274,7 +274,8 @@ impl Lab {
 
     /// An echo service on a TCP port of a role, until the lab is dropped.
     pub fn serve_tcp_echo(&mut self, role: Role, port: u16) -> Result<()> {
-        let listener = self.in_ns(role, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        // `[::]` is dual-stack: it serves IPv4 and IPv6 alike.
+        let listener = self.in_ns(role, move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         listener.set_nonblocking(true)?;
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
@@ -293,7 +294,7 @@ impl Lab {
 
     /// An echo service on a UDP port of a role, until the lab is dropped.
     pub fn serve_udp_echo(&mut self, role: Role, port: u16) -> Result<()> {
-        let sock = self.in_ns(role, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        let sock = self.in_ns(role, move || UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
@@ -354,7 +355,12 @@ impl Lab {
     /// Whether a UDP datagram from a role to `to` comes back within a second.
     pub fn udp_echo_works(&self, role: Role, to: SocketAddr) -> Result<bool> {
         self.in_ns(role, move || -> Result<bool> {
-            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let any: IpAddr = if to.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            let sock = UdpSocket::bind((any, 0))?;
             sock.set_read_timeout(Some(Duration::from_millis(300)))?;
             let mut buf = [0u8; 64];
             for _ in 0..3 {
