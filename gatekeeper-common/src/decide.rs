@@ -306,10 +306,10 @@ fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision 
         return pass(Reason::Unprotected);
     }
     let key_proto = if l4 == proto::ICMPV6 { proto::ICMP } else { l4 };
-    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto)) {
-        if entry_is_live(&v, now, cfg.idle_timeout_ns) {
-            return pass(Reason::Whitelisted);
-        }
+    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto))
+        && entry_is_live(&v, now, cfg.idle_timeout_ns)
+    {
+        return pass(Reason::Whitelisted);
     }
     if allowlisted(t, &pkt.src, now) {
         return pass(Reason::Allowlisted);

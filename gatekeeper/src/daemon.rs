@@ -28,6 +28,10 @@ pub enum DaemonError {
     Gate(#[from] GateError),
     #[error("watching the event ring: {0}")]
     Ring(std::io::Error),
+    #[error(
+        "no interface named {0:?} in this network namespace: check `ip link`, or run inside the interface's namespace"
+    )]
+    NoSuchInterface(String),
 }
 
 /// Why [`run`] returned.
@@ -49,6 +53,9 @@ struct Seen {
 
 /// Runs the daemon until `shutdown` completes or the gate is detached.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<Exit, DaemonError> {
+    if !interface_exists(&settings.iface) {
+        return Err(DaemonError::NoSuchInterface(settings.iface.clone()));
+    }
     let dir = &settings.pin_dir;
     pins::prepare(dir)?;
     let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;
@@ -115,6 +122,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         }
     );
     Ok(exit)
+}
+
+fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 fn record(bytes: &[u8], seen: &mut Seen) {

@@ -121,11 +121,12 @@ impl Gate {
                 Err(e) => return Err(self.err(names::WHITELIST)(e)),
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out.sort_by_key(|a| a.key);
         Ok(out)
     }
 
     /// Adds or replaces the entry for `tuple`, open to `ports` for `ttl`.
+    /// A tuple has one entry, so one port range; returns the entry replaced.
     pub fn whitelist_add(
         &self,
         tuple: &Tuple,
@@ -133,7 +134,7 @@ impl Gate {
         ttl: Duration,
         flags: u32,
         owner: u32,
-    ) -> Result<WhitelistKey, GateError> {
+    ) -> Result<Option<WhitelistValue>, GateError> {
         let key = tuple_key(tuple);
         let value = WhitelistValue {
             expires_ns: clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64),
@@ -144,8 +145,9 @@ impl Gate {
             owner,
             _pad: 0,
         };
+        let previous = self.whitelist_map()?.get(&key, 0).ok();
         self.whitelist_insert(&key, &value)?;
-        Ok(key)
+        Ok(previous)
     }
 
     /// Writes one entry exactly as given.

@@ -482,10 +482,10 @@ impl Daemon {
             if self.log().contains(needle) {
                 return Ok(());
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("daemon exited ({status}) before logging {needle:?}:\n{}", self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("daemon exited ({status}) before logging {needle:?}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -54,10 +54,10 @@ impl Model {
     /// side effects (last-seen refresh, knock buckets) to the model.
     pub fn decide(&self, frame: &[u8], now: u64) -> Decision {
         let d = decide(&parse(frame), &self.config, self, now);
-        if d.touch {
-            if let Some(v) = self.whitelist.borrow_mut().get_mut(&d.matched) {
-                v.last_seen_ns = now;
-            }
+        if d.touch
+            && let Some(v) = self.whitelist.borrow_mut().get_mut(&d.matched)
+        {
+            v.last_seen_ns = now;
         }
         d
     }

@@ -1,1 +1,135 @@
-fn main() {}
+//! `cargo xtask`: set up the machine, build, test, demo and benchmark.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark Gatekeeper")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: the nightly's rust-src, bpf-linker built
+    /// against the nightly's LLVM, and the Debian packages the tests use.
+    /// Fast when nothing is missing.
+    Setup,
+    /// Build the XDP object and the release `gatekeeper` binary.
+    Build,
+    /// Setup, then every test tier: lints, unit tests, XDP verdicts through
+    /// BPF_PROG_TEST_RUN, the CLI, and end-to-end tests in namespaces.
+    Test,
+    /// Setup and build, then show the gate working in a lab of network
+    /// namespaces it creates (and removes).
+    Demo,
+    /// Setup and build, then run a benchmark against its baselines in the
+    /// same run (`gate`: drop rate and whitelisted throughput).
+    Bench {
+        #[arg(default_value = "gate")]
+        suite: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            cargo(&["build", "--release", "-p", "gatekeeper"])?;
+            println!(
+                "built target/release/gatekeeper (XDP object embedded; also at target/bpf/bpfel-unknown-none/release/gatekeeper)"
+            );
+            Ok(())
+        }
+        Task::Test => {
+            require_root("the tests load XDP programs and create network namespaces")?;
+            setup::run()?;
+            test()
+        }
+        Task::Demo => {
+            require_root("the demo loads an XDP program and creates network namespaces")?;
+            setup::run()?;
+            cargo(&["build", "--release", "-p", "gatekeeper"])?;
+            cargo(&["run", "--release", "-q", "-p", "gatekeeper-tests", "--bin", "demo"])
+        }
+        Task::Bench { suite } => {
+            require_root("the benchmarks load XDP programs and create network namespaces")?;
+            setup::run()?;
+            cargo(&["build", "--release", "-p", "gatekeeper"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "gatekeeper-tests",
+                "--bin",
+                "bench",
+                "--",
+                &suite,
+            ])
+        }
+    }
+}
+
+fn test() -> Result<()> {
+    let tiers: [(&str, &[&str]); 7] = [
+        ("format", &["fmt", "--all", "--", "--check"]),
+        (
+            "format (XDP program)",
+            &["fmt", "--manifest-path", "gatekeeper-ebpf/Cargo.toml", "--", "--check"],
+        ),
+        (
+            "lints",
+            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        ),
+        ("unit tests", &["test", "--workspace", "--lib", "--bins"]),
+        ("the gatekeeper binary the next tiers run", &["build", "-p", "gatekeeper"]),
+        (
+            "XDP verdicts (BPF_PROG_TEST_RUN) and CLI",
+            &["test", "-p", "gatekeeper-tests", "--test", "verdicts", "--test", "cli"],
+        ),
+        (
+            "end to end in network namespaces",
+            &["test", "-p", "gatekeeper-tests", "--test", "gate_lab"],
+        ),
+    ];
+    for (name, args) in tiers {
+        println!("\n==> {name}: cargo {}", args.join(" "));
+        cargo(args)?;
+    }
+    Ok(())
+}
+
+/// Runs cargo with the toolchain that runs us (stable).
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}

@@ -32,6 +32,8 @@ pub enum Whitelist {
     },
     /// Let a tuple in: ADDR[:SRCPORT]/PROTO, e.g. 10.0.0.2/tcp (any source
     /// port), 10.0.0.2:40000/tcp, [2001:db8::2]:5353/udp.
+    ///
+    /// A tuple holds one entry: adding it again replaces its ports and TTL.
     Add {
         tuple: Tuple,
         /// Destination ports: PORT or LOW-HIGH.
@@ -123,8 +125,15 @@ pub fn whitelist(cmd: Whitelist) -> Result<()> {
             if tuple.proto == spec::Proto::Icmp && ports != PortRange::ALL {
                 anyhow::bail!("icmp has no ports: use --ports 1-65535 for {tuple}");
             }
-            open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
+            let previous = open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
             println!("added {tuple} -> ports {ports} for {}", format_duration(ttl));
+            if let Some(old) = previous {
+                let old_ports = PortRange {
+                    lo: old.dport_lo,
+                    hi: old.dport_hi,
+                };
+                println!("(replaced its previous entry for ports {old_ports}: a tuple holds one port range)");
+            }
         }
         Whitelist::Del { tuple, target } => {
             open(&target)?.whitelist_del(&tuple)?;

@@ -1,0 +1,116 @@
+//! The CLI refuses bad input with one clear line and a non-zero exit, and
+//! never touches a gate when it does.
+
+use std::process::{Command, Output};
+
+use anyhow::Result;
+use gatekeeper_tests::lab::{Pins, gatekeeper_bin};
+
+fn gatekeeper(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(gatekeeper_bin()?).args(args).output()?)
+}
+
+/// Runs a command that must fail; returns its first stderr line.
+fn refused(args: &[&str]) -> Result<String> {
+    let out = gatekeeper(args)?;
+    assert!(!out.status.success(), "`gatekeeper {}` should fail", args.join(" "));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    Ok(stderr.lines().next().unwrap_or_default().to_string())
+}
+
+#[test]
+fn bad_map_arguments_are_named() -> Result<()> {
+    let pins = Pins::new()?;
+    let dir = pins.dir().to_str().expect("utf-8 path");
+    for (args, needle) in [
+        (
+            vec!["whitelist", "add", "300.1.1.1/tcp", "--ports", "22", "--ttl", "60s"],
+            "300.1.1.1",
+        ),
+        (
+            vec!["whitelist", "add", "10.0.0.2/tcp", "--ports", "0", "--ttl", "60s"],
+            "\"0\"",
+        ),
+        (
+            vec!["whitelist", "add", "10.0.0.2/tcp", "--ports", "22", "--ttl", "0s"],
+            "zero",
+        ),
+        (
+            vec!["whitelist", "add", "10.0.0.2/sctp", "--ports", "22", "--ttl", "60s"],
+            "sctp",
+        ),
+        (
+            vec!["whitelist", "add", "10.0.0.2:0/tcp", "--ports", "22", "--ttl", "60s"],
+            "\"0\"",
+        ),
+        (vec!["allow", "add", "10.0.0.0/40", "--ttl", "1h"], "10.0.0.0/40"),
+        (vec!["whitelist", "list", "--pin-dir", dir], "no gate is pinned"),
+        (vec!["stats", "--pin-dir", dir], "no gate is pinned"),
+        (
+            vec!["whitelist", "flush", "--iface", "no-such-gate"],
+            "no gate is pinned",
+        ),
+    ] {
+        let line = refused(&args)?;
+        assert!(
+            line.contains(needle),
+            "`{}` said {line:?}, expected it to mention {needle}",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_daemon_settings_are_refused_before_anything_is_loaded() -> Result<()> {
+    let pins = Pins::new()?;
+    let dir = pins.dir().join("gate");
+    let dir = dir.to_str().expect("utf-8 path");
+    let config = std::env::temp_dir().join(format!("gk-cli-test-{}.toml", std::process::id()));
+    for (body, needle) in [
+        ("protect = \"tcp/22\"\nprotec = 1\n", "protec"),
+        ("protect = \"tcp/70000\"\n", "tcp/70000"),
+        ("protect = \"tcp/22\"\nidle_timeout = \"later\"\n", "later"),
+        ("protect = \"tcp/22\"\n[knock]\nrate = 0\n", "knock.rate"),
+    ] {
+        std::fs::write(&config, body)?;
+        let out = gatekeeper(&[
+            "run",
+            "--iface",
+            "lo",
+            "--pin-dir",
+            dir,
+            "--config",
+            config.to_str().expect("utf-8"),
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "config {body:?}: {stderr}"
+        );
+    }
+    std::fs::remove_file(&config)?;
+    let line = refused(&["run", "--iface", "lo", "--pin-dir", dir])?;
+    assert!(line.contains("--protect"), "{line}");
+    let line = refused(&["run", "--iface", "gk-missing0", "--protect", "tcp/22", "--pin-dir", dir])?;
+    assert!(line.contains("gk-missing0"), "{line}");
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "nothing was pinned for a refused start"
+    );
+    Ok(())
+}
+
+#[test]
+fn help_teaches_the_syntax() -> Result<()> {
+    let out = gatekeeper(&["whitelist", "add", "--help"])?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("ADDR[:SRCPORT]/PROTO") && help.contains("--ttl"),
+        "{help}"
+    );
+    let out = gatekeeper(&["run", "--help"])?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--protect") && help.contains("detach"), "{help}");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Installs what building and testing need, and nothing twice: each step
+//! checks first, so a machine that has everything is done in a moment.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The bpf-linker release that works with the pinned aya versions.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests, demo and benchmarks run.
+const PACKAGES: &[&str] = &["iproute2", "nmap", "iperf3", "nftables", "iptables", "util-linux"];
+
+pub fn run() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    Ok(())
+}
+
+fn output(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("`{cmd} {}` failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(cmd: &str, args: &[&str], env: &[(&str, &Path)]) -> Result<()> {
+    let mut c = Command::new(cmd);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    if !c.status().with_context(|| format!("running {cmd}"))?.success() {
+        bail!("`{cmd} {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to the nightly toolchain (for -Z build-std=core)");
+    status(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+        &[],
+    )
+}
+
+/// Where bpf-linker finds the nightly's libLLVM; outside target/ so that
+/// `cargo clean` cannot break the linker's rpath.
+fn llvm_prefix() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/share/gatekeeper-llvm"))
+}
+
+fn bpf_linker() -> Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if works {
+        return Ok(());
+    }
+    let sysroot = PathBuf::from(output("rustc", &["+nightly", "--print", "sysroot"])?.trim());
+    let version = output("rustc", &["+nightly", "-vV"])?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV names no LLVM version")?
+        .to_string();
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
+    let prefix = llvm_prefix()?;
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let mut main_lib = None;
+    for entry in std::fs::read_dir(sysroot.join("lib"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("libLLVM") && name.contains(".so") {
+            symlink(&path, &lib.join(&name))?;
+            if name.starts_with("libLLVM.so.") {
+                main_lib = Some(path.clone());
+            }
+        }
+    }
+    let main_lib = main_lib.with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
+    symlink(&main_lib, &lib.join("libLLVM.so"))?;
+    let feature = format!("llvm-{major}");
+    status(
+        "cargo",
+        &[
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &feature,
+        ],
+        &[("LLVM_PREFIX", &prefix)],
+    )
+}
+
+fn symlink(target: &Path, link: &Path) -> Result<()> {
+    if std::fs::read_link(link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${db:Status-Status}", p])
+                .output()
+                .is_ok_and(|o| o.stdout == b"installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    status("apt-get", &["update", "-qq"], &[])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    let mut c = Command::new("apt-get");
+    c.args(&args).env("DEBIAN_FRONTEND", "noninteractive");
+    if !c.status().context("running apt-get")?.success() {
+        bail!("installing {} failed", missing.join(" "));
+    }
+    Ok(())
+}
