@@ -96,7 +96,7 @@ fn test() -> Result<()> {
             &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
         ),
         ("unit tests", &["test", "--workspace", "--lib", "--bins"]),
-        ("the gatekeeper binary the next tiers run", &["build", "-p", "gatekeeper"]),
+        ("gatekeeper binary", &["build", "-p", "gatekeeper"]),
         (
             "XDP verdicts (BPF_PROG_TEST_RUN) and CLI",
             &["test", "-p", "gatekeeper-tests", "--test", "verdicts", "--test", "cli"],
