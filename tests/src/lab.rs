@@ -45,10 +45,28 @@ impl Role {
 
     /// The role's address on the lab network.
     pub fn addr(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, self.host())
+    }
+
+    /// The role's IPv6 address on the lab network.
+    pub fn addr6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, self.host() as u16)
+    }
+
+    fn host(self) -> u8 {
         match self {
-            Role::Gateway => Ipv4Addr::new(10, 77, 0, 1),
-            Role::Client => Ipv4Addr::new(10, 77, 0, 2),
-            Role::Intruder => Ipv4Addr::new(10, 77, 0, 3),
+            Role::Gateway => 1,
+            Role::Client => 2,
+            Role::Intruder => 3,
+        }
+    }
+
+    /// The role's interface, inside its namespace.
+    pub fn iface(self) -> &'static str {
+        match self {
+            Role::Gateway => GW_IFACE,
+            Role::Client => "cl0",
+            Role::Intruder => "in0",
         }
     }
 }
@@ -170,18 +188,7 @@ impl Lab {
     /// Builds the lab: gateway, client and intruder namespaces joined by a
     /// bridge in a fourth, each with an IPv4 and an IPv6 address.
     pub fn new() -> Result<Lab> {
-        remove_stale();
-        let id = unique_id();
-        let scratch = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&scratch)?;
-        let mut lab = Lab {
-            pin_dir: Path::new(gatekeeper::pins::BPFFS).join(&id),
-            id,
-            namespaces: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-            scratch,
-        };
+        let mut lab = Lab::empty()?;
         let sw = format!("{}-sw", lab.id);
         lab.add_ns(&sw)?;
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -189,41 +196,98 @@ impl Lab {
         for (i, role) in Role::ALL.into_iter().enumerate() {
             let ns = lab.ns(role);
             lab.add_ns(&ns)?;
-            let inner = if role == Role::Gateway {
-                GW_IFACE.to_string()
-            } else {
-                format!("{}0", role.short())
-            };
             let outer = format!("p{i}");
             sh(&[
-                "ip", "link", "add", &inner, "netns", &ns, "type", "veth", "peer", "name", &outer, "netns", &sw,
+                "ip",
+                "link",
+                "add",
+                role.iface(),
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                &sw,
             ])?;
             sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", role.addr()),
-                "dev",
-                &inner,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("fd77::{}/64", i + 1),
-                "dev",
-                &inner,
-                "nodad",
-            ])?;
-            sh(&["ip", "-n", &ns, "link", "set", &inner, "up"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            lab.configure(role)?;
         }
         Ok(lab)
+    }
+
+    /// A gateway and a client joined by one veth pair and nothing else,
+    /// for measurements where a bridge would be the bottleneck.
+    pub fn direct() -> Result<Lab> {
+        let mut lab = Lab::empty()?;
+        let (gw, cl) = (lab.ns(Role::Gateway), lab.ns(Role::Client));
+        lab.add_ns(&gw)?;
+        lab.add_ns(&cl)?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            GW_IFACE,
+            "netns",
+            &gw,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Role::Client.iface(),
+            "netns",
+            &cl,
+        ])?;
+        lab.configure(Role::Gateway)?;
+        lab.configure(Role::Client)?;
+        Ok(lab)
+    }
+
+    fn empty() -> Result<Lab> {
+        remove_stale();
+        let id = unique_id();
+        let scratch = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&scratch)?;
+        Ok(Lab {
+            pin_dir: Path::new(gatekeeper::pins::BPFFS).join(&id),
+            id,
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            scratch,
+        })
+    }
+
+    /// Addresses the role's interface and brings it and loopback up.
+    fn configure(&self, role: Role) -> Result<()> {
+        let ns = self.ns(role);
+        let iface = role.iface();
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", role.addr()),
+            "dev",
+            iface,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", role.addr6()),
+            "dev",
+            iface,
+            "nodad",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", iface, "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(())
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {

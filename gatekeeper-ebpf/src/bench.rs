@@ -1,0 +1,23 @@
+//! Programs for `cargo xtask bench`, kept out of the product's object:
+//! a bare XDP_DROP to compare the gate against, and XDP_TX, which turns
+//! `BPF_PROG_TEST_RUN` live frames into a line-rate traffic source.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+#[xdp]
+pub fn bare_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn transmit(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,425 @@
+//! `cargo xtask bench gate`: what the gate costs, against baselines measured
+//! in the same run on the same machine.
+//!
+//! 1. Program cost: `BPF_PROG_TEST_RUN` with repeats runs the gate and a
+//!    bare XDP_DROP on the same frames; the kernel reports ns per frame.
+//! 2. Lookup cost with 1k, 10k, 100k and 1M whitelist entries.
+//! 3. Drop rate on a veth: an XDP_TX program driven by live frames pushes
+//!    frames out of the client's veth into the gateway's, where the gate
+//!    (native XDP), a bare XDP_DROP, iptables raw DROP or an nftables
+//!    ingress drop receives them. Rate = frames the receiver saw / time.
+//! 4. Whitelisted TCP throughput with iperf3, with and without the gate.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use gatekeeper::{clock, gate::Gate, loader};
+use gatekeeper_common::{
+    maps::{CFG_ANY_TCP, CFG_ANY_UDP, Config, WhitelistKey, WhitelistValue},
+    parse::mapped_v4,
+    proto,
+};
+use gatekeeper_tests::{
+    frames::{ACK, FrameSpec, Rng, SYN, tcp},
+    lab::{GW_IFACE, Lab, Pins, Role},
+};
+
+const GW: [u8; 4] = [10, 77, 0, 1];
+const PROTECTED_PORT: u16 = 5201;
+
+struct Row {
+    what: String,
+    value: f64,
+    unit: &'static str,
+    ratio: Option<(f64, &'static str, f64)>,
+}
+
+fn main() -> Result<()> {
+    let suite = std::env::args().nth(1).unwrap_or_else(|| "gate".into());
+    if suite != "gate" {
+        bail!("unknown benchmark suite {suite:?}: the suites are `gate` (knock and tunnel arrive with their issues)");
+    }
+    let mut rows = Vec::new();
+    println!("gate benchmark: every ratio is against a baseline measured in this run\n");
+    program_cost(&mut rows)?;
+    lookup_scaling(&mut rows)?;
+    drop_rates(&mut rows)?;
+    throughput(&mut rows)?;
+
+    println!(
+        "\n{:<58} {:>14}  {:<10} {}",
+        "measurement", "value", "unit", "ratio (target)"
+    );
+    for r in &rows {
+        let ratio = r
+            .ratio
+            .map(|(x, cmp, target)| {
+                let met = if cmp == ">=" { x >= target } else { x <= target };
+                format!("{x:.2}x ({cmp} {target}: {})", if met { "met" } else { "NOT met" })
+            })
+            .unwrap_or_default();
+        println!("{:<58} {:>14.2}  {:<10} {ratio}", r.what, r.value, r.unit);
+    }
+    let json: Vec<_> = rows
+        .iter()
+        .map(|r| serde_json::json!({"what": r.what, "value": r.value, "unit": r.unit, "ratio": r.ratio.map(|x| x.0), "target": r.ratio.map(|x| format!("{} {}", x.1, x.2))}))
+        .collect();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-gate.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("\nwritten to {}", out.display());
+    Ok(())
+}
+
+fn bench_object() -> Result<Ebpf> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/bpfel-unknown-none/release/bench-programs");
+    Ebpf::load_file(&path).with_context(|| format!("loading {} (built with the gatekeeper crate)", path.display()))
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?;
+    Ok(prog)
+}
+
+/// Nanoseconds per run of `prog` over `frames`, each repeated `repeat` times.
+fn ns_per_frame(prog: &mut Xdp, frames: &[Vec<u8>], repeat: u32) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    for f in frames {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(f);
+        opts.repeat = repeat;
+        // The kernel reports the mean duration of one run.
+        total += prog.test_run(opts)?.duration;
+    }
+    Ok(total.as_nanos() as f64 / frames.len() as f64)
+}
+
+fn config() -> Config {
+    Config {
+        flags: CFG_ANY_TCP | CFG_ANY_UDP,
+        idle_timeout_ns: 30_000_000_000,
+        knock_rate_per_sec: 20,
+        knock_burst: 40,
+        ephemeral_lo: 32768,
+        ephemeral_hi: 60999,
+        ..Config::default()
+    }
+}
+
+/// A gate loaded with private pins, protecting tcp/1-65535.
+fn gate_with(entries: u32) -> Result<(Ebpf, Gate, Pins)> {
+    let pins = Pins::new()?;
+    let ebpf = loader::load_pinned(pins.dir(), entries.max(1024).next_power_of_two())?;
+    let gate = Gate::open(pins.dir())?;
+    gate.set_config(&config())?;
+    gate.set_protected(&"tcp/1-65535".parse()?)?;
+    Ok((ebpf, gate, pins))
+}
+
+fn stranger_syns(n: usize) -> Vec<Vec<u8>> {
+    let mut rng = Rng::new(7);
+    (0..n)
+        .map(|_| {
+            FrameSpec::v4(
+                [198, 51, rng.below(256) as u8, rng.below(256) as u8],
+                GW,
+                tcp(40000, 22, SYN),
+            )
+            .build()
+        })
+        .collect()
+}
+
+fn program_cost(rows: &mut Vec<Row>) -> Result<()> {
+    println!("[1/4] program cost through BPF_PROG_TEST_RUN (64 frames x 20000 repeats each)");
+    let frames = stranger_syns(64);
+    let mut bench = bench_object()?;
+    let bare = xdp(&mut bench, "bare_drop")?;
+    bare.load()?;
+    let bare_ns = ns_per_frame(bare, &frames, 20_000)?;
+    let (mut ebpf, _gate, _pins) = gate_with(1024)?;
+    let gate_ns = ns_per_frame(loader::program(&mut ebpf)?, &frames, 20_000)?;
+    println!("      bare XDP_DROP {bare_ns:.1} ns/frame, gate {gate_ns:.1} ns/frame");
+    rows.push(Row {
+        what: "bare XDP_DROP, per frame".into(),
+        value: bare_ns,
+        unit: "ns",
+        ratio: None,
+    });
+    rows.push(Row {
+        what: "gate dropping a stranger's SYN, per frame".into(),
+        value: gate_ns,
+        unit: "ns",
+        ratio: Some((bare_ns / gate_ns, ">=", 0.9)),
+    });
+    Ok(())
+}
+
+fn lookup_scaling(rows: &mut Vec<Row>) -> Result<()> {
+    println!("[2/4] whitelisted-frame cost with 1k to 1M entries");
+    let mut first = None;
+    for n in [1_000u32, 10_000, 100_000, 1_000_000] {
+        let (mut ebpf, gate, _pins) = gate_with(n)?;
+        let now = clock::now_ns();
+        let value = WhitelistValue {
+            expires_ns: now + 3_600_000_000_000,
+            last_seen_ns: now,
+            dport_lo: 1,
+            dport_hi: 65535,
+            flags: 0,
+            owner: 0,
+            _pad: 0,
+        };
+        let addr_of = |i: u32| mapped_v4([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        let started = Instant::now();
+        for i in 0..n {
+            gate.whitelist_insert(&WhitelistKey::new(addr_of(i), 0, proto::TCP), &value)?;
+        }
+        let fill = started.elapsed();
+        let mut rng = Rng::new(n as u64);
+        let frames: Vec<Vec<u8>> = (0..256)
+            .map(|_| {
+                let a = addr_of(rng.below(n as u64) as u32);
+                FrameSpec::v4([a[12], a[13], a[14], a[15]], GW, tcp(40000, 22, ACK)).build()
+            })
+            .collect();
+        let ns = ns_per_frame(loader::program(&mut ebpf)?, &frames, 2_000)?;
+        let base = *first.get_or_insert(ns);
+        println!("      {n:>8} entries: {ns:.1} ns/frame (filled in {fill:.1?})");
+        rows.push(Row {
+            what: format!("whitelisted frame, {n} entries"),
+            value: ns,
+            unit: "ns",
+            ratio: (n > 1_000).then_some((ns / base, "<=", 1.5)),
+        });
+    }
+    Ok(())
+}
+
+/// Frames the gateway's veth received through its XDP receive path.
+fn veth_rx(lab: &Lab) -> Result<u64> {
+    let out = lab.exec(Role::Gateway, &["ethtool", "-S", GW_IFACE])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("rx_queue_") && l.contains("_xdp_packets:"))
+        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
+        .sum())
+}
+
+/// Pushes `count` copies of `frame` out of the client's veth with XDP_TX
+/// live frames; returns how long it took.
+fn blast(lab: &Lab, frame: Vec<u8>, count: u32) -> Result<Duration> {
+    lab.in_ns(Role::Client, move || -> Result<Duration> {
+        let mut bench = bench_object()?;
+        let tx = xdp(&mut bench, "transmit")?;
+        tx.load()?;
+        let ifindex = nix_ifindex(Role::Client.iface())?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = count;
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
+        let started = Instant::now();
+        tx.test_run(opts)?;
+        Ok(started.elapsed())
+    })?
+}
+
+fn nix_ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {name}");
+    }
+    Ok(i)
+}
+
+fn measure_drop(lab: &Lab, frame: &[u8], count: u32) -> Result<f64> {
+    let before = veth_rx(lab)?;
+    let took = blast(lab, frame.to_vec(), count)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let got = veth_rx(lab)? - before;
+    Ok(got as f64 / took.as_secs_f64() / 1e6)
+}
+
+fn drop_rates(rows: &mut Vec<Row>) -> Result<()> {
+    const FRAMES: u32 = 5_000_000;
+    println!("[3/4] drop rate on a veth pair, {FRAMES} frames each (XDP_TX live frames as the source)");
+    let frame = FrameSpec::v4(Role::Client.addr().octets(), GW, tcp(40000, PROTECTED_PORT, SYN)).build();
+
+    let lab = Lab::direct()?;
+    let daemon = lab.start_daemon(&["--protect", "tcp/1-65535", "--xdp-mode", "driver"])?;
+    let gate = measure_drop(&lab, &frame, FRAMES)?;
+    drop(daemon);
+    lab.cli_ok(&["detach"])?;
+
+    let mut bench = bench_object()?;
+    let bare = measure_with_attached(&lab, &mut bench, &frame, FRAMES)?;
+
+    // Without an XDP program the veth only takes XDP_TX frames with GRO on.
+    lab.exec(Role::Gateway, &["ethtool", "-K", GW_IFACE, "gro", "on"])?;
+    lab.exec(
+        Role::Gateway,
+        &[
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-i",
+            GW_IFACE,
+            "-j",
+            "DROP",
+        ],
+    )?;
+    let iptables = measure_drop(&lab, &frame, FRAMES)?;
+    lab.exec(Role::Gateway, &["iptables", "-t", "raw", "-F", "PREROUTING"])?;
+
+    let rules = format!(
+        "table netdev gkbench {{\n chain in {{\n  type filter hook ingress device {GW_IFACE} priority 0;\n  drop\n }}\n}}\n"
+    );
+    let rules_file = lab.scratch().join("drop.nft");
+    std::fs::write(&rules_file, rules)?;
+    lab.exec(
+        Role::Gateway,
+        &["nft", "-f", rules_file.to_str().context("utf-8 path")?],
+    )?;
+    let nft = measure_drop(&lab, &frame, FRAMES)?;
+
+    for (what, mpps, ratio) in [
+        ("bare XDP_DROP (native)", bare, None),
+        ("gate (native), stranger's SYN", gate, Some((gate / bare, ">=", 0.9))),
+        ("iptables raw DROP", iptables, None),
+        ("nftables ingress drop", nft, None),
+    ] {
+        println!("      {what}: {mpps:.2} Mpps");
+        rows.push(Row {
+            what: format!("drop rate: {what}"),
+            value: mpps,
+            unit: "Mpps",
+            ratio,
+        });
+    }
+    rows.push(Row {
+        what: "drop rate: gate vs iptables raw".into(),
+        value: gate,
+        unit: "Mpps",
+        ratio: Some((gate / iptables, ">=", 3.5)),
+    });
+    rows.push(Row {
+        what: "drop rate: gate vs nftables ingress".into(),
+        value: gate,
+        unit: "Mpps",
+        ratio: Some((gate / nft, ">=", 1.0)),
+    });
+    Ok(())
+}
+
+fn measure_with_attached(lab: &Lab, bench: &mut Ebpf, frame: &[u8], count: u32) -> Result<f64> {
+    let prog = xdp(bench, "bare_drop")?;
+    prog.load()?;
+    // Attach from inside the gateway's namespace, where gw0 resolves.
+    let path = format!("/run/netns/{}", lab.ns(Role::Gateway));
+    let id = std::thread::scope(|s| {
+        s.spawn(|| -> Result<_> {
+            let f = std::fs::File::open(&path)?;
+            // SAFETY: setns on this scoped thread only.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            Ok(prog.attach(GW_IFACE, XdpMode::Driver)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+    })?;
+    let rate = measure_drop(lab, frame, count)?;
+    prog.detach(id)?;
+    Ok(rate)
+}
+
+/// iperf3 from the client to the gateway for `secs`; Gbit/s received.
+fn iperf(lab: &Lab, secs: u32) -> Result<f64> {
+    let server_ns = lab.ns(Role::Gateway);
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server_ns,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            &PROTECTED_PORT.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.exec(
+        Role::Client,
+        &[
+            "iperf3",
+            "-c",
+            &Ipv4Addr::from(GW).to_string(),
+            "-p",
+            &PROTECTED_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out?.stdout)?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no throughput")?;
+    Ok(bps / 1e9)
+}
+
+fn throughput(rows: &mut Vec<Row>) -> Result<()> {
+    const SECS: u32 = 5;
+    println!("[4/4] whitelisted TCP throughput, iperf3 {SECS}s each, with and without the gate");
+    let lab = Lab::direct()?;
+    let without = iperf(&lab, SECS)?;
+    let daemon = lab.start_daemon(&["--protect", &format!("tcp/{PROTECTED_PORT}"), "--xdp-mode", "driver"])?;
+    lab.cli_ok(&[
+        "whitelist",
+        "add",
+        "10.77.0.2/tcp",
+        "--ports",
+        &PROTECTED_PORT.to_string(),
+        "--ttl",
+        "10m",
+    ])?;
+    let with = iperf(&lab, SECS)?;
+    drop(daemon);
+    println!("      without: {without:.2} Gbit/s, with the gate: {with:.2} Gbit/s");
+    rows.push(Row {
+        what: "iperf3 TCP, no XDP program".into(),
+        value: without,
+        unit: "Gbit/s",
+        ratio: None,
+    });
+    rows.push(Row {
+        what: "iperf3 TCP, whitelisted through the gate".into(),
+        value: with,
+        unit: "Gbit/s",
+        ratio: Some((with / without, ">=", 0.97)),
+    });
+    Ok(())
+}
