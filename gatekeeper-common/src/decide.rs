@@ -8,8 +8,8 @@
 use crate::{
     knock,
     maps::{
-        ANY_PORT, AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT, WhitelistKey,
-        WhitelistValue, protected_slot,
+        ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT,
+        WhitelistKey, WhitelistValue, protected_slot,
     },
     parse::{Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
@@ -93,18 +93,48 @@ pub enum Action {
     Divert,
 }
 
-/// Flat rather than carrying an `Option<WhitelistKey>`, for the same
-/// verifier reason as [`Packet`].
+/// Which whitelist entry's `last_seen` to refresh after a pass. The key
+/// itself follows from the packet ([`Touch::key`]), so the decision stays
+/// small and needs no zeroed key when nothing matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    None,
+    /// The exact (source, source port, protocol) entry.
+    Exact,
+    /// The (source, any port, protocol) entry.
+    AnyPort,
+}
+
+impl Touch {
+    /// The key of the entry to refresh for `pkt`.
+    pub fn key(self, pkt: &Packet) -> Option<WhitelistKey> {
+        let sport = match self {
+            Touch::None => return None,
+            Touch::Exact => pkt.sport,
+            Touch::AnyPort => ANY_PORT,
+        };
+        Some(WhitelistKey::new(pkt.src, sport, key_proto(pkt)))
+    }
+}
+
+/// The protocol whitelist keys use for `pkt`: echo in either IP version is
+/// [`proto::ICMP`].
+#[inline(always)]
+pub fn key_proto(pkt: &Packet) -> u8 {
+    if pkt.proto == proto::ICMPV6 {
+        proto::ICMP
+    } else {
+        pkt.proto
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub action: Action,
     /// Why. In audit mode a would-drop packet has `action == Pass` and keeps
     /// the reason it would have been dropped for.
     pub reason: Reason,
-    /// The entry in `matched` should have its `last_seen` refreshed.
-    pub touch: bool,
-    /// The whitelist entry that passed the packet (zeroed otherwise).
-    pub matched: WhitelistKey,
+    pub touch: Touch,
 }
 
 impl Decision {
@@ -112,8 +142,7 @@ impl Decision {
         Decision {
             action,
             reason,
-            touch: false,
-            matched: WhitelistKey::new([0; 16], 0, 0),
+            touch: Touch::None,
         }
     }
 
@@ -149,7 +178,10 @@ pub trait Tables {
     /// Longest-prefix match of `addr` in the operator allowlist.
     fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue>;
     /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
-    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool;
+    fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool;
+    /// The current CLOCK_MONOTONIC time in ns. Asked for only when an entry
+    /// was found, so dropping a stranger never reads the clock.
+    fn now(&self) -> u64;
 }
 
 /// Refresh `last_seen` at most this often per entry, so busy flows do not
@@ -190,19 +222,19 @@ fn deny(cfg: &Config, reason: Reason) -> Decision {
     Decision::new(action, reason)
 }
 
-/// Decides one parsed frame at monotonic time `now`.
+/// Decides one parsed frame.
 #[inline(always)]
-pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision {
-    let (key_proto, sport, dport) = match pkt.kind {
+pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+    match pkt.kind {
         Kind::NotIp => return pass(Reason::NotIp),
         Kind::Malformed => return deny(cfg, Reason::Malformed),
         Kind::IcmpControl => return pass(Reason::IcmpControl),
         Kind::Other => return pass(Reason::OtherProtocol),
-        Kind::Fragment => return fragment(pkt, cfg, t, now),
-        Kind::Tcp => (proto::TCP, pkt.sport, pkt.dport),
-        Kind::Udp => (proto::UDP, pkt.sport, pkt.dport),
-        Kind::Echo => (proto::ICMP, ANY_PORT, 0),
-    };
+        Kind::Fragment => return fragment(pkt, cfg, t),
+        Kind::Tcp | Kind::Udp | Kind::Echo => {}
+    }
+    // Echo has neither port: its entries are any-port entries.
+    let (key_proto, sport, dport) = (key_proto(pkt), pkt.sport, pkt.dport);
     let knock_port = key_proto == proto::UDP && cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
     if !knock_port && !is_protected(cfg, t, key_proto, dport) {
         return pass(Reason::Unprotected);
@@ -214,7 +246,7 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decisio
         if !knock::plausible_len(pkt.payload_len as usize) {
             return deny(cfg, Reason::KnockBadLength);
         }
-        if !t.admit_knock(&pkt.src, now, cfg) {
+        if !t.admit_knock(&pkt.src, cfg) {
             return deny(cfg, Reason::KnockRateLimited);
         }
         return Decision::new(Action::Divert, Reason::KnockDiverted);
@@ -227,15 +259,15 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decisio
     // so for it the two keys are the same.
     if sport != ANY_PORT {
         let exact = WhitelistKey::new(pkt.src, sport, key_proto);
-        if let Some(d) = whitelisted(t, exact, dport, now, idle, new_tcp) {
+        if let Some(d) = whitelisted(t, &exact, Touch::Exact, dport, idle, new_tcp) {
             return d;
         }
     }
     let any = WhitelistKey::new(pkt.src, ANY_PORT, key_proto);
-    if let Some(d) = whitelisted(t, any, dport, now, idle, new_tcp) {
+    if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
         return d;
     }
-    if allowlisted(t, &pkt.src, now) {
+    if allowlisted(t, cfg, &pkt.src) {
         return pass(Reason::Allowlisted);
     }
     deny(cfg, Reason::NotAllowed)
@@ -244,22 +276,26 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decisio
 #[inline(always)]
 fn whitelisted<T: Tables>(
     t: &T,
-    key: WhitelistKey,
+    key: &WhitelistKey,
+    which: Touch,
     dport: u16,
-    now: u64,
     idle: u64,
     new_tcp: bool,
 ) -> Option<Decision> {
-    let v = t.whitelist(&key)?;
+    let v = t.whitelist(key)?;
+    let now = t.now();
     if !entry_admits(&v, dport, now, idle, new_tcp) {
         return None;
     }
-    let touch = now.saturating_sub(v.last_seen_ns) >= TOUCH_GRANULARITY_NS;
+    let touch = if now.saturating_sub(v.last_seen_ns) >= TOUCH_GRANULARITY_NS {
+        which
+    } else {
+        Touch::None
+    };
     Some(Decision {
         action: Action::Pass,
         reason: Reason::Whitelisted,
         touch,
-        matched: key,
     })
 }
 
@@ -285,8 +321,8 @@ fn is_reply(cfg: &Config, key_proto: u8, new_tcp: bool, dport: u16) -> bool {
 }
 
 #[inline(always)]
-fn allowlisted<T: Tables>(t: &T, src: &[u8; 16], now: u64) -> bool {
-    matches!(t.allowlist(src), Some(v) if now < v.expires_ns)
+fn allowlisted<T: Tables>(t: &T, cfg: &Config, src: &[u8; 16]) -> bool {
+    cfg.flags & CFG_ALLOWLIST != 0 && matches!(t.allowlist(src), Some(v) if t.now() < v.expires_ns)
 }
 
 /// A non-first fragment has no ports. It passes when its protocol is not
@@ -294,7 +330,7 @@ fn allowlisted<T: Tables>(t: &T, src: &[u8; 16], now: u64) -> bool {
 /// allowlist prefix; the first fragment, which carries the ports, was
 /// checked in full, and the stack cannot reassemble without it.
 #[inline(always)]
-fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision {
+fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     let l4 = pkt.proto;
     let gated = match l4 {
         proto::TCP => cfg.flags & CFG_ANY_TCP != 0,
@@ -305,13 +341,12 @@ fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T, now: u64) -> Decision 
     if !gated {
         return pass(Reason::Unprotected);
     }
-    let key_proto = if l4 == proto::ICMPV6 { proto::ICMP } else { l4 };
-    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto))
-        && entry_is_live(&v, now, cfg.idle_timeout_ns)
+    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto(pkt)))
+        && entry_is_live(&v, t.now(), cfg.idle_timeout_ns)
     {
         return pass(Reason::Whitelisted);
     }
-    if allowlisted(t, &pkt.src, now) {
+    if allowlisted(t, cfg, &pkt.src) {
         return pass(Reason::Allowlisted);
     }
     deny(cfg, Reason::FragmentUnmatched)

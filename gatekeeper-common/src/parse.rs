@@ -7,23 +7,24 @@
 
 use crate::{knock, proto};
 
-/// The parser reads no further than this into a frame; a longer IP packet
-/// is malformed. XDP frames are at most a page without multi-buffer, and the
-/// bound keeps every packet offset provably small for the verifier.
+/// Headers are read only within the first this many bytes of a frame; a
+/// header chain reaching further is malformed. The bound keeps every packet
+/// offset provably small for the verifier. Payloads may be longer: generic
+/// XDP hands over whole 64 KiB GSO packets.
 pub const MAX_FRAME: usize = 16 * 1024;
 
-/// Byte access to one frame. Both methods treat bytes at or beyond
-/// [`MAX_FRAME`] as absent.
+/// Byte access to one frame.
 pub trait Frame {
     /// Whether the frame holds at least `len` bytes.
     fn covers(&self, len: usize) -> bool;
-    /// `N` bytes at `off`, or `None` when they run past the frame.
+    /// `N` bytes at `off`, or `None` when they run past the frame or past
+    /// [`MAX_FRAME`].
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
 }
 
 impl Frame for [u8] {
     fn covers(&self, len: usize) -> bool {
-        len <= MAX_FRAME && len <= self.len()
+        len <= self.len()
     }
 
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
@@ -80,7 +81,9 @@ pub enum Kind {
 
 /// A parsed frame. Flat and always fully initialised: the verifier rejects
 /// programs that copy enum payloads with uninitialised bytes through the
-/// stack, which is what LLVM makes of data-carrying enums.
+/// stack, which is what LLVM makes of data-carrying enums. Aligned so the
+/// addresses are zeroed and copied with word moves (see `WhitelistKey`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Packet {
     pub kind: Kind,
@@ -102,18 +105,24 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A frame with no addresses to report (not IP, or broken before them).
     const fn of(kind: Kind) -> Packet {
+        Packet::ip(kind, 0, [0; 16], [0; 16])
+    }
+
+    /// An IP packet without ports or payload.
+    const fn ip(kind: Kind, proto: u8, src: [u8; 16], dst: [u8; 16]) -> Packet {
         Packet {
             kind,
-            proto: 0,
+            proto,
             tcp_flags: 0,
             knock_prefix: false,
             sport: 0,
             dport: 0,
             payload_off: 0,
             payload_len: 0,
-            src: [0; 16],
-            dst: [0; 16],
+            src,
+            dst,
         }
     }
 }
@@ -165,16 +174,13 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
     if h[0] >> 4 != 4 || ihl < 20 || total < ihl || !f.covers(off + total) {
         return Packet::of(Kind::Malformed);
     }
-    let mut p = Packet::of(Kind::Malformed);
-    p.src = mapped_v4([h[12], h[13], h[14], h[15]]);
-    p.dst = mapped_v4([h[16], h[17], h[18], h[19]]);
-    p.proto = h[9];
+    let src = mapped_v4([h[12], h[13], h[14], h[15]]);
+    let dst = mapped_v4([h[16], h[17], h[18], h[19]]);
     let frag_offset = be16([h[6], h[7]]) & 0x1fff;
     if frag_offset != 0 {
-        p.kind = Kind::Fragment;
-        return p;
+        return Packet::ip(Kind::Fragment, h[9], src, dst);
     }
-    parse_l4(f, p, false, off + ihl, total - ihl)
+    parse_l4(f, h[9], src, dst, false, off + ihl, total - ihl)
 }
 
 #[inline(always)]
@@ -186,9 +192,10 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
     if h[0] >> 4 != 6 || !f.covers(off + 40 + payload_len) {
         return Packet::of(Kind::Malformed);
     }
-    let mut p = Packet::of(Kind::Malformed);
-    p.src.copy_from_slice(&h[8..24]);
-    p.dst.copy_from_slice(&h[24..40]);
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
 
     let end = off + 40 + payload_len;
     let mut next = h[6];
@@ -202,11 +209,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
             },
             // Fragment header: fixed 8 bytes; non-first fragments end the walk.
             44 => match f.load::<4>(at) {
-                Some(e) if be16([e[2], e[3]]) >> 3 != 0 => {
-                    p.kind = Kind::Fragment;
-                    p.proto = e[0];
-                    return p;
-                }
+                Some(e) if be16([e[2], e[3]]) >> 3 != 0 => return Packet::ip(Kind::Fragment, e[0], src, dst),
                 Some(_) => 8,
                 None => return Packet::of(Kind::Malformed),
             },
@@ -215,10 +218,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
                 Some(e) => (e[1] as usize + 2) * 4,
                 None => return Packet::of(Kind::Malformed),
             },
-            l4 => {
-                p.proto = l4;
-                return parse_l4(f, p, true, at, end - at);
-            }
+            l4 => return parse_l4(f, l4, src, dst, true, at, end - at),
         };
         let Some(e) = f.load::<2>(at) else {
             return Packet::of(Kind::Malformed);
@@ -233,57 +233,65 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
     Packet::of(Kind::Malformed)
 }
 
-/// Fills in the L4 part of `p` from the header at `off`, `len` bytes long
-/// per the IP header. `p.proto` is already set.
+/// Parses the L4 header at `off`, `len` bytes long per the IP header.
+/// Every packet with ports is built whole from what was read: zeroing a
+/// struct first makes LLVM's BPF backend call a byte-at-a-time memset.
 #[inline(always)]
-fn parse_l4<F: Frame + ?Sized>(f: &F, mut p: Packet, v6: bool, off: usize, len: usize) -> Packet {
-    let (kind, payload_off) = match p.proto {
+fn parse_l4<F: Frame + ?Sized>(
+    f: &F,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    v6: bool,
+    off: usize,
+    len: usize,
+) -> Packet {
+    let (kind, sport, dport, tcp_flags, header) = match proto {
         proto::TCP => {
             let Some(h) = f.load::<20>(off) else {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             };
             let doff = ((h[12] >> 4) as usize) * 4;
             if doff < 20 || doff > len {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             }
-            p.sport = be16([h[0], h[1]]);
-            p.dport = be16([h[2], h[3]]);
-            p.tcp_flags = h[13];
-            (Kind::Tcp, doff)
+            (Kind::Tcp, be16([h[0], h[1]]), be16([h[2], h[3]]), h[13], doff)
         }
         proto::UDP => {
             let Some(h) = f.load::<8>(off) else {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             };
             if len < 8 {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             }
-            p.sport = be16([h[0], h[1]]);
-            p.dport = be16([h[2], h[3]]);
-            (Kind::Udp, 8)
+            (Kind::Udp, be16([h[0], h[1]]), be16([h[2], h[3]]), 0, 8)
         }
-        proto::ICMP | proto::ICMPV6 if v6 == (p.proto == proto::ICMPV6) => {
+        proto::ICMP | proto::ICMPV6 if v6 == (proto == proto::ICMPV6) => {
             let Some(h) = f.load::<2>(off) else {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             };
             if len < 8 {
-                return Packet::of(Kind::Malformed);
+                return Packet::ip(Kind::Malformed, proto, src, dst);
             }
             let echo_request = if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
             if h[0] != echo_request {
-                p.kind = Kind::IcmpControl;
-                return p;
+                return Packet::ip(Kind::IcmpControl, proto, src, dst);
             }
-            (Kind::Echo, 8)
+            (Kind::Echo, 0, 0, 0, 8)
         }
-        _ => {
-            p.kind = Kind::Other;
-            return p;
-        }
+        _ => return Packet::ip(Kind::Other, proto, src, dst),
     };
-    p.kind = kind;
-    p.payload_off = (off + payload_off) as u16;
-    p.payload_len = (len - payload_off) as u16;
-    p.knock_prefix = len - payload_off >= knock::PREFIX.len() && f.load::<3>(off + payload_off) == Some(knock::PREFIX);
-    p
+    let payload_len = len - header;
+    Packet {
+        kind,
+        proto,
+        tcp_flags,
+        knock_prefix: payload_len >= knock::PREFIX.len() && f.load::<3>(off + header) == Some(knock::PREFIX),
+        sport,
+        dport,
+        payload_off: (off + header) as u16,
+        payload_len: payload_len as u16,
+        src,
+        dst,
+    }
 }

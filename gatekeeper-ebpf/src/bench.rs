@@ -1,5 +1,5 @@
 //! Programs for `cargo xtask bench`, kept out of the product's object:
-//! a bare XDP_DROP to compare the gate against, and XDP_TX, which turns
+//! bare XDP_DROP and XDP_PASS to compare the gate against, and XDP_TX, which turns
 //! `BPF_PROG_TEST_RUN` live frames into a line-rate traffic source.
 #![no_std]
 #![no_main]
@@ -14,6 +14,12 @@ pub fn bare_drop(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn transmit(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+/// What any XDP program costs a veth's throughput, before the gate's own work.
+#[xdp]
+pub fn bare_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -37,10 +37,14 @@ static KNOCK_RATE: LruHashMap<[u8; 16], KnockBucket> = LruHashMap::with_max_entr
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
-/// Packet bytes between `data` and `data_end`.
+/// Packet bytes between `data` and `data_end`, and the frame's whole length.
 struct XdpFrame {
     start: usize,
     end: usize,
+    /// Length as the kernel reports it, a plain number: comparing it needs
+    /// no pointer arithmetic, so lengths up to 64 KiB (generic XDP's GSO
+    /// packets) pass the verifier.
+    len: usize,
 }
 
 impl XdpFrame {
@@ -57,7 +61,7 @@ impl XdpFrame {
 impl Frame for XdpFrame {
     #[inline(always)]
     fn covers(&self, len: usize) -> bool {
-        len <= MAX_FRAME && self.start + len <= self.end()
+        len <= self.len
     }
 
     /// Callers use N >= 2: LLVM turns a one-byte check into `ptr >= end`,
@@ -95,14 +99,25 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool {
+    fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool {
         // SAFETY: copied out at once; a racing CPU can at worst let one
         // extra knock through, which the daemon's own checks absorb.
         let bucket = unsafe { KNOCK_RATE.get(src) }.copied();
-        let (bucket, allowed) = ratelimit::take(bucket, now, cfg.knock_rate_per_sec, cfg.knock_burst);
+        let (bucket, allowed) = ratelimit::take(bucket, now(), cfg.knock_rate_per_sec, cfg.knock_burst);
         let _ = KNOCK_RATE.insert(src, &bucket, 0);
         allowed
     }
+
+    #[inline(always)]
+    fn now(&self) -> u64 {
+        now()
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[xdp]
@@ -110,27 +125,28 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let frame = XdpFrame {
         start: ctx.data(),
         end: ctx.data_end(),
+        // SAFETY: `ctx.ctx` is the program's own context.
+        len: unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize,
     };
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_DROP;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let pkt = parse(&frame);
-    let mut decision = decide(&pkt, cfg, &Maps, now);
+    let mut decision = decide(&pkt, cfg, &Maps);
 
-    if decision.touch {
-        if let Some(v) = WHITELIST.get_ptr_mut(&decision.matched) {
-            // SAFETY: a map value pointer from a successful lookup.
-            unsafe { (*v).last_seen_ns = now };
-        }
+    if let Some(key) = decision.touch.key(&pkt)
+        && let Some(v) = WHITELIST.get_ptr_mut(&key)
+    {
+        // SAFETY: a map value pointer from a successful lookup.
+        unsafe { (*v).last_seen_ns = now() };
     }
     match decision.action {
         Action::Divert => {
-            if !emit(&ctx, &pkt, EVENT_KNOCK, Reason::KnockDiverted, now) {
+            if !emit(&ctx, &pkt, EVENT_KNOCK, Reason::KnockDiverted) {
                 decision.reason = Reason::KnockRingFull;
             }
         }
-        Action::Pass if decision.reason.is_denial() => sample_audit(&ctx, &pkt, &decision, cfg, now),
+        Action::Pass if decision.reason.is_denial() => sample_audit(&ctx, &pkt, &decision, cfg),
         _ => {}
     }
     count(decision.counter());
@@ -149,17 +165,17 @@ fn count(reason: Reason) {
 }
 
 #[inline(always)]
-fn sample_audit(ctx: &XdpContext, pkt: &Packet, d: &Decision, cfg: &Config, now: u64) {
+fn sample_audit(ctx: &XdpContext, pkt: &Packet, d: &Decision, cfg: &Config) {
     let every = cfg.audit_sample_every;
     if every != 0 && unsafe { bpf_get_prandom_u32() } % every == 0 {
-        emit(ctx, pkt, EVENT_AUDIT_SAMPLE, d.reason, now);
+        emit(ctx, pkt, EVENT_AUDIT_SAMPLE, d.reason);
     }
 }
 
 /// Writes one event (with the L4 payload for knocks) into the ring.
 /// Returns false when the ring is full.
 #[inline(always)]
-fn emit(ctx: &XdpContext, pkt: &Packet, kind: u32, reason: Reason, now: u64) -> bool {
+fn emit(ctx: &XdpContext, pkt: &Packet, kind: u32, reason: Reason) -> bool {
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         return false;
     };
@@ -169,7 +185,7 @@ fn emit(ctx: &XdpContext, pkt: &Packet, kind: u32, reason: Reason, now: u64) -> 
     unsafe {
         (*ev).kind = kind;
         (*ev).ifindex = ctx.ingress_ifindex() as u32;
-        (*ev).ts_ns = now;
+        (*ev).ts_ns = now();
         (*ev).src = pkt.src;
         (*ev).dst = pkt.dst;
         (*ev).sport = pkt.sport;

@@ -9,7 +9,7 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
 use gatekeeper_common::{
     decide::{Reason, entry_is_live},
-    maps::{self as names, AllowValue, Config, PROTECTED_WORDS, WhitelistKey, WhitelistValue},
+    maps::{self as names, AllowValue, CFG_ALLOWLIST, Config, PROTECTED_WORDS, WhitelistKey, WhitelistValue},
 };
 use thiserror::Error;
 
@@ -94,8 +94,20 @@ impl Gate {
         self.config_map()?.get(&0, 0).map_err(self.err(names::CONFIG))
     }
 
+    /// Writes the CONFIG entry. Its allowlist flag is always taken from the
+    /// allowlist itself, whatever `cfg` says.
     pub fn set_config(&self, cfg: &Config) -> Result<(), GateError> {
+        let mut cfg = *cfg;
+        cfg.flags &= !CFG_ALLOWLIST;
+        if self.allowlist_map()?.keys().next().is_some() {
+            cfg.flags |= CFG_ALLOWLIST;
+        }
         self.config_map()?.set(0, cfg, 0).map_err(self.err(names::CONFIG))
+    }
+
+    /// Re-derives the allowlist flag after the allowlist changed.
+    fn sync_allowlist_flag(&self) -> Result<(), GateError> {
+        self.set_config(&self.config()?)
     }
 
     /// Rewrites the whole PROTECTED bitmap for `spec`.
@@ -224,14 +236,16 @@ impl Gate {
     pub fn allow_insert(&self, prefix: &Prefix, value: &AllowValue) -> Result<(), GateError> {
         self.allowlist_map()?
             .insert(&prefix_key(prefix), value, 0)
-            .map_err(self.err(names::ALLOWLIST))
+            .map_err(self.err(names::ALLOWLIST))?;
+        self.sync_allowlist_flag()
     }
 
     pub fn allow_del(&self, prefix: &Prefix) -> Result<(), GateError> {
         match self.allowlist_map()?.remove(&prefix_key(prefix)) {
             Err(MapError::KeyNotFound) => Err(GateError::NoSuchPrefix(prefix.to_string())),
             other => other.map_err(self.err(names::ALLOWLIST)),
-        }
+        }?;
+        self.sync_allowlist_flag()
     }
 
     /// Removes allowlist prefixes; with `only_expired_at`, only those expired
@@ -246,6 +260,9 @@ impl Gate {
             if map.remove(&prefix_key(&prefix)).is_ok() {
                 removed.push(prefix);
             }
+        }
+        if !removed.is_empty() {
+            self.sync_allowlist_flag()?;
         }
         Ok(removed)
     }

@@ -416,6 +416,23 @@ impl Lab {
         Ok(round_trip(&mut s, b"ping").unwrap_or(false))
     }
 
+    /// Whether `len` bytes sent from a role to an echo service at `to` all
+    /// come back unchanged: a bulk transfer, in big segments.
+    pub fn tcp_bulk_echo_works(&self, role: Role, to: SocketAddr, len: usize) -> Result<bool> {
+        let Some(stream) = self.tcp_connect(role, to, None, Duration::from_secs(2))? else {
+            return Ok(false);
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut writer = stream.try_clone()?;
+        let payload = sent.clone();
+        let send = std::thread::spawn(move || writer.write_all(&payload));
+        let mut got = vec![0u8; len];
+        let read = (&stream).read_exact(&mut got);
+        let wrote = send.join().map_err(|_| anyhow!("writer panicked"))?;
+        Ok(read.is_ok() && wrote.is_ok() && got == sent)
+    }
+
     /// Whether a UDP datagram from a role to `to` comes back within a second.
     pub fn udp_echo_works(&self, role: Role, to: SocketAddr) -> Result<bool> {
         self.in_ns(role, move || -> Result<bool> {

@@ -2,7 +2,10 @@
 //! collections. Tests install the same contents into the real maps and
 //! check that the real XDP program agrees with the model frame by frame.
 
-use std::{cell::RefCell, collections::HashMap};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+};
 
 use anyhow::Result;
 use gatekeeper::{
@@ -11,7 +14,7 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
-    maps::{AllowValue, Config, KnockBucket, WhitelistKey, WhitelistValue},
+    maps::{AllowValue, CFG_ALLOWLIST, Config, KnockBucket, WhitelistKey, WhitelistValue},
     parse::parse,
     ratelimit,
 };
@@ -23,6 +26,7 @@ pub struct Model {
     pub whitelist: RefCell<HashMap<WhitelistKey, WhitelistValue>>,
     pub allowlist: Vec<(Prefix, AllowValue)>,
     buckets: RefCell<HashMap<[u8; 16], KnockBucket>>,
+    now: Cell<u64>,
 }
 
 impl Model {
@@ -34,12 +38,24 @@ impl Model {
             whitelist: RefCell::new(HashMap::new()),
             allowlist: Vec::new(),
             buckets: RefCell::new(HashMap::new()),
+            now: Cell::new(0),
         }
+    }
+
+    /// The CONFIG entry as userspace keeps it: the allowlist flag follows
+    /// the allowlist's contents.
+    pub fn config(&self) -> Config {
+        let mut c = self.config;
+        c.flags &= !CFG_ALLOWLIST;
+        if !self.allowlist.is_empty() {
+            c.flags |= CFG_ALLOWLIST;
+        }
+        c
     }
 
     /// Writes the model's contents into a real gate's maps.
     pub fn install(&self, gate: &Gate) -> Result<()> {
-        gate.set_config(&self.config)?;
+        gate.set_config(&self.config())?;
         gate.set_protected(&self.protect)?;
         for (k, v) in self.whitelist.borrow().iter() {
             gate.whitelist_insert(k, v)?;
@@ -53,9 +69,11 @@ impl Model {
     /// What the XDP program must do with `frame` at `now`, applying the same
     /// side effects (last-seen refresh, knock buckets) to the model.
     pub fn decide(&self, frame: &[u8], now: u64) -> Decision {
-        let d = decide(&parse(frame), &self.config, self, now);
-        if d.touch
-            && let Some(v) = self.whitelist.borrow_mut().get_mut(&d.matched)
+        self.now.set(now);
+        let pkt = parse(frame);
+        let d = decide(&pkt, &self.config(), self);
+        if let Some(key) = d.touch.key(&pkt)
+            && let Some(v) = self.whitelist.borrow_mut().get_mut(&key)
         {
             v.last_seen_ns = now;
         }
@@ -90,11 +108,20 @@ impl Tables for Model {
             .map(|(_, v)| *v)
     }
 
-    fn admit_knock(&self, src: &[u8; 16], now: u64, cfg: &Config) -> bool {
+    fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool {
         let mut buckets = self.buckets.borrow_mut();
-        let (b, ok) = ratelimit::take(buckets.get(src).copied(), now, cfg.knock_rate_per_sec, cfg.knock_burst);
+        let (b, ok) = ratelimit::take(
+            buckets.get(src).copied(),
+            self.now.get(),
+            cfg.knock_rate_per_sec,
+            cfg.knock_burst,
+        );
         buckets.insert(*src, b);
         ok
+    }
+
+    fn now(&self) -> u64 {
+        self.now.get()
     }
 }
 

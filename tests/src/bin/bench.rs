@@ -54,10 +54,7 @@ fn main() -> Result<()> {
     drop_rates(&mut rows)?;
     throughput(&mut rows)?;
 
-    println!(
-        "\n{:<58} {:>14}  {:<10} {}",
-        "measurement", "value", "unit", "ratio (target)"
-    );
+    println!("\n{:<58} {:>14}  {:<10} ratio (target)", "measurement", "value", "unit");
     for r in &rows {
         let ratio = r
             .ratio
@@ -150,6 +147,12 @@ fn program_cost(rows: &mut Vec<Row>) -> Result<()> {
     let bare_ns = ns_per_frame(bare, &frames, 20_000)?;
     let (mut ebpf, _gate, _pins) = gate_with(1024)?;
     let gate_ns = ns_per_frame(loader::program(&mut ebpf)?, &frames, 20_000)?;
+    let arp = ns_per_frame(loader::program(&mut ebpf)?, &[gatekeeper_tests::frames::arp()], 200_000)?;
+    let open_port = FrameSpec::v4([198, 51, 100, 7], GW, tcp(40000, 22, SYN)).build();
+    let mut unprotected_gate = gate_with(1024)?;
+    unprotected_gate.1.set_protected(&"tcp/23".parse()?)?;
+    let unprotected = ns_per_frame(loader::program(&mut unprotected_gate.0)?, &[open_port], 200_000)?;
+    println!("      gate passing ARP {arp:.1} ns/frame, passing an unprotected port {unprotected:.1} ns/frame");
     println!("      bare XDP_DROP {bare_ns:.1} ns/frame, gate {gate_ns:.1} ns/frame");
     rows.push(Row {
         what: "bare XDP_DROP, per frame".into(),
@@ -268,8 +271,9 @@ fn drop_rates(rows: &mut Vec<Row>) -> Result<()> {
     drop(daemon);
     lab.cli_ok(&["detach"])?;
 
-    let mut bench = bench_object()?;
-    let bare = measure_with_attached(&lab, &mut bench, &frame, FRAMES)?;
+    let bare = with_attached(&lab, "bare_drop", XdpMode::Driver, || {
+        measure_drop(&lab, &frame, FRAMES)
+    })?;
 
     // Without an XDP program the veth only takes XDP_TX frames with GRO on.
     lab.exec(Role::Gateway, &["ethtool", "-K", GW_IFACE, "gro", "on"])?;
@@ -330,26 +334,29 @@ fn drop_rates(rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-fn measure_with_attached(lab: &Lab, bench: &mut Ebpf, frame: &[u8], count: u32) -> Result<f64> {
-    let prog = xdp(bench, "bare_drop")?;
+/// Runs `f` while the bench program `name` is attached to the gateway's
+/// veth in `mode`.
+fn with_attached<T>(lab: &Lab, name: &str, mode: XdpMode, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut bench = bench_object()?;
+    let prog = xdp(&mut bench, name)?;
     prog.load()?;
     // Attach from inside the gateway's namespace, where gw0 resolves.
     let path = format!("/run/netns/{}", lab.ns(Role::Gateway));
     let id = std::thread::scope(|s| {
         s.spawn(|| -> Result<_> {
-            let f = std::fs::File::open(&path)?;
+            let ns = std::fs::File::open(&path)?;
             // SAFETY: setns on this scoped thread only.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
-            Ok(prog.attach(GW_IFACE, XdpMode::Driver)?)
+            Ok(prog.attach(GW_IFACE, mode)?)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
     })?;
-    let rate = measure_drop(lab, frame, count)?;
+    let out = f();
     prog.detach(id)?;
-    Ok(rate)
+    out
 }
 
 /// iperf3 from the client to the gateway for `secs`; Gbit/s received.
@@ -393,33 +400,48 @@ fn iperf(lab: &Lab, secs: u32) -> Result<f64> {
 
 fn throughput(rows: &mut Vec<Row>) -> Result<()> {
     const SECS: u32 = 5;
-    println!("[4/4] whitelisted TCP throughput, iperf3 {SECS}s each, with and without the gate");
+    println!(
+        "[4/4] whitelisted TCP throughput, iperf3 {SECS}s each: no program, a bare XDP_PASS, the gate; native and generic"
+    );
     let lab = Lab::direct()?;
-    let without = iperf(&lab, SECS)?;
-    let daemon = lab.start_daemon(&["--protect", &format!("tcp/{PROTECTED_PORT}"), "--xdp-mode", "driver"])?;
-    lab.cli_ok(&[
-        "whitelist",
-        "add",
-        "10.77.0.2/tcp",
-        "--ports",
-        &PROTECTED_PORT.to_string(),
-        "--ttl",
-        "10m",
-    ])?;
-    let with = iperf(&lab, SECS)?;
-    drop(daemon);
-    println!("      without: {without:.2} Gbit/s, with the gate: {with:.2} Gbit/s");
+    let none = iperf(&lab, SECS)?;
+    let port = PROTECTED_PORT.to_string();
+    let mut results = Vec::new();
+    for (mode, flag) in [(XdpMode::Driver, "driver"), (XdpMode::Skb, "skb")] {
+        let bare = with_attached(&lab, "bare_pass", mode, || iperf(&lab, SECS))?;
+        let daemon = lab.start_daemon(&["--protect", &format!("tcp/{port}"), "--xdp-mode", flag])?;
+        lab.cli_ok(&["whitelist", "add", "10.77.0.2/tcp", "--ports", &port, "--ttl", "10m"])?;
+        let gate = iperf(&lab, SECS)?;
+        drop(daemon);
+        lab.cli_ok(&["detach"])?;
+        println!("      {flag}: bare XDP_PASS {bare:.2} Gbit/s, gate {gate:.2} Gbit/s (no program: {none:.2})");
+        results.push((flag, bare, gate));
+    }
     rows.push(Row {
         what: "iperf3 TCP, no XDP program".into(),
-        value: without,
+        value: none,
         unit: "Gbit/s",
         ratio: None,
     });
-    rows.push(Row {
-        what: "iperf3 TCP, whitelisted through the gate".into(),
-        value: with,
-        unit: "Gbit/s",
-        ratio: Some((with / without, ">=", 0.97)),
-    });
+    for (flag, bare, gate) in results {
+        rows.push(Row {
+            what: format!("iperf3 TCP, bare XDP_PASS ({flag})"),
+            value: bare,
+            unit: "Gbit/s",
+            ratio: Some((bare / none, ">=", 0.97)),
+        });
+        rows.push(Row {
+            what: format!("iperf3 TCP, gate vs bare XDP_PASS ({flag})"),
+            value: gate,
+            unit: "Gbit/s",
+            ratio: Some((gate / bare, ">=", 0.97)),
+        });
+        rows.push(Row {
+            what: format!("iperf3 TCP, gate vs no program ({flag})"),
+            value: gate,
+            unit: "Gbit/s",
+            ratio: Some((gate / none, ">=", 0.97)),
+        });
+    }
     Ok(())
 }
