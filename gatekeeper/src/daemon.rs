@@ -57,6 +57,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         return Err(DaemonError::NoSuchInterface(settings.iface.clone()));
     }
     let dir = &settings.pin_dir;
+    let _lock = pins::lock(dir)?;
     pins::prepare(dir)?;
     let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;
     let gate = Gate::open(dir)?;

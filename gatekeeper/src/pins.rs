@@ -35,6 +35,8 @@ pub enum PinError {
     NotBpffs { path: PathBuf },
     #[error("mounting bpffs at {BPFFS} failed: {0} (are you root?)")]
     Mount(io::Error),
+    #[error("another gatekeeper daemon (pid {pid}) is serving {dir}: stop it first, or use another --pin-dir")]
+    Busy { dir: PathBuf, pid: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -130,4 +132,51 @@ fn mount_bpffs() -> Result<(), PinError> {
         return Err(PinError::Mount(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Where daemons take their per-gate locks (bpffs holds no regular files).
+const LOCK_DIR: &str = "/run/gatekeeper";
+
+/// Held by the daemon serving a pin directory; the kernel releases it when
+/// the process dies, however it dies.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock for `dir`, so two daemons never serve one gate.
+pub fn lock(dir: &Path) -> Result<DaemonLock, PinError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+
+    std::fs::create_dir_all(LOCK_DIR).map_err(|source| PinError::Io {
+        path: LOCK_DIR.into(),
+        source,
+    })?;
+    let name = dir.to_string_lossy().replace('/', "_");
+    let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
+    let io = |source| PinError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        return Err(PinError::Busy {
+            dir: dir.into(),
+            pid: pid.trim().to_string(),
+        });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DaemonLock { _file: file })
 }

@@ -219,6 +219,12 @@ fn a_killed_daemon_leaves_the_gate_closed_and_a_new_one_adopts_it() -> Result<()
 
     let mut again = lab.start_daemon(&["--protect", "tcp/22"])?;
     again.wait_for("adopted pinned link", Duration::from_secs(5))?;
+    let second = lab.start_daemon(&["--protect", "tcp/22"]);
+    let refused = second.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        refused.contains("another gatekeeper daemon"),
+        "a second daemon on one gate is refused: {refused}"
+    );
     assert_eq!(entries(&lab)?.len(), 1, "the restarted daemon keeps the entries");
     assert!(lab.tcp_echo_works(Role::Client, gw(22), None)?);
     assert!(!lab.tcp_echo_works(Role::Intruder, gw(22), None)?);

@@ -11,7 +11,15 @@ use anyhow::{Context, Result, bail};
 /// The bpf-linker release that works with the pinned aya versions.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, demo and benchmarks run.
-const PACKAGES: &[&str] = &["iproute2", "nmap", "iperf3", "nftables", "iptables", "util-linux"];
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "nmap",
+    "iperf3",
+    "nftables",
+    "iptables",
+    "ethtool",
+    "util-linux",
+];
 
 pub fn run() -> Result<()> {
     rust_src()?;
