@@ -40,10 +40,10 @@ impl Frame for [u8] {
 }
 
 const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 /// VLAN tags accepted in front of IP (802.1ad outer + 802.1Q inner).
 pub const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before giving up (and dropping).
@@ -52,6 +52,7 @@ pub const MAX_IPV6_EXT: usize = 6;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
 const ICMP_ECHO_REQUEST: u8 = 8;

@@ -4,15 +4,12 @@
 
 use gatekeeper_common::{knock, parse::mapped_v4, proto};
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const TPID_8021Q: u16 = 0x8100;
-pub const TPID_8021AD: u16 = 0x88a8;
+pub use gatekeeper_common::parse::{
+    ETH_P_8021AD as TPID_8021AD, ETH_P_8021Q as TPID_8021Q, ETH_P_IP, ETH_P_IPV6, TCP_ACK as ACK, TCP_PSH as PSH,
+    TCP_SYN as SYN,
+};
 
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
-pub const PSH: u8 = 0x08;
+pub const ETH_P_ARP: u16 = 0x0806;
 
 /// The network layer of a frame.
 #[derive(Clone, Debug)]

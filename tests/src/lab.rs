@@ -264,29 +264,12 @@ impl Lab {
     fn configure(&self, role: Role) -> Result<()> {
         let ns = self.ns(role);
         let iface = role.iface();
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", role.addr()),
-            "dev",
-            iface,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/64", role.addr6()),
-            "dev",
-            iface,
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &ns, "link", "set", iface, "up"])?;
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        for addr in [format!("{}/24", role.addr()), format!("{}/64", role.addr6())] {
+            sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", iface, "nodad"])?;
+        }
+        for link in [iface, "lo"] {
+            sh(&["ip", "-n", &ns, "link", "set", link, "up"])?;
+        }
         Ok(())
     }
 
