@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod gate;
+pub mod knock;
 pub mod loader;
 pub mod pins;
 pub mod spec;
