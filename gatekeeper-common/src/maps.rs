@@ -14,14 +14,24 @@ pub const CONFIG: &str = "CONFIG";
 pub const EVENTS: &str = "EVENTS";
 pub const KNOCK_RATE: &str = "KNOCK_RATE";
 pub const STATS: &str = "STATS";
+/// Knock nonces seen inside the timestamp window. Only the daemon uses it;
+/// it lives with the gate's maps so a restarted daemon keeps its replay
+/// protection.
+pub const REPLAY: &str = "REPLAY";
 
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 7] = [WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS];
+pub const ALL: [&str; 8] = [
+    WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS, REPLAY,
+];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
 pub const ALLOWLIST_MAX: u32 = 1 << 14;
 pub const KNOCK_RATE_MAX: u32 = 1 << 16;
 pub const EVENTS_BYTES: u32 = 1 << 22;
+/// A plain hash, not LRU: a nonce still inside the window is never evicted;
+/// when full, knocks are refused until the daemon sweeps.
+pub const REPLAY_MAX: u32 = 1 << 18;
+pub const NONCE_LEN: usize = 24;
 
 /// `src_port` value of an entry that matches any source port.
 pub const ANY_PORT: u16 = 0;

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use gatekeeper_common::{
@@ -16,7 +16,7 @@ use gatekeeper_common::{
     knock,
     maps::{
         ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, KNOCK_RATE_MAX,
-        KnockBucket, PROTECTED_WORDS, STATS_LEN, WHITELIST_MAX, WhitelistKey, WhitelistValue,
+        KnockBucket, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, STATS_LEN, WHITELIST_MAX, WhitelistKey, WhitelistValue,
     },
     parse::{Frame, Kind, MAX_FRAME, Packet, parse},
     ratelimit,
@@ -36,6 +36,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 static KNOCK_RATE: LruHashMap<[u8; 16], KnockBucket> = LruHashMap::with_max_entries(KNOCK_RATE_MAX, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+/// Declared here only so it is created and pinned with the gate's maps.
+#[map]
+static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_MAX, 0);
 
 /// Packet bytes between `data` and `data_end`, and the frame's whole length.
 struct XdpFrame {

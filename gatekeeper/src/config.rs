@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::{
     pins,
-    spec::{self, ProtectSpec, Proto, SpecError},
+    spec::{self, PortSet, Proto, SpecError},
 };
 
 #[derive(Debug, Error)]
@@ -58,19 +58,22 @@ pub enum XdpModeChoice {
 pub struct Overrides {
     pub iface: Option<String>,
     pub pin_dir: Option<PathBuf>,
-    pub protect: Option<ProtectSpec>,
+    pub protect: Option<PortSet>,
     pub xdp_mode: Option<XdpModeChoice>,
     pub mode: Option<Mode>,
     pub idle_timeout: Option<Duration>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     iface: Option<String>,
+    /// Addresses clients knock on (the state directory's own config sets it).
+    public_addrs: Option<Vec<std::net::IpAddr>>,
     pin_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_parse")]
-    protect: Option<ProtectSpec>,
+    protect: Option<PortSet>,
     xdp_mode: Option<XdpModeChoice>,
     mode: Option<Mode>,
     #[serde(default, deserialize_with = "de_duration")]
@@ -90,6 +93,10 @@ struct KnockSection {
     udp_port: Option<u16>,
     rate: Option<u32>,
     burst: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    open_for: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,7 +122,7 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration
 pub struct Settings {
     pub iface: String,
     pub pin_dir: PathBuf,
-    pub protect: ProtectSpec,
+    pub protect: PortSet,
     pub xdp_mode: XdpModeChoice,
     pub mode: Mode,
     pub idle_timeout: Duration,
@@ -125,7 +132,15 @@ pub struct Settings {
     pub knock_udp_port: u16,
     pub knock_rate: u32,
     pub knock_burst: u32,
+    /// A knock's timestamp may be this far from now, either way.
+    pub knock_window: Duration,
+    /// How long an accepted knock opens its tuple for new connections.
+    pub knock_open_for: Duration,
     pub audit_sample_every: u32,
+    /// Keys, enrolled clients and the audit log.
+    pub state_dir: PathBuf,
+    /// Addresses clients may knock on; empty: the address each knock was sent to.
+    pub public_addrs: Vec<std::net::IpAddr>,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,10 +151,19 @@ pub const DEFAULT_KNOCK_UDP_PORT: u16 = 62201;
 pub const DEFAULT_KNOCK_RATE: u32 = 20;
 pub const DEFAULT_KNOCK_BURST: u32 = 40;
 pub const DEFAULT_AUDIT_SAMPLE_EVERY: u32 = 64;
+pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(120);
+pub const DEFAULT_KNOCK_OPEN_FOR: Duration = Duration::from_secs(30);
 
 impl Settings {
-    /// Defaults, then `file` (if any), then `cli`.
+    /// Defaults, then `file` (if any; else the state directory's
+    /// `gatekeeper.toml` when it exists), then `cli`.
     pub fn resolve(file: Option<&Path>, cli: Overrides) -> Result<Settings, ConfigError> {
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::state::DEFAULT_STATE_DIR));
+        let state_config = state_dir.join(crate::state::CONFIG_FILE);
+        let file = file.or_else(|| state_config.exists().then_some(state_config.as_path()));
         let f = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -194,7 +218,11 @@ impl Settings {
             knock_udp_port: f.knock.udp_port.unwrap_or(DEFAULT_KNOCK_UDP_PORT),
             knock_rate,
             knock_burst,
+            knock_window: f.knock.window.unwrap_or(DEFAULT_KNOCK_WINDOW),
+            knock_open_for: f.knock.open_for.unwrap_or(DEFAULT_KNOCK_OPEN_FOR),
             audit_sample_every: f.audit.sample_every.unwrap_or(DEFAULT_AUDIT_SAMPLE_EVERY),
+            state_dir,
+            public_addrs: f.public_addrs.unwrap_or_default(),
         })
     }
 

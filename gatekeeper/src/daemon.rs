@@ -13,6 +13,7 @@ use crate::{
     config::{Settings, ephemeral_ports},
     events::{self, Kind},
     gate::{Gate, GateError},
+    knocks::KnockService,
     loader::{self, LoaderError},
     pins::{self, PinError},
     sweeper,
@@ -87,6 +88,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let idle_ns = settings.idle_timeout.as_nanos().min(u64::MAX as u128) as u64;
     let link = dir.join(pins::LINK);
     let mut seen = Seen::default();
+    let mut knocks = match KnockService::start(&settings) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            warn!(error = %e, "knock verification off: knocks are counted and logged, never accepted");
+            None
+        }
+    };
+    // Revocations must bite within a second.
+    let mut registry_poll = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
 
     let exit = loop {
@@ -96,9 +106,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 let mut guard = guard.map_err(DaemonError::Ring)?;
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    record(&item, &mut seen);
+                    record(&item, &mut seen, &gate, knocks.as_mut());
                 }
                 guard.clear_ready();
+            }
+            _ = registry_poll.tick() => {
+                if let Some(k) = knocks.as_mut() {
+                    k.follow_registry(&gate);
+                }
             }
             _ = sweep.tick() => {
                 if !link.exists() {
@@ -106,6 +121,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 }
                 if let Err(e) = sweeper::sweep(&gate, idle_ns) {
                     warn!(error = %e, "sweep failed; retrying next tick");
+                }
+                if let Some(k) = knocks.as_ref() {
+                    k.sweep(&gate);
                 }
             }
         }
@@ -133,7 +151,7 @@ fn interface_exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
-fn record(bytes: &[u8], seen: &mut Seen) {
+fn record(bytes: &[u8], seen: &mut Seen, gate: &Gate, knocks: Option<&mut KnockService>) {
     let Some(ev) = events::decode(bytes) else {
         seen.unknown += 1;
         return;
@@ -141,8 +159,13 @@ fn record(bytes: &[u8], seen: &mut Seen) {
     match ev.kind {
         Kind::Knock => {
             seen.knocks += 1;
-            info!(event = "knock_received", src = %ev.src, sport = ev.sport, dst = %ev.dst, dport = ev.dport, proto = ev.proto,
-                len = ev.payload.len(), total = seen.knocks, "knock received");
+            match knocks {
+                Some(k) => k.handle(gate, &ev),
+                None => {
+                    info!(event = "knock_received", src = %ev.src, sport = ev.sport, dst = %ev.dst, dport = ev.dport,
+                    proto = ev.proto, len = ev.payload.len(), total = seen.knocks, "knock received")
+                }
+            }
         }
         Kind::AuditSample(reason) => {
             seen.audit_samples += 1;

@@ -9,14 +9,19 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
 use gatekeeper_common::{
     decide::{Reason, entry_is_live},
-    maps::{self as names, AllowValue, CFG_ALLOWLIST, Config, PROTECTED_WORDS, WhitelistKey, WhitelistValue},
+    maps::{
+        self as names, AllowValue, CFG_ALLOWLIST, Config, NONCE_LEN, PROTECTED_WORDS, WhitelistKey, WhitelistValue,
+    },
 };
 use thiserror::Error;
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 use crate::{
     clock,
     pins::{self, PinError},
-    spec::{PortRange, Prefix, ProtectSpec, Proto, Tuple, map_addr},
+    spec::{PortRange, PortSet, Prefix, Proto, Tuple, map_addr},
 };
 
 #[derive(Debug, Error)]
@@ -111,7 +116,7 @@ impl Gate {
     }
 
     /// Rewrites the whole PROTECTED bitmap for `spec`.
-    pub fn set_protected(&self, spec: &ProtectSpec) -> Result<(), GateError> {
+    pub fn set_protected(&self, spec: &PortSet) -> Result<(), GateError> {
         let words = protected_words(spec);
         let mut map: Array<MapData, u64> =
             Array::try_from(self.map(names::PROTECTED)?).map_err(self.err(names::PROTECTED))?;
@@ -160,6 +165,27 @@ impl Gate {
         let previous = self.whitelist_map()?.get(&key, 0).ok();
         self.whitelist_insert(&key, &value)?;
         Ok(previous)
+    }
+
+    /// The entry for `key`, if there is one.
+    pub fn whitelist_get(&self, key: &WhitelistKey) -> Result<Option<WhitelistValue>, GateError> {
+        match self.whitelist_map()?.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(self.err(names::WHITELIST)(e)),
+        }
+    }
+
+    /// Removes every entry `owner` opened; returns how many.
+    pub fn whitelist_remove_owner(&self, owner: u32) -> Result<usize, GateError> {
+        let mut map = self.whitelist_map()?;
+        let theirs: Vec<WhitelistKey> = self
+            .whitelist()?
+            .into_iter()
+            .filter(|e| e.value.owner == owner)
+            .map(|e| e.key)
+            .collect();
+        Ok(theirs.iter().filter(|k| map.remove(k).is_ok()).count())
     }
 
     /// Writes one entry exactly as given.
@@ -267,6 +293,32 @@ impl Gate {
         Ok(removed)
     }
 
+    fn replay_map(&self) -> Result<HashMap<MapData, [u8; NONCE_LEN], u64>, GateError> {
+        HashMap::try_from(self.map(names::REPLAY)?).map_err(self.err(names::REPLAY))
+    }
+
+    /// Records a knock nonce until `until_unix`. Returns false when the nonce
+    /// was already recorded (a replay); fails when the cache is full.
+    pub fn replay_record(&self, nonce: &[u8; NONCE_LEN], until_unix: u64) -> Result<bool, GateError> {
+        match self.replay_map()?.insert(nonce, until_unix, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(self.err(names::REPLAY)(e)),
+        }
+    }
+
+    /// Forgets nonces whose window has passed; returns how many.
+    pub fn replay_sweep(&self, now_unix: u64) -> Result<usize, GateError> {
+        let mut map = self.replay_map()?;
+        let stale: Vec<[u8; NONCE_LEN]> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, until)| *until <= now_unix)
+            .map(|(k, _)| k)
+            .collect();
+        Ok(stale.iter().filter(|k| map.remove(k).is_ok()).count())
+    }
+
     /// The counters, summed over CPUs, in [`Reason`] order.
     pub fn stats(&self) -> Result<Vec<(Reason, u64)>, GateError> {
         let map: PerCpuArray<MapData, u64> =
@@ -282,7 +334,7 @@ impl Gate {
 }
 
 /// The PROTECTED bitmap for `spec`.
-pub fn protected_words(spec: &ProtectSpec) -> Vec<u64> {
+pub fn protected_words(spec: &PortSet) -> Vec<u64> {
     let mut words = vec![0u64; PROTECTED_WORDS as usize];
     for &(p, range) in &spec.ranges {
         for port in range.lo..=range.hi {

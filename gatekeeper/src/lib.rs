@@ -8,13 +8,17 @@
 //! - [`config`]: the daemon's settings from TOML and flags.
 //! - [`daemon`]: the running daemon: events, sweeping, shutdown.
 
+pub mod audit;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod gate;
 pub mod knock;
+pub mod knocks;
 pub mod loader;
 pub mod pins;
 pub mod spec;
+pub mod state;
 pub mod sweeper;

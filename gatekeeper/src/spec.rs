@@ -20,7 +20,7 @@ pub enum SpecError {
     Port(String),
     #[error("bad port range {0:?}: use PORT or LOW-HIGH with 1 <= LOW <= HIGH <= 65535")]
     PortRange(String),
-    #[error("bad protected port {0:?}: use PROTO/PORT or PROTO/LOW-HIGH (tcp/22, udp/53, tcp/8000-8100), icmp, or all")]
+    #[error("bad port set {0:?}: use PROTO/PORT or PROTO/LOW-HIGH (tcp/22, udp/53, tcp/8000-8100), icmp, or all")]
     Protect(String),
     #[error("bad address {0:?}: use an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7")]
     Address(String),
@@ -138,17 +138,18 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// What the gate protects: TCP/UDP port ranges and, optionally, echo.
+/// A set of TCP/UDP port ranges and, optionally, echo: what the gate
+/// protects (`--protect`), and what a client may open (`--allow`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProtectSpec {
+pub struct PortSet {
     pub ranges: Vec<(Proto, PortRange)>,
     pub echo: bool,
 }
 
-impl ProtectSpec {
+impl PortSet {
     /// Every TCP and UDP port and echo requests.
     pub fn all() -> Self {
-        ProtectSpec {
+        PortSet {
             ranges: vec![(Proto::Tcp, PortRange::ALL), (Proto::Udp, PortRange::ALL)],
             echo: true,
         }
@@ -157,16 +158,28 @@ impl ProtectSpec {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty() && !self.echo
     }
+
+    /// Whether the set holds all of `ports` for `proto` (echo for icmp),
+    /// inside one of its ranges.
+    pub fn covers(&self, proto: Proto, ports: PortRange) -> bool {
+        match proto {
+            Proto::Icmp => self.echo,
+            p => self
+                .ranges
+                .iter()
+                .any(|&(q, r)| q == p && r.lo <= ports.lo && ports.hi <= r.hi),
+        }
+    }
 }
 
-impl FromStr for ProtectSpec {
+impl FromStr for PortSet {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut spec = ProtectSpec::default();
+        let mut spec = PortSet::default();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let lower = item.to_ascii_lowercase();
             if lower == "all" {
-                return Ok(ProtectSpec::all());
+                return Ok(PortSet::all());
             }
             if lower == "icmp" || lower == "icmpv6" {
                 spec.echo = true;
@@ -188,7 +201,7 @@ impl FromStr for ProtectSpec {
     }
 }
 
-impl fmt::Display for ProtectSpec {
+impl fmt::Display for PortSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut items: Vec<String> = self.ranges.iter().map(|(p, r)| format!("{p}/{r}")).collect();
         if self.echo {
@@ -382,13 +395,13 @@ mod tests {
 
     #[test]
     fn protect_lists() {
-        let s: ProtectSpec = "tcp/22,tcp/8000-8100, udp/53,icmp".parse().unwrap();
+        let s: PortSet = "tcp/22,tcp/8000-8100, udp/53,icmp".parse().unwrap();
         assert_eq!(s.ranges.len(), 3);
         assert!(s.echo);
         assert_eq!(s.to_string(), "tcp/22,tcp/8000-8100,udp/53,icmp");
-        assert_eq!("ALL".parse::<ProtectSpec>().unwrap(), ProtectSpec::all());
+        assert_eq!("ALL".parse::<PortSet>().unwrap(), PortSet::all());
         for bad in ["tcp/0", "sctp/5", "tcp", "icmp/8", "", ","] {
-            assert!(bad.parse::<ProtectSpec>().is_err(), "{bad} must be refused");
+            assert!(bad.parse::<PortSet>().is_err(), "{bad} must be refused");
         }
     }
 

@@ -294,6 +294,59 @@ impl Lab {
         &self.scratch
     }
 
+    /// The gateway's state directory (keys, clients, audit log); the daemon
+    /// is always started with it.
+    pub fn state_dir(&self) -> PathBuf {
+        self.scratch.join("state")
+    }
+
+    /// Runs a `gatekeeper` command that takes `--state-dir`; returns stdout.
+    pub fn state_cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(gatekeeper_bin()?)
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "gatekeeper {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Enrolls a device (running `gatekeeper init` first if needed) and
+    /// returns the path of its credential.
+    pub fn enroll(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        if !self.state_dir().join("server.key").exists() {
+            self.state_cli(&[
+                "init",
+                "--public-addr",
+                &format!("{},{}", Role::Gateway.addr(), Role::Gateway.addr6()),
+            ])?;
+        }
+        let cred = self.scratch.join(format!("{name}.credential.toml"));
+        let mut args = vec![
+            "client",
+            "add",
+            name,
+            "--out",
+            cred.to_str().context("utf-8 scratch path")?,
+        ];
+        args.extend_from_slice(extra);
+        self.state_cli(&args)?;
+        Ok(cred)
+    }
+
+    /// Every line of the audit log, parsed.
+    pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.state_dir().join("audit.log")).unwrap_or_default();
+        Ok(text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
+    }
+
     /// Runs a program inside a role's namespace (`ip netns exec`, which
     /// also gives it a private /sys: fine for anything but bpffs).
     pub fn exec(&self, role: Role, args: &[&str]) -> Result<Output> {
@@ -474,6 +527,8 @@ impl Lab {
             .arg(gatekeeper_bin()?)
             .args(["run", "--iface", GW_IFACE, "--pin-dir"])
             .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

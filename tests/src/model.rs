@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use gatekeeper::{
     gate::{Gate, protected_words},
-    spec::{Prefix, ProtectSpec, map_addr},
+    spec::{PortSet, Prefix, map_addr},
 };
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
@@ -21,7 +21,7 @@ use gatekeeper_common::{
 
 pub struct Model {
     pub config: Config,
-    pub protect: ProtectSpec,
+    pub protect: PortSet,
     protected: Vec<u64>,
     pub whitelist: RefCell<HashMap<WhitelistKey, WhitelistValue>>,
     pub allowlist: Vec<(Prefix, AllowValue)>,
@@ -30,7 +30,7 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(config: Config, protect: ProtectSpec) -> Model {
+    pub fn new(config: Config, protect: PortSet) -> Model {
         Model {
             config,
             protected: protected_words(&protect),

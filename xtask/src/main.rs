@@ -103,7 +103,15 @@ fn test() -> Result<()> {
         ),
         (
             "end to end in network namespaces",
-            &["test", "-p", "gatekeeper-tests", "--test", "gate_lab"],
+            &[
+                "test",
+                "-p",
+                "gatekeeper-tests",
+                "--test",
+                "gate_lab",
+                "--test",
+                "knock_lab",
+            ],
         ),
     ];
     for (name, args) in tiers {

@@ -1,5 +1,7 @@
 //! Command-line definitions and dispatch.
 
+mod enroll;
+mod knock;
 mod maps;
 mod run;
 
@@ -30,6 +32,11 @@ enum Command {
     #[command(subcommand)]
     Allow(maps::Allow),
     Stats(maps::Stats),
+    Init(enroll::Init),
+    #[command(subcommand)]
+    Client(enroll::Client),
+    Knock(knock::Knock),
+    Connect(knock::Connect),
 }
 
 /// Which gate a command works on.
@@ -79,5 +86,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Whitelist(w) => maps::whitelist(w),
         Command::Allow(a) => maps::allow(a),
         Command::Stats(s) => maps::stats(s),
+        Command::Init(i) => enroll::init(i),
+        Command::Client(c) => enroll::client(c),
+        Command::Knock(k) => knock::knock(k),
+        Command::Connect(c) => knock::connect(c),
     }
 }

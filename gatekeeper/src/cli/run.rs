@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use gatekeeper::{
     config::{Mode, Overrides, Settings, XdpModeChoice},
     daemon::{self, Exit},
-    spec::{self, ProtectSpec},
+    spec::{self, PortSet},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -37,7 +37,7 @@ pub struct RunArgs {
     /// Ports to gate: PROTO/PORT or PROTO/LOW-HIGH, comma-separated, plus
     /// `icmp` for echo requests; or `all` (every TCP/UDP port and echo).
     #[arg(long, value_name = "SPEC", value_parser = parse_protect)]
-    protect: Option<ProtectSpec>,
+    protect: Option<PortSet>,
     /// auto tries native (driver) XDP and falls back to generic (skb).
     #[arg(long, value_enum, value_name = "MODE")]
     xdp_mode: Option<XdpModeChoice>,
@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// How long an expired entry keeps passing a flow that is still active [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Keys, enrolled clients and the audit log (see `gatekeeper init`);
+    /// its gatekeeper.toml is read when --config is not given.
+    #[arg(long, value_name = "DIR", default_value = gatekeeper::state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -58,7 +62,7 @@ enum LogFormat {
     Json,
 }
 
-fn parse_protect(s: &str) -> Result<ProtectSpec, spec::SpecError> {
+fn parse_protect(s: &str) -> Result<PortSet, spec::SpecError> {
     s.parse()
 }
 
@@ -80,6 +84,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         xdp_mode: args.xdp_mode,
         mode: args.mode,
         idle_timeout: args.idle_timeout,
+        state_dir: Some(args.state_dir),
     };
     let settings = Settings::resolve(args.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -34,7 +34,12 @@ pub fn key_id(public: &PublicKey) -> KeyId {
 
 /// HKDF-SHA256 over the X25519 secret, bound to the version, the client's
 /// key id and the gateway's public key.
-pub fn session_key(own: &StaticSecret, peer: &PublicKey, key_id: &KeyId, server: &PublicKey) -> Result<SessionKey, KeyError> {
+pub fn session_key(
+    own: &StaticSecret,
+    peer: &PublicKey,
+    key_id: &KeyId,
+    server: &PublicKey,
+) -> Result<SessionKey, KeyError> {
     let shared = own.diffie_hellman(peer);
     if !shared.was_contributory() {
         return Err(KeyError::LowOrder);

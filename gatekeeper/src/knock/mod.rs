@@ -4,7 +4,9 @@
 //! - [`wire`]: the packet layout (see `docs/knock-v1.md`): sealing on the
 //!   client, opening on the gateway.
 //! - [`payload`]: the JSON a knock carries.
+//! - [`verify`]: every check a knock must pass, and what it opens.
 
 pub mod keys;
 pub mod payload;
+pub mod verify;
 pub mod wire;

@@ -36,7 +36,9 @@ impl Payload {
 
     /// The requested destination ports, if they form a valid range.
     pub fn ports(&self) -> Option<PortRange> {
-        (self.start_port >= 1 && self.start_port <= self.end_port)
-            .then_some(PortRange { lo: self.start_port, hi: self.end_port })
+        (self.start_port >= 1 && self.start_port <= self.end_port).then_some(PortRange {
+            lo: self.start_port,
+            hi: self.end_port,
+        })
     }
 }

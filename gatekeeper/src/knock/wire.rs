@@ -23,7 +23,7 @@ use super::{
 pub const NONCE_LEN: usize = 24;
 const HEADER_LEN: usize = 3 + 16;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("not a knock: the version prefix is missing")]
     Prefix,
@@ -60,7 +60,12 @@ pub fn split(packet: &[u8]) -> Result<Sealed<'_>, WireError> {
     key_id.copy_from_slice(&header[3..]);
     let mut n = [0u8; NONCE_LEN];
     n.copy_from_slice(nonce);
-    Ok(Sealed { key_id, nonce: n, header, ciphertext })
+    Ok(Sealed {
+        key_id,
+        nonce: n,
+        header,
+        ciphertext,
+    })
 }
 
 impl Sealed<'_> {
@@ -68,14 +73,25 @@ impl Sealed<'_> {
     pub fn open(&self, key: &SessionKey) -> Result<Payload, WireError> {
         let cipher = XChaCha20Poly1305::new(key.into());
         let plain = cipher
-            .decrypt(XNonce::from_slice(&self.nonce), AeadInput { msg: self.ciphertext, aad: self.header })
+            .decrypt(
+                XNonce::from_slice(&self.nonce),
+                AeadInput {
+                    msg: self.ciphertext,
+                    aad: self.header,
+                },
+            )
             .map_err(|_| WireError::Tag)?;
         serde_json::from_slice(&plain).map_err(|e| WireError::Json(e.to_string()))
     }
 }
 
 /// Builds a knock: `payload` sealed under `key` with `nonce`.
-pub fn seal(key_id: &KeyId, key: &SessionKey, nonce: &[u8; NONCE_LEN], payload: &Payload) -> Result<Vec<u8>, WireError> {
+pub fn seal(
+    key_id: &KeyId,
+    key: &SessionKey,
+    nonce: &[u8; NONCE_LEN],
+    payload: &Payload,
+) -> Result<Vec<u8>, WireError> {
     let plain = serde_json::to_vec(payload).map_err(|e| WireError::Json(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + 16 + NONCE_LEN);
     out.extend_from_slice(&PREFIX);
@@ -105,11 +121,17 @@ mod tests {
 
     /// The `name = value` lines of the doc's test vector.
     fn vector() -> HashMap<&'static str, &'static str> {
-        DOC.lines().filter_map(|l| l.split_once(" = ")).map(|(k, v)| (k.trim(), v.trim())).collect()
+        DOC.lines()
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect()
     }
 
     fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     fn arr<const N: usize>(s: &str) -> [u8; N] {
@@ -128,7 +150,11 @@ mod tests {
         assert_eq!(id, arr::<16>(v["key_id"]));
         let k = session_key(&client, &sp, &id, &sp).unwrap();
         assert_eq!(k, arr::<32>(v["session_key"]));
-        assert_eq!(session_key(&server, &cp, &id, &sp).unwrap(), k, "both sides derive the same key");
+        assert_eq!(
+            session_key(&server, &cp, &id, &sp).unwrap(),
+            k,
+            "both sides derive the same key"
+        );
 
         let payload: Payload = serde_json::from_str(v["payload"]).unwrap();
         let packet = seal(&id, &k, &arr(v["nonce"]), &payload).unwrap();

@@ -1,0 +1,203 @@
+//! `gatekeeper knock` and `gatekeeper connect`: the client side.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use gatekeeper::{
+    client::{Carrier, Knocker, Request, raw},
+    spec::{PortRange, Proto},
+    state::Credential,
+};
+
+/// Send one knock: ask the gateway to open ports to this machine.
+///
+/// By default a TCP request travels as a SYN to the first port (from
+/// --source-port, or a random one), and UDP and ICMP requests as a UDP
+/// datagram to the gateway's knock port. SYN and ICMP knocks need root or
+/// CAP_NET_RAW.
+///
+/// Example: gatekeeper knock --credential laptop.credential.toml --proto tcp --port 22
+#[derive(Args, Debug)]
+pub struct Knock {
+    /// The credential file from `gatekeeper client add`.
+    #[arg(long, value_name = "FILE")]
+    credential: PathBuf,
+    /// The gateway address [default: the credential's first].
+    #[arg(long, value_name = "ADDR")]
+    server: Option<IpAddr>,
+    /// What to open.
+    #[arg(long, value_name = "PROTO")]
+    proto: Proto,
+    /// Destination ports to open: PORT or LOW-HIGH (not for icmp).
+    #[arg(long, value_name = "PORTS")]
+    port: Option<PortRange>,
+    /// Bind the opening to this source port (a SYN knock always binds its own).
+    #[arg(long, value_name = "PORT")]
+    source_port: Option<u16>,
+    /// How the knock travels [default: syn for tcp, udp otherwise].
+    #[arg(long, value_enum)]
+    via: Option<Carrier>,
+}
+
+fn knocker(path: &Path) -> Result<Knocker> {
+    let cred = Credential::load(path).with_context(|| format!("reading the credential {}", path.display()))?;
+    Ok(Knocker::new(cred)?)
+}
+
+pub fn knock(args: Knock) -> Result<()> {
+    let k = knocker(&args.credential)?;
+    let server = k.server(args.server)?;
+    let via = args.via.unwrap_or(if args.proto == Proto::Tcp {
+        Carrier::Syn
+    } else {
+        Carrier::Udp
+    });
+    if via == Carrier::Syn && args.proto != Proto::Tcp {
+        bail!(
+            "a SYN knock can only open tcp: use --via udp or --via icmp for {}",
+            args.proto
+        );
+    }
+    let ports = match (args.proto, args.port) {
+        (Proto::Icmp, _) => PortRange { lo: 0, hi: u16::MAX },
+        (_, Some(p)) => p,
+        (p, None) => bail!("--port is required to open {p}: PORT or LOW-HIGH"),
+    };
+    let req = Request {
+        proto: args.proto,
+        ports,
+        source_port: args.source_port,
+    };
+    let sport = k.send(server, &req, via)?;
+    let target = match via {
+        Carrier::Syn => format!("tcp/{} (SYN)", ports.lo),
+        Carrier::Udp => format!("udp/{}", k.knock_port()),
+        Carrier::Icmp => "icmp echo".to_string(),
+    };
+    let what = if args.proto == Proto::Icmp {
+        "icmp echo".to_string()
+    } else {
+        format!("{}/{ports}", args.proto)
+    };
+    let bound = if via == Carrier::Syn || args.source_port.is_some() {
+        format!("source port {sport} only")
+    } else {
+        "any source port".into()
+    };
+    println!(
+        "knocked {server} as {} via {target}: asked to open {what} ({bound})",
+        k.name()
+    );
+    Ok(())
+}
+
+/// Knock with a TCP SYN, then connect from that same port and relay
+/// stdin/stdout; works as an ssh ProxyCommand:
+///
+///   ssh -o ProxyCommand='gatekeeper connect --credential c.toml %h:%p' host
+#[derive(Args, Debug)]
+pub struct Connect {
+    #[arg(long, value_name = "FILE")]
+    credential: PathBuf,
+    /// Where to connect: HOST:PORT.
+    target: String,
+    /// How long each connection attempt may take.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = gatekeeper::spec::duration)]
+    timeout: Duration,
+}
+
+/// Connects from `sport`; `None` when it does not come up in time.
+fn connect_from(target: SocketAddr, sport: u16, timeout: Duration) -> Result<Option<TcpStream>> {
+    let domain = if target.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    let any: IpAddr = if target.is_ipv4() {
+        "0.0.0.0".parse()?
+    } else {
+        "::".parse()?
+    };
+    sock.bind(&SocketAddr::new(any, sport).into())
+        .with_context(|| format!("binding source port {sport}"))?;
+    match sock.connect_timeout(&target.into(), timeout) {
+        Ok(()) => Ok(Some(sock.into())),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("connecting to {target}")),
+    }
+}
+
+pub fn connect(args: Connect) -> Result<()> {
+    let k = knocker(&args.credential)?;
+    let target = args
+        .target
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {:?} (expected HOST:PORT)", args.target))?
+        .next()
+        .with_context(|| format!("{:?} resolves to no address", args.target))?;
+    let req = Request {
+        proto: Proto::Tcp,
+        ports: PortRange {
+            lo: target.port(),
+            hi: target.port(),
+        },
+        source_port: None,
+    };
+    let mut stream = None;
+    for _attempt in 0..2 {
+        let sport = raw::ephemeral_port();
+        k.send(
+            target.ip(),
+            &Request {
+                source_port: Some(sport),
+                ..req
+            },
+            Carrier::Syn,
+        )?;
+        // The gateway opens within a few milliseconds of the knock.
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(s) = connect_from(target, sport, args.timeout)? {
+            stream = Some(s);
+            break;
+        }
+    }
+    let stream = stream.with_context(|| format!("{target} did not answer after two knocks: is the credential enrolled and enabled, and the port in its policy?"))?;
+    relay(stream)
+}
+
+/// Copies stdin to the stream and the stream to stdout until both end.
+fn relay(stream: TcpStream) -> Result<()> {
+    let mut upstream = stream.try_clone()?;
+    let to_server = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = stdin.read(&mut buf)?;
+            if n == 0 {
+                return upstream.shutdown(std::net::Shutdown::Write);
+            }
+            upstream.write_all(&buf[..n])?;
+        }
+    });
+    let mut downstream = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = downstream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stdout.write_all(&buf[..n])?;
+        stdout.flush()?;
+    }
+    drop(to_server);
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The client side of knocks: build one from a credential, send it over
+//! UDP, ICMP echo or a TCP SYN, and (`connect`) knock-then-connect.
+
+pub mod raw;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+
+use rand_core::{OsRng, RngCore};
+use thiserror::Error;
+use x25519_dalek::PublicKey;
+
+use crate::{
+    knock::{
+        keys::{self, KeyError, KeyId, SessionKey},
+        payload::Payload,
+        wire::{self, NONCE_LEN, WireError},
+    },
+    spec::{PortRange, Proto},
+    state::{Credential, unix_now},
+};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("credential: {0}")]
+    Key(#[from] KeyError),
+    #[error("the credential names no server: pass --server ADDR")]
+    NoServer,
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(
+        "{what} needs a raw socket, which needs root or CAP_NET_RAW (setcap cap_net_raw+ep gatekeeper); a UDP knock (--via udp) needs neither"
+    )]
+    NeedsRaw { what: &'static str },
+}
+
+/// How a knock travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Carrier {
+    /// A TCP SYN to the port to open, from the port the client connects from.
+    Syn,
+    /// A UDP datagram to the gateway's knock port.
+    Udp,
+    /// An ICMP (or ICMPv6) echo request.
+    Icmp,
+}
+
+/// What to ask the gateway for.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub proto: Proto,
+    pub ports: PortRange,
+    /// Source port to bind (SYN knocks always bind theirs).
+    pub source_port: Option<u16>,
+}
+
+pub struct Knocker {
+    cred: Credential,
+    key_id: KeyId,
+    key: SessionKey,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The source address the kernel picks to reach `server`.
+pub fn local_addr_for(server: IpAddr) -> Result<IpAddr, ClientError> {
+    let io = |source| ClientError::Io {
+        what: format!("finding a route to {server}"),
+        source,
+    };
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let sock = UdpSocket::bind(any).map_err(io)?;
+    sock.connect((server, 9)).map_err(io)?;
+    Ok(sock.local_addr().map_err(io)?.ip())
+}
+
+impl Knocker {
+    pub fn new(cred: Credential) -> Result<Knocker, ClientError> {
+        let secret = keys::decode_secret(&cred.secret_key)?;
+        let server = keys::decode_public(&cred.server_public_key)?;
+        let key_id = keys::key_id(&PublicKey::from(&secret));
+        let key = keys::session_key(&secret, &server, &key_id, &server)?;
+        Ok(Knocker { cred, key_id, key })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cred.name
+    }
+
+    pub fn knock_port(&self) -> u16 {
+        self.cred.knock_port
+    }
+
+    /// `--server` if given, else the credential's first address.
+    pub fn server(&self, given: Option<IpAddr>) -> Result<IpAddr, ClientError> {
+        given
+            .or_else(|| self.cred.servers.first().copied())
+            .ok_or(ClientError::NoServer)
+    }
+
+    /// The payload a knock for `req` to `server` from `local_port` carries.
+    pub fn payload(&self, server: IpAddr, req: &Request, local_port: u16) -> Result<Payload, ClientError> {
+        Ok(Payload {
+            timestamp: unix_now(),
+            client_id: self.cred.name.clone(),
+            protocol: req.proto.name().to_string(),
+            server_ip: server,
+            start_port: req.ports.lo,
+            end_port: req.ports.hi,
+            local_ip: local_addr_for(server)?,
+            local_port,
+            platform: std::env::consts::OS.to_string(),
+            hostname: hostname(),
+        })
+    }
+
+    /// Seals `payload` with a fresh random nonce.
+    pub fn seal(&self, payload: &Payload) -> Result<Vec<u8>, ClientError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        Ok(wire::seal(&self.key_id, &self.key, &nonce, payload)?)
+    }
+
+    /// Seals a knock for `req` to `server`, sent from `local_port`.
+    pub fn build(&self, server: IpAddr, req: &Request, local_port: u16) -> Result<Vec<u8>, ClientError> {
+        self.seal(&self.payload(server, req, local_port)?)
+    }
+
+    /// Sends one knock; returns the source port it left from (0 for echo).
+    pub fn send(&self, server: IpAddr, req: &Request, via: Carrier) -> Result<u16, ClientError> {
+        match via {
+            Carrier::Udp => {
+                let io = |source| ClientError::Io {
+                    what: format!("sending a UDP knock to {server}"),
+                    source,
+                };
+                let any: IpAddr = if server.is_ipv4() {
+                    "0.0.0.0".parse().expect("literal")
+                } else {
+                    "::".parse().expect("literal")
+                };
+                let sock = UdpSocket::bind((any, req.source_port.unwrap_or(0))).map_err(io)?;
+                let port = sock.local_addr().map_err(io)?.port();
+                let packet = self.build(server, req, req.source_port.unwrap_or(0))?;
+                sock.send_to(&packet, (server, self.cred.knock_port)).map_err(io)?;
+                Ok(port)
+            }
+            Carrier::Icmp => {
+                let packet = self.build(server, req, 0)?;
+                raw::send_echo(server, &packet)?;
+                Ok(0)
+            }
+            Carrier::Syn => {
+                let sport = req.source_port.unwrap_or_else(raw::ephemeral_port);
+                let packet = self.build(server, req, sport)?;
+                raw::send_syn(local_addr_for(server)?, sport, server, req.ports.lo, &packet)?;
+                Ok(sport)
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Deciding whether a knock opens the gate. Every check is here, in the
+//! order the daemon applies them; the daemon only supplies the packet, the
+//! clock and the replay cache, and writes what a granted knock opens.
+
+use std::{collections::HashMap, fmt, net::IpAddr};
+
+use gatekeeper_common::maps::{ANY_PORT, NONCE_LEN, WhitelistKey};
+use x25519_dalek::PublicKey;
+
+use super::{
+    keys::{self, KeyId, SessionKey},
+    payload::Payload,
+    wire::{self, WireError},
+};
+use crate::{
+    events::Diverted,
+    spec::{PortRange, PortSet, Proto, map_addr},
+    state::{StateDir, StateError},
+};
+
+/// One enrolled client, ready to verify: its session key is derived once.
+#[derive(Clone)]
+pub struct Client {
+    pub name: String,
+    pub id: u32,
+    key: SessionKey,
+    pub policy: PortSet,
+    pub enabled: bool,
+    pub nat: bool,
+    pub expires: Option<u64>,
+}
+
+/// The enrolled clients by key id.
+#[derive(Clone, Default)]
+pub struct Registry {
+    by_key: HashMap<KeyId, Client>,
+}
+
+impl Registry {
+    /// Loads every client of `state`. A client file that cannot be used is
+    /// reported in the second value and left out, so one bad file does not
+    /// lock every other device out.
+    pub fn load(state: &StateDir) -> Result<(Registry, Vec<String>), StateError> {
+        let server = state.server_secret()?;
+        let server_public = PublicKey::from(&server);
+        let mut by_key = HashMap::new();
+        let mut problems = Vec::new();
+        for rec in state.clients()? {
+            let client = keys::decode_public(&rec.public_key)
+                .map_err(|e| e.to_string())
+                .and_then(|public| {
+                    let id = keys::key_id(&public);
+                    let key = keys::session_key(&server, &public, &id, &server_public).map_err(|e| e.to_string())?;
+                    let policy = rec.policy()?;
+                    Ok((
+                        id,
+                        Client {
+                            name: rec.name.clone(),
+                            id: rec.id,
+                            key,
+                            policy,
+                            enabled: rec.enabled,
+                            nat: rec.nat,
+                            expires: rec.expires,
+                        },
+                    ))
+                });
+            match client {
+                Ok((id, c)) => {
+                    by_key.insert(id, c);
+                }
+                Err(e) => problems.push(format!("client {}: {e}", rec.name)),
+            }
+        }
+        Ok((Registry { by_key }, problems))
+    }
+
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.by_key.values()
+    }
+}
+
+/// Why a knock was refused. `code()` is what the audit log records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed(WireError),
+    UnknownKey,
+    BadTag,
+    BadPayload(String),
+    WrongClientId { claimed: String },
+    Revoked,
+    Expired,
+    Stale { skew_secs: i64 },
+    Replay,
+    ReplayCacheFull,
+    WrongServer(IpAddr),
+    BadRequest(String),
+    OutsidePolicy,
+    NatNotAllowed { local: IpAddr },
+}
+
+impl Rejection {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Malformed(_) => "malformed",
+            Rejection::UnknownKey => "unknown_key",
+            Rejection::BadTag => "bad_tag",
+            Rejection::BadPayload(_) => "bad_payload",
+            Rejection::WrongClientId { .. } => "wrong_client_id",
+            Rejection::Revoked => "revoked",
+            Rejection::Expired => "client_expired",
+            Rejection::Stale { .. } => "stale",
+            Rejection::Replay => "replay",
+            Rejection::ReplayCacheFull => "replay_cache_full",
+            Rejection::WrongServer(_) => "wrong_server",
+            Rejection::BadRequest(_) => "bad_request",
+            Rejection::OutsidePolicy => "outside_policy",
+            Rejection::NatNotAllowed { .. } => "nat_not_allowed",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Malformed(e) => write!(f, "{e}"),
+            Rejection::UnknownKey => f.write_str("no enrolled client has this key id"),
+            Rejection::BadTag => f.write_str("the tag does not verify"),
+            Rejection::BadPayload(e) => write!(f, "{e}"),
+            Rejection::WrongClientId { claimed } => {
+                write!(f, "the payload claims client {claimed:?}, not the key's owner")
+            }
+            Rejection::Revoked => f.write_str("the client is revoked"),
+            Rejection::Expired => f.write_str("the client's enrollment has expired"),
+            Rejection::Stale { skew_secs } => write!(f, "timestamp {skew_secs}s away from now, outside the window"),
+            Rejection::Replay => f.write_str("this knock was seen before"),
+            Rejection::ReplayCacheFull => f.write_str("the replay cache is full; refusing until it is swept"),
+            Rejection::WrongServer(ip) => write!(f, "addressed to {ip}, not to this gateway"),
+            Rejection::BadRequest(e) => write!(f, "{e}"),
+            Rejection::OutsidePolicy => f.write_str("the requested ports are outside the client's policy"),
+            Rejection::NatNotAllowed { local } => {
+                write!(f, "sent from behind NAT ({local}) by a client not allowed to")
+            }
+        }
+    }
+}
+
+/// What an accepted knock opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub key: WhitelistKey,
+    pub ports: PortRange,
+    pub client_id: u32,
+}
+
+/// The result of checking one knock, with what is known for the audit log
+/// even when it was refused.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub knock_id: Option<[u8; NONCE_LEN]>,
+    pub client: Option<String>,
+    pub payload: Option<Payload>,
+    pub outcome: Result<Grant, Rejection>,
+}
+
+pub struct Verifier {
+    pub registry: Registry,
+    /// Addresses clients may name as `server_ip`; empty: the knock's own
+    /// destination address.
+    pub server_addrs: Vec<IpAddr>,
+    pub window_secs: u64,
+}
+
+impl Verifier {
+    /// Checks `knock` at `unix_now`. `record` stores a nonce until the given
+    /// unix time and says whether it was new (`Ok(false)`: seen before).
+    pub fn check<E>(
+        &self,
+        knock: &Diverted,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+    ) -> Checked {
+        let mut checked = Checked {
+            knock_id: None,
+            client: None,
+            payload: None,
+            outcome: Err(Rejection::UnknownKey),
+        };
+        checked.outcome = self.run(knock, unix_now, record, &mut checked);
+        checked
+    }
+
+    fn run<E>(
+        &self,
+        knock: &Diverted,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+        seen: &mut Checked,
+    ) -> Result<Grant, Rejection> {
+        let sealed = wire::split(&knock.payload).map_err(Rejection::Malformed)?;
+        seen.knock_id = Some(sealed.nonce);
+        let client = self.registry.by_key.get(&sealed.key_id).ok_or(Rejection::UnknownKey)?;
+        seen.client = Some(client.name.clone());
+        let payload = sealed.open(&client.key).map_err(|e| match e {
+            WireError::Tag => Rejection::BadTag,
+            other => Rejection::BadPayload(other.to_string()),
+        })?;
+        seen.payload = Some(payload.clone());
+        if payload.client_id != client.name {
+            return Err(Rejection::WrongClientId {
+                claimed: payload.client_id,
+            });
+        }
+        if !client.enabled {
+            return Err(Rejection::Revoked);
+        }
+        if client.expires.is_some_and(|e| unix_now >= e) {
+            return Err(Rejection::Expired);
+        }
+        let skew = payload.timestamp as i64 - unix_now as i64;
+        if skew.unsigned_abs() > self.window_secs {
+            return Err(Rejection::Stale { skew_secs: skew });
+        }
+        // Remember the nonce for as long as its timestamp stays acceptable.
+        match record(&sealed.nonce, payload.timestamp + self.window_secs + 1) {
+            Ok(true) => {}
+            Ok(false) => return Err(Rejection::Replay),
+            Err(_) => return Err(Rejection::ReplayCacheFull),
+        }
+        let ours = if self.server_addrs.is_empty() {
+            payload.server_ip == knock.dst
+        } else {
+            self.server_addrs.contains(&payload.server_ip)
+        };
+        if !ours {
+            return Err(Rejection::WrongServer(payload.server_ip));
+        }
+        let proto = payload
+            .proto()
+            .ok_or_else(|| Rejection::BadRequest(format!("unknown protocol {:?}", payload.protocol)))?;
+        let ports = match proto {
+            Proto::Icmp => PortRange { lo: 0, hi: u16::MAX },
+            _ => payload.ports().ok_or_else(|| {
+                Rejection::BadRequest(format!("bad port range {}-{}", payload.start_port, payload.end_port))
+            })?,
+        };
+        if !client.policy.covers(proto, ports) {
+            return Err(Rejection::OutsidePolicy);
+        }
+        if !client.nat && payload.local_ip != knock.src {
+            return Err(Rejection::NatNotAllowed {
+                local: payload.local_ip,
+            });
+        }
+        let carrier_is_tcp_syn = knock.proto == Proto::Tcp.number();
+        if carrier_is_tcp_syn && proto != Proto::Tcp {
+            return Err(Rejection::BadRequest("a TCP SYN knock can only open TCP".into()));
+        }
+        // A SYN knock opens exactly the tuple it came from; UDP and echo
+        // knocks open any source port unless they ask to be bound.
+        let bind = carrier_is_tcp_syn || (payload.local_port != 0 && knock.sport != 0);
+        let src_port = if bind { knock.sport } else { ANY_PORT };
+        Ok(Grant {
+            key: WhitelistKey::new(map_addr(knock.src), src_port, proto.number()),
+            ports,
+            client_id: client.id,
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! The daemon's side of knocks: verify each diverted knock, open what it
+//! grants, audit it, and follow the client registry on disk, so that
+//! revoking a client takes effect within a second and closes its entries.
+
+use std::{path::Path, time::SystemTime};
+
+use gatekeeper_common::maps::WhitelistValue;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::{
+    audit::Audit,
+    clock,
+    config::Settings,
+    events::Diverted,
+    gate::Gate,
+    knock::verify::{Registry, Verifier},
+    state::{StateDir, StateError, unix_now},
+};
+
+pub struct KnockService {
+    state: StateDir,
+    verifier: Verifier,
+    audit: Audit,
+    open_for_ns: u64,
+    /// What the clients directory looked like at the last load.
+    seen: Vec<(String, Option<SystemTime>)>,
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Option<SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().and_then(|m| m.modified()).ok(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+impl KnockService {
+    /// Loads the server key and the clients from the state directory.
+    pub fn start(settings: &Settings) -> Result<KnockService, StateError> {
+        let state = StateDir::new(&settings.state_dir);
+        let (registry, problems) = Registry::load(&state)?;
+        for p in problems {
+            warn!(problem = %p, "client left out");
+        }
+        let audit_path = state.audit_path();
+        let audit = Audit::open(Some(&audit_path)).map_err(|source| StateError::Io {
+            path: audit_path,
+            source,
+        })?;
+        let seen = snapshot(&state.clients_dir());
+        info!(clients = registry.clients().count(), state_dir = %settings.state_dir.display(), "knock verification on");
+        Ok(KnockService {
+            state,
+            verifier: Verifier {
+                registry,
+                server_addrs: settings.public_addrs.clone(),
+                window_secs: settings.knock_window.as_secs(),
+            },
+            audit,
+            open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
+            seen,
+        })
+    }
+
+    /// Verifies one knock; opens and audits.
+    pub fn handle(&mut self, gate: &Gate, knock: &Diverted) {
+        let checked = self
+            .verifier
+            .check(knock, unix_now(), |nonce, until| gate.replay_record(nonce, until));
+        if let Ok(grant) = &checked.outcome {
+            // A fresh knock for a live entry extends it; keep its activity.
+            let last_seen = gate
+                .whitelist_get(&grant.key)
+                .ok()
+                .flatten()
+                .map(|v| v.last_seen_ns)
+                .unwrap_or(0);
+            let value = WhitelistValue {
+                expires_ns: clock::now_ns().saturating_add(self.open_for_ns),
+                last_seen_ns: last_seen,
+                dport_lo: grant.ports.lo,
+                dport_hi: grant.ports.hi,
+                flags: 0,
+                owner: grant.client_id,
+                _pad: 0,
+            };
+            if let Err(e) = gate.whitelist_insert(&grant.key, &value) {
+                warn!(error = %e, "could not open the gate for an accepted knock");
+            }
+        }
+        self.audit.knock(knock, &checked, self.open_for_ns / 1_000_000_000);
+    }
+
+    /// Reloads the registry if the clients directory changed, and closes
+    /// the entries of clients that are no longer allowed.
+    pub fn follow_registry(&mut self, gate: &Gate) {
+        let now_seen = snapshot(&self.state.clients_dir());
+        if now_seen == self.seen {
+            return;
+        }
+        self.seen = now_seen;
+        let (registry, problems) = match Registry::load(&self.state) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "reloading clients failed; keeping the previous registry");
+                return;
+            }
+        };
+        for p in problems {
+            warn!(problem = %p, "client left out");
+        }
+        let now = unix_now();
+        let allowed: Vec<u32> = registry
+            .clients()
+            .filter(|c| c.enabled && c.expires.is_none_or(|e| now < e))
+            .map(|c| c.id)
+            .collect();
+        let gone: Vec<(u32, String)> = self
+            .verifier
+            .registry
+            .clients()
+            .filter(|c| !allowed.contains(&c.id))
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        self.verifier.registry = registry;
+        for (id, name) in gone {
+            match gate.whitelist_remove_owner(id) {
+                Ok(closed) => self
+                    .audit
+                    .event("client_revoked", json!({"client": name, "entries_closed": closed})),
+                Err(e) => warn!(client = %name, error = %e, "closing a revoked client's entries failed"),
+            }
+        }
+    }
+
+    /// Forgets replay-cache nonces whose window has passed.
+    pub fn sweep(&self, gate: &Gate) {
+        if let Err(e) = gate.replay_sweep(unix_now()) {
+            warn!(error = %e, "sweeping the replay cache failed");
+        }
+    }
+}

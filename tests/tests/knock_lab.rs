@@ -1,0 +1,303 @@
+//! Knocks end to end: real clients in namespaces, the real daemon verifying
+//! with the keys `gatekeeper init` and `gatekeeper client add` made, and the
+//! audit log saying why each knock was accepted or refused. Needs root.
+
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use gatekeeper::{
+    client::{Knocker, Request},
+    spec::{PortRange, Proto},
+    state::{Credential, unix_now},
+};
+use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin};
+
+const KNOCK_PORT: u16 = 62201;
+
+fn gw(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
+}
+
+/// Runs `f` with the credential's knocker inside the client's namespace,
+/// where it sees the client's own address as its `local_ip`.
+fn as_client<T: Send + 'static>(
+    lab: &Lab,
+    cred: &std::path::Path,
+    f: impl FnOnce(&Knocker, IpAddr) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let k = Knocker::new(Credential::load(cred)?)?;
+    lab.in_ns(Role::Client, move || f(&k, Role::Gateway.addr().into()))?
+}
+
+fn tcp22() -> Request {
+    Request {
+        proto: Proto::Tcp,
+        ports: PortRange { lo: 22, hi: 22 },
+        source_port: None,
+    }
+}
+
+/// Sends raw knock bytes over UDP from a role to the gateway's knock port.
+fn send_udp(lab: &Lab, from: Role, bytes: Vec<u8>) -> Result<()> {
+    lab.in_ns(from, move || -> Result<()> {
+        UdpSocket::bind("0.0.0.0:0")?.send_to(&bytes, gw(KNOCK_PORT))?;
+        Ok(())
+    })?
+}
+
+/// Waits (bounded) for the `n`th audit line and returns it.
+fn audit_line(lab: &Lab, n: usize) -> Result<serde_json::Value> {
+    let arrived = eventually(Duration::from_secs(5), || Ok(lab.audit()?.len() > n))?;
+    anyhow::ensure!(arrived, "audit line {n} never came: {:?}", lab.audit()?);
+    Ok(lab.audit()?[n].clone())
+}
+
+/// A lab with ssh-like echo on tcp/22, a daemon protecting it, and one
+/// enrolled client allowed tcp/22 and icmp.
+fn lab_with_client(extra: &[&str]) -> Result<(Lab, Daemon, std::path::PathBuf)> {
+    let mut lab = Lab::new()?;
+    lab.serve_tcp_echo(Role::Gateway, 22)?;
+    lab.serve_tcp_echo(Role::Gateway, 23)?;
+    let mut args = vec!["--allow", "tcp/22,icmp"];
+    args.extend_from_slice(extra);
+    let cred = lab.enroll("laptop", &args)?;
+    let daemon = lab.start_daemon(&["--protect", "tcp/22-23,icmp"])?;
+    Ok((lab, daemon, cred))
+}
+
+#[test]
+fn a_udp_knock_opens_the_clients_address_and_nobody_elses() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    assert!(
+        !lab.tcp_echo_works(Role::Client, gw(22), None)?,
+        "closed before the knock"
+    );
+    let packet = as_client(&lab, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
+    send_udp(&lab, Role::Client, packet)?;
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(line["result"], "accepted", "{line}");
+    assert_eq!(line["client"], "laptop");
+    assert!(
+        eventually(Duration::from_secs(3), || lab.tcp_echo_works(
+            Role::Client,
+            gw(22),
+            None
+        ))?,
+        "the client gets in"
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Client, gw(23), None)?,
+        "only the port it asked for"
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Intruder, gw(22), None)?,
+        "the intruder still sees nothing"
+    );
+    let list = lab.cli_ok(&["whitelist", "list", "--json"])?;
+    assert!(
+        list.contains("\"address\":\"10.77.0.2\"") && list.contains("\"operator\":false"),
+        "{list}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_knock_cli_and_connect_work_from_the_client() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    let cred = cred.to_str().context("utf-8")?.to_string();
+    let client_ns = lab.ns(Role::Client);
+    // `connect` knocks with a SYN, connects from the same port, and relays stdio.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &client_ns])
+        .arg(gatekeeper_bin()?)
+        .args(["connect", "--credential", &cred, "10.77.0.1:22"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"hello through the gate\n")?;
+    let out = child.wait_with_output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello through the gate\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(
+        (line["result"].as_str(), line["carrier"].as_str()),
+        (Some("accepted"), Some("tcp")),
+        "{line}"
+    );
+    assert!(
+        line["opened"]["src_port"].is_u64(),
+        "a SYN knock opens exactly its source port: {line}"
+    );
+
+    // The knock command prints what it asked for.
+    let ping = || lab.exec(Role::Client, &["ping", "-c", "1", "-W", "1", "10.77.0.1"]);
+    assert!(ping().is_err(), "echo is gated before the knock");
+    let out = lab.exec(
+        Role::Client,
+        &[
+            gatekeeper_bin()?.to_str().context("utf-8")?,
+            "knock",
+            "--credential",
+            &cred,
+            "--proto",
+            "icmp",
+            "--via",
+            "icmp",
+        ],
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("icmp echo") && said.contains("laptop"), "{said}");
+    assert_eq!(audit_line(&lab, 1)?["result"], "accepted");
+    assert!(
+        eventually(Duration::from_secs(3), || Ok(ping().is_ok()))?,
+        "the ICMP knock opened echo"
+    );
+    Ok(())
+}
+
+#[test]
+fn replays_forgeries_and_wrong_requests_are_refused_and_audited() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    let (good, crafted) = as_client(&lab, &cred, |k, server| {
+        let good = k.build(server, &tcp22(), 0)?;
+        let mut flipped = k.build(server, &tcp22(), 0)?;
+        flipped[30] ^= 0x40;
+        let mut stale = k.payload(server, &tcp22(), 0)?;
+        stale.timestamp = unix_now() - 600;
+        let mut elsewhere = k.payload(server, &tcp22(), 0)?;
+        elsewhere.server_ip = "192.0.2.99".parse()?;
+        let port23 = Request {
+            ports: PortRange { lo: 23, hi: 23 },
+            ..tcp22()
+        };
+        Ok((
+            good,
+            vec![
+                ("bad_tag", Role::Client, flipped),
+                ("stale", Role::Client, k.seal(&stale)?),
+                ("wrong_server", Role::Client, k.seal(&elsewhere)?),
+                ("outside_policy", Role::Client, k.build(server, &port23, 0)?),
+                // Built by the client for itself, sent by the intruder: its local_ip gives it away.
+                ("nat_not_allowed", Role::Intruder, k.build(server, &tcp22(), 0)?),
+            ],
+        ))
+    })?;
+    send_udp(&lab, Role::Client, good.clone())?;
+    assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
+
+    let mut cases = vec![
+        ("replay", Role::Client, good.clone()),
+        ("replay", Role::Intruder, good.clone()),
+    ];
+    cases.extend(crafted);
+    let mut unknown = good.clone();
+    unknown[5] ^= 0xff;
+    cases.push(("unknown_key", Role::Intruder, unknown));
+
+    for (i, (reason, from, bytes)) in cases.into_iter().enumerate() {
+        send_udp(&lab, from, bytes)?;
+        let line = audit_line(&lab, i + 1)?;
+        assert_eq!(
+            (line["result"].as_str(), line["reason"].as_str()),
+            (Some("rejected"), Some(reason)),
+            "case {i}: {line}"
+        );
+    }
+    assert!(
+        !lab.tcp_echo_works(Role::Intruder, gw(22), None)?,
+        "no refused knock opened anything for the intruder"
+    );
+    assert!(!lab.tcp_echo_works(Role::Client, gw(23), None)?);
+    Ok(())
+}
+
+#[test]
+fn garbage_with_the_prefix_is_dropped_counted_and_opens_nothing() -> Result<()> {
+    let (lab, _daemon, _cred) = lab_with_client(&[])?;
+    let mut short = gatekeeper_common::knock::PREFIX.to_vec();
+    short.extend_from_slice(&[7; 20]);
+    send_udp(&lab, Role::Intruder, short)?;
+    let mut random = gatekeeper_common::knock::PREFIX.to_vec();
+    random.extend((0..200).map(|i| (i * 37 % 251) as u8));
+    send_udp(&lab, Role::Intruder, random)?;
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(
+        (line["result"].as_str(), line["reason"].as_str()),
+        (Some("rejected"), Some("unknown_key")),
+        "{line}"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&lab.cli_ok(&["stats", "--json"])?)?;
+    assert_eq!(
+        stats["knock_bad_length"], 1,
+        "the short one never reached the daemon: {stats}"
+    );
+    assert_eq!(lab.audit()?.len(), 1);
+    assert!(lab.cli_ok(&["whitelist", "list", "--json"])?.trim() == "[]");
+    Ok(())
+}
+
+#[test]
+fn revoking_a_client_closes_its_entries_within_a_second() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    let knocks = as_client(&lab, &cred, |k, server| {
+        Ok([k.build(server, &tcp22(), 0)?, k.build(server, &tcp22(), 0)?])
+    })?;
+    let [first, second] = knocks;
+    send_udp(&lab, Role::Client, first)?;
+    assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
+    assert!(eventually(Duration::from_secs(3), || lab.tcp_echo_works(
+        Role::Client,
+        gw(22),
+        None
+    ))?);
+    lab.state_cli(&["client", "revoke", "laptop"])?;
+    let closed = eventually(Duration::from_secs(1), || {
+        Ok(lab.cli_ok(&["whitelist", "list", "--json"])?.trim() == "[]")
+    })?;
+    assert!(closed, "entries of a revoked client close within a second");
+    let line = audit_line(&lab, 1)?;
+    assert_eq!(
+        (line["event"].as_str(), line["entries_closed"].as_u64()),
+        (Some("client_revoked"), Some(1)),
+        "{line}"
+    );
+    send_udp(&lab, Role::Client, second)?;
+    assert_eq!(audit_line(&lab, 2)?["reason"], "revoked");
+    assert!(!lab.tcp_echo_works(Role::Client, gw(22), None)?);
+    Ok(())
+}
+
+#[test]
+fn a_restarted_daemon_keeps_entries_and_replay_protection() -> Result<()> {
+    let (lab, mut daemon, cred) = lab_with_client(&[])?;
+    let knock = as_client(&lab, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
+    send_udp(&lab, Role::Client, knock.clone())?;
+    assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
+    daemon.kill9()?;
+    let _again = lab.start_daemon(&["--protect", "tcp/22-23,icmp"])?;
+    assert!(
+        lab.tcp_echo_works(Role::Client, gw(22), None)?,
+        "the opened entry survived"
+    );
+    send_udp(&lab, Role::Intruder, knock)?;
+    assert_eq!(
+        audit_line(&lab, 1)?["reason"],
+        "replay",
+        "the new daemon remembers the nonce"
+    );
+    Ok(())
+}
