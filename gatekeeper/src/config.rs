@@ -303,6 +303,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let s = Settings::resolve(Some(path), Overrides::default()).expect("config.example.toml must stay valid");
+        assert_eq!(
+            (s.iface.as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
+            ("eth0", 120, 1)
+        );
+    }
+
+    #[test]
     fn flags_win_over_file() {
         let dir = std::env::temp_dir().join(format!("gk-config-flags-{}", std::process::id()));
         std::fs::write(&dir, "iface = \"eth0\"\nprotect = \"tcp/22\"\n").unwrap();

@@ -30,6 +30,11 @@ pub enum Role {
     Gateway,
     Client,
     Intruder,
+    /// A NAT router on the lab network (`Lab::with_nat`), masquerading a
+    /// private network with two clients behind one public address.
+    Router,
+    NatA,
+    NatB,
 }
 
 impl Role {
@@ -40,12 +45,19 @@ impl Role {
             Role::Gateway => "gw",
             Role::Client => "cl",
             Role::Intruder => "in",
+            Role::Router => "rt",
+            Role::NatA => "na",
+            Role::NatB => "nb",
         }
     }
 
-    /// The role's address on the lab network.
+    /// The role's address: on the lab network, or on the private network
+    /// behind the router for `NatA` and `NatB`.
     pub fn addr(self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, 0, self.host())
+        match self {
+            Role::NatA | Role::NatB => Ipv4Addr::new(192, 168, 77, self.host()),
+            _ => Ipv4Addr::new(10, 77, 0, self.host()),
+        }
     }
 
     /// The role's IPv6 address on the lab network.
@@ -56,8 +68,9 @@ impl Role {
     fn host(self) -> u8 {
         match self {
             Role::Gateway => 1,
-            Role::Client => 2,
-            Role::Intruder => 3,
+            Role::Client | Role::NatA => 2,
+            Role::Intruder | Role::NatB => 3,
+            Role::Router => 4,
         }
     }
 
@@ -67,6 +80,9 @@ impl Role {
             Role::Gateway => GW_IFACE,
             Role::Client => "cl0",
             Role::Intruder => "in0",
+            Role::Router => "rt0",
+            Role::NatA => "na0",
+            Role::NatB => "nb0",
         }
     }
 }
@@ -215,6 +231,85 @@ impl Lab {
             sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
             lab.configure(role)?;
         }
+        Ok(lab)
+    }
+
+    /// The bridged lab plus a NAT router on the bridge (10.77.0.4) that
+    /// masquerades a private network (192.168.77.0/24) with two clients.
+    pub fn with_nat() -> Result<Lab> {
+        let mut lab = Lab::new()?;
+        let (sw, rt) = (format!("{}-sw", lab.id), lab.ns(Role::Router));
+        lab.add_ns(&rt)?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            Role::Router.iface(),
+            "netns",
+            &rt,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p9",
+            "netns",
+            &sw,
+        ])?;
+        sh(&["ip", "-n", &sw, "link", "set", "p9", "master", "br0", "up"])?;
+        lab.configure(Role::Router)?;
+        sh(&["ip", "-n", &rt, "link", "add", "br1", "type", "bridge"])?;
+        sh(&["ip", "-n", &rt, "addr", "add", "192.168.77.1/24", "dev", "br1"])?;
+        sh(&["ip", "-n", &rt, "link", "set", "br1", "up"])?;
+        for (i, role) in [Role::NatA, Role::NatB].into_iter().enumerate() {
+            let ns = lab.ns(role);
+            lab.add_ns(&ns)?;
+            let outer = format!("q{i}");
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                role.iface(),
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                &rt,
+            ])?;
+            sh(&["ip", "-n", &rt, "link", "set", &outer, "master", "br1", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", role.addr()),
+                "dev",
+                role.iface(),
+            ])?;
+            for link in [role.iface(), "lo"] {
+                sh(&["ip", "-n", &ns, "link", "set", link, "up"])?;
+            }
+            sh(&["ip", "-n", &ns, "route", "add", "default", "via", "192.168.77.1"])?;
+        }
+        lab.exec(Role::Router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        lab.exec(
+            Role::Router,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                Role::Router.iface(),
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
         Ok(lab)
     }
 
@@ -662,6 +757,23 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// Waits for a child's output, killing it if it runs past `limit`.
+pub fn output_within(mut child: Child, limit: Duration) -> Result<Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "killed after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
 }
 
 /// Polls `check` every 50 ms until it returns true or `limit` passes.

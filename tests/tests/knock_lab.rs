@@ -15,9 +15,10 @@ use gatekeeper::{
     spec::{PortRange, Proto},
     state::{Credential, unix_now},
 };
-use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin};
+use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
 
 const KNOCK_PORT: u16 = 62201;
+const PROTECT: &str = "tcp/22-23,udp/5353,icmp";
 
 fn gw(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
@@ -66,7 +67,7 @@ fn lab_with_client(extra: &[&str]) -> Result<(Lab, Daemon, std::path::PathBuf)> 
     let mut args = vec!["--allow", "tcp/22,icmp"];
     args.extend_from_slice(extra);
     let cred = lab.enroll("laptop", &args)?;
-    let daemon = lab.start_daemon(&["--protect", "tcp/22-23,icmp"])?;
+    let daemon = lab.start_daemon(&["--protect", PROTECT])?;
     Ok((lab, daemon, cred))
 }
 
@@ -125,7 +126,7 @@ fn the_knock_cli_and_connect_work_from_the_client() -> Result<()> {
         .take()
         .context("stdin")?
         .write_all(b"hello through the gate\n")?;
-    let out = child.wait_with_output()?;
+    let out = output_within(child, Duration::from_secs(30))?;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "hello through the gate\n",
@@ -288,7 +289,7 @@ fn a_restarted_daemon_keeps_entries_and_replay_protection() -> Result<()> {
     send_udp(&lab, Role::Client, knock.clone())?;
     assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
     daemon.kill9()?;
-    let _again = lab.start_daemon(&["--protect", "tcp/22-23,icmp"])?;
+    let _again = lab.start_daemon(&["--protect", PROTECT])?;
     assert!(
         lab.tcp_echo_works(Role::Client, gw(22), None)?,
         "the opened entry survived"
@@ -299,5 +300,70 @@ fn a_restarted_daemon_keeps_entries_and_replay_protection() -> Result<()> {
         "replay",
         "the new daemon remembers the nonce"
     );
+    Ok(())
+}
+
+#[test]
+fn behind_one_nat_only_the_client_that_knocked_gets_in() -> Result<()> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::Gateway, 22)?;
+    let cred = lab.enroll("alice", &["--allow", "tcp/22", "--nat"])?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
+    let cred = cred.to_str().context("utf-8")?.to_string();
+    // Alice connects through the gate from behind the NAT, as an ssh ProxyCommand would.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns(Role::NatA)])
+        .arg(gatekeeper_bin()?)
+        .args(["connect", "--credential", &cred, "10.77.0.1:22"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(b"alice\n")?;
+    // Keep Alice's connection open while her neighbour tries the same service.
+    let bob_gets_in = lab.tcp_echo_works(Role::NatB, gw(22), None)?;
+    drop(stdin);
+    let out = output_within(child, Duration::from_secs(30))?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "alice\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bob_gets_in, "Bob shares Alice's public address but not her tuple");
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(line["src"], "10.77.0.4", "the gateway saw the NAT's address: {line}");
+    assert_eq!(line["request"]["local_ip"], "192.168.77.2", "{line}");
+    Ok(())
+}
+
+#[test]
+fn udp_and_icmp_knocks_open_their_protocols() -> Result<()> {
+    let (mut lab, _daemon, _cred) = lab_with_client(&[])?;
+    lab.serve_udp_echo(Role::Gateway, 5353)?;
+    let cred = lab.enroll("phone", &["--allow", "udp/5353"])?;
+    assert!(
+        !lab.udp_echo_works(Role::Client, gw(5353))?,
+        "udp/5353 unprotected? it must be gated for this test"
+    );
+    let packet = as_client(&lab, &cred, |k, server| {
+        Ok(k.build(
+            server,
+            &Request {
+                proto: Proto::Udp,
+                ports: PortRange { lo: 5353, hi: 5353 },
+                source_port: None,
+            },
+            0,
+        )?)
+    })?;
+    send_udp(&lab, Role::Client, packet)?;
+    assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
+    assert!(
+        eventually(Duration::from_secs(3), || lab.udp_echo_works(Role::Client, gw(5353)))?,
+        "any source port of the client"
+    );
+    assert!(!lab.udp_echo_works(Role::Intruder, gw(5353))?);
     Ok(())
 }

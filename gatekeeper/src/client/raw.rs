@@ -73,14 +73,35 @@ pub fn ephemeral_port() -> u16 {
     32768 + (OsRng.next_u32() % 28000) as u16
 }
 
-/// Sends a SYN carrying `payload` from `src:sport` to `dst:dport`.
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+
+/// Sends a SYN carrying `payload` from `src:sport` to `dst:dport`, then a
+/// RST for the same tuple. The gateway never answers the SYN, so a NAT or
+/// firewall on the way would keep tracking it as half-open and then refuse
+/// the real connection's different sequence numbers; the RST closes that
+/// tracking, and the real SYN starts afresh on the same tuple.
 pub fn send_syn(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Result<(), ClientError> {
+    let seq = OsRng.next_u32();
+    send_tcp(src, sport, dst, dport, seq, SYN, payload)?;
+    send_tcp(src, sport, dst, dport, seq.wrapping_add(1), RST, &[])
+}
+
+fn send_tcp(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Result<(), ClientError> {
     const WHAT: &str = "a TCP SYN knock";
     let mut tcp = Vec::with_capacity(20 + payload.len());
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&OsRng.next_u32().to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 0, 5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
     tcp.extend_from_slice(payload);
     let len = (tcp.len() as u32).to_be_bytes();
     let pseudo: Vec<u8> = match (src, dst) {

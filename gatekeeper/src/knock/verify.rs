@@ -267,3 +267,145 @@ impl Verifier {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::{
+        client::{Knocker, Request},
+        events::Kind,
+        state::{StateDir, unix_now},
+    };
+
+    const GW: &str = "192.0.2.1";
+
+    /// A state dir with one client `dev` allowed `allow`, and its knocker.
+    fn setup(tag: &str, allow: &str, expires: Option<Duration>, nat: bool) -> (Verifier, Knocker, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("gk-verify-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::new(&dir);
+        state.init(&[GW.parse().unwrap()], false).unwrap();
+        let (_, cred) = state.add_client("dev", &allow.parse().unwrap(), expires, nat).unwrap();
+        let (registry, problems) = Registry::load(&state).unwrap();
+        assert!(problems.is_empty());
+        let v = Verifier {
+            registry,
+            server_addrs: vec![GW.parse().unwrap()],
+            window_secs: 120,
+        };
+        (v, Knocker::new(cred).unwrap(), dir)
+    }
+
+    fn knock(payload: Vec<u8>, src: &str, sport: u16, carrier: Proto) -> Diverted {
+        Diverted {
+            kind: Kind::Knock,
+            ifindex: 1,
+            src: src.parse().unwrap(),
+            dst: GW.parse().unwrap(),
+            sport,
+            dport: 62201,
+            proto: carrier.number(),
+            tcp_flags: 0,
+            payload,
+        }
+    }
+
+    fn check(v: &Verifier, k: &Diverted) -> Result<Grant, Rejection> {
+        let mut seen = HashSet::new();
+        v.check(k, unix_now(), |n, _| Ok::<_, ()>(seen.insert(*n))).outcome
+    }
+
+    fn req(proto: Proto, lo: u16, hi: u16) -> Request {
+        Request {
+            proto,
+            ports: PortRange { lo, hi },
+            source_port: None,
+        }
+    }
+
+    #[test]
+    fn what_each_carrier_opens() {
+        let (v, k, dir) = setup("carriers", "tcp/22,udp/53,icmp", None, true);
+        let gw: IpAddr = GW.parse().unwrap();
+        let seal = |r: &Request, local_port| {
+            k.seal(&Payload {
+                local_ip: "10.0.0.2".parse().unwrap(),
+                ..k.payload(gw, r, local_port).unwrap()
+            })
+            .unwrap()
+        };
+
+        let g = check(
+            &v,
+            &knock(seal(&req(Proto::Tcp, 22, 22), 40000), "10.0.0.2", 40000, Proto::Tcp),
+        )
+        .unwrap();
+        assert_eq!(
+            (g.key.src_port, g.key.proto),
+            (40000, 6),
+            "a SYN knock opens exactly its tuple"
+        );
+        let g = check(
+            &v,
+            &knock(seal(&req(Proto::Udp, 53, 53), 0), "10.0.0.2", 5555, Proto::Udp),
+        )
+        .unwrap();
+        assert_eq!(
+            (g.key.src_port, g.key.proto),
+            (0, 17),
+            "a UDP knock opens any source port"
+        );
+        let g = check(
+            &v,
+            &knock(seal(&req(Proto::Udp, 53, 53), 5555), "10.0.0.2", 5555, Proto::Udp),
+        )
+        .unwrap();
+        assert_eq!(g.key.src_port, 5555, "unless it asks to be bound");
+        let g = check(
+            &v,
+            &knock(seal(&req(Proto::Icmp, 0, 65535), 0), "10.0.0.2", 0, Proto::Icmp),
+        )
+        .unwrap();
+        assert_eq!((g.key.proto, g.ports.lo, g.ports.hi), (1, 0, 65535));
+        assert!(matches!(
+            check(&v, &knock(seal(&req(Proto::Udp, 53, 53), 1), "10.0.0.2", 1, Proto::Tcp)),
+            Err(Rejection::BadRequest(_))
+        ));
+        assert_eq!(
+            check(&v, &knock(seal(&req(Proto::Tcp, 22, 23), 0), "10.0.0.2", 1, Proto::Udp)),
+            Err(Rejection::OutsidePolicy)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn identity_and_enrollment_checks() {
+        let (v, k, dir) = setup("identity", "tcp/22", Some(Duration::from_secs(1)), false);
+        let gw: IpAddr = GW.parse().unwrap();
+        let mut p = k.payload(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+        p.local_ip = "10.0.0.2".parse().unwrap();
+        p.client_id = "someone-else".into();
+        let wrong = knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp);
+        assert!(matches!(check(&v, &wrong), Err(Rejection::WrongClientId { .. })));
+        p.client_id = "dev".into();
+        let later = v.check(
+            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp),
+            unix_now() + 5,
+            |_, _| Ok::<_, ()>(true),
+        );
+        assert_eq!(later.outcome, Err(Rejection::Expired), "enrollment expired");
+        let full = v.check(
+            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp),
+            unix_now(),
+            |_, _| Err(()),
+        );
+        assert_eq!(
+            full.outcome,
+            Err(Rejection::ReplayCacheFull),
+            "a full replay cache refuses, never skips the check"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
