@@ -114,3 +114,90 @@ fn help_teaches_the_syntax() -> Result<()> {
     assert!(help.contains("--protect") && help.contains("detach"), "{help}");
     Ok(())
 }
+
+#[test]
+fn enrollment_guards_keys_and_names() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = std::env::temp_dir().join(format!("gk-cli-enroll-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let state = state.to_str().expect("utf-8 path");
+    let out = gatekeeper(&["init", "--state-dir", state, "--public-addr", "192.0.2.1"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = |p: &str| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode(&format!("{state}/server.key"))?, 0o600);
+    let line = refused(&["init", "--state-dir", state, "--public-addr", "192.0.2.1"])?;
+    assert!(
+        line.contains("--force"),
+        "an existing key is not replaced silently: {line}"
+    );
+
+    let cred = dir.join("laptop.toml");
+    let cred = cred.to_str().expect("utf-8 path");
+    let out = gatekeeper(&[
+        "client",
+        "add",
+        "laptop",
+        "--allow",
+        "tcp/22",
+        "--out",
+        cred,
+        "--state-dir",
+        state,
+    ])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mode(cred)?, 0o600, "the credential holds a secret");
+    let server_copy = std::fs::read_to_string(format!("{state}/clients/laptop.toml"))?;
+    let secret = std::fs::read_to_string(cred)?;
+    let secret_line = secret
+        .lines()
+        .find(|l| l.starts_with("secret_key"))
+        .expect("a secret in the credential");
+    let secret_value = secret_line.split('"').nth(1).expect("quoted");
+    assert!(
+        !server_copy.contains(secret_value),
+        "the gateway keeps only the public key"
+    );
+
+    for (args, needle) in [
+        (vec!["client", "add", "laptop", "--allow", "tcp/22"], "already enrolled"),
+        (
+            vec!["client", "add", "bad/name", "--allow", "tcp/22"],
+            "bad client name",
+        ),
+        (vec!["client", "add", "x", "--allow", "tcp/0"], "\"0\""),
+        (vec!["client", "revoke", "nobody"], "no client named"),
+    ] {
+        let mut full = args.clone();
+        full.extend(["--state-dir", state]);
+        let line = refused(&full)?;
+        assert!(line.contains(needle), "`{}` said {line:?}", full.join(" "));
+    }
+    let line = refused(&[
+        "knock",
+        "--credential",
+        "/nonexistent.toml",
+        "--proto",
+        "tcp",
+        "--port",
+        "22",
+    ])?;
+    assert!(line.contains("/nonexistent.toml"), "{line}");
+    let line = refused(&[
+        "client",
+        "add",
+        "y",
+        "--allow",
+        "tcp/22",
+        "--state-dir",
+        &format!("{state}-missing"),
+    ])?;
+    assert!(line.contains("gatekeeper init"), "{line}");
+    let list = gatekeeper(&["client", "list", "--json", "--state-dir", state])?;
+    let json: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(json[0]["name"], "laptop");
+    assert_eq!(json[0]["status"], "enabled");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
