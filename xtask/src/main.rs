@@ -85,11 +85,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    let tiers: [(&str, &[&str]); 7] = [
+    let tiers: [(&str, &[&str]); 8] = [
         ("format", &["fmt", "--all", "--", "--check"]),
         (
             "format (XDP program)",
             &["fmt", "--manifest-path", "gatekeeper-ebpf/Cargo.toml", "--", "--check"],
+        ),
+        (
+            "format (fuzz targets)",
+            &["fmt", "--manifest-path", "gatekeeper/fuzz/Cargo.toml", "--", "--check"],
         ),
         (
             "lints",
@@ -114,7 +118,28 @@ fn test() -> Result<()> {
             ],
         ),
     ];
-    for (name, args) in tiers {
+    // The end-to-end tier runs last, so the run closes on its results.
+    let (early, late) = tiers.split_at(tiers.len() - 1);
+    for (name, args) in early {
+        println!("\n==> {name}: cargo {}", args.join(" "));
+        cargo(args)?;
+    }
+    // Short runs; a long one is `cargo +nightly fuzz run --fuzz-dir gatekeeper/fuzz TARGET -- -max_total_time=3600`.
+    for target in ["knock_wire", "knock_payload"] {
+        let args = [
+            "+nightly",
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "gatekeeper/fuzz",
+            target,
+            "--",
+            "-max_total_time=20",
+        ];
+        println!("\n==> fuzz (short run): cargo {}", args.join(" "));
+        rustup_cargo(&args)?;
+    }
+    for (name, args) in late {
         println!("\n==> {name}: cargo {}", args.join(" "));
         cargo(args)?;
     }
@@ -128,6 +153,20 @@ pub fn cargo(args: &[&str]) -> Result<()> {
         .args(args)
         .status()
         .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs cargo through the rustup proxy, so `+nightly` selects the toolchain.
+fn rustup_cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new("cargo")
+        .args(args)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .status()
+        .context("running cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

@@ -1,4 +1,5 @@
-//! Installs what building and testing need, and nothing twice: each step
+//! Installs what building and testing need (the nightly's rust-src,
+//! bpf-linker, cargo-fuzz, Debian packages), and nothing twice: each step
 //! checks first, so a machine that has everything is done in a moment.
 
 use std::{
@@ -24,8 +25,21 @@ const PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     packages()?;
     Ok(())
+}
+
+fn cargo_fuzz() -> Result<()> {
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (for the fuzzing tier)");
+    status("cargo", &["install", "cargo-fuzz", "--locked"], &[])
 }
 
 fn output(cmd: &str, args: &[&str]) -> Result<String> {

@@ -93,12 +93,22 @@ pub fn seal(
     payload: &Payload,
 ) -> Result<Vec<u8>, WireError> {
     let plain = serde_json::to_vec(payload).map_err(|e| WireError::Json(e.to_string()))?;
+    seal_bytes(key_id, key, nonce, &plain)
+}
+
+/// Seals any plaintext; [`seal`] is this over the JSON of a payload.
+pub fn seal_bytes(
+    key_id: &KeyId,
+    key: &SessionKey,
+    nonce: &[u8; NONCE_LEN],
+    plain: &[u8],
+) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + 16 + NONCE_LEN);
     out.extend_from_slice(&PREFIX);
     out.extend_from_slice(key_id);
     let cipher = XChaCha20Poly1305::new(key.into());
     let ciphertext = cipher
-        .encrypt(XNonce::from_slice(nonce), AeadInput { msg: &plain, aad: &out })
+        .encrypt(XNonce::from_slice(nonce), AeadInput { msg: plain, aad: &out })
         .map_err(|_| WireError::TooLarge(plain.len()))?;
     out.extend_from_slice(&ciphertext);
     out.extend_from_slice(nonce);
