@@ -35,44 +35,14 @@ use gatekeeper_tests::{
 const GW: [u8; 4] = [10, 77, 0, 1];
 const PROTECTED_PORT: u16 = 5201;
 
-struct Row {
-    what: String,
-    value: f64,
-    unit: &'static str,
-    ratio: Option<(f64, &'static str, f64)>,
-}
+use crate::Row;
 
-fn main() -> Result<()> {
-    let suite = std::env::args().nth(1).unwrap_or_else(|| "gate".into());
-    if suite != "gate" {
-        bail!("unknown benchmark suite {suite:?}: the suites are `gate` (knock and tunnel arrive with their issues)");
-    }
-    let mut rows = Vec::new();
-    println!("gate benchmark: every ratio is against a baseline measured in this run\n");
-    program_cost(&mut rows)?;
-    lookup_scaling(&mut rows)?;
-    drop_rates(&mut rows)?;
-    throughput(&mut rows)?;
-
-    println!("\n{:<58} {:>14}  {:<10} ratio (target)", "measurement", "value", "unit");
-    for r in &rows {
-        let ratio = r
-            .ratio
-            .map(|(x, cmp, target)| {
-                let met = if cmp == ">=" { x >= target } else { x <= target };
-                format!("{x:.2}x ({cmp} {target}: {})", if met { "met" } else { "NOT met" })
-            })
-            .unwrap_or_default();
-        println!("{:<58} {:>14.2}  {:<10} {ratio}", r.what, r.value, r.unit);
-    }
-    let json: Vec<_> = rows
-        .iter()
-        .map(|r| serde_json::json!({"what": r.what, "value": r.value, "unit": r.unit, "ratio": r.ratio.map(|x| x.0), "target": r.ratio.map(|x| format!("{} {}", x.1, x.2))}))
-        .collect();
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-gate.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
-    println!("\nwritten to {}", out.display());
-    Ok(())
+/// Runs the gate suite.
+pub fn run(rows: &mut Vec<Row>) -> Result<()> {
+    program_cost(rows)?;
+    lookup_scaling(rows)?;
+    drop_rates(rows)?;
+    throughput(rows)
 }
 
 fn bench_object() -> Result<Ebpf> {

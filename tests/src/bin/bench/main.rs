@@ -1,0 +1,57 @@
+//! `cargo xtask bench SUITE`: measurements against baselines taken in the
+//! same run, on the same machine, reported as ratios.
+//!
+//! - `gate`: the XDP program's cost and drop rate, lookup scaling, and
+//!   whitelisted throughput (see `gate.rs`).
+//! - `knock`: verification rate, and knock-to-open latency against fwknopd
+//!   (see `knock.rs`).
+
+mod gate;
+mod knock;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+/// One line of a report. `ratio` is (value against its baseline, `>=` or
+/// `<=`, target).
+pub struct Row {
+    pub what: String,
+    pub value: f64,
+    pub unit: &'static str,
+    pub ratio: Option<(f64, &'static str, f64)>,
+}
+
+fn main() -> Result<()> {
+    let suite = std::env::args().nth(1).unwrap_or_else(|| "gate".into());
+    let mut rows = Vec::new();
+    println!("{suite} benchmark: every ratio is against a baseline measured in this run\n");
+    match suite.as_str() {
+        "gate" => gate::run(&mut rows)?,
+        "knock" => knock::run(&mut rows)?,
+        other => bail!("unknown benchmark suite {other:?}: the suites are `gate` and `knock`"),
+    }
+    report(&suite, &rows)
+}
+
+fn report(suite: &str, rows: &[Row]) -> Result<()> {
+    println!("\n{:<58} {:>14}  {:<10} ratio (target)", "measurement", "value", "unit");
+    for r in rows {
+        let ratio = r
+            .ratio
+            .map(|(x, cmp, target)| {
+                let met = if cmp == ">=" { x >= target } else { x <= target };
+                format!("{x:.2}x ({cmp} {target}: {})", if met { "met" } else { "NOT met" })
+            })
+            .unwrap_or_default();
+        println!("{:<58} {:>14.2}  {:<10} {ratio}", r.what, r.value, r.unit);
+    }
+    let json: Vec<_> = rows
+        .iter()
+        .map(|r| serde_json::json!({"what": r.what, "value": r.value, "unit": r.unit, "ratio": r.ratio.map(|x| x.0), "target": r.ratio.map(|x| format!("{} {}", x.1, x.2))}))
+        .collect();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-{suite}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("\nwritten to {}", out.display());
+    Ok(())
+}
