@@ -3,18 +3,22 @@
 
 use std::{
     fs::File,
-    io::Write,
+    io::{BufWriter, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{events::Diverted, knock::verify::Checked, spec::Proto, state::unix_now};
 
+/// Lines are buffered and written out by [`Audit::flush`], which the daemon
+/// calls after each batch of ring events: a knock flood then costs a write
+/// per batch, not per knock.
 pub struct Audit {
-    file: Option<(PathBuf, File)>,
+    path: PathBuf,
+    file: BufWriter<File>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -44,20 +48,17 @@ pub fn rfc3339(secs: u64) -> String {
 }
 
 impl Audit {
-    /// Appends to `path` (created 0600); `None` logs to the daemon's log only.
-    pub fn open(path: Option<&Path>) -> std::io::Result<Audit> {
-        let file = match path {
-            Some(p) => Some((
-                p.to_path_buf(),
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(p)?,
-            )),
-            None => None,
-        };
-        Ok(Audit { file })
+    /// Appends to `path`, created 0600.
+    pub fn open(path: &Path) -> std::io::Result<Audit> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Audit {
+            path: path.to_path_buf(),
+            file: BufWriter::with_capacity(1 << 16, f),
+        })
     }
 
     /// Records one knock and what came of it.
@@ -88,11 +89,18 @@ impl Audit {
             "detail": detail,
             "opened": opened,
         });
-        info!(target: "audit", event = "knock", result, reason = reason.as_str().unwrap_or(""), client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
+        // Refusals are the bulk of any flood: the audit file has them all,
+        // the daemon's log only at debug level.
+        if checked.outcome.is_ok() {
+            info!(target: "audit", event = "knock", result, client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
+        } else {
+            debug!(target: "audit", event = "knock", result, reason = reason.as_str().unwrap_or(""), src = %knock.src, "{line}");
+        }
         self.write(&line);
     }
 
-    /// Records any other audit event (revocations and the like).
+    /// Records any other audit event (revocations and the like); these are
+    /// rare, so each is written out at once.
     pub fn event(&mut self, event: &str, fields: Value) {
         let mut line = json!({"time": rfc3339(unix_now()), "event": event});
         if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {
@@ -100,13 +108,19 @@ impl Audit {
         }
         info!(target: "audit", event, "{line}");
         self.write(&line);
+        self.flush();
+    }
+
+    /// Writes buffered lines to the file.
+    pub fn flush(&mut self) {
+        if let Err(e) = self.file.flush() {
+            warn!(path = %self.path.display(), error = %e, "writing the audit log failed");
+        }
     }
 
     fn write(&mut self, line: &Value) {
-        if let Some((path, f)) = &mut self.file
-            && let Err(e) = writeln!(f, "{line}")
-        {
-            warn!(path = %path.display(), error = %e, "writing the audit log failed");
+        if let Err(e) = writeln!(self.file, "{line}") {
+            warn!(path = %self.path.display(), error = %e, "writing the audit log failed");
         }
     }
 }

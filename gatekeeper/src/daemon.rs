@@ -109,6 +109,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                     record(&item, &mut seen, &gate, knocks.as_mut());
                 }
                 guard.clear_ready();
+                if let Some(k) = knocks.as_mut() {
+                    k.flush();
+                }
             }
             _ = registry_poll.tick() => {
                 if let Some(k) = knocks.as_mut() {

@@ -52,7 +52,7 @@ impl KnockService {
             warn!(problem = %p, "client left out");
         }
         let audit_path = state.audit_path();
-        let audit = Audit::open(Some(&audit_path)).map_err(|source| StateError::Io {
+        let audit = Audit::open(&audit_path).map_err(|source| StateError::Io {
             path: audit_path,
             source,
         })?;
@@ -98,6 +98,11 @@ impl KnockService {
             }
         }
         self.audit.knock(knock, &checked, self.open_for_ns / 1_000_000_000);
+    }
+
+    /// Writes out the audit lines of the batch just handled.
+    pub fn flush(&mut self) {
+        self.audit.flush();
     }
 
     /// Reloads the registry if the clients directory changed, and closes

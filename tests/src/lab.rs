@@ -685,6 +685,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id (nsenter execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

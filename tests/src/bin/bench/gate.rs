@@ -13,6 +13,10 @@
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -190,25 +194,41 @@ fn veth_rx(lab: &Lab) -> Result<u64> {
         .sum())
 }
 
-/// Pushes `count` copies of `frame` out of the client's veth with XDP_TX
-/// live frames; returns how long it took.
-fn blast(lab: &Lab, frame: Vec<u8>, count: u32) -> Result<Duration> {
-    lab.in_ns(Role::Client, move || -> Result<Duration> {
+/// Pushes frames out of the client's veth with live frames run through
+/// `program` (an XDP_TX program of the bench object): each of `frames`
+/// `repeat` times in turn, one pass, then more passes for as long as `more`
+/// stays set. Returns frames sent and the time it took.
+pub fn transmit(
+    lab: &Lab,
+    program: &'static str,
+    frames: Vec<Vec<u8>>,
+    repeat: u32,
+    more: Arc<AtomicBool>,
+) -> Result<(u64, Duration)> {
+    lab.in_ns(Role::Client, move || -> Result<(u64, Duration)> {
         let mut bench = bench_object()?;
-        let tx = xdp(&mut bench, "transmit")?;
+        let tx = xdp(&mut bench, program)?;
         tx.load()?;
         let ifindex = nix_ifindex(Role::Client.iface())?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&frame);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = count;
-        opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
         let started = Instant::now();
-        tx.test_run(opts)?;
-        Ok(started.elapsed())
+        let mut sent = 0u64;
+        loop {
+            for frame in &frames {
+                // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+                let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+                let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+                let mut opts = TestRunOptions::new();
+                opts.data_in = Some(frame);
+                opts.ctx_in = Some(&ctx);
+                opts.repeat = repeat;
+                opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
+                tx.test_run(opts)?;
+                sent += u64::from(repeat);
+            }
+            if !more.load(Ordering::Relaxed) {
+                return Ok((sent, started.elapsed()));
+            }
+        }
     })?
 }
 
@@ -224,7 +244,13 @@ fn nix_ifindex(name: &str) -> Result<u32> {
 
 fn measure_drop(lab: &Lab, frame: &[u8], count: u32) -> Result<f64> {
     let before = veth_rx(lab)?;
-    let took = blast(lab, frame.to_vec(), count)?;
+    let (_, took) = transmit(
+        lab,
+        "transmit",
+        vec![frame.to_vec()],
+        count,
+        Arc::new(AtomicBool::new(false)),
+    )?;
     std::thread::sleep(Duration::from_millis(100));
     let got = veth_rx(lab)? - before;
     Ok(got as f64 / took.as_secs_f64() / 1e6)
