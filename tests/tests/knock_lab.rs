@@ -18,6 +18,16 @@ use gatekeeper::{
 use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
 
 const KNOCK_PORT: u16 = 62201;
+
+/// A helper process that must not outlive its test, however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 const PROTECT: &str = "tcp/22-23,udp/5353,icmp";
 
 fn gw(port: u16) -> SocketAddr {
@@ -365,5 +375,94 @@ fn udp_and_icmp_knocks_open_their_protocols() -> Result<()> {
         "any source port of the client"
     );
     assert!(!lab.udp_echo_works(Role::Intruder, gw(5353))?);
+    Ok(())
+}
+
+#[test]
+fn ssh_through_connect_as_proxy_command() -> Result<()> {
+    let lab = Lab::new()?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let dir = lab.scratch();
+    let path = |name: &str| dir.join(name).to_str().map(str::to_string).context("utf-8 path");
+    for key in ["host_key", "client_key"] {
+        gatekeeper_tests::lab::sh(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", &path(key)?])?;
+    }
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "ListenAddress 10.77.0.1\nPort 22\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n",
+            path("host_key")?,
+            path("authorized_keys")?,
+            path("sshd.pid")?
+        ),
+    )?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
+    let sshd = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(Role::Gateway),
+            "/usr/sbin/sshd",
+            "-D",
+            "-e",
+            "-f",
+            &path("sshd_config")?,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let _sshd = KillOnDrop(sshd);
+    std::thread::sleep(Duration::from_millis(500));
+    let ssh = |role: Role, proxy: bool| -> Result<std::process::Output> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &lab.ns(role),
+            "ssh",
+            "-i",
+            &path("client_key")?,
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=3",
+        ]);
+        if proxy {
+            let bin = gatekeeper_bin()?;
+            cmd.arg("-o").arg(format!(
+                "ProxyCommand={} connect --credential {} %h:%p",
+                bin.display(),
+                cred.display()
+            ));
+        }
+        let child = cmd
+            .args(["root@10.77.0.1", "echo", "through-the-gate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        output_within(child, Duration::from_secs(30))
+    };
+    let direct = ssh(Role::Intruder, false)?;
+    assert!(
+        !direct.status.success(),
+        "plain ssh from the intruder must not get through"
+    );
+    let out = ssh(Role::Client, true)?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "through-the-gate",
+        "ssh stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

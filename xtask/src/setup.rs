@@ -14,12 +14,17 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, demo and benchmarks run.
 const PACKAGES: &[&str] = &[
     "iproute2",
+    "iputils-ping",
+    "util-linux",
     "nmap",
     "iperf3",
     "nftables",
     "iptables",
     "ethtool",
-    "util-linux",
+    "fwknop-client",
+    "fwknop-server",
+    "openssh-client",
+    "openssh-server",
 ];
 
 pub fn run() -> Result<()> {
