@@ -466,3 +466,30 @@ fn ssh_through_connect_as_proxy_command() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn knocks_work_over_ipv6() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    let gw6: IpAddr = Role::Gateway.addr6().into();
+    let packet = as_client(&lab, &cred, move |k, _| Ok(k.build(gw6, &tcp22(), 0)?))?;
+    lab.in_ns(Role::Client, move || -> Result<()> {
+        UdpSocket::bind("[::]:0")?.send_to(&packet, SocketAddr::new(gw6, KNOCK_PORT))?;
+        Ok(())
+    })??;
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(
+        (line["result"].as_str(), line["src"].as_str()),
+        (Some("accepted"), Some("fd77::2")),
+        "{line}"
+    );
+    let to = SocketAddr::new(gw6, 22);
+    assert!(
+        eventually(Duration::from_secs(3), || lab.tcp_echo_works(Role::Client, to, None))?,
+        "in over IPv6"
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Client, gw(22), None)?,
+        "the IPv6 entry does not open IPv4"
+    );
+    Ok(())
+}
