@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use gatekeeper::{client::Knocker, state::Credential};
 
 /// Roles in the lab; each is a namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +153,15 @@ pub fn sh(args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// A veth pair created straight into two namespaces, never touching the
+/// host's own.
+fn veth(name: &str, ns: &str, peer: &str, peer_ns: &str) -> Result<()> {
+    sh(&[
+        "ip", "link", "add", name, "netns", ns, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+    ])?;
+    Ok(())
+}
+
 /// The `gatekeeper` binary under test: `$GATEKEEPER_BIN`, else the one
 /// cargo built next to the running executable.
 pub fn gatekeeper_bin() -> Result<PathBuf> {
@@ -213,21 +223,7 @@ impl Lab {
             let ns = lab.ns(role);
             lab.add_ns(&ns)?;
             let outer = format!("p{i}");
-            sh(&[
-                "ip",
-                "link",
-                "add",
-                role.iface(),
-                "netns",
-                &ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &outer,
-                "netns",
-                &sw,
-            ])?;
+            veth(role.iface(), &ns, &outer, &sw)?;
             sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
             lab.configure(role)?;
         }
@@ -240,21 +236,7 @@ impl Lab {
         let mut lab = Lab::new()?;
         let (sw, rt) = (format!("{}-sw", lab.id), lab.ns(Role::Router));
         lab.add_ns(&rt)?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            Role::Router.iface(),
-            "netns",
-            &rt,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "p9",
-            "netns",
-            &sw,
-        ])?;
+        veth(Role::Router.iface(), &rt, "p9", &sw)?;
         sh(&["ip", "-n", &sw, "link", "set", "p9", "master", "br0", "up"])?;
         lab.configure(Role::Router)?;
         sh(&["ip", "-n", &rt, "link", "add", "br1", "type", "bridge"])?;
@@ -264,21 +246,7 @@ impl Lab {
             let ns = lab.ns(role);
             lab.add_ns(&ns)?;
             let outer = format!("q{i}");
-            sh(&[
-                "ip",
-                "link",
-                "add",
-                role.iface(),
-                "netns",
-                &ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &outer,
-                "netns",
-                &rt,
-            ])?;
+            veth(role.iface(), &ns, &outer, &rt)?;
             sh(&["ip", "-n", &rt, "link", "set", &outer, "master", "br1", "up"])?;
             sh(&[
                 "ip",
@@ -320,21 +288,7 @@ impl Lab {
         let (gw, cl) = (lab.ns(Role::Gateway), lab.ns(Role::Client));
         lab.add_ns(&gw)?;
         lab.add_ns(&cl)?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            GW_IFACE,
-            "netns",
-            &gw,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            Role::Client.iface(),
-            "netns",
-            &cl,
-        ])?;
+        veth(GW_IFACE, &gw, Role::Client.iface(), &cl)?;
         lab.configure(Role::Gateway)?;
         lab.configure(Role::Client)?;
         Ok(lab)
@@ -434,6 +388,32 @@ impl Lab {
         args.extend_from_slice(extra);
         self.state_cli(&args)?;
         Ok(cred)
+    }
+
+    /// Starts `gatekeeper ARGS` inside a role's namespace with piped stdio,
+    /// as a user on that host would run it.
+    pub fn spawn_gatekeeper(&self, role: Role, args: &[&str]) -> Result<Child> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .arg(gatekeeper_bin()?)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// Runs `f` with the credential's knocker inside a role's namespace,
+    /// where it sees that host's own address as its `local_ip`; `f` also
+    /// gets the gateway's IPv4 address.
+    pub fn with_knocker<T: Send + 'static>(
+        &self,
+        role: Role,
+        credential: &Path,
+        f: impl FnOnce(&Knocker, IpAddr) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let k = Knocker::new(Credential::load(credential)?)?;
+        self.in_ns(role, move || f(&k, Role::Gateway.addr().into()))?
     }
 
     /// Every line of the audit log, parsed.

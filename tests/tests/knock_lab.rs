@@ -11,9 +11,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use gatekeeper::{
-    client::{Knocker, Request},
+    client::Request,
     spec::{PortRange, Proto},
-    state::{Credential, unix_now},
+    state::unix_now,
 };
 use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
 
@@ -32,17 +32,6 @@ const PROTECT: &str = "tcp/22-23,udp/5353,icmp";
 
 fn gw(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
-}
-
-/// Runs `f` with the credential's knocker inside the client's namespace,
-/// where it sees the client's own address as its `local_ip`.
-fn as_client<T: Send + 'static>(
-    lab: &Lab,
-    cred: &std::path::Path,
-    f: impl FnOnce(&Knocker, IpAddr) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let k = Knocker::new(Credential::load(cred)?)?;
-    lab.in_ns(Role::Client, move || f(&k, Role::Gateway.addr().into()))?
 }
 
 fn tcp22() -> Request {
@@ -88,7 +77,7 @@ fn a_udp_knock_opens_the_clients_address_and_nobody_elses() -> Result<()> {
         !lab.tcp_echo_works(Role::Client, gw(22), None)?,
         "closed before the knock"
     );
-    let packet = as_client(&lab, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
+    let packet = lab.with_knocker(Role::Client, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
     send_udp(&lab, Role::Client, packet)?;
     let line = audit_line(&lab, 0)?;
     assert_eq!(line["result"], "accepted", "{line}");
@@ -121,16 +110,8 @@ fn a_udp_knock_opens_the_clients_address_and_nobody_elses() -> Result<()> {
 fn the_knock_cli_and_connect_work_from_the_client() -> Result<()> {
     let (lab, _daemon, cred) = lab_with_client(&[])?;
     let cred = cred.to_str().context("utf-8")?.to_string();
-    let client_ns = lab.ns(Role::Client);
     // `connect` knocks with a SYN, connects from the same port, and relays stdio.
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &client_ns])
-        .arg(gatekeeper_bin()?)
-        .args(["connect", "--credential", &cred, "10.77.0.1:22"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", &cred, "10.77.0.1:22"])?;
     child
         .stdin
         .take()
@@ -183,7 +164,7 @@ fn the_knock_cli_and_connect_work_from_the_client() -> Result<()> {
 #[test]
 fn replays_forgeries_and_wrong_requests_are_refused_and_audited() -> Result<()> {
     let (lab, _daemon, cred) = lab_with_client(&[])?;
-    let (good, crafted) = as_client(&lab, &cred, |k, server| {
+    let (good, crafted) = lab.with_knocker(Role::Client, &cred, |k, server| {
         let good = k.build(server, &tcp22(), 0)?;
         let mut flipped = k.build(server, &tcp22(), 0)?;
         flipped[30] ^= 0x40;
@@ -264,7 +245,7 @@ fn garbage_with_the_prefix_is_dropped_counted_and_opens_nothing() -> Result<()> 
 #[test]
 fn revoking_a_client_closes_its_entries_within_a_second() -> Result<()> {
     let (lab, _daemon, cred) = lab_with_client(&[])?;
-    let knocks = as_client(&lab, &cred, |k, server| {
+    let knocks = lab.with_knocker(Role::Client, &cred, |k, server| {
         Ok([k.build(server, &tcp22(), 0)?, k.build(server, &tcp22(), 0)?])
     })?;
     let [first, second] = knocks;
@@ -295,7 +276,7 @@ fn revoking_a_client_closes_its_entries_within_a_second() -> Result<()> {
 #[test]
 fn a_restarted_daemon_keeps_entries_and_replay_protection() -> Result<()> {
     let (lab, mut daemon, cred) = lab_with_client(&[])?;
-    let knock = as_client(&lab, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
+    let knock = lab.with_knocker(Role::Client, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
     send_udp(&lab, Role::Client, knock.clone())?;
     assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
     daemon.kill9()?;
@@ -321,14 +302,7 @@ fn behind_one_nat_only_the_client_that_knocked_gets_in() -> Result<()> {
     let _daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
     let cred = cred.to_str().context("utf-8")?.to_string();
     // Alice connects through the gate from behind the NAT, as an ssh ProxyCommand would.
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Role::NatA)])
-        .arg(gatekeeper_bin()?)
-        .args(["connect", "--credential", &cred, "10.77.0.1:22"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = lab.spawn_gatekeeper(Role::NatA, &["connect", "--credential", &cred, "10.77.0.1:22"])?;
     let mut stdin = child.stdin.take().context("stdin")?;
     stdin.write_all(b"alice\n")?;
     // Keep Alice's connection open while her neighbour tries the same service.
@@ -357,7 +331,7 @@ fn udp_and_icmp_knocks_open_their_protocols() -> Result<()> {
         !lab.udp_echo_works(Role::Client, gw(5353))?,
         "udp/5353 unprotected? it must be gated for this test"
     );
-    let packet = as_client(&lab, &cred, |k, server| {
+    let packet = lab.with_knocker(Role::Client, &cred, |k, server| {
         Ok(k.build(
             server,
             &Request {
@@ -471,7 +445,7 @@ fn ssh_through_connect_as_proxy_command() -> Result<()> {
 fn knocks_work_over_ipv6() -> Result<()> {
     let (lab, _daemon, cred) = lab_with_client(&[])?;
     let gw6: IpAddr = Role::Gateway.addr6().into();
-    let packet = as_client(&lab, &cred, move |k, _| Ok(k.build(gw6, &tcp22(), 0)?))?;
+    let packet = lab.with_knocker(Role::Client, &cred, move |k, _| Ok(k.build(gw6, &tcp22(), 0)?))?;
     lab.in_ns(Role::Client, move || -> Result<()> {
         UdpSocket::bind("[::]:0")?.send_to(&packet, SocketAddr::new(gw6, KNOCK_PORT))?;
         Ok(())

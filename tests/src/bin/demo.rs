@@ -1,15 +1,10 @@
 //! `cargo xtask demo`: the gate in a lab of network namespaces, step by step.
 
-use std::{
-    io::Write,
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{io::Write, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use gatekeeper_tests::{
-    lab::{Lab, Role, gatekeeper_bin, output_within},
+    lab::{Lab, Role, output_within},
     nmap,
 };
 
@@ -120,14 +115,7 @@ fn main() -> Result<()> {
         "The client's device lets itself into web with its key: one SYN knock, then the connection",
     );
     println!("$ echo hello | gatekeeper connect --credential {cred_arg} 10.77.0.1:8080   (on the client)");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Role::Client)])
-        .arg(gatekeeper_bin()?)
-        .args(["connect", "--credential", cred_arg, "10.77.0.1:8080"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", cred_arg, "10.77.0.1:8080"])?;
     child.stdin.take().context("stdin")?.write_all(b"hello\n")?;
     let out = output_within(child, Duration::from_secs(30))?;
     println!("  {}", String::from_utf8_lossy(&out.stdout).trim());

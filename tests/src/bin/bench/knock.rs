@@ -207,14 +207,9 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
         "--config",
         config.to_str().context("utf-8 path")?,
     ])?;
-    let knocks = {
-        let k = Knocker::new(gatekeeper::state::Credential::load(&cred)?)?;
-        lab.in_ns(Role::Client, move || -> Result<Vec<Vec<u8>>> {
-            (0..TRIALS)
-                .map(|_| Ok(k.build(Role::Gateway.addr().into(), &udp5353(), 0)?))
-                .collect()
-        })??
-    };
+    let knocks: Vec<Vec<u8>> = lab.with_knocker(Role::Client, &cred, |k, gw| {
+        (0..TRIALS).map(|_| Ok(k.build(gw, &udp5353(), 0)?)).collect()
+    })?;
     let gate = Gate::open(lab.pin_dir())?;
     let (mut ours, mut ours_failed) = (Vec::new(), 0);
     for packet in knocks {
@@ -411,14 +406,9 @@ fn flood(rows: &mut Vec<Row>) -> Result<()> {
     // Default knock limits: 20/s per source, bursts of 40.
     let daemon = lab.start_daemon(&["--protect", "udp/5353"])?;
     let pid = daemon.pid().context("daemon pid")?;
-    let knocks = {
-        let k = Knocker::new(gatekeeper::state::Credential::load(&cred)?)?;
-        lab.in_ns(Role::Client, move || -> Result<Vec<Vec<u8>>> {
-            (0..KNOCKS)
-                .map(|_| Ok(k.build(Role::Gateway.addr().into(), &udp5353(), 0)?))
-                .collect()
-        })??
-    };
+    let knocks: Vec<Vec<u8>> = lab.with_knocker(Role::Client, &cred, |k, gw| {
+        (0..KNOCKS).map(|_| Ok(k.build(gw, &udp5353(), 0)?)).collect()
+    })?;
     // One frame; the spraying transmitter gives each copy the next of
     // 1,000 source addresses (198.18.0.0 to 198.18.3.231).
     let mut garbage = gatekeeper_common::knock::PREFIX.to_vec();
