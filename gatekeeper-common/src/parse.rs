@@ -49,9 +49,7 @@ pub const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before giving up (and dropping).
 pub const MAX_IPV6_EXT: usize = 6;
 
-pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
