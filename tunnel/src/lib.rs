@@ -1,1 +1,10 @@
-//! TLS reverse tunnel (server and agent). Filled by the tunnel issue.
+//! The TLS reverse tunnel, as a library the daemon embeds: an agent inside a
+//! private network dials the gateway, and public connections to the gateway
+//! are relayed to it. Independent of eBPF.
+//!
+//! - [`tls`]: the gateway's self-generated certificate and the agent's
+//!   pinning of it by SHA-256 fingerprint (no CA involved).
+//! - [`frame`]: the frames both sides exchange inside the TLS session.
+
+pub mod frame;
+pub mod tls;

@@ -1,0 +1,244 @@
+//! TLS without a CA: the gateway generates its own certificate on first
+//! start, and the agent accepts exactly the certificate whose SHA-256
+//! fingerprint its token carries. The handshake signature is still checked
+//! against that certificate's key, so pinning the fingerprint pins the key.
+
+use std::{fmt, sync::Arc};
+
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject},
+};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("generating the gateway certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("bad certificate fingerprint {0:?}: expected 64 hex digits (SHA-256)")]
+    Fingerprint(String),
+    #[error("bad PEM in {what}")]
+    Pem { what: &'static str },
+}
+
+/// SHA-256 over a certificate's DER bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(cert: &CertificateDer<'_>) -> Fingerprint {
+        Fingerprint(Sha256::digest(cert.as_ref()).into())
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = TlsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex: String = s.chars().filter(|c| *c != ':').collect();
+        let bad = || TlsError::Fingerprint(s.to_string());
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+/// The gateway's certificate and private key.
+pub struct Identity {
+    pub cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Identity {
+    /// A fresh self-signed certificate for `names` (its SANs).
+    pub fn generate(names: &[String]) -> Result<Identity, TlsError> {
+        let certified = rcgen::generate_simple_self_signed(names.to_vec())?;
+        Identity::from_pem(&certified.cert.pem(), &certified.key_pair.serialize_pem())
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.cert)
+    }
+
+    /// The certificate and key as PEM, for keeping in the state directory.
+    pub fn to_pem(&self) -> (&str, &str) {
+        (&self.cert_pem, &self.key_pem)
+    }
+
+    /// Reads back what [`Identity::to_pem`] gave.
+    pub fn from_pem(cert: &str, key: &str) -> Result<Identity, TlsError> {
+        Ok(Identity {
+            cert: CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|_| TlsError::Pem {
+                what: "the certificate",
+            })?,
+            key: PrivatePkcs8KeyDer::from_pem_slice(key.as_bytes()).map_err(|_| TlsError::Pem {
+                what: "the private key",
+            })?,
+            cert_pem: cert.to_string(),
+            key_pem: key.to_string(),
+        })
+    }
+
+    /// The gateway's side of the handshake.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+        Ok(Arc::new(config))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent's side: trust exactly the certificate with `pin`.
+pub fn client_config(pin: Fingerprint) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(Pinned {
+        pin,
+        provider: provider.clone(),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct Pinned {
+    pin: Fingerprint,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let seen = Fingerprint::of(end_entity);
+        if seen == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the gateway's certificate fingerprint is {seen}, not the {} the token pins: wrong gateway, or a man in the middle",
+                self.pin
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    /// Handshakes with a real rustls server on loopback; returns what the
+    /// server echoed, or the client's error.
+    async fn handshake(server: &Identity, pin: Fingerprint) -> Result<Vec<u8>, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(server.server_config().unwrap());
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                let mut buf = [0u8; 5];
+                if tls.read_exact(&mut buf).await.is_ok() {
+                    let _ = tls.write_all(&buf).await;
+                }
+            }
+        });
+        let connector = TlsConnector::from(client_config(pin).unwrap());
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("gateway").unwrap();
+        let result = async {
+            let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+            tls.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok(buf.to_vec())
+        }
+        .await;
+        srv.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn the_pinned_certificate_is_accepted_and_any_other_refused() {
+        let gateway = Identity::generate(&["gateway".into()]).unwrap();
+        let impostor = Identity::generate(&["gateway".into()]).unwrap();
+        assert_eq!(handshake(&gateway, gateway.fingerprint()).await, Ok(b"hello".to_vec()));
+        let refused = handshake(&impostor, gateway.fingerprint()).await.unwrap_err();
+        assert!(refused.contains("fingerprint"), "{refused}");
+    }
+
+    #[test]
+    fn identities_round_trip_through_pem_and_fingerprints_through_text() {
+        let id = Identity::generate(&["gw.example".into()]).unwrap();
+        let (cert, key) = id.to_pem();
+        let back = Identity::from_pem(cert, key).unwrap();
+        assert_eq!(back.fingerprint(), id.fingerprint());
+        assert!(back.server_config().is_ok(), "the key still matches the certificate");
+        let text = id.fingerprint().to_string();
+        assert_eq!(text.parse::<Fingerprint>().unwrap(), id.fingerprint());
+        assert!("abcd".parse::<Fingerprint>().is_err());
+        assert!(Identity::from_pem("nope", key).is_err());
+    }
+}
