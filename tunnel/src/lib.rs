@@ -5,6 +5,8 @@
 //! - [`tls`]: the gateway's self-generated certificate and the agent's
 //!   pinning of it by SHA-256 fingerprint (no CA involved).
 //! - [`frame`]: the frames both sides exchange inside the TLS session.
+//! - [`mux`]: many streams over one session, each with its own window.
 
 pub mod frame;
+pub mod mux;
 pub mod tls;

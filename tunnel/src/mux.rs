@@ -1,0 +1,519 @@
+//! Many streams inside one TLS session. Each stream has its own window: a
+//! sender may have at most [`WINDOW`] unacknowledged bytes in flight, so a
+//! stream whose consumer is slow stops only itself, never the session.
+//!
+//! Only one side opens streams (the gateway, for each public connection);
+//! the other accepts them. Both sides answer pings.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU32, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
+
+use crate::frame::{Frame, FrameError, Kind, MAX_PAYLOAD};
+
+/// Bytes a sender may have in flight per stream.
+pub const WINDOW: u32 = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum MuxError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the peer ended the session: {0}")]
+    Goodbye(String),
+    #[error("the session is closed")]
+    Closed,
+}
+
+struct Slot {
+    data: mpsc::UnboundedSender<Bytes>,
+    /// What this side may still send.
+    send_credit: Arc<Semaphore>,
+    /// What the peer may still send; going below zero is a violation.
+    recv_credit: Arc<AtomicI64>,
+}
+
+struct Shared {
+    out: mpsc::Sender<Frame>,
+    streams: Mutex<HashMap<u32, Slot>>,
+    next_id: AtomicU32,
+    last_heard: Mutex<Instant>,
+}
+
+impl Shared {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Slot>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Streams the peer opened, each with the payload of its `Open` frame.
+pub type Incoming = mpsc::Receiver<(MuxStream, Bytes)>;
+
+/// The session's task: ends with why the session ended.
+pub type SessionTask = JoinHandle<Result<(), MuxError>>;
+
+/// A handle on a running session; cheap to clone.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+}
+
+/// One stream. [`MuxStream::split`] gives halves that can be used at once,
+/// as a relay must. Dropping both closes the stream.
+pub struct MuxStream {
+    reader: StreamReader,
+    writer: StreamWriter,
+}
+
+/// Removes the stream from the session when the last half goes.
+struct Registration {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.slots().remove(&self.id);
+    }
+}
+
+pub struct StreamReader {
+    data: mpsc::UnboundedReceiver<Bytes>,
+    recv_credit: Arc<AtomicI64>,
+    reg: Arc<Registration>,
+}
+
+pub struct StreamWriter {
+    send_credit: Arc<Semaphore>,
+    closed: bool,
+    reg: Arc<Registration>,
+}
+
+impl Mux {
+    /// Runs a session over `io`. Returns the handle, the streams the peer
+    /// opens (with the payload of their `Open`), and the session's task,
+    /// which ends with why the session ended.
+    pub fn start<T>(io: T) -> (Mux, Incoming, SessionTask)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut rd, wr) = tokio::io::split(io);
+        let (out, mut outbox) = mpsc::channel::<Frame>(1024);
+        let shared = Arc::new(Shared {
+            out,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            last_heard: Mutex::new(Instant::now()),
+        });
+        let (accepted_tx, accepted) = mpsc::channel(64);
+        let writer = tokio::spawn(async move {
+            let mut wr = BufWriter::new(wr);
+            while let Some(frame) = outbox.recv().await {
+                frame.write(&mut wr).await?;
+                if outbox.is_empty() {
+                    wr.flush().await.map_err(FrameError::from)?;
+                }
+            }
+            wr.shutdown().await.map_err(FrameError::from)?;
+            Ok::<(), FrameError>(())
+        });
+        let reader_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            let result = read_loop(&mut rd, &reader_shared, &accepted_tx).await;
+            // Wake every stream: their peer is gone.
+            reader_shared.slots().clear();
+            writer.abort();
+            result
+        });
+        (Mux { shared }, accepted, task)
+    }
+
+    /// Opens a stream; `meta` travels in its `Open` frame.
+    pub async fn open(&self, meta: Bytes) -> Result<MuxStream, MuxError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let stream = new_stream(&self.shared, id);
+        self.shared
+            .out
+            .send(Frame::new(Kind::Open, id, meta))
+            .await
+            .map_err(|_| MuxError::Closed)?;
+        Ok(stream)
+    }
+
+    /// Sends a frame on the session itself (stream 0): pings, goodbyes.
+    pub async fn control(&self, kind: Kind, payload: Bytes) -> Result<(), MuxError> {
+        self.shared
+            .out
+            .send(Frame::new(kind, 0, payload))
+            .await
+            .map_err(|_| MuxError::Closed)
+    }
+
+    /// When the peer last sent anything.
+    pub fn last_heard(&self) -> Instant {
+        *self.shared.last_heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Streams currently open.
+    pub fn streams(&self) -> usize {
+        self.shared.slots().len()
+    }
+}
+
+fn new_stream(shared: &Arc<Shared>, id: u32) -> MuxStream {
+    let (data_tx, data) = mpsc::unbounded_channel();
+    let send_credit = Arc::new(Semaphore::new(WINDOW as usize));
+    let recv_credit = Arc::new(AtomicI64::new(WINDOW as i64));
+    shared.slots().insert(
+        id,
+        Slot {
+            data: data_tx,
+            send_credit: send_credit.clone(),
+            recv_credit: recv_credit.clone(),
+        },
+    );
+    let reg = Arc::new(Registration {
+        id,
+        shared: shared.clone(),
+    });
+    MuxStream {
+        reader: StreamReader {
+            data,
+            recv_credit,
+            reg: reg.clone(),
+        },
+        writer: StreamWriter {
+            send_credit,
+            closed: false,
+            reg,
+        },
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    shared: &Arc<Shared>,
+    accepted: &mpsc::Sender<(MuxStream, Bytes)>,
+) -> Result<(), MuxError> {
+    while let Some(frame) = Frame::read(rd).await? {
+        *shared.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        match frame.kind {
+            Kind::Ping => shared
+                .out
+                .send(Frame::new(Kind::Pong, 0, frame.payload))
+                .await
+                .map_err(|_| MuxError::Closed)?,
+            Kind::Pong => {}
+            Kind::Goodbye => return Err(MuxError::Goodbye(String::from_utf8_lossy(&frame.payload).into_owned())),
+            Kind::Open => {
+                if shared.slots().contains_key(&frame.stream) || frame.stream == 0 {
+                    return Err(MuxError::Protocol(format!("stream {} opened twice", frame.stream)));
+                }
+                let stream = new_stream(shared, frame.stream);
+                if accepted.send((stream, frame.payload)).await.is_err() {
+                    return Err(MuxError::Closed);
+                }
+            }
+            Kind::Data => {
+                let slots = shared.slots();
+                // Data for a stream this side already closed is dropped.
+                if let Some(slot) = slots.get(&frame.stream) {
+                    if slot.recv_credit.fetch_sub(frame.payload.len() as i64, Ordering::AcqRel)
+                        < frame.payload.len() as i64
+                    {
+                        return Err(MuxError::Protocol(format!(
+                            "stream {} sent past its window",
+                            frame.stream
+                        )));
+                    }
+                    let _ = slot.data.send(frame.payload);
+                }
+            }
+            Kind::Window => {
+                let grant = frame
+                    .payload
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let Some(grant) = grant else {
+                    return Err(MuxError::Protocol("window frame without a size".into()));
+                };
+                if let Some(slot) = shared.slots().get(&frame.stream) {
+                    slot.send_credit.add_permits(grant as usize);
+                }
+            }
+            Kind::Close => {
+                // Dropping the sender ends the stream's receiving side.
+                if let Some(slot) = shared.slots().get_mut(&frame.stream) {
+                    let (closed, _) = mpsc::unbounded_channel();
+                    slot.data = closed;
+                }
+            }
+            Kind::Hello | Kind::Welcome => {
+                return Err(MuxError::Protocol(format!("{:?} inside a running session", frame.kind)));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MuxStream {
+    pub fn id(&self) -> u32 {
+        self.writer.reg.id
+    }
+
+    pub fn split(self) -> (StreamReader, StreamWriter) {
+        (self.reader, self.writer)
+    }
+
+    pub async fn send(&self, data: &[u8]) -> Result<(), MuxError> {
+        self.writer.send(data).await
+    }
+
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.reader.recv().await
+    }
+
+    pub async fn close(&mut self) {
+        self.writer.close().await
+    }
+}
+
+impl StreamWriter {
+    /// Sends `data`, waiting for window as needed.
+    pub async fn send(&self, data: &[u8]) -> Result<(), MuxError> {
+        let reg = &self.reg;
+        for chunk in data.chunks(MAX_PAYLOAD.min(WINDOW as usize)) {
+            let permits = self
+                .send_credit
+                .acquire_many(chunk.len() as u32)
+                .await
+                .map_err(|_| MuxError::Closed)?;
+            permits.forget();
+            reg.shared
+                .out
+                .send(Frame::new(Kind::Data, reg.id, Bytes::copy_from_slice(chunk)))
+                .await
+                .map_err(|_| MuxError::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Ends this side's sending.
+    pub async fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            let _ = self
+                .reg
+                .shared
+                .out
+                .send(Frame::new(Kind::Close, self.reg.id, Bytes::new()))
+                .await;
+        }
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self
+                .reg
+                .shared
+                .out
+                .try_send(Frame::new(Kind::Close, self.reg.id, Bytes::new()));
+        }
+    }
+}
+
+impl StreamReader {
+    /// The next bytes from the peer; `None` when the peer closed the stream
+    /// or the session ended. Taking them returns window to the peer.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let data = self.data.recv().await?;
+        let n = data.len() as u32;
+        self.recv_credit.fetch_add(n as i64, Ordering::AcqRel);
+        let reg = &self.reg;
+        let _ = reg
+            .shared
+            .out
+            .send(Frame::new(Kind::Window, reg.id, n.to_be_bytes().to_vec()))
+            .await;
+        Some(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sha2::{Digest, Sha256};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::tls::{Identity, client_config};
+
+    /// Two ends of a real TLS session on loopback, each running a mux.
+    async fn pair() -> ((Mux, Incoming), (Mux, Incoming)) {
+        let id = Identity::generate(&["gateway".into()]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
+        let server = tokio::spawn(async move { acceptor.accept(listener.accept().await.unwrap().0).await.unwrap() });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("gateway").unwrap();
+        let client = TlsConnector::from(client_config(id.fingerprint()).unwrap())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let server = server.await.unwrap();
+        let (g, g_in, _) = Mux::start(server);
+        let (a, a_in, _) = Mux::start(client);
+        ((g, g_in), (a, a_in))
+    }
+
+    /// Echoes every stream the peer opens, until the session ends.
+    fn echo_all(mut incoming: Incoming, skip: Option<Bytes>) -> JoinHandle<Vec<MuxStream>> {
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((s, meta)) = incoming.recv().await {
+                if Some(&meta) == skip.as_ref() {
+                    // Accept, never read: a stalled consumer.
+                    held.push(s);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = s.split();
+                    while let Some(chunk) = rd.recv().await {
+                        if wr.send(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    wr.close().await;
+                });
+            }
+            held
+        })
+    }
+
+    fn payload(seed: u32, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    }
+
+    /// Sends `data` on a new stream and returns the SHA-256 of what came back.
+    async fn round_trip(mux: Mux, meta: &'static [u8], data: Vec<u8>) -> [u8; 32] {
+        let (mut rd, mut wr) = mux.open(Bytes::from_static(meta)).await.unwrap().split();
+        let len = data.len();
+        let send = async move {
+            wr.send(&data).await.unwrap();
+            wr.close().await;
+            wr
+        };
+        let receive = async move {
+            let mut hash = Sha256::new();
+            let mut got = 0;
+            while got < len {
+                let chunk = rd.recv().await.expect("the echo ends early");
+                got += chunk.len();
+                hash.update(&chunk);
+            }
+            hash.finalize().into()
+        };
+        let (_wr, digest) = tokio::join!(send, receive);
+        digest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_hundred_streams_of_a_megabyte_arrive_intact() {
+        let ((gw, _g_in), (_agent, a_in)) = pair().await;
+        let _echo = echo_all(a_in, None);
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let data = payload(i, 1 << 20);
+            let want: [u8; 32] = Sha256::digest(&data).into();
+            let gw = gw.clone();
+            tasks.push(tokio::spawn(
+                async move { (round_trip(gw, b"visitor", data).await, want) },
+            ));
+        }
+        for t in tasks {
+            let (got, want) = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("bounded")
+                .unwrap();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_stream_does_not_stall_the_others() {
+        let ((gw, _g_in), (_agent, a_in)) = pair().await;
+        let _echo = echo_all(a_in, Some(Bytes::from_static(b"stalled")));
+        let stalled = gw.open(Bytes::from_static(b"stalled")).await.unwrap();
+        let blocked = tokio::spawn(async move { stalled.send(&vec![0u8; 4 << 20]).await });
+        for i in 0..20 {
+            let data = payload(i, 512 << 10);
+            let want: [u8; 32] = Sha256::digest(&data).into();
+            let got = tokio::time::timeout(Duration::from_secs(60), round_trip(gw.clone(), b"ok", data))
+                .await
+                .expect("others keep flowing");
+            assert_eq!(got, want);
+        }
+        assert!(
+            !blocked.is_finished(),
+            "the stalled stream is held at its window, not buffered without bound"
+        );
+        blocked.abort();
+    }
+
+    #[tokio::test]
+    async fn goodbye_ends_the_session_with_its_reason() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (left, _, _) = Mux::start(a);
+        let (_right, _, task) = Mux::start(b);
+        left.control(Kind::Goodbye, Bytes::from_static(b"revoked"))
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("bounded")
+            .unwrap();
+        assert!(matches!(ended, Err(MuxError::Goodbye(reason)) if reason == "revoked"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_sending_past_its_window_is_cut_off() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_mux, mut incoming, task) = Mux::start(b);
+        let mut raw = a;
+        Frame::new(Kind::Open, 1, Bytes::new()).write(&mut raw).await.unwrap();
+        let (_stream, _) = incoming.recv().await.unwrap();
+        for _ in 0..(WINDOW as usize / MAX_PAYLOAD + 1) {
+            Frame::new(Kind::Data, 1, vec![0u8; MAX_PAYLOAD])
+                .write(&mut raw)
+                .await
+                .unwrap();
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("bounded")
+            .unwrap();
+        assert!(matches!(ended, Err(MuxError::Protocol(_))), "{ended:?}");
+    }
+}
