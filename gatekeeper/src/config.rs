@@ -85,6 +85,18 @@ struct FileConfig {
     knock: KnockSection,
     #[serde(default)]
     audit: AuditSection,
+    #[serde(default)]
+    tunnel: TunnelSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelSection {
+    port: Option<u16>,
+    #[serde(default, deserialize_with = "de_parse")]
+    ports: Option<crate::spec::PortRange>,
+    #[serde(default, deserialize_with = "de_duration")]
+    heartbeat: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,7 +117,7 @@ struct AuditSection {
     sample_every: Option<u32>,
 }
 
-fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecError>>(
+pub(crate) fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecError>>(
     d: D,
 ) -> Result<Option<T>, D::Error> {
     let s = String::deserialize(d)?;
@@ -141,6 +153,12 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Addresses clients may knock on; empty: the address each knock was sent to.
     pub public_addrs: Vec<std::net::IpAddr>,
+    /// Where agents dial in (TLS), behind the gate.
+    pub tunnel_port: u16,
+    /// Published ports are leased from this range.
+    pub tunnel_ports: crate::spec::PortRange,
+    /// An agent silent for this long is dropped and its port closed.
+    pub tunnel_heartbeat: Duration,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,6 +171,7 @@ pub const DEFAULT_KNOCK_BURST: u32 = 40;
 pub const DEFAULT_AUDIT_SAMPLE_EVERY: u32 = 64;
 pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(120);
 pub const DEFAULT_KNOCK_OPEN_FOR: Duration = Duration::from_secs(30);
+pub const DEFAULT_TUNNEL_HEARTBEAT: Duration = Duration::from_secs(30);
 
 impl Settings {
     /// Defaults, then `file` (if any; else the state directory's
@@ -223,6 +242,9 @@ impl Settings {
             audit_sample_every: f.audit.sample_every.unwrap_or(DEFAULT_AUDIT_SAMPLE_EVERY),
             state_dir,
             public_addrs: f.public_addrs.unwrap_or_default(),
+            tunnel_port: f.tunnel.port.unwrap_or(crate::tunnels::DEFAULT_TUNNEL_PORT),
+            tunnel_ports: f.tunnel.ports.unwrap_or(crate::tunnels::DEFAULT_LEASE_RANGE),
+            tunnel_heartbeat: f.tunnel.heartbeat.unwrap_or(DEFAULT_TUNNEL_HEARTBEAT),
         })
     }
 

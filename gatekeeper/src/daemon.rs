@@ -63,7 +63,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;
     let gate = Gate::open(dir)?;
     // Configure before attaching: an unconfigured program gates nothing.
-    gate.set_protected(&settings.protect)?;
+    let gated = gated_ports(&settings);
+    gate.set_protected(&gated)?;
     let ephemeral = ephemeral_ports();
     gate.set_config(&settings.map_config(ephemeral))?;
     let attachment = loader::attach(&mut ebpf, &settings.iface, dir, settings.xdp_mode)?;
@@ -72,7 +73,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         iface = %settings.iface,
         pin_dir = %dir.display(),
         attachment = attachment.name(),
-        protect = %settings.protect,
+        protect = %gated,
         mode = ?settings.mode,
         knock_udp_port = settings.knock_udp_port,
         ephemeral = format!("{}-{}", ephemeral.0, ephemeral.1),
@@ -95,6 +96,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             None
         }
     };
+    if knocks.is_some() {
+        let (state, port, heartbeat) = (
+            settings.state_dir.clone(),
+            settings.tunnel_port,
+            settings.tunnel_heartbeat,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = crate::tunnels::service::run(state, port, heartbeat).await {
+                warn!(error = %e, "the tunnel gateway stopped");
+            }
+        });
+    }
     // Revocations must bite within a second.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
@@ -144,6 +157,24 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         }
     );
     Ok(exit)
+}
+
+/// What the gate protects: the configured ports and, once the state is
+/// initialised (so the tunnel gateway runs), the tunnel port and the range
+/// published ports are leased from.
+fn gated_ports(settings: &Settings) -> crate::spec::PortSet {
+    let mut ports = settings.protect.clone();
+    if crate::state::StateDir::new(&settings.state_dir).initialised() {
+        let tunnel = crate::spec::PortRange {
+            lo: settings.tunnel_port,
+            hi: settings.tunnel_port,
+        };
+        ports.ranges.extend([
+            (crate::spec::Proto::Tcp, tunnel),
+            (crate::spec::Proto::Tcp, settings.tunnel_ports),
+        ]);
+    }
+    ports
 }
 
 fn interface_exists(name: &str) -> bool {

@@ -2,7 +2,7 @@
 //! grants, audit it, and follow the client registry on disk, so that
 //! revoking a client takes effect within a second and closes its entries.
 
-use std::{path::Path, time::SystemTime};
+use std::time::SystemTime;
 
 use gatekeeper_common::maps::WhitelistValue;
 use serde_json::json;
@@ -27,14 +27,15 @@ pub struct KnockService {
     seen: Vec<(String, Option<SystemTime>)>,
 }
 
-fn snapshot(dir: &Path) -> Vec<(String, Option<SystemTime>)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
+/// Names and modification times of the client and tunnel records: a
+/// change means the registry must be reloaded.
+fn snapshot(state: &StateDir) -> Vec<(String, Option<SystemTime>)> {
+    let mut out: Vec<_> = [state.clients_dir(), state.root().join("tunnels")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
         .map(|e| {
             (
-                e.file_name().to_string_lossy().into_owned(),
+                e.path().to_string_lossy().into_owned(),
                 e.metadata().and_then(|m| m.modified()).ok(),
             )
         })
@@ -56,7 +57,7 @@ impl KnockService {
             path: audit_path,
             source,
         })?;
-        let seen = snapshot(&state.clients_dir());
+        let seen = snapshot(&state);
         info!(clients = registry.clients().count(), state_dir = %settings.state_dir.display(), "knock verification on");
         Ok(KnockService {
             state,
@@ -108,7 +109,7 @@ impl KnockService {
     /// Reloads the registry if the clients directory changed, and closes
     /// the entries of clients that are no longer allowed.
     pub fn follow_registry(&mut self, gate: &Gate) {
-        let now_seen = snapshot(&self.state.clients_dir());
+        let now_seen = snapshot(&self.state);
         if now_seen == self.seen {
             return;
         }

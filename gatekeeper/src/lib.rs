@@ -22,3 +22,4 @@ pub mod pins;
 pub mod spec;
 pub mod state;
 pub mod sweeper;
+pub mod tunnels;

@@ -107,16 +107,27 @@ impl Credential {
 
 /// The parts of `gatekeeper.toml` the state itself needs.
 #[derive(Debug, Default, Deserialize)]
-struct Addresses {
+pub(crate) struct Addresses {
     #[serde(default)]
-    public_addrs: Vec<IpAddr>,
+    pub(crate) public_addrs: Vec<IpAddr>,
     #[serde(default)]
     knock: KnockPort,
+    #[serde(default)]
+    pub(crate) tunnel: TunnelPorts,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct KnockPort {
     udp_port: Option<u16>,
+}
+
+/// `[tunnel]` in gatekeeper.toml: where agents dial in, and the range
+/// published ports are leased from.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct TunnelPorts {
+    pub(crate) port: Option<u16>,
+    #[serde(default, deserialize_with = "crate::config::de_parse")]
+    pub(crate) ports: Option<crate::spec::PortRange>,
 }
 
 pub fn unix_now() -> u64 {
@@ -126,7 +137,7 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn read(path: &Path) -> Result<String, StateError> {
+pub(crate) fn read(path: &Path) -> Result<String, StateError> {
     std::fs::read_to_string(path).map_err(|source| StateError::Io {
         path: path.into(),
         source,
@@ -154,7 +165,7 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), StateError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .chars()
@@ -233,6 +244,11 @@ impl StateDir {
         Ok(PublicKey::from(&secret))
     }
 
+    /// Whether `gatekeeper init` has run here.
+    pub fn initialised(&self) -> bool {
+        self.root.join(SERVER_KEY).exists()
+    }
+
     pub fn server_secret(&self) -> Result<StaticSecret, StateError> {
         let path = self.root.join(SERVER_KEY);
         if !path.exists() {
@@ -245,7 +261,7 @@ impl StateDir {
         })
     }
 
-    fn addresses(&self) -> Result<Addresses, StateError> {
+    pub(crate) fn addresses(&self) -> Result<Addresses, StateError> {
         let path = self.config_path();
         if !path.exists() {
             return Ok(Addresses::default());

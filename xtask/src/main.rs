@@ -115,6 +115,8 @@ fn test() -> Result<()> {
                 "gate_lab",
                 "--test",
                 "knock_lab",
+                "--test",
+                "tunnel_lab",
             ],
         ),
     ];

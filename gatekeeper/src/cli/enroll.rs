@@ -16,7 +16,7 @@ use serde_json::json;
 pub struct StateArg {
     /// The gateway's state directory.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 /// Create the gateway's key pair and a starter config in the state directory.

@@ -2,7 +2,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs},
+    net::{IpAddr, TcpStream, ToSocketAddrs},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use gatekeeper::{
-    client::{Carrier, Knocker, Request, raw},
+    client::{Carrier, Knocker, Request},
     spec::{PortRange, Proto},
     state::Credential,
 };
@@ -112,29 +112,6 @@ pub struct Connect {
     timeout: Duration,
 }
 
-/// Connects from `sport`; `None` when it does not come up in time.
-fn connect_from(target: SocketAddr, sport: u16, timeout: Duration) -> Result<Option<TcpStream>> {
-    let domain = if target.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    let any: IpAddr = if target.is_ipv4() {
-        "0.0.0.0".parse()?
-    } else {
-        "::".parse()?
-    };
-    sock.bind(&SocketAddr::new(any, sport).into())
-        .with_context(|| format!("binding source port {sport}"))?;
-    match sock.connect_timeout(&target.into(), timeout) {
-        Ok(()) => Ok(Some(sock.into())),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("connecting to {target}")),
-    }
-}
-
 pub fn connect(args: Connect) -> Result<()> {
     let k = knocker(&args.credential)?;
     let target = args
@@ -143,33 +120,9 @@ pub fn connect(args: Connect) -> Result<()> {
         .with_context(|| format!("resolving {:?} (expected HOST:PORT)", args.target))?
         .next()
         .with_context(|| format!("{:?} resolves to no address", args.target))?;
-    let req = Request {
-        proto: Proto::Tcp,
-        ports: PortRange {
-            lo: target.port(),
-            hi: target.port(),
-        },
-        source_port: None,
-    };
-    let mut stream = None;
-    for _attempt in 0..2 {
-        let sport = raw::ephemeral_port();
-        k.send(
-            target.ip(),
-            &Request {
-                source_port: Some(sport),
-                ..req
-            },
-            Carrier::Syn,
-        )?;
-        // The gateway opens within a few milliseconds of the knock.
-        std::thread::sleep(Duration::from_millis(20));
-        if let Some(s) = connect_from(target, sport, args.timeout)? {
-            stream = Some(s);
-            break;
-        }
-    }
-    let stream = stream.with_context(|| format!("{target} did not answer after two knocks: is the credential enrolled and enabled, and the port in its policy?"))?;
+    let stream = k.knock_and_connect(target, args.timeout)?.with_context(|| {
+        format!("{target} did not answer after two knocks: is the credential enrolled and enabled, and the port in its policy?")
+    })?;
     relay(stream)
 }
 

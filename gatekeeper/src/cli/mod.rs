@@ -4,6 +4,7 @@ mod enroll;
 mod knock;
 mod maps;
 mod run;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -37,6 +38,31 @@ enum Command {
     Client(enroll::Client),
     Knock(knock::Knock),
     Connect(knock::Connect),
+    #[command(subcommand)]
+    Tunnel(tunnel::Tunnel),
+    Agent(tunnel::Agent),
+}
+
+/// Log format on stderr, for the long-running commands.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Structured logs on stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Which gate a command works on.
@@ -90,5 +116,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Client(c) => enroll::client(c),
         Command::Knock(k) => knock::knock(k),
         Command::Connect(c) => knock::connect(c),
+        Command::Tunnel(t) => tunnel::tunnel(t),
+        Command::Agent(a) => tunnel::agent(a),
     }
 }

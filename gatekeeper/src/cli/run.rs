@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
+use super::LogFormat;
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use gatekeeper::{
     config::{Mode, Overrides, Settings, XdpModeChoice},
     daemon::{self, Exit},
     spec::{self, PortSet},
 };
-use tracing_subscriber::EnvFilter;
 
 /// Load the gate on an interface and serve it.
 ///
@@ -56,27 +56,12 @@ pub struct RunArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn parse_protect(s: &str) -> Result<PortSet, spec::SpecError> {
     s.parse()
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    super::init_logging(args.log_format);
     let overrides = Overrides {
         iface: args.iface,
         pin_dir: args.pin_dir,

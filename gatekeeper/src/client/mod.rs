@@ -168,3 +168,66 @@ impl Knocker {
         }
     }
 }
+
+/// Connects from `sport`; `None` when it does not come up in time.
+fn connect_from(
+    target: SocketAddr,
+    sport: u16,
+    timeout: std::time::Duration,
+) -> Result<Option<std::net::TcpStream>, ClientError> {
+    let io = |what: String| move |source| ClientError::Io { what, source };
+    let domain = if target.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(io("opening a socket".into()))?;
+    sock.set_reuse_address(true)
+        .map_err(io("setting SO_REUSEADDR".into()))?;
+    let any: IpAddr = if target.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    sock.bind(&SocketAddr::new(any, sport).into())
+        .map_err(io(format!("binding source port {sport}")))?;
+    match sock.connect_timeout(&target.into(), timeout) {
+        Ok(()) => Ok(Some(sock.into())),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => Ok(None),
+        Err(e) => Err(ClientError::Io {
+            what: format!("connecting to {target}"),
+            source: e,
+        }),
+    }
+}
+
+impl Knocker {
+    /// Knocks with a TCP SYN for `target`'s port, then connects from the
+    /// same source port; knocks once more if the connection does not come
+    /// up within `timeout`.
+    pub fn knock_and_connect(
+        &self,
+        target: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<Option<std::net::TcpStream>, ClientError> {
+        for _attempt in 0..2 {
+            let sport = raw::ephemeral_port();
+            let req = Request {
+                proto: Proto::Tcp,
+                ports: PortRange {
+                    lo: target.port(),
+                    hi: target.port(),
+                },
+                source_port: Some(sport),
+            };
+            self.send(target.ip(), &req, Carrier::Syn)?;
+            // The gateway opens within a few milliseconds of the knock.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if let Some(s) = connect_from(target, sport, timeout)? {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -45,13 +45,28 @@ impl Registry {
         let server_public = PublicKey::from(&server);
         let mut by_key = HashMap::new();
         let mut problems = Vec::new();
+        // A live tunnel lets the clients it names knock for its published port.
+        let now = crate::state::unix_now();
+        let tunnels = crate::tunnels::Tunnels::new(state).list().unwrap_or_else(|e| {
+            problems.push(format!("tunnel records: {e}"));
+            Vec::new()
+        });
         for rec in state.clients()? {
             let client = keys::decode_public(&rec.public_key)
                 .map_err(|e| e.to_string())
                 .and_then(|public| {
                     let id = keys::key_id(&public);
                     let key = keys::session_key(&server, &public, &id, &server_public).map_err(|e| e.to_string())?;
-                    let policy = rec.policy()?;
+                    let mut policy = rec.policy()?;
+                    for t in tunnels.iter().filter(|t| t.live_at(now) && t.allow.contains(&rec.name)) {
+                        policy.ranges.push((
+                            Proto::Tcp,
+                            PortRange {
+                                lo: t.public_port,
+                                hi: t.public_port,
+                            },
+                        ));
+                    }
                     Ok((
                         id,
                         Client {

@@ -1,0 +1,202 @@
+//! `gatekeeper tunnel` (the gateway's side) and `gatekeeper agent` (the
+//! private network's side).
+
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use gatekeeper::{
+    spec,
+    state::{StateDir, unix_now},
+    tunnels::{Token, Tunnels, agent, service::STATUS_FILE},
+};
+use serde_json::json;
+
+use super::enroll::StateArg;
+
+/// Publish services from private networks through this gateway.
+#[derive(Subcommand, Debug)]
+pub enum Tunnel {
+    /// Issue a tunnel and print its token for the private network's operator.
+    ///
+    /// The token holds the gateway's addresses and tunnel port, its
+    /// certificate fingerprint, a knock credential for the agent, and the
+    /// tunnel secret (the gateway keeps only its hash). Treat it as a secret.
+    ///
+    /// Example: gatekeeper tunnel issue web --owner ops --allow laptop,phone
+    Issue {
+        name: String,
+        /// Who is responsible for the published service (for the audit log).
+        #[arg(long)]
+        owner: String,
+        /// Enrolled clients that may knock for the published port.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// The public port [default: the first free one of [tunnel] ports].
+        #[arg(long)]
+        public_port: Option<u16>,
+        #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
+        expires: Option<Duration>,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// List tunnels: owner, port, whether an agent is connected and since
+    /// when, connections and bytes.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Revoke a tunnel: closes its port and live connections within a
+    /// second, and tells its agent to stop.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+}
+
+/// Run inside the private network: publish HOST:PORT through the gateway.
+///
+/// Knocks, dials the gateway over TLS (pinning the certificate from the
+/// token), proves itself with the token and relays public connections to
+/// --forward. Reconnects by itself; exits only when the tunnel is revoked.
+///
+/// Example: gatekeeper agent --token-file web.token --forward 127.0.0.1:8080
+#[derive(Args, Debug)]
+pub struct Agent {
+    /// The token from `gatekeeper tunnel issue`.
+    #[arg(long, conflicts_with = "token_file", required_unless_present = "token_file")]
+    token: Option<String>,
+    /// A file holding the token (keep it 0600).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The private service: HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    forward: String,
+}
+
+pub fn tunnel(cmd: Tunnel) -> Result<()> {
+    match cmd {
+        Tunnel::Issue {
+            name,
+            owner,
+            allow,
+            public_port,
+            expires,
+            state,
+        } => {
+            let state = StateDir::new(&state.state_dir);
+            let (rec, token) = Tunnels::new(&state).issue(&name, &owner, &allow, public_port, expires)?;
+            eprintln!(
+                "issued tunnel {} (owner {}), public port {}; allowed: {}",
+                rec.name,
+                rec.owner,
+                rec.public_port,
+                if rec.allow.is_empty() {
+                    "nobody yet".into()
+                } else {
+                    rec.allow.join(", ")
+                }
+            );
+            eprintln!("give this token to the private network's operator, privately:");
+            println!("{}", token.encode());
+        }
+        Tunnel::List { json, state } => {
+            let state = StateDir::new(&state.state_dir);
+            let records = Tunnels::new(&state).list()?;
+            let status: serde_json::Value = std::fs::read_to_string(state.root().join(STATUS_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let now = unix_now();
+            let rows: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| {
+                    let s = &status[&r.name];
+                    json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now),
+                           "connected": s["connected"].as_bool().unwrap_or(false), "since": s["since"], "connections": s["connections"].as_u64().unwrap_or(0),
+                           "bytes_in": s["bytes_in"].as_u64().unwrap_or(0), "bytes_out": s["bytes_out"].as_u64().unwrap_or(0)})
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else if rows.is_empty() {
+                println!("no tunnels: gatekeeper tunnel issue NAME --owner WHO --allow CLIENT");
+            } else {
+                println!(
+                    "{:<20} {:<12} {:>6} {:<10} {:<20} {:>6} {:>12} {:>12}",
+                    "NAME", "OWNER", "PORT", "STATE", "AGENT", "CONNS", "IN", "OUT"
+                );
+                for r in &rows {
+                    let state = if r["revoked"] == true {
+                        "revoked"
+                    } else if r["live"] == true {
+                        "live"
+                    } else {
+                        "expired"
+                    };
+                    let agent = if r["connected"] == true {
+                        format!(
+                            "since {}",
+                            r["since"].as_u64().map(gatekeeper::audit::rfc3339).unwrap_or_default()
+                        )
+                    } else {
+                        "not connected".into()
+                    };
+                    println!(
+                        "{:<20} {:<12} {:>6} {:<10} {:<20} {:>6} {:>12} {:>12}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["owner"].as_str().unwrap_or(""),
+                        r["port"],
+                        state,
+                        agent,
+                        r["connections"],
+                        r["bytes_in"],
+                        r["bytes_out"]
+                    );
+                }
+            }
+        }
+        Tunnel::Revoke { name, state } => {
+            let state = StateDir::new(&state.state_dir);
+            Tunnels::new(&state).revoke(&name)?;
+            println!(
+                "revoked tunnel {name}: the running daemon closes its port and connections and tells its agent to stop"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn agent(args: Agent) -> Result<()> {
+    let text = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?
+        }
+        (None, None) => bail!("pass --token TOKEN or --token-file FILE"),
+    };
+    let token = Token::decode(&text)?;
+    let forward: SocketAddr = args
+        .forward
+        .to_socket_addrs()
+        .with_context(|| format!("resolving --forward {:?} (expected HOST:PORT)", args.forward))?
+        .next()
+        .with_context(|| format!("--forward {:?} resolves to no address", args.forward))?;
+    super::init_logging(super::LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(agent::run(token, forward, |public| {
+        eprintln!("gatekeeper agent: {forward} is published at {public}")
+    }))?;
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The agent: inside a private network, knocks on the gateway, dials it over
+//! TLS (pinning its certificate), proves itself with the token, and relays
+//! the gateway's streams to the private service. Reconnects forever with
+//! capped, jittered backoff, unless told it is revoked.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use rand_core::{OsRng, RngCore};
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+use tunnel::{
+    frame::Kind,
+    mux::{Mux, MuxError},
+    session::{SessionError, hello, serve_private},
+    tls::client_config,
+};
+
+use super::{Token, TunnelError};
+use crate::client::{ClientError, Knocker};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Token(#[from] TunnelError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the token names no gateway address")]
+    NoGateway,
+    #[error("the gateway refused this agent: {0}. Ask the gateway's operator for a new token")]
+    Refused(String),
+}
+
+/// One attempt's end.
+enum Ended {
+    /// Worth retrying, with why.
+    Retry(String),
+    /// Retrying cannot help: revoked, a token the gateway does not accept,
+    /// or a certificate other than the pinned one.
+    Fatal(String),
+}
+
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Runs until revoked. `published` hears the public port on every
+/// successful session.
+pub async fn run(token: Token, forward: SocketAddr, published: impl Fn(SocketAddr)) -> Result<(), AgentError> {
+    let gateway = *token.gateway.first().ok_or(AgentError::NoGateway)?;
+    let target = SocketAddr::new(gateway, token.tunnel_port);
+    let knocker = std::sync::Arc::new(Knocker::new(token.credential.clone())?);
+    let mut backoff = BACKOFF_START;
+    loop {
+        let (ended, connected) = attempt(&token, &knocker, target, forward, &published).await;
+        match ended {
+            Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
+            Ended::Retry(why) => {
+                if connected {
+                    backoff = BACKOFF_START;
+                }
+                // Up to a quarter either way, so agents do not retry in step.
+                let jitter = 0.75 + (OsRng.next_u32() % 1000) as f64 / 2000.0;
+                let wait = backoff.mul_f64(jitter);
+                warn!(%why, retry_in = ?wait, "tunnel session ended");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}
+
+/// One session; the bool says whether it got as far as being published.
+async fn attempt(
+    token: &Token,
+    knocker: &std::sync::Arc<Knocker>,
+    target: SocketAddr,
+    forward: SocketAddr,
+    published: &impl Fn(SocketAddr),
+) -> (Ended, bool) {
+    let k = knocker.clone();
+    let tcp = match tokio::task::spawn_blocking(move || k.knock_and_connect(target, Duration::from_secs(3))).await {
+        Ok(Ok(Some(tcp))) => tcp,
+        Ok(Ok(None)) => return (Ended::Retry(format!("{target} did not answer after knocking")), false),
+        Ok(Err(e)) => return (Ended::Retry(e.to_string()), false),
+        Err(e) => return (Ended::Retry(e.to_string()), false),
+    };
+    let tcp = match tcp
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+    {
+        Ok(t) => t,
+        Err(e) => return (Ended::Retry(e.to_string()), false),
+    };
+    let (pin, secret) = match (token.fingerprint(), token.secret_bytes()) {
+        (Ok(p), Ok(s)) => (p, s),
+        (Err(e), _) | (_, Err(e)) => return (Ended::Fatal(e.to_string()), false),
+    };
+    let config = match client_config(pin) {
+        Ok(c) => c,
+        Err(e) => return (Ended::Retry(e.to_string()), false),
+    };
+    let name = ServerName::try_from("gatekeeper").expect("a valid DNS name");
+    let mut tls = match TlsConnector::from(config).connect(name, tcp).await {
+        Ok(t) => t,
+        // Our verifier's refusal: the pinned certificate is not the one offered.
+        Err(e) if e.to_string().contains("the token pins") => return (Ended::Fatal(format!("TLS: {e}")), false),
+        Err(e) => return (Ended::Retry(format!("TLS with the gateway failed: {e}")), false),
+    };
+    let port = match hello(&mut tls, &token.token_id, &secret).await {
+        Ok(p) => p,
+        Err(SessionError::Refused(reason)) => return (Ended::Fatal(reason), false),
+        Err(e) => return (Ended::Retry(e.to_string()), false),
+    };
+    published(SocketAddr::new(target.ip(), port));
+    info!(public = %SocketAddr::new(target.ip(), port), %forward, "published");
+    let (mux, incoming, task) = Mux::start(tls);
+    let (_stop_tx, stop) = watch::channel(false);
+    let serving = tokio::spawn(serve_private(incoming, forward, stop));
+    let pinger = {
+        let mux = mux.clone();
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                beat.tick().await;
+                if mux.control(Kind::Ping, Bytes::new()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let ended = task.await;
+    pinger.abort();
+    serving.abort();
+    let ended = match ended {
+        Ok(Err(MuxError::Goodbye(reason))) if reason == "revoked" => Ended::Fatal("the tunnel was revoked".into()),
+        Ok(Err(e)) => Ended::Retry(e.to_string()),
+        Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
+        Err(e) => Ended::Retry(e.to_string()),
+    };
+    (ended, true)
+}

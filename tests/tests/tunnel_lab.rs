@@ -1,0 +1,280 @@
+//! The reverse tunnel end to end: an agent in a private network behind a
+//! NAT (no route from the client to it) publishes a private service through
+//! the gateway; the gateway's tunnel port and published port sit behind the
+//! gate. Real daemon, real agent process, real TLS. Needs root.
+
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    process::Child,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use gatekeeper_tests::{
+    lab::{Daemon, Lab, Role, eventually, output_within},
+    nmap,
+};
+
+const PRIVATE_PORT: u16 = 8080;
+const PUBLIC_PORT: u16 = 20000;
+
+/// Kills the agent however the test ends.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Agent {
+    /// Waits (bounded) for the agent to exit; returns its stderr.
+    fn exited(mut self, limit: Duration) -> Result<String> {
+        let out = output_within(
+            std::mem::replace(&mut self.0, std::process::Command::new("true").spawn()?),
+            limit,
+        )?;
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn public() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), PUBLIC_PORT)
+}
+
+fn tunnels(lab: &Lab) -> Result<Vec<serde_json::Value>> {
+    let json: serde_json::Value = serde_json::from_str(&lab.state_cli(&["tunnel", "list", "--json"])?)?;
+    Ok(json.as_array().cloned().unwrap_or_default())
+}
+
+fn connected(lab: &Lab) -> Result<bool> {
+    Ok(tunnels(lab)?.first().is_some_and(|t| t["connected"] == true))
+}
+
+/// A NAT lab with an echo service in the private network, a gateway with a
+/// tunnel `web` whose published port the client may knock for, and the
+/// token written to a file.
+fn setup() -> Result<(Lab, Daemon, std::path::PathBuf, std::path::PathBuf)> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::state::write_private(&token_file, token.trim())?;
+    let daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    Ok((lab, daemon, cred, token_file))
+}
+
+/// The state's own config plus a short heartbeat, so dead agents show fast.
+fn config(lab: &Lab) -> Result<String> {
+    let path = lab.scratch().join("gateway.toml");
+    std::fs::write(&path, "public_addrs = [\"10.77.0.1\"]\n[tunnel]\nheartbeat = \"3s\"\n")?;
+    Ok(path.to_str().context("utf-8 path")?.to_string())
+}
+
+fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<Agent> {
+    let forward = format!("127.0.0.1:{PRIVATE_PORT}");
+    let token = token_file.to_str().context("utf-8 path")?;
+    let agent = Agent(lab.spawn_gatekeeper(Role::NatA, &["agent", "--token-file", token, "--forward", &forward])?);
+    anyhow::ensure!(
+        eventually(Duration::from_secs(20), || connected(lab))?,
+        "the agent never connected: {:?}",
+        tunnels(lab)?
+    );
+    Ok(agent)
+}
+
+/// `gatekeeper connect` from the client to the published port, echoing `msg`.
+fn connect_echo(lab: &Lab, cred: &std::path::Path, msg: &[u8]) -> Result<Vec<u8>> {
+    let cred = cred.to_str().context("utf-8 path")?;
+    let target = public().to_string();
+    let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", cred, &target])?;
+    child.stdin.take().context("stdin")?.write_all(msg)?;
+    Ok(output_within(child, Duration::from_secs(30))?.stdout)
+}
+
+#[test]
+fn a_private_service_is_reachable_only_through_the_tunnel_and_only_after_a_knock() -> Result<()> {
+    let (lab, _daemon, cred, token) = setup()?;
+    let private = SocketAddr::new(IpAddr::V4(Role::NatA.addr()), PRIVATE_PORT);
+    assert!(
+        !lab.tcp_echo_works(Role::Client, private, None)?,
+        "the client has no route into the private network"
+    );
+    let _agent = start_agent(&lab, &token)?;
+    assert!(
+        !lab.tcp_echo_works(Role::Client, public(), None)?,
+        "published, but closed until the client knocks"
+    );
+    assert_eq!(connect_echo(&lab, &cred, b"hello private\n")?, b"hello private\n");
+
+    let scan = nmap::scan(&lab, Role::Intruder, "-sS", "7443,20000-20010", "10.77.0.1")?;
+    assert!(
+        scan.open.is_empty() && scan.closed.is_empty(),
+        "the intruder sees neither the tunnel port nor the published one: {scan:?}"
+    );
+    assert!(!lab.tcp_echo_works(Role::Intruder, public(), None)?);
+
+    let audit = lab.audit()?;
+    let conn = eventually(Duration::from_secs(5), || {
+        Ok(lab.audit()?.iter().any(|l| l["event"] == "tunnel_connection"))
+    })?;
+    assert!(conn, "each public connection is audited: {audit:?}");
+    let line = lab
+        .audit()?
+        .into_iter()
+        .find(|l| l["event"] == "tunnel_connection")
+        .context("audit line")?;
+    assert_eq!(
+        (
+            line["tunnel"].as_str(),
+            line["owner"].as_str(),
+            line["bytes_in"].as_u64()
+        ),
+        (Some("web"), Some("ops"), Some(14)),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hundred_concurrent_megabytes_arrive_intact() -> Result<()> {
+    let (lab, _daemon, cred, token) = setup()?;
+    let _agent = start_agent(&lab, &token)?;
+    // One UDP knock opens the published port to any source port of the client.
+    let cred = cred.to_str().context("utf-8 path")?;
+    lab.exec(
+        Role::Client,
+        &[
+            gatekeeper_tests::lab::gatekeeper_bin()?.to_str().context("utf-8")?,
+            "knock",
+            "--credential",
+            cred,
+            "--proto",
+            "tcp",
+            "--port",
+            "20000",
+            "--via",
+            "udp",
+        ],
+    )?;
+    assert!(eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+        Role::Client,
+        public(),
+        None
+    ))?);
+    let ok = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..200)
+            .map(|_| s.spawn(|| lab.tcp_bulk_echo_works(Role::Client, public(), 1 << 20)))
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| w.join().ok())
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    });
+    assert_eq!(ok, 200, "every connection's megabyte comes back byte for byte");
+    Ok(())
+}
+
+#[test]
+fn revocation_cuts_live_connections_stops_the_agent_and_frees_the_port() -> Result<()> {
+    let (lab, _daemon, cred, token) = setup()?;
+    let agent = start_agent(&lab, &token)?;
+    let cred = cred.to_str().context("utf-8 path")?;
+    let target = public().to_string();
+    // A live connection, held open.
+    let mut live = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", cred, &target])?;
+    let mut stdin = live.stdin.take().context("stdin")?;
+    stdin.write_all(b"first\n")?;
+    assert!(eventually(Duration::from_secs(10), || Ok(tunnels(&lab)?
+        .first()
+        .is_some_and(|t| t["connections"].as_u64() == Some(0))))?);
+    lab.state_cli(&["tunnel", "revoke", "web"])?;
+    let cut = eventually(Duration::from_secs(1), || Ok(live.try_wait()?.is_some()))?;
+    assert!(cut, "the live connection is cut within a second of the revocation");
+    drop(stdin);
+    let said = agent.exited(Duration::from_secs(10))?;
+    assert!(said.contains("revoked"), "the agent stops and says why: {said}");
+    let freed = lab.exec(Role::Gateway, &["ss", "-Htln", "sport = :20000"])?;
+    assert!(
+        String::from_utf8_lossy(&freed.stdout).trim().is_empty(),
+        "the published port is freed"
+    );
+    assert!(lab.audit()?.iter().any(|l| l["event"] == "tunnel_revoked"));
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_gets_its_port_back_and_reconnects_after_a_gateway_restart() -> Result<()> {
+    let (lab, mut daemon, cred, token) = setup()?;
+    let agent = start_agent(&lab, &token)?;
+    drop(agent);
+    assert!(
+        eventually(Duration::from_secs(10), || Ok(!connected(&lab)?))?,
+        "a dead agent is noticed within the heartbeat"
+    );
+    let agent = start_agent(&lab, &token)?;
+    assert_eq!(tunnels(&lab)?[0]["port"], PUBLIC_PORT, "same port for the same token");
+    assert_eq!(connect_echo(&lab, &cred, b"again\n")?, b"again\n");
+
+    daemon.kill9()?;
+    std::fs::remove_file(lab.state_dir().join(gatekeeper::tunnels::service::STATUS_FILE))?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    assert!(
+        eventually(Duration::from_secs(60), || connected(&lab))?,
+        "the agent reconnects by itself"
+    );
+    assert_eq!(connect_echo(&lab, &cred, b"after restart\n")?, b"after restart\n");
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
+    let (lab, _daemon, _cred, token_file) = setup()?;
+    let good = gatekeeper::tunnels::Token::decode(&std::fs::read_to_string(&token_file)?)?;
+    let forward = format!("127.0.0.1:{PRIVATE_PORT}");
+    for (what, token, needle) in [
+        (
+            "wrong secret",
+            gatekeeper::tunnels::Token {
+                secret: "00".repeat(32),
+                ..good.clone()
+            },
+            "wrong secret",
+        ),
+        (
+            "wrong fingerprint",
+            gatekeeper::tunnels::Token {
+                fingerprint: "11".repeat(32),
+                ..good.clone()
+            },
+            "fingerprint",
+        ),
+    ] {
+        let file = lab.scratch().join("bad.token");
+        gatekeeper::state::write_private(&file, &token.encode())?;
+        let agent = Agent(lab.spawn_gatekeeper(
+            Role::NatA,
+            &[
+                "agent",
+                "--token-file",
+                file.to_str().context("utf-8")?,
+                "--forward",
+                &forward,
+            ],
+        )?);
+        let said = agent.exited(Duration::from_secs(30))?;
+        assert!(said.contains(needle), "{what}: the agent says {said}");
+    }
+    let garbage = lab.spawn_gatekeeper(Role::NatA, &["agent", "--token", "not-a-token", "--forward", &forward])?;
+    let out = output_within(garbage, Duration::from_secs(10))?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gkt1."),
+        "a malformed token is named"
+    );
+    Ok(())
+}
