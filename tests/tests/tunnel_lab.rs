@@ -19,17 +19,17 @@ use gatekeeper_tests::{
 const PRIVATE_PORT: u16 = 8080;
 const PUBLIC_PORT: u16 = 20000;
 
-/// Kills the agent however the test ends.
-struct Agent(Child);
+/// A helper process (an agent, a web server), killed however the test ends.
+struct Process(Child);
 
-impl Drop for Agent {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-impl Agent {
+impl Process {
     /// Waits (bounded) for the agent to exit; returns its stderr.
     fn exited(mut self, limit: Duration) -> Result<String> {
         let out = output_within(
@@ -74,10 +74,10 @@ fn config(lab: &Lab) -> Result<String> {
     Ok(path.to_str().context("utf-8 path")?.to_string())
 }
 
-fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<Agent> {
+fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<Process> {
     let forward = format!("127.0.0.1:{PRIVATE_PORT}");
     let token = token_file.to_str().context("utf-8 path")?;
-    let agent = Agent(lab.spawn_gatekeeper(Role::NatA, &["agent", "--token-file", token, "--forward", &forward])?);
+    let agent = Process(lab.spawn_gatekeeper(Role::NatA, &["agent", "--token-file", token, "--forward", &forward])?);
     anyhow::ensure!(
         eventually(Duration::from_secs(20), || connected(lab))?,
         "the agent never connected: {:?}",
@@ -257,7 +257,7 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
     ] {
         let file = lab.scratch().join("bad.token");
         gatekeeper::state::write_private(&file, &token.encode())?;
-        let agent = Agent(lab.spawn_gatekeeper(
+        let agent = Process(lab.spawn_gatekeeper(
             Role::NatA,
             &[
                 "agent",
@@ -276,5 +276,78 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("gkt1."),
         "a malformed token is named"
     );
+    Ok(())
+}
+
+#[test]
+fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
+    let (lab, _daemon, cred, _token) = setup()?;
+    // A second tunnel, for a real HTTP server in the private network.
+    let www = lab.scratch().join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), "<h1>private page</h1>\n")?;
+    let _http = Process(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(Role::NatA),
+                "python3",
+                "-m",
+                "http.server",
+                "8081",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let token = lab.state_cli(&["tunnel", "issue", "site", "--owner", "web-team", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("site.token");
+    gatekeeper::state::write_private(&token_file, token.trim())?;
+    let site = tunnels(&lab)?
+        .into_iter()
+        .find(|t| t["name"] == "site")
+        .context("issued")?;
+    let port = site["port"].as_u64().context("port")?.to_string();
+    let token_arg = token_file.to_str().context("utf-8")?;
+    let _agent = Process(lab.spawn_gatekeeper(
+        Role::NatA,
+        &["agent", "--token-file", token_arg, "--forward", "127.0.0.1:8081"],
+    )?);
+    let up = eventually(Duration::from_secs(20), || {
+        Ok(tunnels(&lab)?
+            .iter()
+            .any(|t| t["name"] == "site" && t["connected"] == true))
+    })?;
+    assert!(up, "the site's agent connects");
+    let url = format!("http://10.77.0.1:{port}/");
+    let curl = |role: Role| lab.exec(role, &["curl", "-sS", "--max-time", "3", &url]);
+    assert!(curl(Role::Client).is_err(), "closed before the client knocks");
+    let cred = cred.to_str().context("utf-8")?;
+    let bin = gatekeeper_tests::lab::gatekeeper_bin()?;
+    lab.exec(
+        Role::Client,
+        &[
+            bin.to_str().context("utf-8")?,
+            "knock",
+            "--credential",
+            cred,
+            "--proto",
+            "tcp",
+            "--port",
+            &port,
+            "--via",
+            "udp",
+        ],
+    )?;
+    let page = eventually(Duration::from_secs(10), || {
+        Ok(curl(Role::Client).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("private page")))
+    })?;
+    assert!(page, "curl gets the private page through the gateway");
+    assert!(curl(Role::Intruder).is_err(), "the intruder gets nothing");
     Ok(())
 }

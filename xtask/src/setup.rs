@@ -25,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "fwknop-server",
     "openssh-client",
     "openssh-server",
+    "curl",
 ];
 
 pub fn run() -> Result<()> {

@@ -44,6 +44,9 @@ enum Ended {
 }
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// The gateway pings at least every 10 s by default; three missed is dead.
+const GATEWAY_SILENT: Duration = Duration::from_secs(35);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// Runs until revoked. `published` hears the public port on every
@@ -119,26 +122,31 @@ async fn attempt(
     let (mux, incoming, task) = Mux::start(tls);
     let (_stop_tx, stop) = watch::channel(false);
     let serving = tokio::spawn(serve_private(incoming, forward, stop));
-    let pinger = {
+    // Heartbeats both ways: ping the gateway, and give up on a gateway
+    // that has said nothing (not even its own pings) for too long.
+    let heartbeat = {
         let mux = mux.clone();
-        tokio::spawn(async move {
-            let mut beat = tokio::time::interval(Duration::from_secs(10));
+        async move {
+            let mut beat = tokio::time::interval(PING_EVERY);
             loop {
                 beat.tick().await;
-                if mux.control(Kind::Ping, Bytes::new()).await.is_err() {
+                if mux.last_heard().elapsed() > GATEWAY_SILENT || mux.control(Kind::Ping, Bytes::new()).await.is_err() {
                     return;
                 }
             }
-        })
+        }
     };
-    let ended = task.await;
-    pinger.abort();
+    let mut task = task;
+    let ended = tokio::select! {
+        ended = &mut task => match ended {
+            Ok(Err(MuxError::Goodbye(reason))) if reason == "revoked" => Ended::Fatal("the tunnel was revoked".into()),
+            Ok(Err(e)) => Ended::Retry(e.to_string()),
+            Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
+            Err(e) => Ended::Retry(e.to_string()),
+        },
+        () = heartbeat => Ended::Retry(format!("the gateway was silent for {GATEWAY_SILENT:?}")),
+    };
+    task.abort();
     serving.abort();
-    let ended = match ended {
-        Ok(Err(MuxError::Goodbye(reason))) if reason == "revoked" => Ended::Fatal("the tunnel was revoked".into()),
-        Ok(Err(e)) => Ended::Retry(e.to_string()),
-        Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
-        Err(e) => Ended::Retry(e.to_string()),
-    };
     (ended, true)
 }
