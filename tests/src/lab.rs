@@ -451,16 +451,16 @@ impl Lab {
     pub fn serve_tcp_echo(&mut self, role: Role, port: u16) -> Result<()> {
         // `[::]` is dual-stack: it serves IPv4 and IPv6 alike.
         let listener = self.in_ns(role, move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
-        listener.set_nonblocking(true)?;
+        // A blocking accept that gives up every 100 ms to look at `stop`:
+        // connections are taken at once, and the thread still ends.
+        socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let stop = stop.clone();
-                        std::thread::spawn(move || echo_stream(conn, &stop));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                if let Ok((conn, _)) = listener.accept() {
+                    let _ = conn.set_nodelay(true);
+                    let stop = stop.clone();
+                    std::thread::spawn(move || echo_stream(conn, &stop));
                 }
             }
         }));

@@ -95,6 +95,9 @@ impl Drop for Registration {
 pub struct StreamReader {
     data: mpsc::UnboundedReceiver<Bytes>,
     recv_credit: Arc<AtomicI64>,
+    /// Consumed but not yet granted back; granted in batches, so a busy
+    /// stream sends one window frame per quarter window, not per chunk.
+    ungranted: u32,
     reg: Arc<Registration>,
 }
 
@@ -195,6 +198,7 @@ fn new_stream(shared: &Arc<Shared>, id: u32) -> MuxStream {
         reader: StreamReader {
             data,
             recv_credit,
+            ungranted: 0,
             reg: reg.clone(),
         },
         writer: StreamWriter {
@@ -344,14 +348,17 @@ impl StreamReader {
     /// or the session ended. Taking them returns window to the peer.
     pub async fn recv(&mut self) -> Option<Bytes> {
         let data = self.data.recv().await?;
-        let n = data.len() as u32;
-        self.recv_credit.fetch_add(n as i64, Ordering::AcqRel);
-        let reg = &self.reg;
-        let _ = reg
-            .shared
-            .out
-            .send(Frame::new(Kind::Window, reg.id, n.to_be_bytes().to_vec()))
-            .await;
+        self.ungranted += data.len() as u32;
+        if self.ungranted >= WINDOW / 4 || self.data.is_empty() {
+            let n = std::mem::take(&mut self.ungranted);
+            self.recv_credit.fetch_add(n as i64, Ordering::AcqRel);
+            let reg = &self.reg;
+            let _ = reg
+                .shared
+                .out
+                .send(Frame::new(Kind::Window, reg.id, n.to_be_bytes().to_vec()))
+                .await;
+        }
         Some(data)
     }
 }

@@ -30,12 +30,14 @@ pub struct Relayed {
 /// this side from reading, or two relays could wait on each other.
 pub async fn relay(tcp: TcpStream, stream: MuxStream, mut cancel: watch::Receiver<bool>) -> Relayed {
     let started = Instant::now();
+    // Small writes (requests, keystrokes) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
     let (mut tcp_rd, mut tcp_wr) = tcp.into_split();
     let (mut rd, mut wr) = stream.split();
     // Counted as bytes move, so a cancelled relay still reports them.
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let upward = async {
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = vec![0u8; crate::frame::MAX_PAYLOAD];
         loop {
             match tcp_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => {

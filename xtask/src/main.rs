@@ -68,6 +68,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { suite } => {
             require_root("the benchmarks load XDP programs and create network namespaces")?;
             setup::run()?;
+            if suite == "tunnel" {
+                setup::rathole()?;
+            }
             cargo(&["build", "--release", "-p", "gatekeeper"])?;
             cargo(&[
                 "run",

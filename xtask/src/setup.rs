@@ -36,6 +36,20 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// rathole 0.5, the tunnel benchmark's baseline, with its build needs.
+pub fn rathole() -> Result<()> {
+    if Command::new("rathole")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    install_packages(&["libssl-dev", "pkg-config"])?;
+    println!("setup: installing rathole 0.5 (the tunnel benchmark's baseline)");
+    status("cargo", &["install", "rathole", "--version", "0.5.0"], &[])
+}
+
 fn cargo_fuzz() -> Result<()> {
     if Command::new("cargo")
         .args(["fuzz", "--version"])
@@ -156,7 +170,12 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install_packages(PACKAGES)
+}
+
+/// Installs those of `packages` that are missing, with apt.
+fn install_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -91,7 +91,8 @@ async fn attempt(
         Err(e) => return (Ended::Retry(e.to_string()), false),
     };
     let tcp = match tcp
-        .set_nonblocking(true)
+        .set_nodelay(true)
+        .and_then(|()| tcp.set_nonblocking(true))
         .and_then(|()| tokio::net::TcpStream::from_std(tcp))
     {
         Ok(t) => t,

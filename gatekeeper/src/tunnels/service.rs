@@ -141,6 +141,8 @@ impl Gateway {
     }
 
     async fn session(self: Arc<Self>, tcp: TcpStream, agent: SocketAddr, acceptor: TlsAcceptor) {
+        // Frames are flushed as they are ready; Nagle would only add delay.
+        let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {

@@ -5,9 +5,12 @@
 //!   whitelisted throughput (see `gate.rs`).
 //! - `knock`: verification rate, and knock-to-open latency against fwknopd
 //!   (see `knock.rs`).
+//! - `tunnel`: throughput, new-connection latency and memory against the
+//!   direct path and rathole (see `tunnel.rs`).
 
 mod gate;
 mod knock;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -29,7 +32,8 @@ fn main() -> Result<()> {
     match suite.as_str() {
         "gate" => gate::run(&mut rows)?,
         "knock" => knock::run(&mut rows)?,
-        other => bail!("unknown benchmark suite {other:?}: the suites are `gate` and `knock`"),
+        "tunnel" => tunnel::run(&mut rows)?,
+        other => bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock` and `tunnel`"),
     }
     report(&suite, &rows)
 }
