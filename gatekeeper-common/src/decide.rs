@@ -200,7 +200,7 @@ pub fn entry_is_live(v: &WhitelistValue, now: u64, idle_ns: u64) -> bool {
 /// it from going idle, and no new TCP connection.
 #[inline(always)]
 fn entry_admits(v: &WhitelistValue, dport: u16, now: u64, idle_ns: u64, new_tcp: bool) -> bool {
-    if dport < v.dport_lo || dport > v.dport_hi {
+    if !v.admits_port(dport) {
         return false;
     }
     now < v.expires_ns || (!new_tcp && entry_is_live(v, now, idle_ns))

@@ -64,18 +64,79 @@ impl WhitelistKey {
 /// from knock-made ones.
 pub const FLAG_OPERATOR: u32 = 1;
 
+/// An inclusive destination-port range; `hi == 0` marks an unused slot
+/// (echo entries use 0..=65535).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortSpan {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// Port ranges one tuple's entry holds: a client that knocks for ssh and
+/// then for a web port keeps both open, not only the last.
+pub const SPANS: usize = 4;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WhitelistValue {
     pub expires_ns: u64,
     /// Last packet that matched; 0 until the first one.
     pub last_seen_ns: u64,
-    pub dport_lo: u16,
-    pub dport_hi: u16,
+    pub spans: [PortSpan; SPANS],
     pub flags: u32,
     /// Who the entry belongs to (a client id once knocks create entries).
     pub owner: u32,
-    pub _pad: u32,
+}
+
+impl WhitelistValue {
+    /// An entry open to `lo..=hi` until `expires_ns`.
+    pub const fn new(expires_ns: u64, lo: u16, hi: u16, flags: u32, owner: u32) -> Self {
+        let mut spans = [PortSpan { lo: 0, hi: 0 }; SPANS];
+        spans[0] = PortSpan { lo, hi };
+        WhitelistValue {
+            expires_ns,
+            last_seen_ns: 0,
+            spans,
+            flags,
+            owner,
+        }
+    }
+
+    /// Whether one of the entry's ranges holds `port`.
+    #[inline(always)]
+    pub fn admits_port(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < SPANS {
+            let s = self.spans[i];
+            if s.hi != 0 && s.lo <= port && port <= s.hi {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Adds `lo..=hi` unless already held; when every slot is taken, the
+    /// oldest range gives way.
+    pub fn add_span(&mut self, lo: u16, hi: u16) {
+        let span = PortSpan { lo, hi };
+        if self.spans.contains(&span) {
+            return;
+        }
+        match self.spans.iter().position(|s| s.hi == 0) {
+            Some(free) => self.spans[free] = span,
+            None => {
+                self.spans.rotate_left(1);
+                self.spans[SPANS - 1] = span;
+            }
+        }
+    }
+
+    /// The ranges in use.
+    pub fn used_spans(&self) -> impl Iterator<Item = PortSpan> + '_ {
+        self.spans.iter().copied().filter(|s| s.hi != 0)
+    }
 }
 
 /// Value of the ALLOWLIST LPM trie, keyed by a prefix of the 16-byte address
@@ -183,9 +244,30 @@ pub const STATS_LEN: u32 = crate::decide::Reason::COUNT as u32;
 
 const _: () = {
     assert!(core::mem::size_of::<WhitelistKey>() == 20);
-    assert!(core::mem::size_of::<WhitelistValue>() == 32);
+    assert!(core::mem::size_of::<WhitelistValue>() == 40);
     assert!(core::mem::size_of::<AllowValue>() == 8);
     assert!(core::mem::size_of::<KnockBucket>() == 16);
     assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<Event>() == 64 + crate::knock::MAX_LEN);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_holds_up_to_four_ranges_and_the_oldest_gives_way() {
+        let mut v = WhitelistValue::new(1, 22, 22, 0, 0);
+        v.add_span(8000, 8100);
+        v.add_span(22, 22);
+        assert!(v.admits_port(22) && v.admits_port(8050) && !v.admits_port(23));
+        assert_eq!(v.used_spans().count(), 2, "a range already held is not added twice");
+        for p in [1000, 2000, 3000] {
+            v.add_span(p, p);
+        }
+        assert!(!v.admits_port(22), "the oldest range gave way to the fifth");
+        assert!(v.admits_port(8050) && v.admits_port(3000));
+        let echo = WhitelistValue::new(1, 0, u16::MAX, 0, 0);
+        assert!(echo.admits_port(0), "echo entries cover port 0");
+    }
+}

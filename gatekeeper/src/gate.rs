@@ -142,8 +142,32 @@ impl Gate {
         Ok(out)
     }
 
-    /// Adds or replaces the entry for `tuple`, open to `ports` for `ttl`.
-    /// A tuple has one entry, so one port range; returns the entry replaced.
+    /// Opens `ports` to `key` until at least `expires_ns`: added to the
+    /// tuple's entry if it has one (which is then kept open at least that
+    /// long), else a new entry. Returns the entry as written.
+    pub fn whitelist_grant(
+        &self,
+        key: &WhitelistKey,
+        ports: PortRange,
+        expires_ns: u64,
+        flags: u32,
+        owner: u32,
+    ) -> Result<WhitelistValue, GateError> {
+        let value = match self.whitelist_get(key)? {
+            Some(mut v) => {
+                v.add_span(ports.lo, ports.hi);
+                v.expires_ns = v.expires_ns.max(expires_ns);
+                v.flags |= flags;
+                v.owner = owner;
+                v
+            }
+            None => WhitelistValue::new(expires_ns, ports.lo, ports.hi, flags, owner),
+        };
+        self.whitelist_insert(key, &value)?;
+        Ok(value)
+    }
+
+    /// [`Gate::whitelist_grant`] for what an operator types.
     pub fn whitelist_add(
         &self,
         tuple: &Tuple,
@@ -151,20 +175,9 @@ impl Gate {
         ttl: Duration,
         flags: u32,
         owner: u32,
-    ) -> Result<Option<WhitelistValue>, GateError> {
-        let key = tuple_key(tuple);
-        let value = WhitelistValue {
-            expires_ns: clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64),
-            last_seen_ns: 0,
-            dport_lo: ports.lo,
-            dport_hi: ports.hi,
-            flags,
-            owner,
-            _pad: 0,
-        };
-        let previous = self.whitelist_map()?.get(&key, 0).ok();
-        self.whitelist_insert(&key, &value)?;
-        Ok(previous)
+    ) -> Result<WhitelistValue, GateError> {
+        let expires = clock::now_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64);
+        self.whitelist_grant(&tuple_key(tuple), ports, expires, flags, owner)
     }
 
     /// The entry for `key`, if there is one.
@@ -344,6 +357,14 @@ pub fn protected_words(spec: &PortSet) -> Vec<u64> {
         }
     }
     words
+}
+
+/// An entry's port ranges as an operator writes them: `22,8000-8100`.
+pub fn spans_text(v: &WhitelistValue) -> String {
+    v.used_spans()
+        .map(|s| PortRange { lo: s.lo, hi: s.hi }.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn tuple_key(t: &Tuple) -> WhitelistKey {

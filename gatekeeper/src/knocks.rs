@@ -4,7 +4,6 @@
 
 use std::time::SystemTime;
 
-use gatekeeper_common::maps::WhitelistValue;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -78,23 +77,9 @@ impl KnockService {
             .verifier
             .check(knock, unix_now(), |nonce, until| gate.replay_record(nonce, until));
         if let Ok(grant) = &checked.outcome {
-            // A fresh knock for a live entry extends it; keep its activity.
-            let last_seen = gate
-                .whitelist_get(&grant.key)
-                .ok()
-                .flatten()
-                .map(|v| v.last_seen_ns)
-                .unwrap_or(0);
-            let value = WhitelistValue {
-                expires_ns: clock::now_ns().saturating_add(self.open_for_ns),
-                last_seen_ns: last_seen,
-                dport_lo: grant.ports.lo,
-                dport_hi: grant.ports.hi,
-                flags: 0,
-                owner: grant.client_id,
-                _pad: 0,
-            };
-            if let Err(e) = gate.whitelist_insert(&grant.key, &value) {
+            // A fresh knock for a live entry extends it and adds its ports.
+            let expires = clock::now_ns().saturating_add(self.open_for_ns);
+            if let Err(e) = gate.whitelist_grant(&grant.key, grant.ports, expires, 0, grant.client_id) {
                 warn!(error = %e, "could not open the gate for an accepted knock");
             }
         }

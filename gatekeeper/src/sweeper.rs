@@ -20,7 +20,7 @@ pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
         info!(
             event = "whitelist_expired",
             tuple,
-            ports = format!("{}-{}", e.value.dport_lo, e.value.dport_hi),
+            ports = crate::gate::spans_text(&e.value),
             "whitelist entry expired"
         );
     }

@@ -467,3 +467,31 @@ fn knocks_work_over_ipv6() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn knocks_for_two_ports_keep_both_open() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.serve_tcp_echo(Role::Gateway, 22)?;
+    lab.serve_tcp_echo(Role::Gateway, 23)?;
+    let cred = lab.enroll("multi", &["--allow", "tcp/22-23"])?;
+    let _daemon = lab.start_daemon(&["--protect", PROTECT])?;
+    for port in [22, 23] {
+        let req = Request {
+            ports: PortRange { lo: port, hi: port },
+            ..tcp22()
+        };
+        let packet = lab.with_knocker(Role::Client, &cred, move |k, server| Ok(k.build(server, &req, 0)?))?;
+        send_udp(&lab, Role::Client, packet)?;
+    }
+    assert!(eventually(Duration::from_secs(3), || Ok(lab.audit()?.len() == 2))?);
+    let audit = lab.audit()?;
+    assert!(audit.iter().all(|l| l["result"] == "accepted"), "{audit:?}");
+    let list = lab.cli_ok(&["whitelist", "list", "--json"])?;
+    assert!(list.contains("\"ports\":[\"22\",\"23\"]"), "{list}");
+    assert!(
+        lab.tcp_echo_works(Role::Client, gw(22), None)?,
+        "the first knock's port stays open"
+    );
+    assert!(lab.tcp_echo_works(Role::Client, gw(23), None)?, "and the second's");
+    Ok(())
+}

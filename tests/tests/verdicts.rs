@@ -41,13 +41,8 @@ fn v6(last: u16) -> [u8; 16] {
 
 fn entry(expires_ns: u64, last_seen_ns: u64, lo: u16, hi: u16) -> WhitelistValue {
     WhitelistValue {
-        expires_ns,
         last_seen_ns,
-        dport_lo: lo,
-        dport_hi: hi,
-        flags: 0,
-        owner: 0,
-        _pad: 0,
+        ..WhitelistValue::new(expires_ns, lo, hi, 0, 0)
     }
 }
 
@@ -102,6 +97,9 @@ fn standard_model(mode: u32) -> Model {
             entry(now + HOUR, 0, 1, 65535),
         );
         w.insert(WhitelistKey::new(v6(2), 0, proto::TCP), entry(now + HOUR, 0, 22, 22));
+        let mut two = entry(now + HOUR, 0, 22, 22);
+        two.add_span(8050, 8050);
+        w.insert(WhitelistKey::new(addr("10.0.0.8"), 0, proto::TCP), two);
         w.insert(
             WhitelistKey::new(v6(2), 40000, proto::UDP),
             entry(now + HOUR, 0, 53, 53),
@@ -242,6 +240,24 @@ fn hand_written_cases() -> Vec<Case> {
         case(
             "any-port entry, port outside range",
             v4("10.0.0.3", tcp(1234, 22, SYN)),
+            Drop,
+            Reason::NotAllowed,
+        ),
+        case(
+            "entry with two ranges, first",
+            v4("10.0.0.8", tcp(1234, 22, SYN)),
+            Pass,
+            Reason::Whitelisted,
+        ),
+        case(
+            "entry with two ranges, second",
+            v4("10.0.0.8", tcp(1234, 8050, SYN)),
+            Pass,
+            Reason::Whitelisted,
+        ),
+        case(
+            "entry with two ranges, neither",
+            v4("10.0.0.8", tcp(1234, 8000, SYN)),
             Drop,
             Reason::NotAllowed,
         ),
@@ -742,6 +758,7 @@ fn pools() -> Pools {
             "10.0.0.5",
             "10.0.0.6",
             "10.0.0.7",
+            "10.0.0.8",
             "192.168.50.9",
             "172.16.1.1",
             "203.0.113.9",

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use gatekeeper::{
     clock,
-    gate::{Gate, WhitelistEntry, key_tuple},
+    gate::{Gate, WhitelistEntry, key_tuple, spans_text},
     spec::{self, PortRange, Prefix, Tuple, format_duration},
 };
 use gatekeeper_common::maps::{AllowValue, FLAG_OPERATOR};
@@ -33,7 +33,8 @@ pub enum Whitelist {
     /// Let a tuple in: ADDR[:SRCPORT]/PROTO, e.g. 10.0.0.2/tcp (any source
     /// port), 10.0.0.2:40000/tcp, [2001:db8::2]:5353/udp.
     ///
-    /// A tuple holds one entry: adding it again replaces its ports and TTL.
+    /// Adding a tuple again adds its ports to the same entry (up to four
+    /// ranges; the oldest gives way) and keeps it open at least --ttl.
     Add {
         tuple: Tuple,
         /// Destination ports: PORT or LOW-HIGH.
@@ -125,15 +126,12 @@ pub fn whitelist(cmd: Whitelist) -> Result<()> {
             if tuple.proto == spec::Proto::Icmp && ports != PortRange::ALL {
                 anyhow::bail!("icmp has no ports: use --ports 1-65535 for {tuple}");
             }
-            let previous = open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
-            println!("added {tuple} -> ports {ports} for {}", format_duration(ttl));
-            if let Some(old) = previous {
-                let old_ports = PortRange {
-                    lo: old.dport_lo,
-                    hi: old.dport_hi,
-                };
-                println!("(replaced its previous entry for ports {old_ports}: a tuple holds one port range)");
-            }
+            let entry = open(&target)?.whitelist_add(&tuple, ports, ttl, FLAG_OPERATOR, 0)?;
+            println!(
+                "added {tuple} -> ports {ports} for {}; its entry is open to {}",
+                format_duration(ttl),
+                spans_text(&entry)
+            );
         }
         Whitelist::Del { tuple, target } => {
             open(&target)?.whitelist_del(&tuple)?;
@@ -157,8 +155,7 @@ fn entry_json(e: &WhitelistEntry, now: u64) -> serde_json::Value {
         "address": tuple.map(|t| t.addr.to_string()),
         "src_port": tuple.and_then(|t| t.src_port),
         "proto": tuple.map(|t| t.proto.name()),
-        "port_lo": e.value.dport_lo,
-        "port_hi": e.value.dport_hi,
+        "ports": e.value.used_spans().map(|s| PortRange { lo: s.lo, hi: s.hi }.to_string()).collect::<Vec<_>>(),
         "ttl_ms": remaining(e.value.expires_ns, now).map(|d| d.as_millis() as u64).unwrap_or(0),
         "expired": e.value.expires_ns <= now,
         "idle_ms": (e.value.last_seen_ns != 0).then(|| now.saturating_sub(e.value.last_seen_ns) / 1_000_000),
@@ -178,10 +175,7 @@ fn print_entries(entries: &[WhitelistEntry], now: u64) {
     );
     for e in entries {
         let t = key_tuple(&e.key);
-        let ports = PortRange {
-            lo: e.value.dport_lo,
-            hi: e.value.dport_hi,
-        };
+        let ports = spans_text(&e.value);
         let ttl = remaining(e.value.expires_ns, now)
             .map(format_duration)
             .unwrap_or_else(|| "expired".into());
@@ -197,7 +191,7 @@ fn print_entries(entries: &[WhitelistEntry], now: u64) {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "any".into()),
             t.map(|t| t.proto.name()).unwrap_or("?"),
-            ports.to_string(),
+            ports,
             ttl,
             idle,
             if e.value.flags & FLAG_OPERATOR != 0 {

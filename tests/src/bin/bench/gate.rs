@@ -150,13 +150,8 @@ fn lookup_scaling(rows: &mut Vec<Row>) -> Result<()> {
         let (mut ebpf, gate, _pins) = gate_with(n)?;
         let now = clock::now_ns();
         let value = WhitelistValue {
-            expires_ns: now + 3_600_000_000_000,
             last_seen_ns: now,
-            dport_lo: 1,
-            dport_hi: 65535,
-            flags: 0,
-            owner: 0,
-            _pad: 0,
+            ..WhitelistValue::new(now + 3_600_000_000_000, 1, 65535, 0, 0)
         };
         let addr_of = |i: u32| mapped_v4([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
         let started = Instant::now();
