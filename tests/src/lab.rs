@@ -357,14 +357,7 @@ impl Lab {
             .arg(self.state_dir())
             .stdin(Stdio::null())
             .output()?;
-        if !out.status.success() {
-            bail!(
-                "gatekeeper {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(args, out)
     }
 
     /// Enrolls a device (running `gatekeeper init` first if needed) and
@@ -578,15 +571,7 @@ impl Lab {
 
     /// Like [`Lab::cli`], failing unless the command succeeds; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.cli(args)?;
-        if !out.status.success() {
-            bail!(
-                "gatekeeper {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(args, self.cli(args)?)
     }
 
     /// Starts the daemon in the gateway's namespace with `args` after
@@ -742,6 +727,46 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// A helper process (an agent, a server, a client) killed when dropped,
+/// however the test ends.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard(Some(child))
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// Waits for the process's output, killing it past `limit`.
+    pub fn output_within(mut self, limit: Duration) -> Result<Output> {
+        output_within(self.0.take().context("already reaped")?, limit)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Stdout of a finished `gatekeeper` run, or its stderr as the error.
+fn stdout_of(args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "gatekeeper {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Waits for a child's output, killing it if it runs past `limit`.

@@ -15,19 +15,9 @@ use gatekeeper::{
     spec::{PortRange, Proto},
     state::unix_now,
 };
-use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
+use gatekeeper_tests::lab::{ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
 
 const KNOCK_PORT: u16 = 62201;
-
-/// A helper process that must not outlive its test, however the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 const PROTECT: &str = "tcp/22-23,udp/5353,icmp";
 
 fn gw(port: u16) -> SocketAddr {
@@ -388,7 +378,7 @@ fn ssh_through_connect_as_proxy_command() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    let _sshd = KillOnDrop(sshd);
+    let _sshd = ChildGuard::new(sshd);
     std::thread::sleep(Duration::from_millis(500));
     let ssh = |role: Role, proxy: bool| -> Result<std::process::Output> {
         let mut cmd = Command::new("ip");

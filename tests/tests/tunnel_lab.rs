@@ -6,39 +6,17 @@
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
-    process::Child,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use gatekeeper_tests::{
-    lab::{Daemon, Lab, Role, eventually, output_within},
+    lab::{ChildGuard, Daemon, Lab, Role, eventually, output_within},
     nmap,
 };
 
 const PRIVATE_PORT: u16 = 8080;
 const PUBLIC_PORT: u16 = 20000;
-
-/// A helper process (an agent, a web server), killed however the test ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    /// Waits (bounded) for the agent to exit; returns its stderr.
-    fn exited(mut self, limit: Duration) -> Result<String> {
-        let out = output_within(
-            std::mem::replace(&mut self.0, std::process::Command::new("true").spawn()?),
-            limit,
-        )?;
-        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 fn public() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), PUBLIC_PORT)
@@ -74,10 +52,11 @@ fn config(lab: &Lab) -> Result<String> {
     Ok(path.to_str().context("utf-8 path")?.to_string())
 }
 
-fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<Process> {
+fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<ChildGuard> {
     let forward = format!("127.0.0.1:{PRIVATE_PORT}");
     let token = token_file.to_str().context("utf-8 path")?;
-    let agent = Process(lab.spawn_gatekeeper(Role::NatA, &["agent", "--token-file", token, "--forward", &forward])?);
+    let agent =
+        ChildGuard::new(lab.spawn_gatekeeper(Role::NatA, &["agent", "--token-file", token, "--forward", &forward])?);
     anyhow::ensure!(
         eventually(Duration::from_secs(20), || connected(lab))?,
         "the agent never connected: {:?}",
@@ -196,7 +175,7 @@ fn revocation_cuts_live_connections_stops_the_agent_and_frees_the_port() -> Resu
     let cut = eventually(Duration::from_secs(1), || Ok(live.try_wait()?.is_some()))?;
     assert!(cut, "the live connection is cut within a second of the revocation");
     drop(stdin);
-    let said = agent.exited(Duration::from_secs(10))?;
+    let said = String::from_utf8_lossy(&agent.output_within(Duration::from_secs(10))?.stderr).into_owned();
     assert!(said.contains("revoked"), "the agent stops and says why: {said}");
     let freed = lab.exec(Role::Gateway, &["ss", "-Htln", "sport = :20000"])?;
     assert!(
@@ -257,7 +236,7 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
     ] {
         let file = lab.scratch().join("bad.token");
         gatekeeper::state::write_private(&file, &token.encode())?;
-        let agent = Process(lab.spawn_gatekeeper(
+        let agent = ChildGuard::new(lab.spawn_gatekeeper(
             Role::NatA,
             &[
                 "agent",
@@ -267,7 +246,7 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
                 &forward,
             ],
         )?);
-        let said = agent.exited(Duration::from_secs(30))?;
+        let said = String::from_utf8_lossy(&agent.output_within(Duration::from_secs(30))?.stderr).into_owned();
         assert!(said.contains(needle), "{what}: the agent says {said}");
     }
     let garbage = lab.spawn_gatekeeper(Role::NatA, &["agent", "--token", "not-a-token", "--forward", &forward])?;
@@ -286,7 +265,7 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
     let www = lab.scratch().join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("index.html"), "<h1>private page</h1>\n")?;
-    let _http = Process(
+    let _http = ChildGuard::new(
         std::process::Command::new("ip")
             .args([
                 "netns",
@@ -314,7 +293,7 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
         .context("issued")?;
     let port = site["port"].as_u64().context("port")?.to_string();
     let token_arg = token_file.to_str().context("utf-8")?;
-    let _agent = Process(lab.spawn_gatekeeper(
+    let _agent = ChildGuard::new(lab.spawn_gatekeeper(
         Role::NatA,
         &["agent", "--token-file", token_arg, "--forward", "127.0.0.1:8081"],
     )?);

@@ -41,7 +41,7 @@ use gatekeeper_tests::{
     lab::{Lab, Pins, Role, sh},
 };
 
-use crate::{Row, gate::transmit};
+use crate::{Row, gate::transmit, rss_kib};
 
 const PROBE_PORT: u16 = 5353;
 const KNOCK_PORT: u16 = 62201;
@@ -385,15 +385,6 @@ impl Drop for Fwknopd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 fn flood(rows: &mut Vec<Row>) -> Result<()> {

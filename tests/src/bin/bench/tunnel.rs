@@ -13,32 +13,22 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use gatekeeper_tests::lab::{Daemon, Lab, Role, eventually, gatekeeper_bin, sh};
+use gatekeeper_tests::lab::{ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, sh};
 
-use crate::Row;
+use crate::{Row, rss_kib};
 
 const ECHO: u16 = 7000;
 const IPERF: u16 = 5201;
 const SAMPLES: usize = 200;
 const IDLE_TUNNELS: usize = 100;
 
-/// A process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(lab: &Lab, role: Role, args: &[&str]) -> Result<Proc> {
-    Ok(Proc(
+fn spawn_in(lab: &Lab, role: Role, args: &[&str]) -> Result<ChildGuard> {
+    Ok(ChildGuard::new(
         Command::new("ip")
             .args(["netns", "exec", &lab.ns(role)])
             .args(args)
@@ -48,15 +38,6 @@ fn spawn_in(lab: &Lab, role: Role, args: &[&str]) -> Result<Proc> {
             .spawn()
             .with_context(|| format!("starting {}", args[0]))?,
     ))
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 fn gw(port: u16) -> SocketAddr {
@@ -153,7 +134,7 @@ fn measure(
 }
 
 /// Issues `name` forwarding to `port` on the private host and starts its agent.
-fn publish(lab: &Lab, name: &str, port: u16) -> Result<(Proc, u16)> {
+fn publish(lab: &Lab, name: &str, port: u16) -> Result<(ChildGuard, u16)> {
     let token = lab.state_cli(&["tunnel", "issue", name, "--owner", "bench", "--allow", "bench"])?;
     let file = lab.scratch().join(format!("{name}.token"));
     gatekeeper::state::write_private(&file, token.trim())?;
@@ -308,7 +289,7 @@ fn rathole_certs(dir: &Path) -> Result<()> {
 
 /// rathole server (gateway) and client (private host) with `services`
 /// services; service i is published on 21000 + i and forwards to `local(i)`.
-fn rathole(lab: &Lab, tls: bool, services: usize, local: impl Fn(usize) -> u16) -> Result<(Proc, Proc)> {
+fn rathole(lab: &Lab, tls: bool, services: usize, local: impl Fn(usize) -> u16) -> Result<(ChildGuard, ChildGuard)> {
     let dir = lab.scratch().join(if tls { "rathole-tls" } else { "rathole-tcp" });
     std::fs::create_dir_all(&dir)?;
     if tls {
@@ -375,7 +356,7 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     println!("[2/3] {IDLE_TUNNELS} idle tunnels: gatekeeper's daemon measured above, now rathole's server");
     let (server, client) = rathole(&lab, true, IDLE_TUNNELS, |_| ECHO)?;
     std::thread::sleep(Duration::from_secs(3));
-    let rathole_rss = rss_kib(server.0.id())?;
+    let rathole_rss = rss_kib(server.id().context("rathole pid")?)?;
     drop((client, server));
 
     for (name, m) in std::iter::once(("direct", &direct))
