@@ -55,6 +55,8 @@ struct Gateway {
     audit: Mutex<Audit>,
     heartbeat: Duration,
     sessions: AtomicU64,
+    /// What the status file holds now, so it is rewritten only on change.
+    status: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,9 +136,15 @@ impl Gateway {
                 (name.clone(), v)
             })
             .collect();
+        let text = serde_json::Value::Object(status).to_string();
+        let mut written = lock(&self.status);
+        if *written == text {
+            return;
+        }
         let path = self.state_root.join(STATUS_FILE);
-        if let Err(e) = crate::state::write_private(&path, &serde_json::Value::Object(status).to_string()) {
-            warn!(error = %e, "writing the tunnel status failed");
+        match crate::state::write_private(&path, &text) {
+            Ok(()) => *written = text,
+            Err(e) => warn!(error = %e, "writing the tunnel status failed"),
         }
     }
 
@@ -309,6 +317,7 @@ pub async fn run(state_root: PathBuf, port: u16, heartbeat: Duration) -> Result<
         audit: Mutex::new(audit),
         heartbeat,
         sessions: AtomicU64::new(0),
+        status: Mutex::new(String::new()),
     });
     info!(port, fingerprint = %identity.fingerprint(), "tunnel gateway listening");
     let poller = gw.clone();
