@@ -650,6 +650,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Whether the daemon is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The daemon's process id (nsenter execs it in place).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

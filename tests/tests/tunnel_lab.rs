@@ -330,3 +330,65 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
     assert!(curl(Role::Intruder).is_err(), "the intruder gets nothing");
     Ok(())
 }
+
+#[test]
+fn garbage_and_truncated_tls_on_the_tunnel_port_harm_no_tunnel() -> Result<()> {
+    let (lab, mut daemon, cred, token) = setup()?;
+    let _agent = start_agent(&lab, &token)?;
+    // Someone holding the agent's knock credential, on another private host.
+    let t = gatekeeper::tunnels::Token::decode(&std::fs::read_to_string(&token)?)?;
+    let agent_cred = lab.scratch().join("agent.credential.toml");
+    gatekeeper::state::write_private(&agent_cred, &toml::to_string(&t.credential)?)?;
+    let knock = lab.spawn_gatekeeper(
+        Role::NatB,
+        &[
+            "knock",
+            "--credential",
+            agent_cred.to_str().context("utf-8")?,
+            "--proto",
+            "tcp",
+            "--port",
+            "7443",
+            "--via",
+            "udp",
+        ],
+    )?;
+    assert!(output_within(knock, Duration::from_secs(10))?.status.success());
+    let tunnel_port = SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), 7443);
+    let sent = lab.in_ns(Role::NatB, move || -> Result<usize> {
+        let payloads: [&[u8]; 3] = [
+            b"GET / HTTP/1.0\r\n\r\n",
+            // A TLS record header promising 512 bytes of ClientHello, then two.
+            &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00],
+            b"",
+        ];
+        let mut sent = 0;
+        for p in payloads {
+            let mut s = std::net::TcpStream::connect_timeout(&tunnel_port, Duration::from_secs(3))?;
+            s.write_all(p)?;
+            sent += 1;
+        }
+        Ok(sent)
+    })??;
+    assert_eq!(sent, 3, "the knocked tunnel port took the connections");
+    let rejected = eventually(Duration::from_secs(15), || {
+        Ok(lab
+            .audit()?
+            .iter()
+            .filter(|l| l["event"] == "agent_session" && l["result"] == "rejected")
+            .count()
+            >= 3)
+    })?;
+    assert!(
+        rejected,
+        "each bad connection is refused and audited: {:?}",
+        lab.audit()?
+    );
+    assert_eq!(
+        connect_echo(&lab, &cred, b"still here\n")?,
+        b"still here\n",
+        "the live tunnel is unharmed"
+    );
+    assert!(daemon.running(), "the daemon is still up");
+    Ok(())
+}

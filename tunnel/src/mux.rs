@@ -11,7 +11,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicI64, AtomicU32, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -26,6 +26,9 @@ use crate::frame::{Frame, FrameError, Kind, MAX_PAYLOAD};
 
 /// Bytes a sender may have in flight per stream.
 pub const WINDOW: u32 = 256 * 1024;
+
+/// Pings a peer may send per second before the session is cut.
+pub const MAX_PINGS_PER_SEC: u32 = 50;
 
 #[derive(Debug, Error)]
 pub enum MuxError {
@@ -214,14 +217,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
     accepted: &mpsc::Sender<(MuxStream, Bytes)>,
 ) -> Result<(), MuxError> {
+    let (mut ping_window, mut pings) = (Instant::now(), 0u32);
     while let Some(frame) = Frame::read(rd).await? {
         *shared.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         match frame.kind {
-            Kind::Ping => shared
-                .out
-                .send(Frame::new(Kind::Pong, 0, frame.payload))
-                .await
-                .map_err(|_| MuxError::Closed)?,
+            Kind::Ping => {
+                // A peer that pings faster than any heartbeat needs is
+                // flooding: answering would let it make us send as fast.
+                let now = Instant::now();
+                if now.duration_since(ping_window) >= Duration::from_secs(1) {
+                    (ping_window, pings) = (now, 0);
+                }
+                pings += 1;
+                if pings > MAX_PINGS_PER_SEC {
+                    return Err(MuxError::Protocol(format!(
+                        "more than {MAX_PINGS_PER_SEC} pings in a second: speaking too fast"
+                    )));
+                }
+                shared
+                    .out
+                    .send(Frame::new(Kind::Pong, 0, frame.payload))
+                    .await
+                    .map_err(|_| MuxError::Closed)?
+            }
             Kind::Pong => {}
             Kind::Goodbye => return Err(MuxError::Goodbye(String::from_utf8_lossy(&frame.payload).into_owned())),
             Kind::Open => {
@@ -502,6 +520,24 @@ mod tests {
             .expect("bounded")
             .unwrap();
         assert!(matches!(ended, Err(MuxError::Goodbye(reason)) if reason == "revoked"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_pings_too_fast_is_cut_off() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_mux, _incoming, task) = Mux::start(b);
+        let mut raw = a;
+        for _ in 0..=MAX_PINGS_PER_SEC {
+            Frame::new(Kind::Ping, 0, Bytes::new()).write(&mut raw).await.unwrap();
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("bounded")
+            .unwrap();
+        assert!(
+            matches!(&ended, Err(MuxError::Protocol(why)) if why.contains("too fast")),
+            "{ended:?}"
+        );
     }
 
     #[tokio::test]

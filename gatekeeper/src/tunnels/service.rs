@@ -254,21 +254,22 @@ impl Gateway {
 
     /// Waits until the session ends: the agent left, went silent, or was
     /// stopped (revoked or replaced). Sends heartbeats meanwhile.
-    async fn watch(&self, mux: &Mux, task: tunnel::mux::SessionTask, mut stop: watch::Receiver<bool>) -> &'static str {
+    async fn watch(&self, mux: &Mux, task: tunnel::mux::SessionTask, mut stop: watch::Receiver<bool>) -> String {
         let mut beat = tokio::time::interval((self.heartbeat / 3).max(Duration::from_millis(100)));
         tokio::pin!(task);
         loop {
             tokio::select! {
                 ended = &mut task => {
                     return match ended {
-                        Ok(Ok(())) => "agent closed the session",
-                        _ => "session error",
+                        Ok(Ok(())) => "agent closed the session".into(),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => format!("session task failed: {e}"),
                     };
                 }
-                _ = stop.changed() => return "stopped: revoked, or replaced by a new session of its agent",
+                _ = stop.changed() => return "stopped: revoked, or replaced by a new session of its agent".into(),
                 _ = beat.tick() => {
                     if mux.last_heard().elapsed() > self.heartbeat {
-                        return "agent silent past the heartbeat timeout";
+                        return "agent silent past the heartbeat timeout".into();
                     }
                     let _ = mux.control(Kind::Ping, Bytes::new()).await;
                 }
