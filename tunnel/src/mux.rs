@@ -143,6 +143,16 @@ impl Mux {
             let result = read_loop(&mut rd, &reader_shared, &accepted_tx).await;
             // Wake every stream: their peer is gone.
             reader_shared.slots().clear();
+            // Tell a peer that broke the protocol why it is cut off, giving
+            // the writer a moment to send that before it stops.
+            if let Err(MuxError::Protocol(why)) = &result
+                && reader_shared
+                    .out
+                    .try_send(Frame::new(Kind::Goodbye, 0, why.clone()))
+                    .is_ok()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             writer.abort();
             result
         });
