@@ -7,6 +7,7 @@
 //! - [`loader`]: loading the embedded XDP object, attaching, adopting, detaching.
 //! - [`config`]: the daemon's settings from TOML and flags.
 //! - [`daemon`]: the running daemon: events, sweeping, shutdown.
+//! - [`portal`]: the TLS listener that finds knocks in ClientHellos.
 
 pub mod audit;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod knock;
 pub mod knocks;
 pub mod loader;
 pub mod pins;
+pub mod portal;
 pub mod spec;
 pub mod state;
 pub mod sweeper;

@@ -130,7 +130,7 @@ fn test() -> Result<()> {
         cargo(args)?;
     }
     // Short runs; a long one is `cargo +nightly fuzz run --fuzz-dir gatekeeper/fuzz TARGET -- -max_total_time=3600`.
-    for target in ["knock_wire", "knock_payload"] {
+    for target in ["knock_wire", "knock_payload", "client_hello"] {
         let args = [
             "+nightly",
             "fuzz",

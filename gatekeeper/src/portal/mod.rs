@@ -1,0 +1,7 @@
+//! The portal: a TLS listener that authorizes a connection by a knock
+//! carried inside its ClientHello, and shows everyone else a guidance page.
+//!
+//! - [`client_hello`]: finding, removing and inserting the knock extension
+//!   in the raw ClientHello record, so both rustls peers hash the same bytes.
+
+pub mod client_hello;
