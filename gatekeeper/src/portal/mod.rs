@@ -3,5 +3,7 @@
 //!
 //! - [`client_hello`]: finding, removing and inserting the knock extension
 //!   in the raw ClientHello record, so both rustls peers hash the same bytes.
+//! - [`stream`]: the stream shims that do so on live connections.
 
 pub mod client_hello;
+pub mod stream;
