@@ -422,6 +422,14 @@ mod tests {
     }
 
     /// Echoes every stream the peer opens, until the session ends.
+    /// How the session ended, waiting at most ten seconds.
+    async fn ended(task: SessionTask) -> Result<(), MuxError> {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the session ends within ten seconds")
+            .expect("the session task does not panic")
+    }
+
     fn echo_all(mut incoming: Incoming, skip: Option<Bytes>) -> JoinHandle<Vec<MuxStream>> {
         tokio::spawn(async move {
             let mut held = Vec::new();
@@ -525,10 +533,7 @@ mod tests {
         left.control(Kind::Goodbye, Bytes::from_static(b"revoked"))
             .await
             .unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("bounded")
-            .unwrap();
+        let ended = ended(task).await;
         assert!(matches!(ended, Err(MuxError::Goodbye(reason)) if reason == "revoked"));
     }
 
@@ -540,10 +545,7 @@ mod tests {
         for _ in 0..=MAX_PINGS_PER_SEC {
             Frame::new(Kind::Ping, 0, Bytes::new()).write(&mut raw).await.unwrap();
         }
-        let ended = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("bounded")
-            .unwrap();
+        let ended = ended(task).await;
         assert!(
             matches!(&ended, Err(MuxError::Protocol(why)) if why.contains("too fast")),
             "{ended:?}"
@@ -563,10 +565,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let ended = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("bounded")
-            .unwrap();
+        let ended = ended(task).await;
         assert!(matches!(ended, Err(MuxError::Protocol(_))), "{ended:?}");
     }
 }
