@@ -6,6 +6,7 @@
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
+    path::Path,
     time::Duration,
 };
 
@@ -66,6 +67,30 @@ fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<ChildGuard> {
 }
 
 /// `gatekeeper connect` from the client to the published port, echoing `msg`.
+/// Knocks by UDP from `role` for TCP `port` on the gateway; fails if the knock CLI does.
+fn udp_knock(lab: &Lab, role: Role, cred: &Path, port: u16) -> Result<()> {
+    let bin = gatekeeper_tests::lab::gatekeeper_bin()?;
+    let port = port.to_string();
+    let cred = cred.to_str().context("utf-8 path")?;
+    let bin = bin.to_str().context("utf-8 path")?;
+    lab.exec(
+        role,
+        &[
+            bin,
+            "knock",
+            "--credential",
+            cred,
+            "--proto",
+            "tcp",
+            "--port",
+            &port,
+            "--via",
+            "udp",
+        ],
+    )?;
+    Ok(())
+}
+
 fn connect_echo(lab: &Lab, cred: &std::path::Path, msg: &[u8]) -> Result<Vec<u8>> {
     let cred = cred.to_str().context("utf-8 path")?;
     let target = public().to_string();
@@ -123,22 +148,7 @@ fn two_hundred_concurrent_megabytes_arrive_intact() -> Result<()> {
     let (lab, _daemon, cred, token) = setup()?;
     let _agent = start_agent(&lab, &token)?;
     // One UDP knock opens the published port to any source port of the client.
-    let cred = cred.to_str().context("utf-8 path")?;
-    lab.exec(
-        Role::Client,
-        &[
-            gatekeeper_tests::lab::gatekeeper_bin()?.to_str().context("utf-8")?,
-            "knock",
-            "--credential",
-            cred,
-            "--proto",
-            "tcp",
-            "--port",
-            "20000",
-            "--via",
-            "udp",
-        ],
-    )?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
     assert!(eventually(Duration::from_secs(5), || lab.tcp_echo_works(
         Role::Client,
         public(),
@@ -291,7 +301,7 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
         .into_iter()
         .find(|t| t["name"] == "site")
         .context("issued")?;
-    let port = site["port"].as_u64().context("port")?.to_string();
+    let port = u16::try_from(site["port"].as_u64().context("port")?)?;
     let token_arg = token_file.to_str().context("utf-8")?;
     let _agent = ChildGuard::new(lab.spawn_gatekeeper(
         Role::NatA,
@@ -306,23 +316,7 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
     let url = format!("http://10.77.0.1:{port}/");
     let curl = |role: Role| lab.exec(role, &["curl", "-sS", "--max-time", "3", &url]);
     assert!(curl(Role::Client).is_err(), "closed before the client knocks");
-    let cred = cred.to_str().context("utf-8")?;
-    let bin = gatekeeper_tests::lab::gatekeeper_bin()?;
-    lab.exec(
-        Role::Client,
-        &[
-            bin.to_str().context("utf-8")?,
-            "knock",
-            "--credential",
-            cred,
-            "--proto",
-            "tcp",
-            "--port",
-            &port,
-            "--via",
-            "udp",
-        ],
-    )?;
+    udp_knock(&lab, Role::Client, &cred, port)?;
     let page = eventually(Duration::from_secs(10), || {
         Ok(curl(Role::Client).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("private page")))
     })?;
@@ -339,21 +333,7 @@ fn garbage_and_truncated_tls_on_the_tunnel_port_harm_no_tunnel() -> Result<()> {
     let t = gatekeeper::tunnels::Token::decode(&std::fs::read_to_string(&token)?)?;
     let agent_cred = lab.scratch().join("agent.credential.toml");
     gatekeeper::state::write_private(&agent_cred, &toml::to_string(&t.credential)?)?;
-    let knock = lab.spawn_gatekeeper(
-        Role::NatB,
-        &[
-            "knock",
-            "--credential",
-            agent_cred.to_str().context("utf-8")?,
-            "--proto",
-            "tcp",
-            "--port",
-            "7443",
-            "--via",
-            "udp",
-        ],
-    )?;
-    assert!(output_within(knock, Duration::from_secs(10))?.status.success());
+    udp_knock(&lab, Role::NatB, &agent_cred, 7443)?;
     let tunnel_port = SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), 7443);
     let sent = lab.in_ns(Role::NatB, move || -> Result<usize> {
         let payloads: [&[u8]; 3] = [
