@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per knock, accepted or refused, appended to
-//! `audit.log` in the state directory and mirrored to the daemon's log.
+//! The audit log: one JSON line per knock and per portal connection,
+//! accepted or refused, appended to `audit.log` in the state directory and
+//! mirrored to the daemon's log.
 
 use std::{
     fs::File,
@@ -61,42 +62,63 @@ impl Audit {
         })
     }
 
-    /// Records one knock and what came of it.
-    pub fn knock(&mut self, knock: &Diverted, checked: &Checked, open_for_secs: u64) {
-        let now = unix_now();
-        let (result, reason, detail) = match &checked.outcome {
-            Ok(_) => ("accepted", Value::Null, Value::Null),
-            Err(r) => ("rejected", json!(r.code()), json!(r.to_string())),
+    /// The fields every knock line has, accepted or refused.
+    fn knock_line(event: &str, knock: &Diverted, checked: Option<&Checked>, carrier: &str) -> Value {
+        let (result, reason, detail) = match checked.map(|c| &c.outcome) {
+            Some(Ok(_)) => ("accepted", Value::Null, Value::Null),
+            Some(Err(r)) => ("rejected", json!(r.code()), json!(r.to_string())),
+            None => ("rejected", json!("no_knock"), json!("the ClientHello carried no knock")),
         };
-        let carrier = Proto::from_number(knock.proto).map(Proto::name).unwrap_or("other");
-        let request = checked.payload.as_ref().map(|p| json!({"protocol": p.protocol, "start_port": p.start_port, "end_port": p.end_port, "local_ip": p.local_ip, "local_port": p.local_port, "hostname": p.hostname, "platform": p.platform}));
-        let opened = checked.outcome.as_ref().ok().map(|g| {
-            json!({"src_port": if g.key.src_port == 0 { Value::Null } else { json!(g.key.src_port) }, "ports": format!("{}-{}", g.ports.lo, g.ports.hi), "for_secs": open_for_secs})
-        });
-        let line = json!({
-            "time": rfc3339(now),
-            "event": "knock",
-            "knock_id": checked.knock_id.map(|n| hex(&n)),
+        let request = checked.and_then(|c| c.payload.as_ref()).map(|p| json!({"protocol": p.protocol, "start_port": p.start_port, "end_port": p.end_port, "local_ip": p.local_ip, "local_port": p.local_port, "hostname": p.hostname, "platform": p.platform}));
+        json!({
+            "time": rfc3339(unix_now()),
+            "event": event,
+            "knock_id": checked.and_then(|c| c.knock_id).map(|n| hex(&n)),
             "src": knock.src,
             "sport": knock.sport,
             "dst": knock.dst,
             "dport": knock.dport,
             "carrier": carrier,
-            "client": checked.client,
+            "client": checked.and_then(|c| c.client.as_ref()),
             "request": request,
             "result": result,
             "reason": reason,
             "detail": detail,
-            "opened": opened,
+        })
+    }
+
+    /// Records one knock and what came of it.
+    pub fn knock(&mut self, knock: &Diverted, checked: &Checked, open_for_secs: u64) {
+        let carrier = Proto::from_number(knock.proto).map(Proto::name).unwrap_or("other");
+        let mut line = Audit::knock_line("knock", knock, Some(checked), carrier);
+        let opened = checked.outcome.as_ref().ok().map(|g| {
+            json!({"src_port": if g.key.src_port == 0 { Value::Null } else { json!(g.key.src_port) }, "ports": format!("{}-{}", g.ports.lo, g.ports.hi), "for_secs": open_for_secs})
         });
+        line["opened"] = json!(opened);
         // Refusals are the bulk of any flood: the audit file has them all,
         // the daemon's log only at debug level.
         if checked.outcome.is_ok() {
-            info!(target: "audit", event = "knock", result, client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
+            info!(target: "audit", event = "knock", result = "accepted", client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
         } else {
-            debug!(target: "audit", event = "knock", result, reason = reason.as_str().unwrap_or(""), src = %knock.src, "{line}");
+            debug!(target: "audit", event = "knock", result = "rejected", reason = checked.outcome.as_ref().err().map(|r| r.code()).unwrap_or(""), src = %knock.src, "{line}");
         }
         self.write(&line);
+    }
+
+    /// Records one portal connection: its knock, if it carried one, and
+    /// where it was sent (`upstream` or `guidance`). Written out at once,
+    /// since the daemon's event loop does not batch these.
+    pub fn portal(&mut self, conn: &Diverted, checked: Option<&Checked>, upstream: Option<&str>) {
+        let mut line = Audit::knock_line("portal", conn, checked, "tls_client_hello");
+        line["decision"] = json!(if upstream.is_some() { "upstream" } else { "guidance" });
+        line["upstream"] = json!(upstream);
+        if upstream.is_some() {
+            info!(target: "audit", event = "portal", decision = "upstream", src = %conn.src, "{line}");
+        } else {
+            debug!(target: "audit", event = "portal", decision = "guidance", src = %conn.src, "{line}");
+        }
+        self.write(&line);
+        self.flush();
     }
 
     /// Records any other audit event (revocations and the like); these are

@@ -2,6 +2,7 @@
 //! Every key of the file is documented in `gatekeeper/config.example.toml`.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -63,6 +64,17 @@ pub struct Overrides {
     pub mode: Option<Mode>,
     pub idle_timeout: Option<Duration>,
     pub state_dir: Option<PathBuf>,
+    pub portal: PortalOverrides,
+}
+
+/// The `--portal*` flags.
+#[derive(Clone, Debug, Default)]
+pub struct PortalOverrides {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub guidance: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,6 +99,31 @@ struct FileConfig {
     audit: AuditSection,
     #[serde(default)]
     tunnel: TunnelSection,
+    #[serde(default)]
+    portal: PortalSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortalSection {
+    listen: Option<SocketAddr>,
+    upstream: Option<String>,
+    guidance: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// The portal's settings, when it is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalSettings {
+    pub listen: SocketAddr,
+    /// Default upstream, `HOST:PORT`; a client record may name its own.
+    pub upstream: String,
+    /// Folder of the guidance page; `None`: the built-in page.
+    pub guidance: Option<PathBuf>,
+    /// Certificate (chain) and key, PEM; generated there if absent. `None`:
+    /// the gateway's own certificate, which credentials pin.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +166,42 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration
     spec::duration(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
+fn portal_settings(cli: PortalOverrides, f: PortalSection) -> Result<Option<PortalSettings>, ConfigError> {
+    let Some(listen) = cli.listen.or(f.listen) else {
+        return Ok(None);
+    };
+    let upstream = cli.upstream.or(f.upstream).ok_or(ConfigError::Missing {
+        key: "portal.upstream",
+        hint: "the portal needs somewhere to send authorized sessions: pass --portal-upstream HOST:PORT or set `upstream` in [portal]",
+    })?;
+    let upstream =
+        crate::portal::parse_upstream(&upstream).map_err(|why| invalid("portal.upstream", &upstream, &why))?;
+    let cert_and_key = match (cli.cert.or(f.cert), cli.key.or(f.key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(c), None) => {
+            return Err(invalid(
+                "portal.cert",
+                c.display(),
+                "a certificate needs its key: also pass --portal-key (or set `key` in [portal])",
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(invalid(
+                "portal.key",
+                k.display(),
+                "a key needs its certificate: also pass --portal-cert (or set `cert` in [portal])",
+            ));
+        }
+    };
+    Ok(Some(PortalSettings {
+        listen,
+        upstream,
+        guidance: cli.guidance.or(f.guidance),
+        cert_and_key,
+    }))
+}
+
 /// Resolved settings of one daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -159,6 +232,7 @@ pub struct Settings {
     pub tunnel_ports: crate::spec::PortRange,
     /// An agent silent for this long is dropped and its port closed.
     pub tunnel_heartbeat: Duration,
+    pub portal: Option<PortalSettings>,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -225,7 +299,9 @@ impl Settings {
         if knock_burst == 0 {
             return Err(invalid("knock.burst", knock_burst, "use at least 1"));
         }
+        let portal = portal_settings(cli.portal, f.portal)?;
         Ok(Settings {
+            portal,
             iface,
             pin_dir,
             protect,
@@ -332,6 +408,31 @@ mod tests {
             (s.iface.as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
             ("eth0", 120, 1)
         );
+    }
+
+    #[test]
+    fn portal_settings_need_an_upstream_and_whole_certificate_pairs() {
+        let s = file(
+            "iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"127.0.0.1:8080\"\n",
+        )
+        .unwrap();
+        let p = s.portal.unwrap();
+        assert_eq!(
+            (p.listen.port(), p.upstream.as_str(), p.cert_and_key),
+            (443, "127.0.0.1:8080", None)
+        );
+        assert!(file("iface = \"eth0\"\nprotect = \"all\"\n").unwrap().portal.is_none());
+        let e = file("iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\n").unwrap_err();
+        assert!(e.to_string().contains("--portal-upstream"), "{e}");
+        let e =
+            file("iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"nowhere\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        let e = file(
+            "iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"h:1\"\ncert = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--portal-key"), "{e}");
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! attached and the entries in place (fail closed); only `gatekeeper
 //! detach` removes the gate, and the daemon exits when it sees that.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -16,6 +19,8 @@ use crate::{
     knocks::KnockService,
     loader::{self, LoaderError},
     pins::{self, PinError},
+    portal::server::{Portal, PortalError},
+    state::StateDir,
     sweeper,
 };
 
@@ -33,6 +38,10 @@ pub enum DaemonError {
         "no interface named {0:?} in this network namespace: check `ip link`, or run inside the interface's namespace"
     )]
     NoSuchInterface(String),
+    #[error(transparent)]
+    Portal(#[from] PortalError),
+    #[error("the portal verifies knocks with the state directory's keys: {0}; run `gatekeeper init` first")]
+    PortalWithoutState(crate::state::StateError),
 }
 
 /// Why [`run`] returned.
@@ -59,6 +68,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
     let dir = &settings.pin_dir;
     let _lock = pins::lock(dir)?;
+    let mut knocks = match KnockService::start(&settings) {
+        Ok(k) => Some(k),
+        Err(e) if settings.portal.is_some() => return Err(DaemonError::PortalWithoutState(e)),
+        Err(e) => {
+            warn!(error = %e, "knock verification off: knocks are counted and logged, never accepted");
+            None
+        }
+    };
+    let (ask, mut asked) = mpsc::channel(1024);
+    let portal = match &settings.portal {
+        Some(p) => Some(Portal::prepare(p, &StateDir::new(&settings.state_dir), ask).await?),
+        None => None,
+    };
     pins::prepare(dir)?;
     let mut ebpf = loader::load_pinned(dir, settings.whitelist_capacity)?;
     let gate = Gate::open(dir)?;
@@ -89,13 +111,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let idle_ns = settings.idle_timeout.as_nanos().min(u64::MAX as u128) as u64;
     let link = dir.join(pins::LINK);
     let mut seen = Seen::default();
-    let mut knocks = match KnockService::start(&settings) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            warn!(error = %e, "knock verification off: knocks are counted and logged, never accepted");
-            None
-        }
-    };
+    if let Some((portal, listener)) = portal {
+        tokio::spawn(Arc::new(portal).serve(listener));
+    }
     if knocks.is_some() {
         let (state, port, heartbeat) = (
             settings.state_dir.clone(),
@@ -124,6 +142,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 guard.clear_ready();
                 if let Some(k) = knocks.as_mut() {
                     k.flush();
+                }
+            }
+            Some(ask) = asked.recv() => {
+                if let Some(k) = knocks.as_mut() {
+                    k.handle_portal(&gate, ask);
                 }
             }
             _ = registry_poll.tick() => {
@@ -161,10 +184,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
 /// What the gate protects: the configured ports and, once the state is
 /// initialised (so the tunnel gateway runs), the tunnel port and the range
-/// published ports are leased from.
+/// published ports are leased from; never the portal's port, which is the
+/// gateway's public face.
 fn gated_ports(settings: &Settings) -> crate::spec::PortSet {
     let mut ports = settings.protect.clone();
-    if crate::state::StateDir::new(&settings.state_dir).initialised() {
+    if let Some(portal) = &settings.portal {
+        ports = ports.without(crate::spec::Proto::Tcp, portal.listen.port());
+    }
+    if StateDir::new(&settings.state_dir).initialised() {
         let tunnel = crate::spec::PortRange {
             lo: settings.tunnel_port,
             hi: settings.tunnel_port,

@@ -1,6 +1,7 @@
-//! The daemon's side of knocks: verify each diverted knock, open what it
-//! grants, audit it, and follow the client registry on disk, so that
-//! revoking a client takes effect within a second and closes its entries.
+//! The daemon's side of knocks: verify each diverted knock (and each knock
+//! the portal found in a ClientHello), open what it grants, audit it, and
+//! follow the client registry on disk, so that revoking a client takes
+//! effect within a second and closes its entries.
 
 use std::time::SystemTime;
 
@@ -14,6 +15,7 @@ use crate::{
     events::Diverted,
     gate::Gate,
     knock::verify::{Registry, Verifier},
+    portal::server::{Ask, Decision},
     state::{StateDir, StateError, unix_now},
 };
 
@@ -84,6 +86,33 @@ impl KnockService {
             }
         }
         self.audit.knock(knock, &checked, self.open_for_ns / 1_000_000_000);
+    }
+
+    /// Decides what a portal connection may reach, and audits it. A portal
+    /// knock opens nothing in the gate: it authorizes its own TLS session.
+    pub fn handle_portal(&mut self, gate: &Gate, ask: Ask) {
+        let checked = ask.binding.map(|binding| {
+            self.verifier
+                .check_portal(&ask.conn, &binding, unix_now(), |nonce, until| {
+                    gate.replay_record(nonce, until)
+                })
+        });
+        let decision = match checked.as_ref().map(|c| &c.outcome) {
+            Some(Ok(grant)) => Decision::Upstream(
+                self.verifier
+                    .registry
+                    .by_id(grant.client_id)
+                    .and_then(|c| c.portal_upstream.clone()),
+            ),
+            _ => Decision::Guidance,
+        };
+        let upstream = match &decision {
+            Decision::Upstream(own) => Some(own.as_deref().unwrap_or("default")),
+            Decision::Guidance => None,
+        };
+        self.audit.portal(&ask.conn, checked.as_ref(), upstream);
+        // The portal gave up on this connection if nobody is listening.
+        let _ = ask.reply.send(decision);
     }
 
     /// Writes out the audit lines of the batch just handled.

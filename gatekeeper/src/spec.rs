@@ -159,6 +159,27 @@ impl PortSet {
         self.ranges.is_empty() && !self.echo
     }
 
+    /// The set with one port of `proto` taken out of its ranges.
+    pub fn without(&self, proto: Proto, port: u16) -> PortSet {
+        let mut ranges = Vec::with_capacity(self.ranges.len() + 1);
+        for &(p, r) in &self.ranges {
+            if p != proto || port < r.lo || r.hi < port {
+                ranges.push((p, r));
+                continue;
+            }
+            if r.lo < port {
+                ranges.push((p, PortRange { lo: r.lo, hi: port - 1 }));
+            }
+            if port < r.hi {
+                ranges.push((p, PortRange { lo: port + 1, hi: r.hi }));
+            }
+        }
+        PortSet {
+            ranges,
+            echo: self.echo,
+        }
+    }
+
     /// Whether the set holds all of `ports` for `proto` (echo for icmp),
     /// inside one of its ranges.
     pub fn covers(&self, proto: Proto, ports: PortRange) -> bool {
@@ -403,6 +424,17 @@ mod tests {
         for bad in ["tcp/0", "sctp/5", "tcp", "icmp/8", "", ","] {
             assert!(bad.parse::<PortSet>().is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn taking_a_port_out() {
+        let all = PortSet::all().without(Proto::Tcp, 443);
+        assert_eq!(all.to_string(), "tcp/1-442,tcp/444-65535,udp/1-65535,icmp");
+        let edges: PortSet = "tcp/443,tcp/443-500,tcp/1-443,udp/443".parse().unwrap();
+        assert_eq!(
+            edges.without(Proto::Tcp, 443).to_string(),
+            "tcp/444-500,tcp/1-442,udp/443"
+        );
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct ClientRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
     pub created: u64,
+    /// `HOST:PORT` the portal relays this client to; none: the portal's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal_upstream: Option<String>,
 }
 
 impl ClientRecord {
@@ -93,6 +96,10 @@ pub struct Credential {
     pub server_public_key: String,
     pub servers: Vec<IpAddr>,
     pub knock_port: u16,
+    /// SHA-256 of the gateway's TLS certificate, which the portal presents
+    /// unless the operator configured another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
 }
 
 impl Credential {
@@ -325,6 +332,7 @@ impl StateDir {
         allow: &PortSet,
         expires_in: Option<Duration>,
         nat: bool,
+        portal_upstream: Option<String>,
     ) -> Result<(ClientRecord, Credential), StateError> {
         if !valid_name(name) {
             return Err(StateError::Name(name.to_string()));
@@ -345,6 +353,7 @@ impl StateDir {
             nat,
             expires: expires_in.map(|d| now + d.as_secs()),
             created: now,
+            portal_upstream,
         };
         self.save(&rec)?;
         let addrs = self.addresses()?;
@@ -354,6 +363,7 @@ impl StateDir {
             server_public_key: keys::encode(server.as_bytes()),
             servers: addrs.public_addrs,
             knock_port: addrs.knock.udp_port.unwrap_or(DEFAULT_KNOCK_UDP_PORT),
+            tls_fingerprint: None,
         };
         Ok((rec, cred))
     }

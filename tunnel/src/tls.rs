@@ -9,7 +9,7 @@ use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -64,10 +64,11 @@ impl std::str::FromStr for Fingerprint {
     }
 }
 
-/// The gateway's certificate and private key.
+/// The gateway's certificate (with any chain after it) and private key.
 pub struct Identity {
-    pub cert: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
+    /// The leaf certificate first.
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
     cert_pem: String,
     key_pem: String,
 }
@@ -80,7 +81,7 @@ impl Identity {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&self.cert)
+        Fingerprint::of(&self.chain[0])
     }
 
     /// The certificate and key as PEM, for keeping in the state directory.
@@ -88,13 +89,19 @@ impl Identity {
         (&self.cert_pem, &self.key_pem)
     }
 
-    /// Reads back what [`Identity::to_pem`] gave.
+    /// Reads back what [`Identity::to_pem`] gave, or an operator's
+    /// certificate chain (leaf first) and key (PKCS#8, PKCS#1 or SEC1).
     pub fn from_pem(cert: &str, key: &str) -> Result<Identity, TlsError> {
-        Ok(Identity {
-            cert: CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|_| TlsError::Pem {
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or(TlsError::Pem {
                 what: "the certificate",
-            })?,
-            key: PrivatePkcs8KeyDer::from_pem_slice(key.as_bytes()).map_err(|_| TlsError::Pem {
+            })?;
+        Ok(Identity {
+            chain,
+            key: PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| TlsError::Pem {
                 what: "the private key",
             })?,
             cert_pem: cert.to_string(),
@@ -107,7 +114,7 @@ impl Identity {
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
 }

@@ -26,6 +26,9 @@ const PACKAGES: &[&str] = &[
     "openssh-client",
     "openssh-server",
     "curl",
+    "python3",
+    "chromium",
+    "fonts-dejavu-core",
 ];
 
 pub fn run() -> Result<()> {

@@ -9,6 +9,7 @@ use gatekeeper::{
     knock::keys,
     spec::{self, PortSet},
     state::{ClientRecord, DEFAULT_STATE_DIR, StateDir, unix_now, write_private},
+    tunnels::Tunnels,
 };
 use serde_json::json;
 
@@ -53,6 +54,10 @@ pub enum Client {
         /// Accept its knocks from behind NAT (its own address may differ from the one seen).
         #[arg(long)]
         nat: bool,
+        /// Where the portal relays this device's sessions, instead of the portal's
+        /// --portal-upstream (e.g. 127.0.0.1:8080). Its policy must allow the portal's port.
+        #[arg(long, value_name = "HOST:PORT", value_parser = gatekeeper::portal::parse_upstream)]
+        portal_upstream: Option<String>,
         /// Where to write the credential [default: ./NAME.credential.toml]. It holds the
         /// device's secret key: hand it over privately, then delete this copy.
         #[arg(long, value_name = "FILE")]
@@ -115,11 +120,16 @@ pub fn client(cmd: Client) -> Result<()> {
             allow,
             expires,
             nat,
+            portal_upstream,
             out,
             state,
         } => {
             let state = StateDir::new(&state.state_dir);
-            let (rec, cred) = state.add_client(&name, &allow, expires, nat)?;
+            // The portal presents the gateway's certificate by default; the
+            // credential pins it. Made before enrolling, so a failure leaves no half-enrolled client.
+            let fingerprint = Tunnels::new(&state).identity()?.fingerprint().to_string();
+            let (rec, mut cred) = state.add_client(&name, &allow, expires, nat, portal_upstream)?;
+            cred.tls_fingerprint = Some(fingerprint);
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential.toml")));
             let text = format!(
                 "# Gatekeeper credential for {name:?}. It holds this device's secret key: keep it private (mode 0600).\n{}",
@@ -144,7 +154,7 @@ pub fn client(cmd: Client) -> Result<()> {
             if json {
                 let rows: Vec<_> = clients
                     .iter()
-                    .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": status(c, now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key}))
+                    .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": status(c, now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key, "portal_upstream": c.portal_upstream}))
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else if clients.is_empty() {

@@ -45,7 +45,7 @@ pub struct Knock {
     via: Option<Carrier>,
 }
 
-fn knocker(path: &Path) -> Result<Knocker> {
+pub(super) fn knocker(path: &Path) -> Result<Knocker> {
     let cred = Credential::load(path).with_context(|| format!("reading the credential {}", path.display()))?;
     Ok(Knocker::new(cred)?)
 }
@@ -101,18 +101,32 @@ pub fn knock(args: Knock) -> Result<()> {
 /// stdin/stdout; works as an ssh ProxyCommand:
 ///
 ///   ssh -o ProxyCommand='gatekeeper connect --credential c.toml %h:%p' host
+///
+/// With --portal, TARGET is a portal (e.g. %h:443): the knock rides in the
+/// TLS ClientHello and stdin/stdout reach the portal's upstream; no raw
+/// socket needed.
 #[derive(Args, Debug)]
 pub struct Connect {
     #[arg(long, value_name = "FILE")]
     credential: PathBuf,
     /// Where to connect: HOST:PORT.
     target: String,
+    /// TARGET is a portal: knock inside TLS instead of with a SYN.
+    #[arg(long)]
+    portal: bool,
+    /// With --portal: SHA-256 of the portal's certificate, if it is not the
+    /// gateway's own [default: the credential's tls_fingerprint].
+    #[arg(long, value_name = "HEX", requires = "portal")]
+    fingerprint: Option<tunnel::tls::Fingerprint>,
     /// How long each connection attempt may take.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = gatekeeper::spec::duration)]
     timeout: Duration,
 }
 
 pub fn connect(args: Connect) -> Result<()> {
+    if args.portal {
+        return super::portal::connect(&args.credential, &args.target, args.fingerprint);
+    }
     let k = knocker(&args.credential)?;
     let target = args
         .target

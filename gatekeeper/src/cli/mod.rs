@@ -3,6 +3,7 @@
 mod enroll;
 mod knock;
 mod maps;
+mod portal;
 mod run;
 mod tunnel;
 
@@ -38,6 +39,7 @@ enum Command {
     Client(enroll::Client),
     Knock(knock::Knock),
     Connect(knock::Connect),
+    Portal(portal::PortalArgs),
     #[command(subcommand)]
     Tunnel(tunnel::Tunnel),
     Agent(tunnel::Agent),
@@ -116,6 +118,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Client(c) => enroll::client(c),
         Command::Knock(k) => knock::knock(k),
         Command::Connect(c) => knock::connect(c),
+        Command::Portal(p) => portal::portal(p),
         Command::Tunnel(t) => tunnel::tunnel(t),
         Command::Agent(a) => tunnel::agent(a),
     }

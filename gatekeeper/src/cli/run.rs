@@ -6,7 +6,7 @@ use super::LogFormat;
 use anyhow::{Context, Result};
 use clap::Args;
 use gatekeeper::{
-    config::{Mode, Overrides, Settings, XdpModeChoice},
+    config::{Mode, Overrides, PortalOverrides, Settings, XdpModeChoice},
     daemon::{self, Exit},
     spec::{self, PortSet},
 };
@@ -23,6 +23,8 @@ use gatekeeper::{
 /// closed and attached; `gatekeeper detach` removes it.
 ///
 /// Example: gatekeeper run --iface eth0 --protect tcp/22,tcp/8000-8100,udp/53
+///
+/// With a portal: ... --protect all --portal 0.0.0.0:443 --portal-upstream 127.0.0.1:8080
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Interface to gate.
@@ -51,6 +53,27 @@ pub struct RunArgs {
     /// its gatekeeper.toml is read when --config is not given.
     #[arg(long, value_name = "DIR", default_value = gatekeeper::state::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Serve the portal on ADDR:PORT (e.g. 0.0.0.0:443): TLS for everyone; a
+    /// knock in the ClientHello gets the upstream, anything else the guidance
+    /// page. The gate lets this port through.
+    #[arg(long, value_name = "ADDR:PORT")]
+    portal: Option<std::net::SocketAddr>,
+    /// Where the portal relays authorized sessions (a local service, or a
+    /// published tunnel's port on 127.0.0.1); `client add --portal-upstream`
+    /// overrides it per client.
+    #[arg(long, value_name = "HOST:PORT", value_parser = gatekeeper::portal::parse_upstream)]
+    portal_upstream: Option<String>,
+    /// Folder with the guidance page (index.html and the CSS, JS and images it
+    /// refers to) [default: the built-in page].
+    #[arg(long, value_name = "DIR")]
+    portal_guidance: Option<PathBuf>,
+    /// The portal's certificate (PEM, chain allowed); generated with its key if
+    /// both files are absent [default: the gateway's certificate, which credentials pin].
+    #[arg(long, value_name = "CERT.pem")]
+    portal_cert: Option<PathBuf>,
+    /// The portal certificate's private key (PEM).
+    #[arg(long, value_name = "KEY.pem")]
+    portal_key: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -70,6 +93,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         mode: args.mode,
         idle_timeout: args.idle_timeout,
         state_dir: Some(args.state_dir),
+        portal: PortalOverrides {
+            listen: args.portal,
+            upstream: args.portal_upstream,
+            guidance: args.portal_guidance,
+            cert: args.portal_cert,
+            key: args.portal_key,
+        },
     };
     let settings = Settings::resolve(args.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -127,7 +127,19 @@ impl Knocker {
     pub fn seal(&self, payload: &Payload) -> Result<Vec<u8>, ClientError> {
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
-        Ok(wire::seal(&self.key_id, &self.key, &nonce, payload)?)
+        self.seal_with_nonce(payload, &nonce)
+    }
+
+    /// Seals `payload` with `nonce`, which must never repeat for this
+    /// credential (the portal derives it from a ClientHello).
+    pub fn seal_with_nonce(&self, payload: &Payload, nonce: &[u8; NONCE_LEN]) -> Result<Vec<u8>, ClientError> {
+        Ok(wire::seal(&self.key_id, &self.key, nonce, payload)?)
+    }
+
+    /// The pinned fingerprint of the gateway's certificate, if the
+    /// credential carries one.
+    pub fn tls_fingerprint(&self) -> Option<&str> {
+        self.cred.tls_fingerprint.as_deref()
     }
 
     /// Seals a knock for `req` to `server`, sent from `local_port`.

@@ -28,6 +28,8 @@ pub struct Client {
     pub enabled: bool,
     pub nat: bool,
     pub expires: Option<u64>,
+    /// Where the portal relays this client's sessions, instead of its default.
+    pub portal_upstream: Option<String>,
 }
 
 /// The enrolled clients by key id.
@@ -77,6 +79,7 @@ impl Registry {
                             enabled: rec.enabled,
                             nat: rec.nat,
                             expires: rec.expires,
+                            portal_upstream: rec.portal_upstream.clone(),
                         },
                     ))
                 });
@@ -93,6 +96,10 @@ impl Registry {
     pub fn clients(&self) -> impl Iterator<Item = &Client> {
         self.by_key.values()
     }
+
+    pub fn by_id(&self, id: u32) -> Option<&Client> {
+        self.clients().find(|c| c.id == id)
+    }
 }
 
 /// Why a knock was refused. `code()` is what the audit log records.
@@ -102,16 +109,29 @@ pub enum Rejection {
     UnknownKey,
     BadTag,
     BadPayload(String),
-    WrongClientId { claimed: String },
+    WrongClientId {
+        claimed: String,
+    },
     Revoked,
     Expired,
-    Stale { skew_secs: i64 },
+    Stale {
+        skew_secs: i64,
+    },
     Replay,
     ReplayCacheFull,
     WrongServer(IpAddr),
     BadRequest(String),
     OutsidePolicy,
-    NatNotAllowed { local: IpAddr },
+    NatNotAllowed {
+        local: IpAddr,
+    },
+    /// A portal knock not sealed for the ClientHello that carried it.
+    Unbound,
+    /// A portal knock from a TCP port other than the one it names.
+    SourcePortMismatch {
+        local_port: u16,
+        seen: u16,
+    },
 }
 
 impl Rejection {
@@ -131,6 +151,8 @@ impl Rejection {
             Rejection::BadRequest(_) => "bad_request",
             Rejection::OutsidePolicy => "outside_policy",
             Rejection::NatNotAllowed { .. } => "nat_not_allowed",
+            Rejection::Unbound => "unbound",
+            Rejection::SourcePortMismatch { .. } => "source_port_mismatch",
         }
     }
 }
@@ -156,6 +178,11 @@ impl fmt::Display for Rejection {
             Rejection::NatNotAllowed { local } => {
                 write!(f, "sent from behind NAT ({local}) by a client not allowed to")
             }
+            Rejection::Unbound => f.write_str("the knock was sealed for another ClientHello (copied from elsewhere)"),
+            Rejection::SourcePortMismatch { local_port, seen } => write!(
+                f,
+                "sealed for source port {local_port} but arrived from {seen}: behind NAT, and the client is not allowed to be"
+            ),
         }
     }
 }
@@ -202,6 +229,49 @@ impl Verifier {
             outcome: Err(Rejection::UnknownKey),
         };
         checked.outcome = self.run(knock, unix_now, record, &mut checked);
+        checked
+    }
+
+    /// Checks a knock the portal found in a ClientHello. `conn` describes
+    /// the TCP connection (its payload is the knock) and `binding` is what
+    /// the knock's nonce must be for that ClientHello. On top of
+    /// [`Verifier::check`]: the knock must be bound, ask for the portal's
+    /// port and, unless the client may be behind NAT, come from the source
+    /// port it names.
+    pub fn check_portal<E>(
+        &self,
+        conn: &Diverted,
+        binding: &[u8; NONCE_LEN],
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+    ) -> Checked {
+        // Before the replay cache: a copied extension must not use up the
+        // owner's knock.
+        if let Ok(sealed) = wire::split(&conn.payload)
+            && sealed.nonce != *binding
+        {
+            return Checked {
+                knock_id: Some(sealed.nonce),
+                client: None,
+                payload: None,
+                outcome: Err(Rejection::Unbound),
+            };
+        }
+        let mut checked = self.check(conn, unix_now, record);
+        if let (Ok(grant), Some(payload)) = (&checked.outcome, &checked.payload) {
+            let nat = self.registry.by_id(grant.client_id).is_some_and(|c| c.nat);
+            if !(grant.ports.lo..=grant.ports.hi).contains(&conn.dport) {
+                checked.outcome = Err(Rejection::BadRequest(format!(
+                    "asks for tcp/{}, not the portal's port {}",
+                    grant.ports, conn.dport
+                )));
+            } else if !nat && payload.local_port != conn.sport {
+                checked.outcome = Err(Rejection::SourcePortMismatch {
+                    local_port: payload.local_port,
+                    seen: conn.sport,
+                });
+            }
+        }
         checked
     }
 
@@ -302,7 +372,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let state = StateDir::new(&dir);
         state.init(&[GW.parse().unwrap()], false).unwrap();
-        let (_, cred) = state.add_client("dev", &allow.parse().unwrap(), expires, nat).unwrap();
+        let (_, cred) = state
+            .add_client("dev", &allow.parse().unwrap(), expires, nat, None)
+            .unwrap();
         let (registry, problems) = Registry::load(&state).unwrap();
         assert!(problems.is_empty());
         let v = Verifier {
@@ -392,6 +464,43 @@ mod tests {
             check(&v, &knock(seal(&req(Proto::Tcp, 22, 23), 0), "10.0.0.2", 1, Proto::Udp)),
             Err(Rejection::OutsidePolicy)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn portal_knocks_are_bound_to_their_client_hello_and_port() {
+        let (v, k, dir) = setup("portal", "tcp/443", None, false);
+        let gw: IpAddr = GW.parse().unwrap();
+        let binding = [7u8; NONCE_LEN];
+        let sealed = |port: u16, local_port: u16, nonce: &[u8; NONCE_LEN]| {
+            let mut p = k.payload(gw, &req(Proto::Tcp, port, port), local_port).unwrap();
+            p.local_ip = "10.0.0.2".parse().unwrap();
+            let mut conn = knock(k.seal_with_nonce(&p, nonce).unwrap(), "10.0.0.2", 40000, Proto::Tcp);
+            conn.dport = 443;
+            conn
+        };
+        let mut seen = HashSet::new();
+        let mut portal = |conn: &Diverted, binding: &[u8; NONCE_LEN]| {
+            v.check_portal(conn, binding, unix_now(), |n, _| Ok::<_, ()>(seen.insert(*n)))
+                .outcome
+        };
+        let good = sealed(443, 40000, &binding);
+        // Copied into another ClientHello first: refused, and the owner's
+        // knock is not used up by it.
+        assert_eq!(portal(&good, &[8u8; NONCE_LEN]), Err(Rejection::Unbound));
+        assert!(portal(&good, &binding).is_ok());
+        assert_eq!(portal(&good, &binding), Err(Rejection::Replay));
+        assert_eq!(
+            portal(&sealed(443, 40001, &[9u8; NONCE_LEN]), &[9u8; NONCE_LEN]),
+            Err(Rejection::SourcePortMismatch {
+                local_port: 40001,
+                seen: 40000
+            })
+        );
+        assert!(matches!(
+            portal(&sealed(22, 40000, &[10u8; NONCE_LEN]), &[10u8; NONCE_LEN]),
+            Err(Rejection::OutsidePolicy)
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

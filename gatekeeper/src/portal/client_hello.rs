@@ -8,11 +8,20 @@
 //! sends no knock handshakes exactly as it would with any server. Inserting
 //! first, not last, keeps `pre_shared_key` last, as TLS 1.3 requires.
 //!
+//! A knock carried this way is bound to the ClientHello around it: its
+//! nonce is [`binding_nonce`] of the record without the knock. Someone who
+//! copies the extension into a ClientHello of their own (with their own key
+//! share) presents a knock whose nonce no longer matches, and the portal
+//! refuses it before even opening it.
+//!
 //! Only a ClientHello alone in one record is understood; that is what rustls,
 //! browsers and curl send. Anything else is an error here, and the portal
 //! treats it as a connection without a knock.
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::knock::wire::NONCE_LEN;
 
 /// The extension type carrying the knock ("0x86" as in the knock prefix).
 pub const KNOCK_EXTENSION: u16 = 0xff86;
@@ -55,6 +64,20 @@ pub enum ClientHelloError {
 pub fn record_len(buf: &[u8]) -> Option<usize> {
     let header = buf.get(..RECORD_HEADER_LEN)?;
     Some(RECORD_HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]])))
+}
+
+/// The nonce a knock carried in `record` (the ClientHello record as rustls
+/// wrote it, knock not yet inserted) must have. The record holds 32 fresh
+/// random bytes and the key share, so the nonce stays unique per key, as
+/// XChaCha20-Poly1305 needs.
+pub fn binding_nonce(record: &[u8]) -> [u8; NONCE_LEN] {
+    let digest = Sha256::new()
+        .chain_update(b"gatekeeper portal knock v1\0")
+        .chain_update(record)
+        .finalize();
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&digest[..NONCE_LEN]);
+    nonce
 }
 
 /// A ClientHello record with the knock extension taken out.

@@ -94,16 +94,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
     }
 }
 
-/// A stream that puts `knock` into the first record written through it.
+/// Seals the knock for a ClientHello record (see
+/// [`super::client_hello::binding_nonce`]).
+pub type Seal = Box<dyn FnOnce(&[u8]) -> io::Result<Vec<u8>> + Send + Sync>;
+
+/// A stream that puts a knock, sealed for it, into the first record written
+/// through it.
 pub struct Knocking<S> {
     inner: S,
     state: Outbound,
 }
 
 enum Outbound {
-    /// Collecting the first record; holds the knock and what came so far.
+    /// Collecting the first record; holds the sealer and what came so far.
     Holding {
-        knock: Vec<u8>,
+        seal: Option<Seal>,
         held: Vec<u8>,
     },
     /// Sending the knocked record; `at` bytes of it are out.
@@ -115,11 +120,11 @@ enum Outbound {
 }
 
 impl<S> Knocking<S> {
-    pub fn new(knock: Vec<u8>, inner: S) -> Knocking<S> {
+    pub fn new(seal: Seal, inner: S) -> Knocking<S> {
         Knocking {
             inner,
             state: Outbound::Holding {
-                knock,
+                seal: Some(seal),
                 held: Vec::new(),
             },
         }
@@ -154,14 +159,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Knocking<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
-        let Outbound::Holding { knock, held } = &mut this.state else {
+        let Outbound::Holding { seal, held } = &mut this.state else {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         };
         let want = record_len(held).unwrap_or(RECORD_HEADER_LEN);
         let take = buf.len().min(want - held.len());
         held.extend_from_slice(&buf[..take]);
         if let Some(len) = record_len(held).filter(|len| *len == held.len()) {
-            let record = insert_knock(&held[..len], knock)
+            let seal = seal.take().ok_or(io::ErrorKind::InvalidInput)?;
+            let knock = seal(&held[..len])?;
+            let record = insert_knock(&held[..len], &knock)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("cannot carry the knock: {e}")))?;
             this.state = Outbound::Sending { record, at: 0 };
             // The caller's bytes are taken; a pending send finishes on flush or the next write.
@@ -198,31 +205,25 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
     use tunnel::tls::{Identity, client_config};
 
-    use super::*;
+    use super::{super::client_hello::binding_nonce, *};
 
-    const KNOCK: &[u8] = &[0x80, 0x86, 0x01, 1, 2, 3, 0xfe];
     const LIMIT: Duration = Duration::from_secs(10);
 
     /// A portal on loopback that accepts one connection, reports its
     /// opening, and echoes one message back over TLS if the handshake works.
-    async fn portal(
-        identity: &Identity,
-    ) -> (
-        std::net::SocketAddr,
-        tokio::task::JoinHandle<io::Result<Option<Vec<u8>>>>,
-    ) {
+    async fn portal(identity: &Identity) -> (std::net::SocketAddr, tokio::task::JoinHandle<io::Result<Opening>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(identity.server_config().unwrap());
         let served = tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await?;
             let opening = read_opening(&mut tcp).await?;
-            let mut tls = acceptor.accept(Replayed::new(opening.replay, tcp)).await?;
+            let mut tls = acceptor.accept(Replayed::new(opening.replay.clone(), tcp)).await?;
             let mut message = [0u8; 5];
             tls.read_exact(&mut message).await?;
             tls.write_all(&message).await?;
             tls.shutdown().await?;
-            Ok(opening.knock)
+            Ok(opening)
         });
         (addr, served)
     }
@@ -246,11 +247,15 @@ mod tests {
         let identity = identity();
         let (addr, served) = portal(&identity).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let back = timeout(LIMIT, echo_through(&identity, Knocking::new(KNOCK.to_vec(), tcp)))
+        // A stand-in knock that is just the binding: the portal must read
+        // it byte-exact, and it must bind the very record rustls reads.
+        let seal: Seal = Box::new(|record| Ok(binding_nonce(record).to_vec()));
+        let back = timeout(LIMIT, echo_through(&identity, Knocking::new(seal, tcp)))
             .await
             .unwrap();
         assert_eq!(back, b"hello");
-        assert_eq!(served.await.unwrap().unwrap().as_deref(), Some(KNOCK));
+        let opening = served.await.unwrap().unwrap();
+        assert_eq!(opening.knock, Some(binding_nonce(&opening.replay).to_vec()));
     }
 
     #[tokio::test]
@@ -260,7 +265,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let back = timeout(LIMIT, echo_through(&identity, tcp)).await.unwrap();
         assert_eq!(back, b"hello");
-        assert_eq!(served.await.unwrap().unwrap(), None);
+        assert_eq!(served.await.unwrap().unwrap().knock, None);
     }
 
     #[tokio::test]

@@ -277,7 +277,9 @@ impl<'a> Tunnels<'a> {
             )],
             echo: false,
         };
-        let (_, credential) = self.state.add_client(&agent_client, &agent_policy, expires_in, true)?;
+        let (_, credential) = self
+            .state
+            .add_client(&agent_client, &agent_policy, expires_in, true, None)?;
         let secret = random_hex(32);
         let rec = TunnelRecord {
             name: name.to_string(),
@@ -327,7 +329,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let s = StateDir::new(&dir);
         s.init(&["192.0.2.1".parse().unwrap()], false).unwrap();
-        s.add_client("laptop", &"tcp/22".parse().unwrap(), None, false).unwrap();
+        s.add_client("laptop", &"tcp/22".parse().unwrap(), None, false, None)
+            .unwrap();
         (s, dir)
     }
 

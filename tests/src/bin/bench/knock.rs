@@ -72,7 +72,7 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     let state = StateDir::new(&dir);
     let gw: IpAddr = "192.0.2.1".parse()?;
     state.init(&[gw], false)?;
-    let (_, cred) = state.add_client("bench", &"udp/5353".parse()?, None, false)?;
+    let (_, cred) = state.add_client("bench", &"udp/5353".parse()?, None, false, None)?;
     let (registry, _) = Registry::load(&state)?;
     let verifier = Verifier {
         registry,

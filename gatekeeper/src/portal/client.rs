@@ -1,0 +1,102 @@
+//! The client side of the portal: each connection gets a knock sealed for
+//! its own ClientHello and source port, rides in a TLS session pinned to the
+//! gateway's certificate, and carries one local stream (a browser's, curl's,
+//! ssh's stdio) to the upstream.
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, copy_bidirectional},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tracing::{info, warn};
+use tunnel::tls::{Fingerprint, client_config};
+
+use super::{
+    client_hello::binding_nonce,
+    stream::{Knocking, Seal},
+};
+use crate::{
+    client::{ClientError, Knocker, Request},
+    spec::{PortRange, Proto},
+};
+
+pub struct PortalClient {
+    knocker: Arc<Knocker>,
+    portal: SocketAddr,
+    connector: TlsConnector,
+}
+
+impl PortalClient {
+    /// A client for the portal at `portal` whose certificate has `pin`.
+    pub fn new(knocker: Knocker, portal: SocketAddr, pin: Fingerprint) -> Result<PortalClient, ClientError> {
+        let config = client_config(pin).map_err(|e| ClientError::Io {
+            what: "setting up TLS".into(),
+            source: io::Error::other(e),
+        })?;
+        Ok(PortalClient {
+            knocker: Arc::new(knocker),
+            portal,
+            connector: TlsConnector::from(config),
+        })
+    }
+
+    /// One authorized TLS session to the portal.
+    pub async fn connect(&self) -> io::Result<TlsStream<Knocking<TcpStream>>> {
+        let tcp = TcpStream::connect(self.portal).await?;
+        tcp.set_nodelay(true)?;
+        let local = tcp.local_addr()?;
+        let request = Request {
+            proto: Proto::Tcp,
+            ports: PortRange {
+                lo: self.portal.port(),
+                hi: self.portal.port(),
+            },
+            source_port: None,
+        };
+        let mut payload = self
+            .knocker
+            .payload(self.portal.ip(), &request, local.port())
+            .map_err(io::Error::other)?;
+        payload.local_ip = local.ip().to_canonical();
+        let knocker = self.knocker.clone();
+        let seal: Seal = Box::new(move |record| {
+            knocker
+                .seal_with_nonce(&payload, &binding_nonce(record))
+                .map_err(io::Error::other)
+        });
+        let name = ServerName::IpAddress(self.portal.ip().into());
+        self.connector.connect(name, Knocking::new(seal, tcp)).await
+    }
+
+    /// Carries `local` to the upstream until both sides end; returns the
+    /// bytes sent each way.
+    pub async fn carry<S: AsyncRead + AsyncWrite + Unpin>(&self, mut local: S) -> io::Result<(u64, u64)> {
+        let mut remote = self.connect().await?;
+        copy_bidirectional(&mut local, &mut remote).await
+    }
+
+    /// Accepts local connections on `listener` and carries each, forever.
+    pub async fn listen(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (local, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accepting a local connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let client = self.clone();
+            tokio::spawn(async move {
+                let _ = local.set_nodelay(true);
+                match client.carry(local).await {
+                    Ok((up, down)) => info!(%from, up, down, "connection carried"),
+                    Err(e) => warn!(%from, portal = %client.portal, error = %e, "carrying a connection failed"),
+                }
+            });
+        }
+    }
+}
