@@ -106,19 +106,16 @@ impl Audit {
     }
 
     /// Records one portal connection: its knock, if it carried one, and
-    /// where it was sent (`upstream` or `guidance`). Written out at once,
-    /// since the daemon's event loop does not batch these.
+    /// where it was sent (`upstream` or `guidance`). A browser opens many
+    /// connections per page, so these reach the daemon's log only at debug
+    /// level; the audit file has every one.
     pub fn portal(&mut self, conn: &Diverted, checked: Option<&Checked>, upstream: Option<&str>) {
         let mut line = Audit::knock_line("portal", conn, checked, "tls_client_hello");
-        line["decision"] = json!(if upstream.is_some() { "upstream" } else { "guidance" });
+        let decision = if upstream.is_some() { "upstream" } else { "guidance" };
+        line["decision"] = json!(decision);
         line["upstream"] = json!(upstream);
-        if upstream.is_some() {
-            info!(target: "audit", event = "portal", decision = "upstream", src = %conn.src, "{line}");
-        } else {
-            debug!(target: "audit", event = "portal", decision = "guidance", src = %conn.src, "{line}");
-        }
+        debug!(target: "audit", event = "portal", decision, src = %conn.src, "{line}");
         self.write(&line);
-        self.flush();
     }
 
     /// Records any other audit event (revocations and the like); these are

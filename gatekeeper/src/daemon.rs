@@ -147,6 +147,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             Some(ask) = asked.recv() => {
                 if let Some(k) = knocks.as_mut() {
                     k.handle_portal(&gate, ask);
+                    // Whatever else queued meanwhile, then one write for all.
+                    while let Ok(ask) = asked.try_recv() {
+                        k.handle_portal(&gate, ask);
+                    }
+                    k.flush();
                 }
             }
             _ = registry_poll.tick() => {
@@ -161,7 +166,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 if let Err(e) = sweeper::sweep(&gate, idle_ns) {
                     warn!(error = %e, "sweep failed; retrying next tick");
                 }
-                if let Some(k) = knocks.as_ref() {
+                if let Some(k) = knocks.as_mut() {
                     k.sweep(&gate);
                 }
             }

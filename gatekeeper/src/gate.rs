@@ -3,6 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -43,6 +44,9 @@ pub enum GateError {
 /// The maps of one pinned gate.
 pub struct Gate {
     dir: PathBuf,
+    /// The replay cache, opened on first use and kept: the daemon touches
+    /// it for every authentic knock, and reopening the pin costs syscalls.
+    replay: Mutex<Option<HashMap<MapData, [u8; NONCE_LEN], u64>>>,
 }
 
 /// One whitelist entry as the CLI shows it.
@@ -58,7 +62,10 @@ impl Gate {
         if !dir.join(names::WHITELIST).exists() {
             return Err(PinError::NotPinned(dir.to_path_buf()).into());
         }
-        Ok(Gate { dir: dir.to_path_buf() })
+        Ok(Gate {
+            dir: dir.to_path_buf(),
+            replay: Mutex::new(None),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -306,30 +313,44 @@ impl Gate {
         Ok(removed)
     }
 
-    fn replay_map(&self) -> Result<HashMap<MapData, [u8; NONCE_LEN], u64>, GateError> {
-        HashMap::try_from(self.map(names::REPLAY)?).map_err(self.err(names::REPLAY))
+    fn with_replay<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<MapData, [u8; NONCE_LEN], u64>) -> Result<T, GateError>,
+    ) -> Result<T, GateError> {
+        // Nothing here leaves the handle half-updated on panic.
+        let mut held = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let map = match &mut *held {
+            Some(map) => map,
+            slot @ None => slot.insert(HashMap::try_from(self.map(names::REPLAY)?).map_err(self.err(names::REPLAY))?),
+        };
+        f(map)
     }
 
     /// Records a knock nonce until `until_unix`. Returns false when the nonce
     /// was already recorded (a replay); fails when the cache is full.
     pub fn replay_record(&self, nonce: &[u8; NONCE_LEN], until_unix: u64) -> Result<bool, GateError> {
-        match self.replay_map()?.insert(nonce, until_unix, BPF_NOEXIST) {
+        self.with_replay(|map| match map.insert(nonce, until_unix, BPF_NOEXIST) {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
             Err(e) => Err(self.err(names::REPLAY)(e)),
-        }
+        })
     }
 
-    /// Forgets nonces whose window has passed; returns how many.
-    pub fn replay_sweep(&self, now_unix: u64) -> Result<usize, GateError> {
-        let mut map = self.replay_map()?;
-        let stale: Vec<[u8; NONCE_LEN]> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, until)| *until <= now_unix)
-            .map(|(k, _)| k)
-            .collect();
-        Ok(stale.iter().filter(|k| map.remove(k).is_ok()).count())
+    /// Every nonce in the replay cache with the unix time it may be
+    /// forgotten at. A full walk (two syscalls per entry): done once per
+    /// daemon start, to learn what an earlier daemon recorded.
+    pub fn replay_entries(&self) -> Result<Vec<([u8; NONCE_LEN], u64)>, GateError> {
+        self.with_replay(|map| Ok(map.iter().filter_map(Result::ok).collect()))
+    }
+
+    /// Removes one nonce from the replay cache; false if it was not there.
+    pub fn replay_forget(&self, nonce: &[u8; NONCE_LEN]) -> Result<bool, GateError> {
+        self.with_replay(|map| match map.remove(nonce) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err(names::REPLAY)(e)),
+        })
     }
 
     /// The counters, summed over CPUs, in [`Reason`] order.

@@ -3,7 +3,7 @@
 //! follow the client registry on disk, so that revoking a client takes
 //! effect within a second and closes its entries.
 
-use std::time::SystemTime;
+use std::{cmp::Reverse, collections::BinaryHeap, time::SystemTime};
 
 use serde_json::json;
 use tracing::{info, warn};
@@ -13,19 +13,39 @@ use crate::{
     clock,
     config::Settings,
     events::Diverted,
-    gate::Gate,
-    knock::verify::{Registry, Verifier},
+    gate::{Gate, GateError},
+    knock::{
+        verify::{Registry, Verifier},
+        wire::NONCE_LEN,
+    },
     portal::server::{Ask, Decision},
     state::{StateDir, StateError, unix_now},
 };
 
+/// Replay-cache nonces, soonest to be forgotten on top.
+type Expiry = BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>;
+
 pub struct KnockService {
     state: StateDir,
+    /// The replay cache's nonces by the time they may be forgotten, so a
+    /// sweep touches only what expired; `None` until the first sweep has
+    /// read what an earlier daemon recorded.
+    expiry: Option<Expiry>,
     verifier: Verifier,
     audit: Audit,
     open_for_ns: u64,
     /// What the clients directory looked like at the last load.
     seen: Vec<(String, Option<SystemTime>)>,
+}
+
+/// Records `nonce` in the replay cache and, once the sweep has its index,
+/// there too.
+fn record(gate: &Gate, expiry: &mut Option<Expiry>, nonce: &[u8; NONCE_LEN], until: u64) -> Result<bool, GateError> {
+    let fresh = gate.replay_record(nonce, until)?;
+    if let (true, Some(expiry)) = (fresh, expiry.as_mut()) {
+        expiry.push(Reverse((until, *nonce)));
+    }
+    Ok(fresh)
 }
 
 /// Names and modification times of the client and tunnel records: a
@@ -62,6 +82,7 @@ impl KnockService {
         info!(clients = registry.clients().count(), state_dir = %settings.state_dir.display(), "knock verification on");
         Ok(KnockService {
             state,
+            expiry: None,
             verifier: Verifier {
                 registry,
                 server_addrs: settings.public_addrs.clone(),
@@ -75,9 +96,10 @@ impl KnockService {
 
     /// Verifies one knock; opens and audits.
     pub fn handle(&mut self, gate: &Gate, knock: &Diverted) {
+        let expiry = &mut self.expiry;
         let checked = self
             .verifier
-            .check(knock, unix_now(), |nonce, until| gate.replay_record(nonce, until));
+            .check(knock, unix_now(), |nonce, until| record(gate, expiry, nonce, until));
         if let Ok(grant) = &checked.outcome {
             // A fresh knock for a live entry extends it and adds its ports.
             let expires = clock::now_ns().saturating_add(self.open_for_ns);
@@ -91,10 +113,11 @@ impl KnockService {
     /// Decides what a portal connection may reach, and audits it. A portal
     /// knock opens nothing in the gate: it authorizes its own TLS session.
     pub fn handle_portal(&mut self, gate: &Gate, ask: Ask) {
+        let expiry = &mut self.expiry;
         let checked = ask.binding.map(|binding| {
             self.verifier
                 .check_portal(&ask.conn, &binding, unix_now(), |nonce, until| {
-                    gate.replay_record(nonce, until)
+                    record(gate, expiry, nonce, until)
                 })
         });
         let decision = match checked.as_ref().map(|c| &c.outcome) {
@@ -163,9 +186,32 @@ impl KnockService {
     }
 
     /// Forgets replay-cache nonces whose window has passed.
-    pub fn sweep(&self, gate: &Gate) {
-        if let Err(e) = gate.replay_sweep(unix_now()) {
-            warn!(error = %e, "sweeping the replay cache failed");
+    pub fn sweep(&mut self, gate: &Gate) {
+        let expiry = match &mut self.expiry {
+            Some(expiry) => expiry,
+            slot @ None => match gate.replay_entries() {
+                Ok(entries) => slot.insert(
+                    entries
+                        .into_iter()
+                        .map(|(nonce, until)| Reverse((until, nonce)))
+                        .collect(),
+                ),
+                Err(e) => {
+                    warn!(error = %e, "reading the replay cache failed; retrying next sweep");
+                    return;
+                }
+            },
+        };
+        let now = unix_now();
+        while let Some(Reverse((until, nonce))) = expiry.peek().copied() {
+            if until > now {
+                break;
+            }
+            if let Err(e) = gate.replay_forget(&nonce) {
+                warn!(error = %e, "sweeping the replay cache failed; retrying next sweep");
+                return;
+            }
+            expiry.pop();
         }
     }
 }

@@ -285,6 +285,32 @@ fn a_restarted_daemon_keeps_entries_and_replay_protection() -> Result<()> {
 }
 
 #[test]
+fn the_replay_cache_forgets_nonces_once_their_window_has_passed() -> Result<()> {
+    let (lab, mut daemon, cred) = lab_with_client(&[])?;
+    let config = lab.scratch().join("short-window.toml");
+    std::fs::write(&config, "public_addrs = [\"10.77.0.1\"]\n[knock]\nwindow = \"4s\"\n")?;
+    let config = config.to_str().context("utf-8 path")?.to_string();
+    daemon.kill9()?;
+    let mut first = lab.start_daemon(&["--protect", PROTECT, "--config", &config])?;
+    let knock = || lab.with_knocker(Role::Client, &cred, |k, server| Ok(k.build(server, &tcp22(), 0)?));
+    send_udp(&lab, Role::Client, knock()?)?;
+    assert_eq!(audit_line(&lab, 0)?["result"], "accepted");
+    // A nonce recorded by a daemon that died is swept by the next one.
+    first.kill9()?;
+    let _second = lab.start_daemon(&["--protect", PROTECT, "--config", &config])?;
+    send_udp(&lab, Role::Client, knock()?)?;
+    assert_eq!(audit_line(&lab, 1)?["result"], "accepted");
+    let gate = gatekeeper::gate::Gate::open(lab.pin_dir())?;
+    assert_eq!(gate.replay_entries()?.len(), 2, "both nonces are remembered at first");
+    assert!(
+        eventually(Duration::from_secs(15), || Ok(gate.replay_entries()?.is_empty()))?,
+        "both nonces are forgotten once their window (4 s) has passed: {:?}",
+        gate.replay_entries()?
+    );
+    Ok(())
+}
+
+#[test]
 fn behind_one_nat_only_the_client_that_knocked_gets_in() -> Result<()> {
     let mut lab = Lab::with_nat()?;
     lab.serve_tcp_echo(Role::Gateway, 22)?;

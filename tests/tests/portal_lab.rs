@@ -307,7 +307,7 @@ impl Knocks {
             ports: PortRange { lo: 443, hi: 443 },
             source_port: None,
         };
-        let payload = self.knocker.payload(gw, &req, local.port())?;
+        let payload = self.knocker.payload_from(gw, &req, local);
         let knocker = self.knocker.clone();
         let seal: Seal = Box::new(move |record| {
             let knock = knocker

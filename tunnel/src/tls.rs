@@ -123,25 +123,32 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The agent's side: trust exactly the certificate with `pin`.
+/// The agent's (and portal client's) side: trust exactly the certificate
+/// with `pin`.
 pub fn client_config(pin: Fingerprint) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = Arc::new(Pinned {
-        pin,
-        provider: provider.clone(),
-    });
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::new(Pinned::new(pin)))
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
+/// Accepts exactly the server certificate with this fingerprint, and checks
+/// the handshake signature against it.
 #[derive(Debug)]
-struct Pinned {
+pub struct Pinned {
     pin: Fingerprint,
     provider: Arc<CryptoProvider>,
+}
+
+impl Pinned {
+    pub fn new(pin: Fingerprint) -> Pinned {
+        Pinned {
+            pin,
+            provider: provider(),
+        }
+    }
 }
 
 impl ServerCertVerifier for Pinned {
@@ -158,7 +165,7 @@ impl ServerCertVerifier for Pinned {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "the gateway's certificate fingerprint is {seen}, not the {} the token pins: wrong gateway, or a man in the middle",
+                "the gateway's certificate fingerprint is {seen}, not the pinned {}: wrong gateway, or a man in the middle",
                 self.pin
             )))
         }

@@ -29,7 +29,10 @@ enum Task {
     /// namespaces it creates (and removes).
     Demo,
     /// Setup and build, then run a benchmark against its baselines in the
-    /// same run (`gate`: drop rate and whitelisted throughput).
+    /// same run: `gate` (program cost, drop rate, throughput), `knock`
+    /// (verification rate, knock-to-open latency vs fwknopd), `tunnel`
+    /// (vs direct and rathole) or `portal` (ClientHello knock vs mutual and
+    /// plain TLS handshakes).
     Bench {
         #[arg(default_value = "gate")]
         suite: String,
@@ -120,6 +123,8 @@ fn test() -> Result<()> {
                 "knock_lab",
                 "--test",
                 "tunnel_lab",
+                "--test",
+                "portal_lab",
             ],
         ),
     ];

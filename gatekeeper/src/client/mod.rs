@@ -59,6 +59,8 @@ pub struct Knocker {
     cred: Credential,
     key_id: KeyId,
     key: SessionKey,
+    /// Read once: the portal client seals a knock per connection.
+    hostname: String,
 }
 
 fn hostname() -> String {
@@ -89,7 +91,12 @@ impl Knocker {
         let server = keys::decode_public(&cred.server_public_key)?;
         let key_id = keys::key_id(&PublicKey::from(&secret));
         let key = keys::session_key(&secret, &server, &key_id, &server)?;
-        Ok(Knocker { cred, key_id, key })
+        Ok(Knocker {
+            cred,
+            key_id,
+            key,
+            hostname: hostname(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -109,18 +116,24 @@ impl Knocker {
 
     /// The payload a knock for `req` to `server` from `local_port` carries.
     pub fn payload(&self, server: IpAddr, req: &Request, local_port: u16) -> Result<Payload, ClientError> {
-        Ok(Payload {
+        let local = SocketAddr::new(local_addr_for(server)?, local_port);
+        Ok(self.payload_from(server, req, local))
+    }
+
+    /// The payload of a knock sent from `local`, known already (a connected socket).
+    pub fn payload_from(&self, server: IpAddr, req: &Request, local: SocketAddr) -> Payload {
+        Payload {
             timestamp: unix_now(),
             client_id: self.cred.name.clone(),
             protocol: req.proto.name().to_string(),
             server_ip: server,
             start_port: req.ports.lo,
             end_port: req.ports.hi,
-            local_ip: local_addr_for(server)?,
-            local_port,
+            local_ip: local.ip().to_canonical(),
+            local_port: local.port(),
             platform: std::env::consts::OS.to_string(),
-            hostname: hostname(),
-        })
+            hostname: self.hostname.clone(),
+        }
     }
 
     /// Seals `payload` with a fresh random nonce.

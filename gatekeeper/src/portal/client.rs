@@ -56,11 +56,7 @@ impl PortalClient {
             },
             source_port: None,
         };
-        let mut payload = self
-            .knocker
-            .payload(self.portal.ip(), &request, local.port())
-            .map_err(io::Error::other)?;
-        payload.local_ip = local.ip().to_canonical();
+        let payload = self.knocker.payload_from(self.portal.ip(), &request, local);
         let knocker = self.knocker.clone();
         let seal: Seal = Box::new(move |record| {
             knocker

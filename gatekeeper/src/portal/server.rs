@@ -243,7 +243,7 @@ where
     };
     let _ = up.set_nodelay(true);
     let (from_client, to_client) = copy_bidirectional(&mut tls, &mut up).await?;
-    info!(%peer, upstream, from_client, to_client, secs = started.elapsed().as_secs_f64(), "portal session ended");
+    debug!(%peer, upstream, from_client, to_client, secs = started.elapsed().as_secs_f64(), "portal session ended");
     Ok(())
 }
 

@@ -110,7 +110,7 @@ async fn attempt(
     let mut tls = match TlsConnector::from(config).connect(name, tcp).await {
         Ok(t) => t,
         // Our verifier's refusal: the pinned certificate is not the one offered.
-        Err(e) if e.to_string().contains("the token pins") => return (Ended::Fatal(format!("TLS: {e}")), false),
+        Err(e) if e.to_string().contains("not the pinned") => return (Ended::Fatal(format!("TLS: {e}")), false),
         Err(e) => return (Ended::Retry(format!("TLS with the gateway failed: {e}")), false),
     };
     let port = match hello(&mut tls, &token.token_id, &secret).await {

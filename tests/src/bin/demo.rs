@@ -42,7 +42,7 @@ fn main() -> Result<()> {
 
     step(
         1,
-        "A lab: gateway 10.77.0.1 (ssh 22, web 8080, public 9090), client 10.77.0.2, intruder 10.77.0.3",
+        "A lab: gateway 10.77.0.1 (ssh 22, web 8080, public 9090, portal 443), client 10.77.0.2, intruder 10.77.0.3",
     );
     let mut lab = Lab::new()?;
     for port in [22, 8080, 9090] {
@@ -51,24 +51,27 @@ fn main() -> Result<()> {
 
     step(
         2,
-        "The gateway gets a key; the client's device is enrolled for the web ports",
+        "The gateway gets a key; the client's device is enrolled for the web ports and the portal",
     );
-    let cred = lab.enroll("laptop", &["--allow", "tcp/8000-8100"])?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/443,tcp/8000-8100"])?;
     let cred_arg = cred.to_str().context("utf-8 path")?;
     println!(
         "$ gatekeeper init --state-dir {} --public-addr 10.77.0.1,fd77::1",
         lab.state_dir().display()
     );
-    println!("$ gatekeeper client add laptop --allow tcp/8000-8100 --out {cred_arg}");
+    println!("$ gatekeeper client add laptop --allow tcp/443,tcp/8000-8100 --out {cred_arg}");
     show("gatekeeper client list", &lab.state_cli(&["client", "list"])?);
 
     step(
         3,
-        "The gate starts on the gateway's NIC, protecting ssh and the web ports",
+        "The gate starts on the gateway's NIC, protecting ssh and the web ports, with a TLS portal on 443 in front of web",
     );
     let protect = "tcp/22,tcp/8000-8100";
-    println!("$ gatekeeper run --iface gw0 --protect {protect}");
-    let daemon = lab.start_daemon(&["--protect", protect])?;
+    let portal = ["--portal", "10.77.0.1:443", "--portal-upstream", "127.0.0.1:8080"];
+    println!("$ gatekeeper run --iface gw0 --protect {protect} {}", portal.join(" "));
+    let mut args = vec!["--protect", protect];
+    args.extend(portal);
+    let daemon = lab.start_daemon(&args)?;
     println!(
         "  {}",
         daemon
@@ -85,7 +88,8 @@ fn main() -> Result<()> {
         scan.answered_in(22, 22).is_empty() && scan.answered_in(8000, 8100).is_empty(),
         "a protected port answered: {scan:?}"
     );
-    println!("  -> ssh and web are invisible; only the unprotected 9090 shows");
+    ensure!(scan.open.contains(&443), "the portal is the public face: {scan:?}");
+    println!("  -> ssh and web are invisible; only the unprotected 9090 and the portal on 443 show");
 
     step(5, "The client tries ssh before anyone let it in");
     let before = lab.tcp_echo_works(Role::Client, ssh, None)?;
@@ -142,16 +146,63 @@ fn main() -> Result<()> {
         "the intruder saw a protected port: {again:?}"
     );
 
-    step(9, "What the gate holds and what it did");
+    step(
+        9,
+        "The portal on 443: a browser without a key gets the guidance page; the laptop's key gets it to web",
+    );
+    let page = lab.exec(
+        Role::Intruder,
+        &["curl", "-sk", "--max-time", "10", "https://10.77.0.1/wp-admin"],
+    )?;
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    let title = page
+        .split("<title>")
+        .nth(1)
+        .and_then(|t| t.split("</title>").next())
+        .unwrap_or("(no title)");
+    show(
+        "curl -k https://10.77.0.1/wp-admin   (from the intruder)",
+        &format!("<title>{title}</title>"),
+    );
+    ensure!(
+        page.contains("This gateway is private"),
+        "not the guidance page: {page:.200}"
+    );
+    println!("$ echo through-the-portal | gatekeeper connect --portal --credential {cred_arg} 10.77.0.1:443");
+    let mut child = lab.spawn_gatekeeper(
+        Role::Client,
+        &["connect", "--portal", "--credential", cred_arg, "10.77.0.1:443"],
+    )?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"through-the-portal\n")?;
+    let out = output_within(child, Duration::from_secs(30))?;
+    println!("  {}", String::from_utf8_lossy(&out.stdout).trim());
+    ensure!(
+        out.stdout == b"through-the-portal\n",
+        "connect --portal failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = lab.audit()?;
+    let decisions: Vec<String> = audit
+        .iter()
+        .filter(|l| l["event"] == "portal")
+        .map(|l| format!("{} from {} -> {}", l["result"], l["src"], l["decision"]))
+        .collect();
+    println!("  audit (portal): {}", decisions.join("; "));
+
+    step(10, "What the gate holds and what it did");
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
     show("gatekeeper stats", &lab.cli_ok(&["stats"])?);
 
-    step(10, "Cleaning up: stopping the daemon, detaching, removing the lab");
+    step(11, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
     println!(
-        "\ndone: a full scan saw nothing; one client got into ssh by an operator's entry and into web by its own key."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal; strangers got the guidance page."
     );
     Ok(())
 }

@@ -7,9 +7,12 @@
 //!   (see `knock.rs`).
 //! - `tunnel`: throughput, new-connection latency and memory against the
 //!   direct path and rathole (see `tunnel.rs`).
+//! - `portal`: handshakes per core-second and latency of the ClientHello
+//!   knock against mutual TLS and plain TLS (see `portal.rs`).
 
 mod gate;
 mod knock;
+mod portal;
 mod tunnel;
 
 use std::path::PathBuf;
@@ -27,13 +30,19 @@ pub struct Row {
 
 fn main() -> Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "gate".into());
+    if suite == "portal-server" {
+        // A baseline server of the portal suite, started by that suite.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return portal::serve_baseline(&args);
+    }
     let mut rows = Vec::new();
     println!("{suite} benchmark: every ratio is against a baseline measured in this run\n");
     match suite.as_str() {
         "gate" => gate::run(&mut rows)?,
         "knock" => knock::run(&mut rows)?,
         "tunnel" => tunnel::run(&mut rows)?,
-        other => bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock` and `tunnel`"),
+        "portal" => portal::run(&mut rows)?,
+        other => bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel` and `portal`"),
     }
     report(&suite, &rows)
 }
