@@ -34,6 +34,8 @@ pub struct KnockService {
     verifier: Verifier,
     audit: Audit,
     open_for_ns: u64,
+    /// Where authorized portal sessions go unless their client names a place.
+    portal_upstream: Option<String>,
     /// What the clients directory looked like at the last load.
     seen: Vec<(String, Option<SystemTime>)>,
 }
@@ -90,6 +92,7 @@ impl KnockService {
             },
             audit,
             open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
+            portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
             seen,
         })
     }
@@ -120,20 +123,17 @@ impl KnockService {
                     record(gate, expiry, nonce, until)
                 })
         });
-        let decision = match checked.as_ref().map(|c| &c.outcome) {
-            Some(Ok(grant)) => Decision::Upstream(
-                self.verifier
-                    .registry
-                    .by_id(grant.client_id)
-                    .and_then(|c| c.portal_upstream.clone()),
-            ),
-            _ => Decision::Guidance,
+        let upstream = match checked.as_ref().map(|c| &c.outcome) {
+            Some(Ok(grant)) => self
+                .verifier
+                .registry
+                .by_id(grant.client_id)
+                .and_then(|c| c.portal_upstream.clone())
+                .or_else(|| self.portal_upstream.clone()),
+            _ => None,
         };
-        let upstream = match &decision {
-            Decision::Upstream(own) => Some(own.as_deref().unwrap_or("default")),
-            Decision::Guidance => None,
-        };
-        self.audit.portal(&ask.conn, checked.as_ref(), upstream);
+        self.audit.portal(&ask.conn, checked.as_ref(), upstream.as_deref());
+        let decision = upstream.map_or(Decision::Guidance, Decision::Upstream);
         // The portal gave up on this connection if nobody is listening.
         let _ = ask.reply.send(decision);
     }

@@ -6,6 +6,7 @@
 //! guidance page or a closed connection, and never the upstream. Needs root.
 
 use std::{
+    io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -219,7 +220,7 @@ fn strangers_get_the_same_guidance_page_whatever_they_ask() -> Result<()> {
 
 #[test]
 fn the_portal_client_reaches_the_upstream() -> Result<()> {
-    let (lab, mut daemon, cred, _upstream) = setup()?;
+    let (mut lab, mut daemon, cred, _upstream) = setup()?;
     let cred = cred.to_str().context("utf-8 path")?;
     let _client = ChildGuard::new(lab.spawn_gatekeeper(
         Role::Client,
@@ -244,7 +245,6 @@ fn the_portal_client_reaches_the_upstream() -> Result<()> {
 
     // As an ssh ProxyCommand would use it: one session over stdio.
     let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--portal", "--credential", cred, PORTAL])?;
-    use std::io::Write;
     child
         .stdin
         .take()
@@ -265,6 +265,22 @@ fn the_portal_client_reaches_the_upstream() -> Result<()> {
         through
             .iter()
             .all(|l| l["client"] == "laptop" && l["result"] == "accepted" && l["dport"] == 443)
+    );
+
+    // A client enrolled with its own upstream (an echo service) while the
+    // daemon runs goes there instead of to the web server.
+    lab.serve_tcp_echo(Role::Gateway, 9000)?;
+    let ops = lab.enroll("ops", &["--allow", "tcp/443", "--portal-upstream", "127.0.0.1:9000"])?;
+    let ops = ops.to_str().context("utf-8 path")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--portal", "--credential", ops, PORTAL])?;
+    child.stdin.take().context("stdin")?.write_all(b"echo me\n")?;
+    let out = output_within(child, LIMIT)?;
+    assert_eq!(out.stdout, b"echo me\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let last = portal_lines(&lab)?.pop().context("no portal line")?;
+    assert_eq!(
+        (&last["client"], &last["upstream"]),
+        (&serde_json::json!("ops"), &serde_json::json!("127.0.0.1:9000"))
     );
     assert!(daemon.running());
     Ok(())

@@ -78,16 +78,14 @@ pub struct Ask {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Authorized: relay to the client's own upstream, or else the portal's.
-    Upstream(Option<String>),
+    /// Authorized: relay to this `HOST:PORT`.
+    Upstream(String),
     Guidance,
 }
 
 pub struct Portal {
     pub acceptor: TlsAcceptor,
     pub guidance: Guidance,
-    /// The default upstream, `HOST:PORT`.
-    pub upstream: String,
     pub ask: mpsc::Sender<Ask>,
 }
 
@@ -127,7 +125,6 @@ impl Portal {
         let portal = Portal {
             acceptor,
             guidance,
-            upstream: settings.upstream.clone(),
             ask,
         };
         Ok((portal, listener))
@@ -207,9 +204,8 @@ impl Portal {
                     debug!(%peer, error = %e, "guidance page not delivered");
                 }
             }
-            Decision::Upstream(own) => {
-                let upstream = own.as_deref().unwrap_or(&self.upstream);
-                if let Err(e) = relay(tls, upstream, peer).await {
+            Decision::Upstream(upstream) => {
+                if let Err(e) = relay(tls, &upstream, peer).await {
                     warn!(%peer, upstream, error = %e, "portal session to the upstream failed");
                 }
             }
