@@ -126,10 +126,16 @@ pub fn client(cmd: Client) -> Result<()> {
         } => {
             let state = StateDir::new(&state.state_dir);
             // The portal presents the gateway's certificate by default; the
-            // credential pins it. Made before enrolling, so a failure leaves no half-enrolled client.
-            let fingerprint = Tunnels::new(&state).identity()?.fingerprint().to_string();
+            // credential pins it. Made before enrolling, so a failure leaves
+            // no half-enrolled client; an uninitialised state is refused by
+            // `add_client` with the way out.
+            let fingerprint = if state.initialised() {
+                Some(Tunnels::new(&state).identity()?.fingerprint().to_string())
+            } else {
+                None
+            };
             let (rec, mut cred) = state.add_client(&name, &allow, expires, nat, portal_upstream)?;
-            cred.tls_fingerprint = Some(fingerprint);
+            cred.tls_fingerprint = fingerprint;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential.toml")));
             let text = format!(
                 "# Gatekeeper credential for {name:?}. It holds this device's secret key: keep it private (mode 0600).\n{}",
