@@ -209,6 +209,8 @@ fn media_type(reference: &str) -> Option<&'static str> {
 
 fn data_url(source: &Source<'_>, from: &str, reference: &str) -> Result<Option<String>, GuidanceError> {
     let external = reference.contains(':') || reference.starts_with("//") || reference.starts_with('#');
+    // `style.css?v=2` is the file style.css.
+    let reference = reference.split(['?', '#']).next().unwrap_or(reference);
     let Some(media) = media_type(reference).filter(|_| !external) else {
         return Ok(None);
     };
@@ -272,7 +274,7 @@ mod tests {
             &[
                 (
                     "index.html",
-                    "<link rel=stylesheet href='a.css'><a href=\"other.html\">x</a>",
+                    "<link rel=stylesheet href='a.css?v=2'><a href=\"other.html\">x</a>",
                 ),
                 (
                     "a.css",
