@@ -24,7 +24,6 @@ use tracing::{debug, info, warn};
 use tunnel::tls::{Identity, TlsError};
 
 use super::{
-    client_hello::binding_nonce,
     guidance::{Guidance, GuidanceError},
     stream::{Replayed, read_opening},
 };
@@ -170,7 +169,7 @@ impl Portal {
                 return;
             }
         };
-        let binding = opening.knock.as_ref().map(|_| binding_nonce(&opening.replay));
+        let (knock, binding) = opening.knock.map_or((Vec::new(), None), |c| (c.knock, Some(c.binding)));
         let conn = Diverted {
             kind: Kind::Knock,
             ifindex: 0,
@@ -180,7 +179,7 @@ impl Portal {
             dport: local.port(),
             proto: Proto::Tcp.number(),
             tcp_flags: 0,
-            payload: opening.knock.unwrap_or_default(),
+            payload: knock,
         };
         let decision = self.ask(conn, binding).await;
         let handshake = timeout(

@@ -11,16 +11,27 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use super::client_hello::{MAX_RECORD_LEN, RECORD_HEADER_LEN, insert_knock, record_len, strip_knock};
+use super::client_hello::{MAX_RECORD_LEN, RECORD_HEADER_LEN, binding_nonce, insert_knock, record_len, strip_knock};
+use crate::knock::wire::NONCE_LEN;
 
 /// What the portal learned from the first record a client sent.
 #[derive(Debug)]
 pub struct Opening {
-    /// The knock, byte-exact, if the record was a ClientHello carrying one.
-    pub knock: Option<Vec<u8>>,
+    /// The knock, if the record was a ClientHello carrying one.
+    pub knock: Option<Carried>,
     /// What the portal's rustls must read first: the record without the
     /// knock, or whatever arrived if it was not a ClientHello we understand.
     pub replay: Vec<u8>,
+}
+
+/// A knock found in a ClientHello.
+#[derive(Debug)]
+pub struct Carried {
+    /// The extension's data, byte-exact.
+    pub knock: Vec<u8>,
+    /// The nonce it must have for this ClientHello ([`binding_nonce`] of
+    /// the record without it).
+    pub binding: [u8; NONCE_LEN],
 }
 
 /// Reads the first record from `stream`, with whatever else arrived in the
@@ -45,12 +56,13 @@ pub async fn read_opening<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Op
     let end = record_len(&buf).map_or(buf.len(), |len| len.min(buf.len()));
     Ok(match strip_knock(&buf[..end]) {
         Ok(stripped) => {
+            let knock = stripped.knock.map(|knock| Carried {
+                knock,
+                binding: binding_nonce(&stripped.record),
+            });
             let mut replay = stripped.record;
             replay.extend_from_slice(&buf[end..]);
-            Opening {
-                knock: stripped.knock,
-                replay,
-            }
+            Opening { knock, replay }
         }
         Err(_) => Opening {
             knock: None,
@@ -241,7 +253,7 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
     use tunnel::tls::{Identity, client_config};
 
-    use super::{super::client_hello::binding_nonce, *};
+    use super::*;
 
     const LIMIT: Duration = Duration::from_secs(10);
 
@@ -290,8 +302,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(back, b"hello");
-        let opening = served.await.unwrap().unwrap();
-        assert_eq!(opening.knock, Some(binding_nonce(&opening.replay).to_vec()));
+        let carried = served.await.unwrap().unwrap().knock.unwrap();
+        assert_eq!(carried.knock, carried.binding.to_vec());
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_client_hello_are_replayed_but_not_bound() {
+        let identity = identity();
+        let name = ServerName::try_from("portal.test").unwrap();
+        let mut client = rustls::ClientConnection::new(client_config(identity.fingerprint()).unwrap(), name).unwrap();
+        let mut record = Vec::new();
+        client.write_tls(&mut record).unwrap();
+        let mut wire = insert_knock(&record, b"knock").unwrap();
+        wire.extend_from_slice(b"more");
+        let opening = read_opening(&mut &wire[..]).await.unwrap();
+        let carried = opening.knock.unwrap();
+        assert_eq!(carried.knock, b"knock");
+        assert_eq!(carried.binding, binding_nonce(&record));
+        assert_eq!(opening.replay, [record, b"more".to_vec()].concat());
     }
 
     #[tokio::test]
@@ -301,7 +329,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let back = timeout(LIMIT, echo_through(&identity, tcp)).await.unwrap();
         assert_eq!(back, b"hello");
-        assert_eq!(served.await.unwrap().unwrap().knock, None);
+        assert!(served.await.unwrap().unwrap().knock.is_none());
     }
 
     #[tokio::test]
