@@ -27,6 +27,8 @@ pub enum ClientError {
     NoServer,
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] tunnel::tls::TlsError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error(

@@ -32,14 +32,10 @@ pub struct PortalClient {
 impl PortalClient {
     /// A client for the portal at `portal` whose certificate has `pin`.
     pub fn new(knocker: Knocker, portal: SocketAddr, pin: Fingerprint) -> Result<PortalClient, ClientError> {
-        let config = client_config(pin).map_err(|e| ClientError::Io {
-            what: "setting up TLS".into(),
-            source: io::Error::other(e),
-        })?;
         Ok(PortalClient {
             knocker: Arc::new(knocker),
             portal,
-            connector: TlsConnector::from(config),
+            connector: TlsConnector::from(client_config(pin)?),
         })
     }
 
