@@ -372,3 +372,47 @@ fn garbage_and_truncated_tls_on_the_tunnel_port_harm_no_tunnel() -> Result<()> {
     assert!(daemon.running(), "the daemon is still up");
     Ok(())
 }
+
+#[test]
+fn the_portal_can_front_a_published_tunnel() -> Result<()> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/443"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::state::write_private(&token_file, token.trim())?;
+    let upstream = format!("127.0.0.1:{PUBLIC_PORT}");
+    let _daemon = lab.start_daemon(&[
+        "--protect",
+        "tcp/22",
+        "--config",
+        &config(&lab)?,
+        "--portal",
+        "10.77.0.1:443",
+        "--portal-upstream",
+        &upstream,
+    ])?;
+    let _agent = start_agent(&lab, &token_file)?;
+    let cred = cred.to_str().context("utf-8 path")?;
+    let mut child = lab.spawn_gatekeeper(
+        Role::Client,
+        &["connect", "--portal", "--credential", cred, "10.77.0.1:443"],
+    )?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"through portal and tunnel\n")?;
+    let out = output_within(child, Duration::from_secs(30))?;
+    assert_eq!(
+        out.stdout,
+        b"through portal and tunnel\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Client, public(), None)?,
+        "the published port itself stays closed to a client that did not knock for it"
+    );
+    Ok(())
+}
