@@ -222,8 +222,10 @@ impl Portal {
 }
 
 /// Relays an authorized session to `upstream` until both sides end. If the
-/// upstream cannot be reached, the session is closed without a word: the
-/// client sees the connection end, a stranger never gets this far.
+/// upstream cannot be reached (the error returned), the session is closed
+/// without a word: the client sees the connection end, a stranger never gets
+/// this far. How the session ends is not an error: most clients close
+/// without a TLS close_notify.
 async fn relay<S>(mut tls: S, upstream: &str, peer: SocketAddr) -> io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -237,8 +239,13 @@ where
         }
     };
     let _ = up.set_nodelay(true);
-    let (from_client, to_client) = copy_bidirectional(&mut tls, &mut up).await?;
-    debug!(%peer, upstream, from_client, to_client, secs = started.elapsed().as_secs_f64(), "portal session ended");
+    let secs = || started.elapsed().as_secs_f64();
+    match copy_bidirectional(&mut tls, &mut up).await {
+        Ok((from_client, to_client)) => {
+            debug!(%peer, upstream, from_client, to_client, secs = secs(), "portal session ended")
+        }
+        Err(e) => debug!(%peer, upstream, error = %e, secs = secs(), "portal session ended abruptly"),
+    }
     Ok(())
 }
 
