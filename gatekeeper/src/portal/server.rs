@@ -181,6 +181,9 @@ impl Portal {
             tcp_flags: 0,
             payload: knock,
         };
+        // The knock service decides while the handshake goes on: its answer
+        // is needed only once the session is up, so checking the knock
+        // adds no round trip to the client's wait.
         let decision = self.ask(conn, binding).await;
         let handshake = timeout(
             HANDSHAKE_TIMEOUT,
@@ -197,7 +200,7 @@ impl Portal {
                 return;
             }
         };
-        match decision {
+        match decision.await.unwrap_or(Decision::Guidance) {
             Decision::Guidance => {
                 if let Err(e) = self.guidance.serve(tls).await {
                     debug!(%peer, error = %e, "guidance page not delivered");
@@ -211,13 +214,13 @@ impl Portal {
         }
     }
 
-    /// The knock service's decision; a stopped service lets nobody through.
-    async fn ask(&self, conn: Diverted, binding: Option<[u8; NONCE_LEN]>) -> Decision {
+    /// Puts the question to the knock service; the answer comes on the
+    /// receiver. A stopped service drops the question, and the receiver's
+    /// error then means: nobody gets through.
+    async fn ask(&self, conn: Diverted, binding: Option<[u8; NONCE_LEN]>) -> oneshot::Receiver<Decision> {
         let (reply, answer) = oneshot::channel();
-        if self.ask.send(Ask { conn, binding, reply }).await.is_err() {
-            return Decision::Guidance;
-        }
-        answer.await.unwrap_or(Decision::Guidance)
+        let _ = self.ask.send(Ask { conn, binding, reply }).await;
+        answer
     }
 }
 
