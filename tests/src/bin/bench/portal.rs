@@ -12,7 +12,7 @@
 //!
 //! One operation is: TCP connect, TLS handshake, authorization, upstream
 //! connect, one byte echoed end to end. Latency: p50/p99 of one operation
-//! at a time. Handshakes per second on one core: operations completed by 16
+//! at a time, the three modes taking turns. Handshakes per second on one core: operations completed by 16
 //! concurrent clients for a fixed time, divided by the CPU time the server
 //! process used meanwhile (so the rate is the server's, even when the
 //! client side, which shares this 2-vCPU machine, is the slower one).
@@ -45,7 +45,8 @@ const ECHO: u16 = 7000;
 const KNOCK_PORT: u16 = 443;
 const MTLS_PORT: u16 = 8444;
 const PLAIN_PORT: u16 = 8445;
-const LATENCY_SAMPLES: usize = 400;
+const WARMUP: usize = 50;
+const LATENCY_SAMPLES: usize = 1000;
 const CONCURRENCY: usize = 16;
 const LOAD_TIME: Duration = Duration::from_secs(6);
 /// The server core; the clients stay off it.
@@ -210,53 +211,72 @@ struct Measured {
     p99_ms: f64,
 }
 
-/// Latency, then load, for one mode, from the client namespace.
-fn measure(lab: &Lab, server_pid: u32, dialer: Dialer) -> Result<Measured> {
-    lab.in_ns(Role::Client, move || -> Result<Measured> {
+/// Latency for all modes, one operation of each in turn so that the
+/// machine's drift hits them alike; then load, one mode after the other.
+/// All from the client namespace, on the client core.
+fn measure(lab: &Lab, modes: Vec<(Mode, u32, Dialer)>) -> Result<Vec<(Mode, Measured)>> {
+    lab.in_ns(Role::Client, move || -> Result<Vec<(Mode, Measured)>> {
         pin_this_thread(CLIENT_CPU);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
-            let dialer = Arc::new(dialer);
-            for _ in 0..50 {
-                dialer.once().await?;
-            }
-            let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
-            for _ in 0..LATENCY_SAMPLES {
-                samples.push(dialer.once().await?);
-            }
-            samples.sort();
-            let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-            let (p50, p99) = (pct(0.50), pct(0.99));
-
-            let cpu_before = cpu_time(server_pid)?;
-            let started = Instant::now();
-            let mut tasks = Vec::new();
-            for _ in 0..CONCURRENCY {
-                let dialer = dialer.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut done = 0u64;
-                    while started.elapsed() < LOAD_TIME {
-                        dialer.once().await?;
-                        done += 1;
+            let modes: Vec<(Mode, u32, Arc<Dialer>)> = modes.into_iter().map(|(m, p, d)| (m, p, Arc::new(d))).collect();
+            println!("latency, {LATENCY_SAMPLES} operations per mode, interleaved ...");
+            let mut samples = vec![Vec::with_capacity(LATENCY_SAMPLES); modes.len()];
+            for round in 0..WARMUP + LATENCY_SAMPLES {
+                for ((_, _, dialer), samples) in modes.iter().zip(&mut samples) {
+                    let took = dialer.once().await?;
+                    if round >= WARMUP {
+                        samples.push(took);
                     }
-                    Ok::<_, anyhow::Error>(done)
-                }));
+                }
             }
-            let mut done = 0;
-            for t in tasks {
-                done += t.await??;
+            let mut out = Vec::new();
+            for ((mode, pid, dialer), mut samples) in modes.into_iter().zip(samples) {
+                println!("load, {}: {CONCURRENCY} clients for {LOAD_TIME:?} ...", mode.label());
+                samples.sort();
+                let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+                let (p50, p99) = (pct(0.50), pct(0.99));
+                let (per_core_sec, wall_rate) = load(pid, dialer).await?;
+                out.push((
+                    mode,
+                    Measured {
+                        per_core_sec,
+                        wall_rate,
+                        p50_ms: p50.as_secs_f64() * 1e3,
+                        p99_ms: p99.as_secs_f64() * 1e3,
+                    },
+                ));
             }
-            let wall = started.elapsed();
-            let cpu = cpu_time(server_pid)?.saturating_sub(cpu_before);
-            ensure!(cpu > Duration::from_millis(100), "the server used no CPU: {cpu:?}");
-            Ok(Measured {
-                per_core_sec: done as f64 / cpu.as_secs_f64(),
-                wall_rate: done as f64 / wall.as_secs_f64(),
-                p50_ms: p50.as_secs_f64() * 1e3,
-                p99_ms: p99.as_secs_f64() * 1e3,
-            })
+            Ok(out)
         })
     })?
+}
+
+/// Operations per server CPU-second and per wall-clock second, with
+/// `CONCURRENCY` clients for `LOAD_TIME`.
+async fn load(server_pid: u32, dialer: Arc<Dialer>) -> Result<(f64, f64)> {
+    let cpu_before = cpu_time(server_pid)?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let dialer = dialer.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while started.elapsed() < LOAD_TIME {
+                dialer.once().await?;
+                done += 1;
+            }
+            Ok::<_, anyhow::Error>(done)
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await??;
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_time(server_pid)?.saturating_sub(cpu_before);
+    ensure!(cpu > Duration::from_millis(100), "the server used no CPU: {cpu:?}");
+    Ok((done as f64 / cpu.as_secs_f64(), done as f64 / wall.as_secs_f64()))
 }
 
 fn spawn_baseline(lab: &Lab, args: &[&str]) -> Result<ChildGuard> {
@@ -353,19 +373,23 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
         SocketAddr::new(gw.into(), PLAIN_PORT),
     );
 
-    let mut results = Vec::new();
-    for (mode, pid, dialer) in [
-        (Mode::Knock, daemon_pid, knock),
-        (Mode::Mtls, mtls.id().context("pid")?, mtls_dialer),
-        (Mode::Plain, plain.id().context("pid")?, plain_dialer),
-    ] {
-        println!("measuring {} ...", mode.label());
-        let m = measure(&lab, pid, dialer).with_context(|| mode.label())?;
+    let results = measure(
+        &lab,
+        vec![
+            (Mode::Knock, daemon_pid, knock),
+            (Mode::Mtls, mtls.id().context("pid")?, mtls_dialer),
+            (Mode::Plain, plain.id().context("pid")?, plain_dialer),
+        ],
+    )?;
+    for (mode, m) in &results {
         println!(
-            "  {:.0} handshakes per server core-second ({:.0}/s wall), p50 {:.3} ms, p99 {:.3} ms",
-            m.per_core_sec, m.wall_rate, m.p50_ms, m.p99_ms
+            "  {}: {:.0} handshakes per server core-second ({:.0}/s wall), p50 {:.3} ms, p99 {:.3} ms",
+            mode.label(),
+            m.per_core_sec,
+            m.wall_rate,
+            m.p50_ms,
+            m.p99_ms
         );
-        results.push((mode, m));
     }
     let accepted = lab
         .audit()?
