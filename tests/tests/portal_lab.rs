@@ -182,6 +182,19 @@ fn strangers_get_the_same_guidance_page_whatever_they_ask() -> Result<()> {
         "no upstream header leaks: {head}"
     );
 
+    // openssl s_client, a third stock TLS client, handshakes normally too.
+    let openssl = lab.exec(
+        Role::Client,
+        &[
+            "sh",
+            "-c",
+            "printf 'GET /anything HTTP/1.0\\r\\n\\r\\n' | timeout 15 openssl s_client -connect 10.77.0.1:443 -ign_eof 2>&1",
+        ],
+    )?;
+    let openssl = String::from_utf8_lossy(&openssl.stdout);
+    assert!(openssl.contains("TLSv1.3"), "{openssl:.1500}");
+    assert!(openssl.contains(GUIDANCE_MARK), "{openssl:.1500}");
+
     // A real browser: the DOM is the guidance page, its inlined script ran,
     // and the screenshot shows its inlined stylesheet and logo.
     let dom = chromium(&lab, "--dump-dom", "https://10.77.0.1/any/path")?;

@@ -26,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "openssh-client",
     "openssh-server",
     "curl",
+    "openssl",
     "python3",
     "chromium",
     "fonts-dejavu-core",
