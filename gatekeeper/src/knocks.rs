@@ -117,21 +117,19 @@ impl KnockService {
     /// knock opens nothing in the gate: it authorizes its own TLS session.
     pub fn handle_portal(&mut self, gate: &Gate, ask: Ask) {
         let expiry = &mut self.expiry;
-        let checked = ask.binding.map(|binding| {
-            self.verifier
-                .check_portal(&ask.conn, &binding, unix_now(), |nonce, until| {
-                    record(gate, expiry, nonce, until)
-                })
-        });
-        let upstream = match checked.as_ref().map(|c| &c.outcome) {
-            Some(Ok(grant)) => self
-                .verifier
-                .registry
-                .by_id(grant.client_id)
-                .and_then(|c| c.portal_upstream.clone())
-                .or_else(|| self.portal_upstream.clone()),
-            _ => None,
+        let (checked, own) = match ask.binding {
+            Some(binding) => {
+                let (checked, own) = self
+                    .verifier
+                    .check_portal(&ask.conn, &binding, unix_now(), |nonce, until| {
+                        record(gate, expiry, nonce, until)
+                    });
+                (Some(checked), own)
+            }
+            None => (None, None),
         };
+        let accepted = checked.as_ref().is_some_and(|c| c.outcome.is_ok());
+        let upstream = accepted.then(|| own.or_else(|| self.portal_upstream.clone())).flatten();
         self.audit.portal(&ask.conn, checked.as_ref(), upstream.as_deref());
         let decision = upstream.map_or(Decision::Guidance, Decision::Upstream);
         // The portal gave up on this connection if nobody is listening.

@@ -96,10 +96,6 @@ impl Registry {
     pub fn clients(&self) -> impl Iterator<Item = &Client> {
         self.by_key.values()
     }
-
-    pub fn by_id(&self, id: u32) -> Option<&Client> {
-        self.clients().find(|c| c.id == id)
-    }
 }
 
 /// Why a knock was refused. `code()` is what the audit log records.
@@ -222,14 +218,28 @@ impl Verifier {
         unix_now: u64,
         record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
     ) -> Checked {
+        self.check_for_client(knock, unix_now, record).0
+    }
+
+    /// [`Verifier::check`], and the client whose knock was accepted.
+    fn check_for_client<E>(
+        &self,
+        knock: &Diverted,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+    ) -> (Checked, Option<&Client>) {
         let mut checked = Checked {
             knock_id: None,
             client: None,
             payload: None,
             outcome: Err(Rejection::UnknownKey),
         };
-        checked.outcome = self.run(knock, unix_now, record, &mut checked);
-        checked
+        let (outcome, client) = match self.run(knock, unix_now, record, &mut checked) {
+            Ok((grant, client)) => (Ok(grant), Some(client)),
+            Err(rejection) => (Err(rejection), None),
+        };
+        checked.outcome = outcome;
+        (checked, client)
     }
 
     /// Checks a knock the portal found in a ClientHello. `conn` describes
@@ -237,42 +247,51 @@ impl Verifier {
     /// the knock's nonce must be for that ClientHello. On top of
     /// [`Verifier::check`]: the knock must be bound, ask for the portal's
     /// port and, unless the client may be behind NAT, come from the source
-    /// port it names.
+    /// port it names. Also gives the accepted client's own upstream, if it
+    /// has one.
     pub fn check_portal<E>(
         &self,
         conn: &Diverted,
         binding: &[u8; NONCE_LEN],
         unix_now: u64,
         record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
-    ) -> Checked {
+    ) -> (Checked, Option<String>) {
         // Before the replay cache: a copied extension must not use up the
         // owner's knock.
         if let Ok(sealed) = wire::split(&conn.payload)
             && sealed.nonce != *binding
         {
-            return Checked {
+            let unbound = Checked {
                 knock_id: Some(sealed.nonce),
                 client: None,
                 payload: None,
                 outcome: Err(Rejection::Unbound),
             };
+            return (unbound, None);
         }
-        let mut checked = self.check(conn, unix_now, record);
+        let (mut checked, client) = self.check_for_client(conn, unix_now, record);
+        let Some(client) = client else {
+            return (checked, None);
+        };
         if let (Ok(grant), Some(payload)) = (&checked.outcome, &checked.payload) {
-            let nat = self.registry.by_id(grant.client_id).is_some_and(|c| c.nat);
             if !(grant.ports.lo..=grant.ports.hi).contains(&conn.dport) {
                 checked.outcome = Err(Rejection::BadRequest(format!(
                     "asks for tcp/{}, not the portal's port {}",
                     grant.ports, conn.dport
                 )));
-            } else if !nat && payload.local_port != conn.sport {
+            } else if !client.nat && payload.local_port != conn.sport {
                 checked.outcome = Err(Rejection::SourcePortMismatch {
                     local_port: payload.local_port,
                     seen: conn.sport,
                 });
             }
         }
-        checked
+        let upstream = checked
+            .outcome
+            .is_ok()
+            .then(|| client.portal_upstream.clone())
+            .flatten();
+        (checked, upstream)
     }
 
     fn run<E>(
@@ -281,7 +300,7 @@ impl Verifier {
         unix_now: u64,
         record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
         seen: &mut Checked,
-    ) -> Result<Grant, Rejection> {
+    ) -> Result<(Grant, &Client), Rejection> {
         let sealed = wire::split(&knock.payload).map_err(Rejection::Malformed)?;
         seen.knock_id = Some(sealed.nonce);
         let client = self.registry.by_key.get(&sealed.key_id).ok_or(Rejection::UnknownKey)?;
@@ -345,11 +364,12 @@ impl Verifier {
         // knocks open any source port unless they ask to be bound.
         let bind = carrier_is_tcp_syn || (payload.local_port != 0 && knock.sport != 0);
         let src_port = if bind { knock.sport } else { ANY_PORT };
-        Ok(Grant {
+        let grant = Grant {
             key: WhitelistKey::new(map_addr(knock.src), src_port, proto.number()),
             ports,
             client_id: client.id,
-        })
+        };
+        Ok((grant, client))
     }
 }
 
@@ -482,6 +502,7 @@ mod tests {
         let mut seen = HashSet::new();
         let mut portal = |conn: &Diverted, binding: &[u8; NONCE_LEN]| {
             v.check_portal(conn, binding, unix_now(), |n, _| Ok::<_, ()>(seen.insert(*n)))
+                .0
                 .outcome
         };
         let good = sealed(443, 40000, &binding);

@@ -56,6 +56,8 @@ pub enum PortalError {
         key: PathBuf,
         source: TlsError,
     },
+    #[error("portal TLS configuration (is the key the certificate's?): {0}")]
+    Config(TlsError),
     #[error("portal certificate: {0}")]
     State(#[from] StateError),
     #[error("portal certificate: the gateway's own: {0}")]
@@ -100,18 +102,7 @@ impl Portal {
             Some((cert, key)) => operator_identity(cert, key, state)?,
             None => Tunnels::new(state).identity()?,
         };
-        let tls = |source| PortalError::Tls {
-            cert: settings
-                .cert_and_key
-                .as_ref()
-                .map_or_else(|| "(gateway)".into(), |c| c.0.clone()),
-            key: settings
-                .cert_and_key
-                .as_ref()
-                .map_or_else(|| "(gateway)".into(), |c| c.1.clone()),
-            source,
-        };
-        let acceptor = TlsAcceptor::from(identity.server_config().map_err(tls)?);
+        let acceptor = TlsAcceptor::from(identity.server_config().map_err(PortalError::Config)?);
         let guidance = Guidance::load(settings.guidance.as_deref())?;
         let listener = TcpListener::bind(settings.listen)
             .await
