@@ -8,10 +8,10 @@
 use crate::{
     knock,
     maps::{
-        ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT,
-        WhitelistKey, WhitelistValue, protected_slot,
+        ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config,
+        KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, WhitelistKey, WhitelistValue, protected_slot,
     },
-    parse::{Kind, Packet, TCP_ACK, TCP_SYN},
+    parse::{Frame, Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
 };
 
@@ -37,10 +37,21 @@ pub enum Reason {
     KnockBadLength,
     /// The ring buffer had no room; set by the XDP program, not by [`decide`].
     KnockRingFull,
+    /// The key id names no enrolled client.
+    KnockUnknownKey,
+    /// The nonce is in the replay cache: a knock seen before.
+    KnockReplayed,
+    /// The key's own bucket is empty: someone floods with this key id.
+    KnockKeyRateLimited,
+    /// This CPU's budget for knocks is spent.
+    KnockOverBudget,
 }
 
+/// Indices of the STATS per-CPU array: one counter per [`Reason`].
+pub const STATS_LEN: u32 = Reason::COUNT as u32;
+
 impl Reason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 19;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::NotIp,
         Reason::IcmpControl,
@@ -57,6 +68,10 @@ impl Reason {
         Reason::KnockRateLimited,
         Reason::KnockBadLength,
         Reason::KnockRingFull,
+        Reason::KnockUnknownKey,
+        Reason::KnockReplayed,
+        Reason::KnockKeyRateLimited,
+        Reason::KnockOverBudget,
     ];
 
     /// Stable snake_case name, used by `gatekeeper stats` and in logs.
@@ -77,6 +92,10 @@ impl Reason {
             Reason::KnockRateLimited => "knock_rate_limited",
             Reason::KnockBadLength => "knock_bad_length",
             Reason::KnockRingFull => "knock_ring_full",
+            Reason::KnockUnknownKey => "knock_unknown_key",
+            Reason::KnockReplayed => "knock_replayed",
+            Reason::KnockKeyRateLimited => "knock_key_rate_limited",
+            Reason::KnockOverBudget => "knock_over_budget",
         }
     }
 
@@ -165,6 +184,10 @@ impl Reason {
                 | Reason::FragmentUnmatched
                 | Reason::KnockRateLimited
                 | Reason::KnockBadLength
+                | Reason::KnockUnknownKey
+                | Reason::KnockReplayed
+                | Reason::KnockKeyRateLimited
+                | Reason::KnockOverBudget
         )
     }
 }
@@ -179,6 +202,14 @@ pub trait Tables {
     fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue>;
     /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
     fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool;
+    /// Whether `key_id` belongs to an enrolled client (KNOCK_KEYS).
+    fn known_key(&self, key_id: &[u8; KEY_ID_LEN]) -> bool;
+    /// Takes a token from the bucket of the enrolled key `key_id`.
+    fn admit_key(&self, key_id: &[u8; KEY_ID_LEN], cfg: &Config) -> bool;
+    /// Whether `nonce` is in the replay cache.
+    fn replayed(&self, nonce: &[u8; NONCE_LEN]) -> bool;
+    /// Takes a token from this CPU's knock budget.
+    fn admit_budget(&self, cfg: &Config) -> bool;
     /// The current CLOCK_MONOTONIC time in ns. Asked for only when an entry
     /// was found, so dropping a stranger never reads the clock.
     fn now(&self) -> u64;
@@ -222,9 +253,10 @@ fn deny(cfg: &Config, reason: Reason) -> Decision {
     Decision::new(action, reason)
 }
 
-/// Decides one parsed frame.
+/// Decides one frame, parsed into `pkt`. The frame itself is read again
+/// only for a knock (its key id and nonce).
 #[inline(always)]
-pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     match pkt.kind {
         Kind::NotIp => return pass(Reason::NotIp),
         Kind::Malformed => return deny(cfg, Reason::Malformed),
@@ -243,13 +275,7 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     // Knocks ride in UDP, in a TCP SYN (never in an established stream) and
     // in echo requests.
     if pkt.knock_prefix && (key_proto != proto::TCP || new_tcp) {
-        if !knock::plausible_len(pkt.payload_len as usize) {
-            return deny(cfg, Reason::KnockBadLength);
-        }
-        if !t.admit_knock(&pkt.src, cfg) {
-            return deny(cfg, Reason::KnockRateLimited);
-        }
-        return Decision::new(Action::Divert, Reason::KnockDiverted);
+        return knock(frame, pkt, cfg, t);
     }
     if is_reply(cfg, key_proto, new_tcp, dport) {
         return pass(Reason::Reply);
@@ -271,6 +297,46 @@ pub fn decide<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
         return pass(Reason::Allowlisted);
     }
     deny(cfg, Reason::NotAllowed)
+}
+
+/// A knock, from cheapest refusal to dearest: its length; whether its key
+/// id is enrolled and its nonce unseen (one lookup each, so a flood of
+/// garbage or of replays dies here without touching any bucket); its
+/// source's bucket; its key's bucket; this CPU's budget. Only then is it
+/// worth the daemon's time.
+#[inline(always)]
+fn knock<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+    if !knock::plausible_len(pkt.payload_len as usize) {
+        return deny(cfg, Reason::KnockBadLength);
+    }
+    let off = pkt.payload_off as usize;
+    // Opaque to the optimiser: folded into the bounds check, `- NONCE_LEN`
+    // would leave a read before the checked pointer, which the BPF
+    // verifier refuses.
+    let nonce_off = core::hint::black_box(off + pkt.payload_len as usize - NONCE_LEN);
+    let (Some(key_id), Some(nonce)) = (
+        frame.load::<KEY_ID_LEN>(off + knock::PREFIX.len()),
+        frame.load::<NONCE_LEN>(nonce_off),
+    ) else {
+        return deny(cfg, Reason::Malformed);
+    };
+    let keys = cfg.flags & CFG_KNOCK_KEYS != 0;
+    if keys && !t.known_key(&key_id) {
+        return deny(cfg, Reason::KnockUnknownKey);
+    }
+    if t.replayed(&nonce) {
+        return deny(cfg, Reason::KnockReplayed);
+    }
+    if !t.admit_knock(&pkt.src, cfg) {
+        return deny(cfg, Reason::KnockRateLimited);
+    }
+    if keys && !t.admit_key(&key_id, cfg) {
+        return deny(cfg, Reason::KnockKeyRateLimited);
+    }
+    if !t.admit_budget(cfg) {
+        return deny(cfg, Reason::KnockOverBudget);
+    }
+    Decision::new(Action::Divert, Reason::KnockDiverted)
 }
 
 #[inline(always)]

@@ -14,14 +14,31 @@ pub const CONFIG: &str = "CONFIG";
 pub const EVENTS: &str = "EVENTS";
 pub const KNOCK_RATE: &str = "KNOCK_RATE";
 pub const STATS: &str = "STATS";
-/// Knock nonces seen inside the timestamp window. Only the daemon uses it;
-/// it lives with the gate's maps so a restarted daemon keeps its replay
-/// protection.
+/// Knock nonces seen inside the timestamp window. The daemon records them;
+/// the XDP program drops a knock whose nonce is here, so a replay never
+/// reaches userspace. Pinned with the gate's maps so a restarted daemon
+/// keeps its replay protection.
 pub const REPLAY: &str = "REPLAY";
+/// Key ids of enrolled clients, written by the daemon, each with its own
+/// knock bucket: a knock with any other key id dies in the kernel, and a
+/// flood with one leaked key id can only exhaust that key's bucket.
+pub const KNOCK_KEYS: &str = "KNOCK_KEYS";
+/// One knock bucket per CPU, whatever the source: the most knocks per
+/// second the daemon is ever handed.
+pub const KNOCK_BUDGET: &str = "KNOCK_BUDGET";
 
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 8] = [
-    WHITELIST, ALLOWLIST, PROTECTED, CONFIG, EVENTS, KNOCK_RATE, STATS, REPLAY,
+pub const ALL: [&str; 10] = [
+    WHITELIST,
+    ALLOWLIST,
+    PROTECTED,
+    CONFIG,
+    EVENTS,
+    KNOCK_RATE,
+    STATS,
+    REPLAY,
+    KNOCK_KEYS,
+    KNOCK_BUDGET,
 ];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
@@ -32,6 +49,8 @@ pub const EVENTS_BYTES: u32 = 1 << 22;
 /// when full, knocks are refused until the daemon sweeps.
 pub const REPLAY_MAX: u32 = 1 << 18;
 pub const NONCE_LEN: usize = 24;
+pub const KNOCK_KEYS_MAX: u32 = 1 << 16;
+pub const KEY_ID_LEN: usize = 16;
 
 /// `src_port` value of an entry that matches any source port.
 pub const ANY_PORT: u16 = 0;
@@ -164,6 +183,10 @@ pub const CFG_PROTECT_ECHO: u32 = 1;
 pub const CFG_ANY_TCP: u32 = 2;
 /// `Config::flags`: at least one UDP port is gated, so UDP fragments are too.
 pub const CFG_ANY_UDP: u32 = 4;
+/// `Config::flags`: the daemon keeps KNOCK_KEYS, so a knock whose key id
+/// is not there is dropped in the kernel. Off while no daemon verifies
+/// knocks (then every knock is handed over, for the log).
+pub const CFG_KNOCK_KEYS: u32 = 16;
 /// `Config::flags`: the allowlist has prefixes. Kept in step with the map by
 /// the userspace that writes it, so strangers skip the trie lookup when the
 /// allowlist is empty.
@@ -192,6 +215,12 @@ pub struct Config {
     pub _pad: u16,
     /// Report one in this many audit-mode would-drop packets (0: none).
     pub audit_sample_every: u32,
+    /// Each enrolled key's knock bucket.
+    pub knock_key_rate_per_sec: u32,
+    pub knock_key_burst: u32,
+    /// Each CPU's knock bucket, for all sources together.
+    pub knock_budget_per_sec: u32,
+    pub knock_budget_burst: u32,
     pub _pad2: u32,
 }
 
@@ -230,8 +259,8 @@ pub struct Event {
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
-    /// Why the packet would have been dropped ([`crate::decide::Reason`]),
-    /// for audit samples.
+    /// Why the packet would have been dropped (a `decide::Reason` as a
+    /// number), for audit samples.
     pub reason: u8,
     pub _pad: u8,
     pub payload_len: u32,
@@ -239,15 +268,12 @@ pub struct Event {
     pub payload: [u8; crate::knock::MAX_LEN],
 }
 
-/// Indices of the STATS per-CPU array; one counter per [`crate::decide::Reason`].
-pub const STATS_LEN: u32 = crate::decide::Reason::COUNT as u32;
-
 const _: () = {
     assert!(core::mem::size_of::<WhitelistKey>() == 20);
     assert!(core::mem::size_of::<WhitelistValue>() == 40);
     assert!(core::mem::size_of::<AllowValue>() == 8);
     assert!(core::mem::size_of::<KnockBucket>() == 16);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 56);
     assert!(core::mem::size_of::<Event>() == 64 + crate::knock::MAX_LEN);
 };
 

@@ -5,6 +5,14 @@ use crate::maps::KnockBucket;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// A bucket holding `burst` tokens at `now`.
+pub const fn full(burst: u32, now: u64) -> KnockBucket {
+    KnockBucket {
+        tokens: burst as u64 * NS_PER_SEC,
+        last_ns: now,
+    }
+}
+
 /// Takes one token from `bucket` at time `now`. Tokens are kept in
 /// nano-tokens (one token = 10^9) so refills need no division per packet.
 /// Returns the updated bucket and whether the knock may pass. A missing

@@ -4,12 +4,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::PerCpuArray,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_prandom_u32, macros::xdp, programs::XdpContext};
 
 #[xdp]
 pub fn bare_drop(_ctx: XdpContext) -> u32 {
@@ -21,30 +16,24 @@ pub fn transmit(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// How many sources `transmit_spray` cycles through.
-const SPRAY_SOURCES: u32 = 1000;
-
-#[map]
-static SPRAY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
-/// XDP_TX, rewriting the last two bytes of an untagged IPv4 frame's source
-/// address on every frame, so one live-frames run floods from
-/// `SPRAY_SOURCES` addresses.
+/// XDP_TX, giving an untagged IPv4 frame a random source address inside
+/// its first octet's /8 on every frame, so one live-frames run floods from
+/// a fresh source per packet, as a spoofing attacker would. The IP
+/// checksum is left stale: the gate under test drops these frames before
+/// anything checks it.
 #[xdp]
 pub fn transmit_spray(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + 34 > end {
         return xdp_action::XDP_ABORTED;
     }
-    let Some(n) = SPRAY.get_ptr_mut(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // SAFETY: a per-CPU slot; the 34 header bytes were bounds-checked above.
+    // SAFETY: no preconditions.
+    let r = unsafe { bpf_get_prandom_u32() };
+    // SAFETY: the 34 header bytes were bounds-checked above.
     unsafe {
-        let i = (*n + 1) % SPRAY_SOURCES;
-        *n = i;
-        *((start + 28) as *mut u8) = (i >> 8) as u8;
-        *((start + 29) as *mut u8) = i as u8;
+        *((start + 27) as *mut u8) = (r >> 16) as u8;
+        *((start + 28) as *mut u8) = (r >> 8) as u8;
+        *((start + 29) as *mut u8) = r as u8;
     }
     xdp_action::XDP_TX
 }

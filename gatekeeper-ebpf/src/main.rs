@@ -12,11 +12,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    decide::{Action, Decision, Reason, Tables, decide},
+    decide::{Action, Decision, Reason, STATS_LEN, Tables, decide},
     knock,
     maps::{
-        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, KNOCK_RATE_MAX,
-        KnockBucket, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, STATS_LEN, WHITELIST_MAX, WhitelistKey, WhitelistValue,
+        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, KEY_ID_LEN,
+        KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WHITELIST_MAX,
+        WhitelistKey, WhitelistValue,
     },
     parse::{Frame, Kind, MAX_FRAME, Packet, parse},
     ratelimit,
@@ -36,9 +37,13 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 static KNOCK_RATE: LruHashMap<[u8; 16], KnockBucket> = LruHashMap::with_max_entries(KNOCK_RATE_MAX, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
-/// Declared here only so it is created and pinned with the gate's maps.
+/// Written by the daemon; read here so a replay never reaches it.
 #[map]
 static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_MAX, 0);
+#[map]
+static KNOCK_KEYS: HashMap<[u8; KEY_ID_LEN], KnockBucket> = HashMap::with_max_entries(KNOCK_KEYS_MAX, 0);
+#[map]
+static KNOCK_BUDGET: PerCpuArray<KnockBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// Packet bytes between `data` and `data_end`, and the frame's whole length.
 struct XdpFrame {
@@ -112,6 +117,47 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn known_key(&self, key_id: &[u8; KEY_ID_LEN]) -> bool {
+        // SAFETY: only the presence is used.
+        unsafe { KNOCK_KEYS.get(key_id) }.is_some()
+    }
+
+    #[inline(always)]
+    fn admit_key(&self, key_id: &[u8; KEY_ID_LEN], cfg: &Config) -> bool {
+        let Some(bucket) = KNOCK_KEYS.get_ptr_mut(key_id) else {
+            return false;
+        };
+        // SAFETY: a map value pointer from a successful lookup; CPUs racing
+        // on one key can at worst let an extra knock through.
+        unsafe {
+            let (next, allowed) =
+                ratelimit::take(Some(*bucket), now(), cfg.knock_key_rate_per_sec, cfg.knock_key_burst);
+            *bucket = next;
+            allowed
+        }
+    }
+
+    #[inline(always)]
+    fn replayed(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        // SAFETY: only the presence is used.
+        unsafe { REPLAY.get(nonce) }.is_some()
+    }
+
+    #[inline(always)]
+    fn admit_budget(&self, cfg: &Config) -> bool {
+        let Some(bucket) = KNOCK_BUDGET.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: this CPU's own slot; nothing else on this CPU runs meanwhile.
+        unsafe {
+            let (next, allowed) =
+                ratelimit::take(Some(*bucket), now(), cfg.knock_budget_per_sec, cfg.knock_budget_burst);
+            *bucket = next;
+            allowed
+        }
+    }
+
+    #[inline(always)]
     fn now(&self) -> u64 {
         now()
     }
@@ -135,7 +181,7 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let pkt = parse(&frame);
-    let mut decision = decide(&pkt, cfg, &Maps);
+    let mut decision = decide(&frame, &pkt, cfg, &Maps);
 
     if let Some(key) = decision.touch.key(&pkt)
         && let Some(v) = WHITELIST.get_ptr_mut(&key)

@@ -1,6 +1,12 @@
-//! The gate's clock: CLOCK_MONOTONIC in nanoseconds, the clock the XDP
-//! program reads with `bpf_ktime_get_ns`, so expiries written from
-//! userspace mean the same thing in the kernel.
+//! The two clocks Gatekeeper keeps time by.
+//!
+//! - CLOCK_MONOTONIC nanoseconds ([`now_ns`]), the clock the XDP program
+//!   reads with `bpf_ktime_get_ns`, so expiries written from userspace mean
+//!   the same thing in the kernel.
+//! - Unix seconds ([`unix_now`]), for what outlives a boot: knock
+//!   timestamps, enrollment expiries, the audit log.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds on CLOCK_MONOTONIC.
 pub fn now_ns() -> u64 {
@@ -9,4 +15,44 @@ pub fn now_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `1970-01-01T00:00:00Z` for unix seconds (proleptic Gregorian, UTC).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to civil date, after Howard Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_767_225_600), "2026-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
 }

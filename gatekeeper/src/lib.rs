@@ -1,27 +1,44 @@
-//! Gatekeeper's userspace: loading and pinning the XDP gate, the maps it
-//! reads, the daemon that serves it, and the parsing of what operators type.
+//! Gatekeeper's userspace, in the order data flows through it:
 //!
-//! - [`spec`]: ports, tuples, prefixes and durations as operators write them.
-//! - [`pins`]: where the gate's objects live on bpffs.
-//! - [`gate`]: typed access to the pinned maps (used by the CLI and daemon).
-//! - [`loader`]: loading the embedded XDP object, attaching, adopting, detaching.
-//! - [`config`]: the daemon's settings from TOML and flags.
-//! - [`daemon`]: the running daemon: events, sweeping, shutdown.
-//! - [`portal`]: the TLS listener that finds knocks in ClientHellos.
+//! - [`spec`]: what operators type: ports, tuples, prefixes, durations, sizes.
+//! - [`gate`]: the XDP gate and its handles: pins, loader, maps, the ring,
+//!   the sweeper.
+//! - [`store`]: the one owner of the gateway's state (keys, identity,
+//!   clients, tunnels, config) behind a trait, its local-files backend, and
+//!   the watcher that keeps revocations in force.
+//! - [`knock`]: knock v1 both ways: keys, wire format, payload,
+//!   credentials, verification, and the client that sends knocks.
+//! - [`daemon`]: the running daemon and its knock service.
+//! - [`portal`]: the TLS listener that finds knocks in ClientHellos, and
+//!   its client.
+//! - [`tunnels`]: publishing private services: tokens, the gateway's
+//!   listener, the agent.
+//! - [`audit`]: the audit trail, written by one thread, bounded.
+//! - [`control`]: the daemon's control socket, and the CLI's side of it.
+//! - [`clock`]: monotonic nanoseconds for the gate, unix seconds for people.
+//! - [`private_file`]: files only their owner reads, written whole.
 
 pub mod audit;
-pub mod client;
 pub mod clock;
-pub mod config;
+pub mod control;
 pub mod daemon;
-pub mod events;
 pub mod gate;
 pub mod knock;
-pub mod knocks;
-pub mod loader;
-pub mod pins;
 pub mod portal;
+pub mod private_file;
 pub mod spec;
-pub mod state;
-pub mod sweeper;
+pub mod store;
 pub mod tunnels;
+
+/// An error and each of its causes, once each: `a: b: c`. For logs and
+/// audit lines, where `{}` alone would drop the causes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -36,6 +36,10 @@ pub enum SpecError {
     Duration(String),
     #[error("duration {0:?} is zero: use a positive duration such as 60s")]
     ZeroDuration(String),
+    #[error("bad size {0:?}: use a positive number of bytes with a unit, such as 512KiB, 100MiB or 1GiB")]
+    Size(String),
+    #[error("{0:?} is not HOST:PORT (for example 127.0.0.1:8080 or [::1]:8080)")]
+    Upstream(String),
 }
 
 /// A transport the gate knows.
@@ -300,7 +304,7 @@ impl fmt::Display for Tuple {
 }
 
 /// An address prefix (`10.0.0.0/24`, `2001:db8::/32`, or one address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,
@@ -384,6 +388,41 @@ pub fn duration(s: &str) -> Result<Duration, SpecError> {
         return Err(SpecError::ZeroDuration(s.to_string()));
     }
     Ok(d)
+}
+
+/// Checks a `HOST:PORT` upstream as given on the command line or in a
+/// client record; it is resolved when a session needs it.
+pub fn upstream(s: &str) -> Result<String, SpecError> {
+    let bad = || SpecError::Upstream(s.to_string());
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.contains(char::is_whitespace) || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
+/// Parses `4096`, `512KiB`, `100MiB`, `1GiB` (also `KB`, `MB`, `GB` as
+/// powers of 1000); zero is refused.
+pub fn size(s: &str) -> Result<u64, SpecError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| SpecError::Size(s.to_string()))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(SpecError::Size(s.to_string())),
+    };
+    match n.checked_mul(mult) {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(SpecError::Size(s.to_string())),
+    }
 }
 
 /// A duration as `duration` would read it back, in its largest whole unit.
@@ -477,6 +516,18 @@ mod tests {
             assert!(duration(bad).is_err(), "{bad} must be refused");
         }
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        for ok in ["127.0.0.1:8080", "[::1]:443", "service.local:80"] {
+            assert_eq!(upstream(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["", "8080", "host:", ":80", "host:0", "host:70000", "a b:80"] {
+            assert!(upstream(bad).is_err(), "{bad}");
+        }
+        assert_eq!(size("100MiB"), Ok(100 << 20));
+        assert_eq!(size("2KB"), Ok(2000));
+        assert_eq!(size("4096"), Ok(4096));
+        for bad in ["", "0", "MiB", "5TB", "-1MiB", "99999999999999GiB"] {
+            assert!(size(bad).is_err(), "{bad} must be refused");
+        }
         assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
     }
 }

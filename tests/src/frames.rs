@@ -256,6 +256,22 @@ pub fn knock_payload(len: usize) -> Vec<u8> {
     p
 }
 
+/// The key id every [`knock_payload`] of plausible length carries.
+pub fn knock_key_id() -> [u8; 16] {
+    let p = knock_payload(knock::MIN_LEN);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&p[knock::PREFIX.len()..knock::PREFIX.len() + 16]);
+    id
+}
+
+/// The nonce a [`knock_payload`] of `len` bytes ends with.
+pub fn knock_nonce(len: usize) -> [u8; 24] {
+    let p = knock_payload(len);
+    let mut n = [0u8; 24];
+    n.copy_from_slice(&p[len - 24..]);
+    n
+}
+
 /// An ARP request: not IP, always passes.
 pub fn arp() -> Vec<u8> {
     let mut f = vec![0xff; 6];
@@ -369,7 +385,16 @@ impl Generator {
             3 => knock::MAX_LEN - 1 + r.below(3) as usize,
             _ => r.below(200) as usize,
         };
-        if r.chance(50) { knock_payload(len) } else { r.bytes(len) }
+        if !r.chance(50) {
+            return r.bytes(len);
+        }
+        let mut p = knock_payload(len);
+        // A quarter name a key no client has.
+        if len >= knock::PREFIX.len() + 16 && r.chance(25) {
+            let id = r.bytes(16);
+            p[knock::PREFIX.len()..knock::PREFIX.len() + 16].copy_from_slice(&id);
+        }
+        p
     }
 
     fn spec(&mut self) -> FrameSpec {

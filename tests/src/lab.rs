@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use gatekeeper::{client::Knocker, state::Credential};
+use gatekeeper::knock::{credential::Credential, send::Knocker};
 
 /// Roles in the lab; each is a namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,8 +102,8 @@ pub struct Pins {
 impl Pins {
     pub fn new() -> Result<Pins> {
         remove_stale();
-        let dir = Path::new(gatekeeper::pins::BPFFS).join(unique_id());
-        gatekeeper::pins::prepare(&dir)?;
+        let dir = Path::new(gatekeeper::gate::pins::BPFFS).join(unique_id());
+        gatekeeper::gate::pins::prepare(&dir)?;
         Ok(Pins { dir })
     }
 
@@ -200,7 +200,7 @@ fn remove_stale() {
             }
         }
     }
-    if let Ok(entries) = std::fs::read_dir(gatekeeper::pins::BPFFS) {
+    if let Ok(entries) = std::fs::read_dir(gatekeeper::gate::pins::BPFFS) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if lab_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
@@ -300,7 +300,7 @@ impl Lab {
         let scratch = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&scratch)?;
         Ok(Lab {
-            pin_dir: Path::new(gatekeeper::pins::BPFFS).join(&id),
+            pin_dir: Path::new(gatekeeper::gate::pins::BPFFS).join(&id),
             id,
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),

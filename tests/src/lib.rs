@@ -7,8 +7,10 @@
 //! - [`model`]: the reference tables that let `gatekeeper_common::decide`
 //!   predict what the real XDP program must do.
 //! - [`nmap`]: running nmap and reading what it found.
+//! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 
 pub mod frames;
 pub mod lab;
 pub mod model;
 pub mod nmap;
+pub mod traffic;

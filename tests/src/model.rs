@@ -4,7 +4,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
 };
 
 use anyhow::Result;
@@ -14,7 +14,7 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
-    maps::{AllowValue, CFG_ALLOWLIST, Config, KnockBucket, WhitelistKey, WhitelistValue},
+    maps::{AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, WhitelistKey, WhitelistValue},
     parse::parse,
     ratelimit,
 };
@@ -26,10 +26,18 @@ pub struct Model {
     pub whitelist: RefCell<HashMap<WhitelistKey, WhitelistValue>>,
     pub allowlist: Vec<(Prefix, AllowValue)>,
     buckets: RefCell<HashMap<[u8; 16], KnockBucket>>,
+    /// Enrolled key ids and their buckets (KNOCK_KEYS).
+    pub knock_keys: RefCell<HashMap<[u8; KEY_ID_LEN], KnockBucket>>,
+    /// Nonces in the replay cache.
+    pub replay: HashSet<[u8; NONCE_LEN]>,
+    /// The knock budget of the one CPU the tests run on.
+    pub budget: Cell<KnockBucket>,
     now: Cell<u64>,
 }
 
 impl Model {
+    /// A model of `config`; enrolled keys start with full buckets
+    /// ([`Model::enroll`]), as the daemon gives them.
     pub fn new(config: Config, protect: PortSet) -> Model {
         Model {
             config,
@@ -38,8 +46,18 @@ impl Model {
             whitelist: RefCell::new(HashMap::new()),
             allowlist: Vec::new(),
             buckets: RefCell::new(HashMap::new()),
+            knock_keys: RefCell::new(HashMap::new()),
+            replay: HashSet::new(),
+            budget: Cell::new(ratelimit::full(config.knock_budget_burst, 0)),
             now: Cell::new(0),
         }
+    }
+
+    /// Enrolls `key_id` with a full bucket.
+    pub fn enroll(&self, key_id: [u8; KEY_ID_LEN]) {
+        self.knock_keys
+            .borrow_mut()
+            .insert(key_id, ratelimit::full(self.config.knock_key_burst, 0));
     }
 
     /// The CONFIG entry as userspace keeps it: the allowlist flag follows
@@ -63,6 +81,12 @@ impl Model {
         for (p, v) in &self.allowlist {
             gate.allow_insert(p, v)?;
         }
+        let keys: BTreeSet<[u8; KEY_ID_LEN]> = self.knock_keys.borrow().keys().copied().collect();
+        gate.sync_knock_keys(&keys, ratelimit::full(self.config.knock_key_burst, 0))?;
+        gate.fill_knock_budget(self.budget.get())?;
+        for nonce in &self.replay {
+            gate.replay_record(nonce, u64::MAX)?;
+        }
         Ok(())
     }
 
@@ -71,7 +95,7 @@ impl Model {
     pub fn decide(&self, frame: &[u8], now: u64) -> Decision {
         self.now.set(now);
         let pkt = parse(frame);
-        let d = decide(&pkt, &self.config(), self);
+        let d = decide(frame, &pkt, &self.config(), self);
         if let Some(key) = d.touch.key(&pkt)
             && let Some(v) = self.whitelist.borrow_mut().get_mut(&key)
         {
@@ -117,6 +141,40 @@ impl Tables for Model {
             cfg.knock_burst,
         );
         buckets.insert(*src, b);
+        ok
+    }
+
+    fn known_key(&self, key_id: &[u8; KEY_ID_LEN]) -> bool {
+        self.knock_keys.borrow().contains_key(key_id)
+    }
+
+    fn admit_key(&self, key_id: &[u8; KEY_ID_LEN], cfg: &Config) -> bool {
+        let mut keys = self.knock_keys.borrow_mut();
+        let Some(bucket) = keys.get_mut(key_id) else {
+            return false;
+        };
+        let (b, ok) = ratelimit::take(
+            Some(*bucket),
+            self.now.get(),
+            cfg.knock_key_rate_per_sec,
+            cfg.knock_key_burst,
+        );
+        *bucket = b;
+        ok
+    }
+
+    fn replayed(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        self.replay.contains(nonce)
+    }
+
+    fn admit_budget(&self, cfg: &Config) -> bool {
+        let (b, ok) = ratelimit::take(
+            Some(self.budget.get()),
+            self.now.get(),
+            cfg.knock_budget_per_sec,
+            cfg.knock_budget_burst,
+        );
+        self.budget.set(b);
         ok
     }
 

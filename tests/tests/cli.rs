@@ -196,8 +196,9 @@ fn enrollment_guards_keys_and_names() -> Result<()> {
     assert!(line.contains("gatekeeper init"), "{line}");
     let list = gatekeeper(&["client", "list", "--json", "--state-dir", state])?;
     let json: serde_json::Value = serde_json::from_slice(&list.stdout)?;
-    assert_eq!(json[0]["name"], "laptop");
-    assert_eq!(json[0]["status"], "enabled");
+    assert_eq!(json["clients"][0]["name"], "laptop");
+    assert_eq!(json["clients"][0]["status"], "enabled");
+    assert_eq!(json["problems"], serde_json::json!([]));
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -15,13 +15,15 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use gatekeeper::{
-    client::{Knocker, Request},
+    knock::{
+        credential::Credential,
+        send::{Knocker, Request},
+    },
     portal::{
         client_hello::{binding_nonce, insert_knock},
         stream::{Knocking, Seal},
     },
     spec::{PortRange, Proto},
-    state::Credential,
 };
 use gatekeeper_tests::{
     lab::{ChildGuard, Daemon, Lab, Role, eventually, output_within},
@@ -468,12 +470,13 @@ fn replayed_transplanted_revoked_and_malformed_client_hellos_never_reach_the_ups
     ensure!(!capture.record.is_empty());
     assert!(daemon.running(), "malformed ClientHellos did not bring the daemon down");
 
-    lab.state_cli(&["client", "revoke", "laptop"])?;
+    let said = lab.state_cli(&["client", "revoke", "laptop"])?;
+    ensure!(said.contains("applied by the running daemon"), "{said}");
     ensure!(
         eventually(LIMIT, || Ok(lab
             .audit()?
             .iter()
-            .any(|l| l["event"] == "client_revoked")))?,
+            .any(|l| l["event"] == "client_closed" && l["why"] == "revoked")))?,
         "the daemon never took the revocation in"
     );
     let cred2 = cred.clone();

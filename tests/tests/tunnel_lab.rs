@@ -41,7 +41,7 @@ fn setup() -> Result<(Lab, Daemon, std::path::PathBuf, std::path::PathBuf)> {
     let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
     let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
     let token_file = lab.scratch().join("web.token");
-    gatekeeper::state::write_private(&token_file, token.trim())?;
+    gatekeeper::private_file::write(&token_file, token.trim())?;
     let daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
     Ok((lab, daemon, cred, token_file))
 }
@@ -49,7 +49,7 @@ fn setup() -> Result<(Lab, Daemon, std::path::PathBuf, std::path::PathBuf)> {
 /// The state's own config plus a short heartbeat, so dead agents show fast.
 fn config(lab: &Lab) -> Result<String> {
     let path = lab.scratch().join("gateway.toml");
-    std::fs::write(&path, "public_addrs = [\"10.77.0.1\"]\n[tunnel]\nheartbeat = \"3s\"\n")?;
+    std::fs::write(&path, "[tunnel]\nheartbeat = \"3s\"\n")?;
     Ok(path.to_str().context("utf-8 path")?.to_string())
 }
 
@@ -181,7 +181,11 @@ fn revocation_cuts_live_connections_stops_the_agent_and_frees_the_port() -> Resu
     assert!(eventually(Duration::from_secs(10), || Ok(tunnels(&lab)?
         .first()
         .is_some_and(|t| t["connections"].as_u64() == Some(0))))?);
-    lab.state_cli(&["tunnel", "revoke", "web"])?;
+    let said = lab.state_cli(&["tunnel", "revoke", "web"])?;
+    assert!(
+        said.contains("applied by the running daemon") && said.contains("told its agent to stop"),
+        "{said}"
+    );
     let cut = eventually(Duration::from_secs(1), || Ok(live.try_wait()?.is_some()))?;
     assert!(cut, "the live connection is cut within a second of the revocation");
     drop(stdin);
@@ -192,7 +196,11 @@ fn revocation_cuts_live_connections_stops_the_agent_and_frees_the_port() -> Resu
         String::from_utf8_lossy(&freed.stdout).trim().is_empty(),
         "the published port is freed"
     );
-    assert!(lab.audit()?.iter().any(|l| l["event"] == "tunnel_revoked"));
+    assert!(
+        lab.audit()?
+            .iter()
+            .any(|l| l["event"] == "tunnel_closed" && l["why"] == "revoked")
+    );
     Ok(())
 }
 
@@ -210,7 +218,6 @@ fn a_restarted_agent_gets_its_port_back_and_reconnects_after_a_gateway_restart()
     assert_eq!(connect_echo(&lab, &cred, b"again\n")?, b"again\n");
 
     daemon.kill9()?;
-    std::fs::remove_file(lab.state_dir().join(gatekeeper::tunnels::service::STATUS_FILE))?;
     let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
     assert!(
         eventually(Duration::from_secs(60), || connected(&lab))?,
@@ -245,7 +252,7 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
         ),
     ] {
         let file = lab.scratch().join("bad.token");
-        gatekeeper::state::write_private(&file, &token.encode())?;
+        gatekeeper::private_file::write(&file, &token.encode())?;
         let agent = ChildGuard::new(lab.spawn_gatekeeper(
             Role::NatA,
             &[
@@ -296,7 +303,7 @@ fn a_private_web_page_is_served_through_the_tunnel_to_curl() -> Result<()> {
     );
     let token = lab.state_cli(&["tunnel", "issue", "site", "--owner", "web-team", "--allow", "laptop"])?;
     let token_file = lab.scratch().join("site.token");
-    gatekeeper::state::write_private(&token_file, token.trim())?;
+    gatekeeper::private_file::write(&token_file, token.trim())?;
     let site = tunnels(&lab)?
         .into_iter()
         .find(|t| t["name"] == "site")
@@ -332,7 +339,7 @@ fn garbage_and_truncated_tls_on_the_tunnel_port_harm_no_tunnel() -> Result<()> {
     // Someone holding the agent's knock credential, on another private host.
     let t = gatekeeper::tunnels::Token::decode(&std::fs::read_to_string(&token)?)?;
     let agent_cred = lab.scratch().join("agent.credential.toml");
-    gatekeeper::state::write_private(&agent_cred, &toml::to_string(&t.credential)?)?;
+    gatekeeper::private_file::write(&agent_cred, &toml::to_string(&t.credential)?)?;
     udp_knock(&lab, Role::NatB, &agent_cred, 7443)?;
     let tunnel_port = SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), 7443);
     let sent = lab.in_ns(Role::NatB, move || -> Result<usize> {
@@ -380,7 +387,7 @@ fn the_portal_can_front_a_published_tunnel() -> Result<()> {
     let cred = lab.enroll("laptop", &["--allow", "tcp/443"])?;
     let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
     let token_file = lab.scratch().join("web.token");
-    gatekeeper::state::write_private(&token_file, token.trim())?;
+    gatekeeper::private_file::write(&token_file, token.trim())?;
     let upstream = format!("127.0.0.1:{PUBLIC_PORT}");
     let _daemon = lab.start_daemon(&[
         "--protect",

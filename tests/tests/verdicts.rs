@@ -10,16 +10,27 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use gatekeeper::{clock, gate::Gate, loader, spec::Prefix};
+use gatekeeper::{
+    clock,
+    gate::{
+        Gate, loader,
+        ring::{self, Record},
+    },
+    spec::Prefix,
+};
 use gatekeeper_common::{
     decide::{Action, Decision, Reason},
     knock,
-    maps::{AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_PROTECT_ECHO, Config, MODE_AUDIT, WhitelistKey, WhitelistValue},
+    maps::{
+        AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT, WhitelistKey,
+        WhitelistValue,
+    },
     proto,
 };
 use gatekeeper_tests::{
     frames::{
-        self, ACK, FrameSpec, Generator, L4, Net, PSH, Pools, SYN, TPID_8021AD, TPID_8021Q, knock_payload, tcp, udp,
+        self, ACK, FrameSpec, Generator, L4, Net, PSH, Pools, SYN, TPID_8021AD, TPID_8021Q, knock_key_id, knock_nonce,
+        knock_payload, tcp, udp,
     },
     lab::Pins,
     model::{Model, addr},
@@ -46,15 +57,21 @@ fn entry(expires_ns: u64, last_seen_ns: u64, lo: u16, hi: u16) -> WhitelistValue
     }
 }
 
+/// The length of the knock whose nonce the standard model's replay cache holds.
+const REPLAYED_LEN: usize = 77;
+/// Buckets the verdict tests never empty.
+const PLENTY: u32 = 1_000_000;
+
 /// Protected: tcp/22, tcp/8000-8100, udp/53, udp/5353, echo, and port
 /// 33000 in the ephemeral range (where replies pass). A handful of
 /// whitelist entries (live, dead, lingering, any-port, exact, IPv6) and two
-/// allowlist prefixes (live and expired).
+/// allowlist prefixes (live and expired). The key id of `knock_payload` is
+/// enrolled, and the nonce of a knock of `REPLAYED_LEN` bytes was seen.
 fn standard_model(mode: u32) -> Model {
     let now = clock::now_ns();
     let config = Config {
         mode,
-        flags: CFG_ANY_TCP | CFG_ANY_UDP | CFG_PROTECT_ECHO,
+        flags: CFG_ANY_TCP | CFG_ANY_UDP | CFG_PROTECT_ECHO | CFG_KNOCK_KEYS,
         idle_timeout_ns: 60_000_000_000,
         // Rate 0: each source gets exactly `burst` knocks, so the kernel and
         // the model agree without depending on when each frame ran.
@@ -65,6 +82,11 @@ fn standard_model(mode: u32) -> Model {
         knock_udp_port: 62201,
         _pad: 0,
         audit_sample_every: 0,
+        // Rate 0 again: the key and budget buckets stay deterministic.
+        knock_key_rate_per_sec: 0,
+        knock_key_burst: PLENTY,
+        knock_budget_per_sec: 0,
+        knock_budget_burst: PLENTY,
         _pad2: 0,
     };
     let mut m = Model::new(
@@ -105,6 +127,8 @@ fn standard_model(mode: u32) -> Model {
             entry(now + HOUR, 0, 53, 53),
         );
     }
+    m.enroll(knock_key_id());
+    m.replay.insert(knock_nonce(REPLAYED_LEN));
     m.allowlist.push((
         "192.168.50.0/24".parse::<Prefix>().expect("prefix"),
         AllowValue { expires_ns: now + HOUR },
@@ -162,8 +186,8 @@ impl Harness {
         let mut ring = self.gate.events()?;
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(ev) = gatekeeper::events::decode(&item) {
-                out.push(ev.payload);
+            if let Some(Record::Knock(k)) = ring::decode(&item) {
+                out.push(k.payload);
             }
         }
         Ok(out)
@@ -398,6 +422,25 @@ fn hand_written_cases() -> Vec<Case> {
             v4("203.0.113.11", udp(5000, 62201, b"hello")),
             Drop,
             Reason::NotAllowed,
+        ),
+        case(
+            "knock with a key id nobody enrolled",
+            v4(
+                "203.0.113.12",
+                udp(5000, 62201, &{
+                    let mut p = knock_payload(100);
+                    p[knock::PREFIX.len()] ^= 0xff;
+                    p
+                }),
+            ),
+            Drop,
+            Reason::KnockUnknownKey,
+        ),
+        case(
+            "knock whose nonce the replay cache holds",
+            v4("203.0.113.13", udp(5000, 62201, &knock_payload(REPLAYED_LEN))),
+            Drop,
+            Reason::KnockReplayed,
         ),
         case(
             "knock prefix to an unprotected port is ordinary traffic",
@@ -716,6 +759,83 @@ fn knock_floods_are_rate_limited_per_source() -> Result<()> {
     assert_eq!(count(Reason::KnockRateLimited), 15);
     assert_eq!(count(Reason::KnockDiverted), 6);
     assert_eq!(h.drain_events()?.len(), 6, "only admitted knocks reach the daemon");
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU, so every test run meets the same
+/// per-CPU knock budget.
+fn stay_on_one_cpu() -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity(0, ...) acts
+    // on the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_spoofed_flood_dies_at_the_key_and_budget_limits() -> Result<()> {
+    stay_on_one_cpu()?;
+    let mut model = standard_model(0);
+    model.config.knock_key_burst = 3;
+    model.config.knock_budget_burst = 5;
+    model.enroll(knock_key_id());
+    let mut other = knock_key_id();
+    other[0] ^= 0x55;
+    model.enroll(other);
+    model.budget.set(gatekeeper_common::ratelimit::full(5, 0));
+    let mut h = Harness::new(model)?;
+    // Every knock from a fresh source, as a spoofing flood sends them.
+    let knock = |i: u32, key: [u8; 16]| {
+        let mut p = knock_payload(90);
+        p[knock::PREFIX.len()..knock::PREFIX.len() + 16].copy_from_slice(&key);
+        FrameSpec::v4([198, 18, (i >> 8) as u8, i as u8], GW4, udp(5000, 62201, &p)).build()
+    };
+    let mut outcome = Vec::new();
+    for i in 0..6 {
+        let (d, code) = h.both(&knock(i, knock_key_id()))?;
+        assert_eq!(code, XDP_DROP);
+        outcome.push(d.reason);
+    }
+    assert_eq!(
+        outcome[..4],
+        [
+            Reason::KnockDiverted,
+            Reason::KnockDiverted,
+            Reason::KnockDiverted,
+            Reason::KnockKeyRateLimited
+        ],
+        "one key's bucket runs dry whatever the sources: {outcome:?}"
+    );
+    let (d, _) = h.both(&knock(100, other))?;
+    assert_eq!(d.reason, Reason::KnockDiverted, "another key still gets through");
+    let (d, _) = h.both(&knock(101, other))?;
+    assert_eq!(d.reason, Reason::KnockDiverted);
+    let (d, _) = h.both(&knock(102, other))?;
+    assert_eq!(
+        d.reason,
+        Reason::KnockOverBudget,
+        "the CPU's budget caps every key together"
+    );
+    let stats = h.gate.stats()?;
+    let count = |r: Reason| stats.iter().find(|(x, _)| *x == r).map(|(_, v)| *v).unwrap_or(0);
+    assert_eq!(
+        (
+            count(Reason::KnockDiverted),
+            count(Reason::KnockKeyRateLimited),
+            count(Reason::KnockOverBudget)
+        ),
+        (5, 3, 1)
+    );
+    assert_eq!(
+        h.drain_events()?.len(),
+        5,
+        "only knocks inside every limit reach the daemon"
+    );
     Ok(())
 }
 

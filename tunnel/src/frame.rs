@@ -39,6 +39,64 @@ impl Kind {
     }
 }
 
+/// Why a session ends or is refused, as a Goodbye frame tells the other
+/// end: a code the agent decides by (stop, or try again), and words for
+/// the operator. On the wire: `CODE:words`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Farewell {
+    /// The tunnel was revoked or has expired: stop.
+    Revoked(String),
+    /// The token was not accepted: trying again with it cannot help.
+    Refused(String),
+    /// Something that may pass: the public port is busy, the gateway stops.
+    Busy(String),
+    /// The peer broke the protocol and is cut off.
+    Broken(String),
+}
+
+impl Farewell {
+    fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Farewell::Revoked(w) => ("revoked", w),
+            Farewell::Refused(w) => ("refused", w),
+            Farewell::Busy(w) => ("busy", w),
+            Farewell::Broken(w) => ("broken", w),
+        }
+    }
+
+    pub fn to_payload(&self) -> Bytes {
+        let (code, words) = self.parts();
+        Bytes::from(format!("{code}:{words}"))
+    }
+
+    /// Reads a Goodbye's payload; anything unrecognised counts as broken
+    /// (which an agent retries).
+    pub fn from_payload(payload: &[u8]) -> Farewell {
+        let text = String::from_utf8_lossy(payload);
+        let (code, words) = text.split_once(':').unwrap_or(("", &text));
+        let words = words.to_string();
+        match code {
+            "revoked" => Farewell::Revoked(words),
+            "refused" => Farewell::Refused(words),
+            "busy" => Farewell::Busy(words),
+            "broken" => Farewell::Broken(words),
+            _ => Farewell::Broken(if code.is_empty() { words } else { text.into_owned() }),
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn retry_helps(&self) -> bool {
+        matches!(self, Farewell::Busy(_) | Farewell::Broken(_))
+    }
+}
+
+impl std::fmt::Display for Farewell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (code, words) = self.parts();
+        write!(f, "{code}: {words}")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub kind: Kind,
@@ -52,6 +110,8 @@ pub enum FrameError {
     Kind(u8),
     #[error("frame of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
     TooLarge(usize),
+    #[error("the peer closed the connection inside a frame")]
+    Truncated,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -79,12 +139,17 @@ impl Frame {
     }
 
     /// Reads one frame; `Ok(None)` at a clean end of stream between frames.
+    /// An end anywhere inside a frame, header or payload, is
+    /// [`FrameError::Truncated`].
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
         let mut header = [0u8; 9];
-        match r.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let mut got = 0;
+        while got < header.len() {
+            match r.read(&mut header[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => got += n,
+            }
         }
         let kind = Kind::from_u8(header[0]).ok_or(FrameError::Kind(header[0]))?;
         let stream = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -93,7 +158,11 @@ impl Frame {
             return Err(FrameError::TooLarge(len));
         }
         let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload).await?;
+        match r.read_exact(&mut payload).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Truncated),
+            Err(e) => return Err(e.into()),
+        }
         Ok(Some(Frame {
             kind,
             stream,
@@ -139,16 +208,54 @@ mod tests {
             Frame::read(&mut &unknown[..]).await,
             Err(FrameError::Kind(42))
         ));
-        let truncated = &wire[..wire.len() - 1];
-        let mut r = truncated;
-        let mut last = None;
-        while let Ok(Some(f)) = Frame::read(&mut r).await {
-            last = Some(f);
+    }
+
+    #[test]
+    fn farewells_round_trip_and_unknown_ones_are_retried() {
+        for f in [
+            Farewell::Revoked("tunnel web is revoked".into()),
+            Farewell::Refused("wrong secret: a:b".into()),
+            Farewell::Busy("port 20000 is in use".into()),
+            Farewell::Broken(String::new()),
+        ] {
+            assert_eq!(Farewell::from_payload(&f.to_payload()), f);
         }
-        assert_ne!(
-            last.as_ref(),
-            frames.last(),
-            "a truncated final frame is never delivered whole"
-        );
+        let odd = Farewell::from_payload(b"\xffgarbage");
+        assert!(odd.retry_helps(), "{odd:?}");
+        assert!(!Farewell::Revoked(String::new()).retry_helps());
+    }
+
+    #[tokio::test]
+    async fn an_end_inside_a_frame_is_an_error_and_only_a_boundary_is_clean() {
+        let frames = [
+            Frame::new(Kind::Hello, 0, &b"token"[..]),
+            Frame::new(Kind::Close, 7, Bytes::new()),
+            Frame::new(Kind::Data, 3, vec![1u8; 300]),
+        ];
+        let mut wire = Vec::new();
+        let mut boundaries = vec![0];
+        for f in &frames {
+            f.write(&mut wire).await.unwrap();
+            boundaries.push(wire.len());
+        }
+        for cut in 0..=wire.len() {
+            let mut r = &wire[..cut];
+            let mut whole = 0;
+            let end = loop {
+                match Frame::read(&mut r).await {
+                    Ok(Some(_)) => whole += 1,
+                    other => break other,
+                }
+            };
+            if boundaries.contains(&cut) {
+                assert!(matches!(end, Ok(None)), "cut at {cut}: a clean end, got {end:?}");
+                assert_eq!(boundaries[whole], cut);
+            } else {
+                assert!(
+                    matches!(end, Err(FrameError::Truncated)),
+                    "cut at {cut}, inside frame {whole}: {end:?}"
+                );
+            }
+        }
     }
 }

@@ -2,8 +2,10 @@
 //! sender may have at most [`WINDOW`] unacknowledged bytes in flight, so a
 //! stream whose consumer is slow stops only itself, never the session.
 //!
-//! Only one side opens streams (the gateway, for each public connection);
-//! the other accepts them. Both sides answer pings.
+//! Only one side opens streams (the gateway, for each public connection,
+//! [`Mux::opener`]); the other accepts them ([`Mux::acceptor`]). A stream
+//! opened toward the opener is a protocol error: nothing there would ever
+//! read it. Both sides answer pings.
 
 use std::{
     collections::HashMap,
@@ -22,7 +24,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::frame::{Frame, FrameError, Kind, MAX_PAYLOAD};
+use crate::frame::{Farewell, Frame, FrameError, Kind, MAX_PAYLOAD};
 
 /// Bytes a sender may have in flight per stream.
 pub const WINDOW: u32 = 256 * 1024;
@@ -37,7 +39,7 @@ pub enum MuxError {
     #[error("the peer broke the protocol: {0}")]
     Protocol(String),
     #[error("the peer ended the session: {0}")]
-    Goodbye(String),
+    Goodbye(Farewell),
     #[error("the session is closed")]
     Closed,
 }
@@ -111,10 +113,29 @@ pub struct StreamWriter {
 }
 
 impl Mux {
-    /// Runs a session over `io`. Returns the handle, the streams the peer
-    /// opens (with the payload of their `Open`), and the session's task,
-    /// which ends with why the session ended.
-    pub fn start<T>(io: T) -> (Mux, Incoming, SessionTask)
+    /// Runs the opening side of a session over `io`: the handle to open
+    /// streams with, and the session's task, which ends with why the
+    /// session ended.
+    pub fn opener<T>(io: T) -> (Mux, SessionTask)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mux, task) = Mux::start(io, None);
+        (mux, task)
+    }
+
+    /// Runs the accepting side of a session over `io`: also gives the
+    /// streams the peer opens, with the payload of their `Open`.
+    pub fn acceptor<T>(io: T) -> (Mux, Incoming, SessionTask)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (accepted_tx, accepted) = mpsc::channel(64);
+        let (mux, task) = Mux::start(io, Some(accepted_tx));
+        (mux, accepted, task)
+    }
+
+    fn start<T>(io: T, accepted: Option<mpsc::Sender<(MuxStream, Bytes)>>) -> (Mux, SessionTask)
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -126,7 +147,6 @@ impl Mux {
             next_id: AtomicU32::new(1),
             last_heard: Mutex::new(Instant::now()),
         });
-        let (accepted_tx, accepted) = mpsc::channel(64);
         let writer = tokio::spawn(async move {
             let mut wr = BufWriter::new(wr);
             while let Some(frame) = outbox.recv().await {
@@ -140,7 +160,7 @@ impl Mux {
         });
         let reader_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let result = read_loop(&mut rd, &reader_shared, &accepted_tx).await;
+            let result = read_loop(&mut rd, &reader_shared, accepted.as_ref()).await;
             // Wake every stream: their peer is gone.
             reader_shared.slots().clear();
             // Tell a peer that broke the protocol why it is cut off, giving
@@ -148,7 +168,7 @@ impl Mux {
             if let Err(MuxError::Protocol(why)) = &result
                 && reader_shared
                     .out
-                    .try_send(Frame::new(Kind::Goodbye, 0, why.clone()))
+                    .try_send(Frame::new(Kind::Goodbye, 0, Farewell::Broken(why.clone()).to_payload()))
                     .is_ok()
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -156,7 +176,7 @@ impl Mux {
             writer.abort();
             result
         });
-        (Mux { shared }, accepted, task)
+        (Mux { shared }, task)
     }
 
     /// Opens a stream; `meta` travels in its `Open` frame.
@@ -169,6 +189,11 @@ impl Mux {
             .await
             .map_err(|_| MuxError::Closed)?;
         Ok(stream)
+    }
+
+    /// Tells the peer the session ends, and why.
+    pub async fn farewell(&self, why: &Farewell) -> Result<(), MuxError> {
+        self.control(Kind::Goodbye, why.to_payload()).await
     }
 
     /// Sends a frame on the session itself (stream 0): pings, goodbyes.
@@ -225,7 +250,7 @@ fn new_stream(shared: &Arc<Shared>, id: u32) -> MuxStream {
 async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     shared: &Arc<Shared>,
-    accepted: &mpsc::Sender<(MuxStream, Bytes)>,
+    accepted: Option<&mpsc::Sender<(MuxStream, Bytes)>>,
 ) -> Result<(), MuxError> {
     let (mut ping_window, mut pings) = (Instant::now(), 0u32);
     while let Some(frame) = Frame::read(rd).await? {
@@ -251,8 +276,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     .map_err(|_| MuxError::Closed)?
             }
             Kind::Pong => {}
-            Kind::Goodbye => return Err(MuxError::Goodbye(String::from_utf8_lossy(&frame.payload).into_owned())),
+            Kind::Goodbye => return Err(MuxError::Goodbye(Farewell::from_payload(&frame.payload))),
             Kind::Open => {
+                let Some(accepted) = accepted else {
+                    return Err(MuxError::Protocol("streams are opened by the gateway only".into()));
+                };
                 if shared.slots().contains_key(&frame.stream) || frame.stream == 0 {
                     return Err(MuxError::Protocol(format!("stream {} opened twice", frame.stream)));
                 }
@@ -403,7 +431,7 @@ mod tests {
     use crate::tls::{Identity, client_config};
 
     /// Two ends of a real TLS session on loopback, each running a mux.
-    async fn pair() -> ((Mux, Incoming), (Mux, Incoming)) {
+    async fn pair() -> (Mux, (Mux, Incoming)) {
         let id = Identity::generate(&["gateway".into()]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -416,9 +444,9 @@ mod tests {
             .await
             .unwrap();
         let server = server.await.unwrap();
-        let (g, g_in, _) = Mux::start(server);
-        let (a, a_in, _) = Mux::start(client);
-        ((g, g_in), (a, a_in))
+        let (g, _) = Mux::opener(server);
+        let (a, a_in, _) = Mux::acceptor(client);
+        (g, (a, a_in))
     }
 
     /// Echoes every stream the peer opens, until the session ends.
@@ -484,7 +512,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_hundred_streams_of_a_megabyte_arrive_intact() {
-        let ((gw, _g_in), (_agent, a_in)) = pair().await;
+        let (gw, (_agent, a_in)) = pair().await;
         let _echo = echo_all(a_in, None);
         let mut tasks = Vec::new();
         for i in 0..200u32 {
@@ -506,7 +534,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_stream_does_not_stall_the_others() {
-        let ((gw, _g_in), (_agent, a_in)) = pair().await;
+        let (gw, (_agent, a_in)) = pair().await;
         let _echo = echo_all(a_in, Some(Bytes::from_static(b"stalled")));
         let stalled = gw.open(Bytes::from_static(b"stalled")).await.unwrap();
         let blocked = tokio::spawn(async move { stalled.send(&vec![0u8; 4 << 20]).await });
@@ -528,19 +556,37 @@ mod tests {
     #[tokio::test]
     async fn goodbye_ends_the_session_with_its_reason() {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let (left, _, _) = Mux::start(a);
-        let (_right, _, task) = Mux::start(b);
-        left.control(Kind::Goodbye, Bytes::from_static(b"revoked"))
-            .await
-            .unwrap();
+        let (left, _) = Mux::opener(a);
+        let (_right, _, task) = Mux::acceptor(b);
+        left.farewell(&Farewell::Revoked("tunnel web".into())).await.unwrap();
         let ended = ended(task).await;
-        assert!(matches!(ended, Err(MuxError::Goodbye(reason)) if reason == "revoked"));
+        assert!(matches!(ended, Err(MuxError::Goodbye(Farewell::Revoked(w))) if w == "tunnel web"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_toward_the_gateway_is_refused_not_parked() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_gw, task) = Mux::opener(b);
+        let mut raw = a;
+        for id in 1..=100u32 {
+            if Frame::new(Kind::Open, id, Bytes::new()).write(&mut raw).await.is_err() {
+                break;
+            }
+        }
+        let ended = ended(task).await;
+        assert!(
+            matches!(&ended, Err(MuxError::Protocol(why)) if why.contains("gateway only")),
+            "{ended:?}"
+        );
+        let told = Frame::read(&mut raw).await.unwrap().expect("a goodbye first");
+        assert_eq!(told.kind, Kind::Goodbye);
+        assert!(matches!(Farewell::from_payload(&told.payload), Farewell::Broken(w) if w.contains("gateway only")));
     }
 
     #[tokio::test]
     async fn a_peer_that_pings_too_fast_is_cut_off() {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (_mux, _incoming, task) = Mux::start(b);
+        let (_mux, _incoming, task) = Mux::acceptor(b);
         let mut raw = a;
         for _ in 0..=MAX_PINGS_PER_SEC {
             Frame::new(Kind::Ping, 0, Bytes::new()).write(&mut raw).await.unwrap();
@@ -555,7 +601,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_sending_past_its_window_is_cut_off() {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (_mux, mut incoming, task) = Mux::start(b);
+        let (_mux, mut incoming, task) = Mux::acceptor(b);
         let mut raw = a;
         Frame::new(Kind::Open, 1, Bytes::new()).write(&mut raw).await.unwrap();
         let (_stream, _) = incoming.recv().await.unwrap();

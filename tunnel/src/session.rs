@@ -1,7 +1,8 @@
 //! The two ends of an agent's session: the handshake (the agent presents
-//! its token, the gateway answers with the public port or a reason), then
-//! the gateway relaying public connections into streams and the agent
-//! relaying streams to the private service.
+//! its token; the gateway checks it, binds the public port, and only then
+//! answers with that port, or with a [`Farewell`] saying why not), then the
+//! gateway relaying public connections into streams and the agent relaying
+//! streams to the private service.
 
 use std::net::SocketAddr;
 
@@ -15,7 +16,7 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    frame::{Frame, FrameError, Kind},
+    frame::{Farewell, Frame, FrameError, Kind},
     mux::{Incoming, Mux},
     relay::{Relayed, relay},
 };
@@ -25,7 +26,7 @@ pub enum SessionError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("the gateway refused the agent: {0}")]
-    Refused(String),
+    Refused(Farewell),
     #[error("the peer broke the handshake: {0}")]
     Protocol(String),
 }
@@ -38,9 +39,9 @@ pub struct TunnelInfo {
     pub public_port: u16,
 }
 
-/// Checks an agent's token; `Err` carries the reason told to the agent.
+/// Checks an agent's token; `Err` is what the agent is told.
 pub trait Authority: Send + Sync {
-    fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, String>;
+    fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, Farewell>;
 }
 
 /// Agent side: presents the token; returns the public port it was given.
@@ -58,9 +59,7 @@ pub async fn hello<T: AsyncRead + AsyncWrite + Unpin>(
         Some(f) if f.kind == Kind::Welcome && f.payload.len() == 2 => {
             Ok(u16::from_be_bytes([f.payload[0], f.payload[1]]))
         }
-        Some(f) if f.kind == Kind::Goodbye => {
-            Err(SessionError::Refused(String::from_utf8_lossy(&f.payload).into_owned()))
-        }
+        Some(f) if f.kind == Kind::Goodbye => Err(SessionError::Refused(Farewell::from_payload(&f.payload))),
         Some(f) => Err(SessionError::Protocol(format!("expected a welcome, got {:?}", f.kind))),
         None => Err(SessionError::Protocol(
             "the gateway closed the connection during the handshake".into(),
@@ -68,8 +67,10 @@ pub async fn hello<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Gateway side: reads the agent's hello and answers it.
-pub async fn welcome<T: AsyncRead + AsyncWrite + Unpin>(
+/// Gateway side, first half: reads the agent's hello and checks its token.
+/// A refused agent is told why here; an accepted one waits for
+/// [`answer`], which the gateway sends once the public port is bound.
+pub async fn hear_hello<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
     authority: &dyn Authority,
 ) -> Result<TunnelInfo, SessionError> {
@@ -83,17 +84,32 @@ pub async fn welcome<T: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let split = hello.iter().position(|&b| b == b'\n');
-    let answer = match split.map(|i| (std::str::from_utf8(&hello[..i]), &hello[i + 1..])) {
+    let checked = match split.map(|i| (std::str::from_utf8(&hello[..i]), &hello[i + 1..])) {
         Some((Ok(id), secret)) => authority.authenticate(id, secret),
-        _ => Err("malformed hello".to_string()),
+        _ => Err(Farewell::Refused("malformed hello".into())),
     };
-    let reply = match &answer {
-        Ok(info) => Frame::new(Kind::Welcome, 0, info.public_port.to_be_bytes().to_vec()),
-        Err(reason) => Frame::new(Kind::Goodbye, 0, reason.clone()),
+    match checked {
+        Ok(info) => Ok(info),
+        Err(why) => {
+            answer(io, Err(&why)).await?;
+            Err(SessionError::Refused(why))
+        }
+    }
+}
+
+/// Gateway side, second half: the public port the agent was given, or why
+/// it gets none.
+pub async fn answer<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut T,
+    outcome: Result<u16, &Farewell>,
+) -> Result<(), SessionError> {
+    let reply = match outcome {
+        Ok(port) => Frame::new(Kind::Welcome, 0, port.to_be_bytes().to_vec()),
+        Err(why) => Frame::new(Kind::Goodbye, 0, why.to_payload()),
     };
     reply.write(io).await?;
     tokio::io::AsyncWriteExt::flush(io).await.map_err(FrameError::from)?;
-    answer.map_err(SessionError::Refused)
+    Ok(())
 }
 
 /// Gateway side: relays every connection accepted on `public` into a new
@@ -159,15 +175,15 @@ mod tests {
     struct OneToken;
 
     impl Authority for OneToken {
-        fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, String> {
+        fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, Farewell> {
             match (token_id, secret) {
                 ("t1", b"s3cret") => Ok(TunnelInfo {
                     name: "web".into(),
                     owner: "ops".into(),
                     public_port: 4321,
                 }),
-                ("t1", _) => Err("wrong secret for token t1".into()),
-                _ => Err(format!("unknown token {token_id}")),
+                ("t1", _) => Err(Farewell::Refused("wrong secret for token t1".into())),
+                _ => Err(Farewell::Refused(format!("unknown token {token_id}"))),
             }
         }
     }
@@ -201,10 +217,20 @@ mod tests {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     continue;
                 };
-                if welcome(&mut tls, &OneToken).await.is_err() {
+                let Ok(info) = hear_hello(&mut tls, &OneToken).await else {
+                    continue;
+                };
+                // The one public listener goes to the first agent; later
+                // ones are told the port is busy, before any welcome.
+                if public.is_none() {
+                    let busy = Farewell::Busy(format!("port {} is in use", info.public_port));
+                    let _ = answer(&mut tls, Err(&busy)).await;
                     continue;
                 }
-                let (mux, _incoming, _task) = Mux::start(tls);
+                if answer(&mut tls, Ok(info.public_port)).await.is_err() {
+                    continue;
+                }
+                let (mux, _task) = Mux::opener(tls);
                 let (_stop_tx, stop) = watch::channel(false);
                 let seen = seen.clone();
                 if let Some(public) = public.take() {
@@ -232,7 +258,7 @@ mod tests {
             .await
             .unwrap();
         let port = hello(&mut tls, token, secret).await?;
-        let (_mux, incoming, _task) = Mux::start(tls);
+        let (_mux, incoming, _task) = Mux::acceptor(tls);
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {
             let _keep = stop_tx;
@@ -278,5 +304,22 @@ mod tests {
         assert!(refused.to_string().contains("wrong secret"), "{refused}");
         let refused = agent(tunnel, &id, "t9", b"s3cret", private).await.unwrap_err();
         assert!(refused.to_string().contains("unknown token t9"), "{refused}");
+        assert!(
+            matches!(&refused, SessionError::Refused(f) if !f.retry_helps()),
+            "a refused token is final: {refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_port_cannot_be_bound_is_told_so_and_never_welcomed() {
+        let id = Identity::generate(&["gateway".into()]).unwrap();
+        let (tunnel, _, _) = gateway(Identity::from_pem(id.to_pem().0, id.to_pem().1).unwrap()).await;
+        let private = echo_service().await;
+        assert_eq!(agent(tunnel, &id, "t1", b"s3cret", private).await.unwrap(), 4321);
+        let second = agent(tunnel, &id, "t1", b"s3cret", private).await.unwrap_err();
+        assert!(
+            matches!(&second, SessionError::Refused(Farewell::Busy(w)) if w.contains("in use")),
+            "{second:?}"
+        );
     }
 }

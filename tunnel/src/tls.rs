@@ -6,7 +6,7 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    DigitallySignedStruct, SignatureScheme,
+    CertificateError, DigitallySignedStruct, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
@@ -16,9 +16,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("generating the gateway certificate: {0}")]
+    #[error("generating the gateway certificate")]
     Generate(#[from] rcgen::Error),
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Config(#[from] rustls::Error),
     #[error("bad certificate fingerprint {0:?}: expected 64 hex digits (SHA-256)")]
     Fingerprint(String),
@@ -51,16 +51,52 @@ impl fmt::Debug for Fingerprint {
 impl std::str::FromStr for Fingerprint {
     type Err = TlsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex: String = s.chars().filter(|c| *c != ':').collect();
-        let bad = || TlsError::Fingerprint(s.to_string());
-        if hex.len() != 64 {
+        let bad = || TlsError::Fingerprint(s.chars().take(100).collect());
+        let digits: Vec<u8> = s
+            .bytes()
+            .filter(|b| *b != b':')
+            .map(|b| (b as char).to_digit(16).map(|d| d as u8))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        if digits.len() != 64 {
             return Err(bad());
         }
         let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        for (b, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+            *b = pair[0] << 4 | pair[1];
         }
         Ok(Fingerprint(out))
+    }
+}
+
+/// The peer offered a certificate other than the pinned one: the wrong
+/// gateway, or someone in the middle. Retrying cannot help.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error(
+    "the gateway's certificate fingerprint is {seen}, not the pinned {pinned}: wrong gateway, or a man in the middle"
+)]
+pub struct PinMismatch {
+    pub seen: Fingerprint,
+    pub pinned: Fingerprint,
+}
+
+impl PinMismatch {
+    /// The mismatch behind an I/O error from a TLS handshake, if that is
+    /// what failed it.
+    pub fn behind(e: &std::io::Error) -> Option<&PinMismatch> {
+        match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner.downcast_ref(),
+            _ => None,
+        }
+    }
+
+    /// `e`, or, when it is a mismatch, an error that says so in words
+    /// (rustls shows its custom errors only in debug form).
+    pub fn explain(e: std::io::Error) -> std::io::Error {
+        match PinMismatch::behind(&e) {
+            Some(m) => std::io::Error::new(std::io::ErrorKind::InvalidData, m.clone()),
+            None => e,
+        }
     }
 }
 
@@ -164,10 +200,9 @@ impl ServerCertVerifier for Pinned {
         if seen == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the gateway's certificate fingerprint is {seen}, not the pinned {}: wrong gateway, or a man in the middle",
-                self.pin
-            )))
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(PinMismatch { seen, pinned: self.pin }),
+            ))))
         }
     }
 
@@ -223,7 +258,10 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("gateway").unwrap();
         let result = async {
-            let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| PinMismatch::explain(e).to_string())?;
             tls.write_all(b"hello").await.map_err(|e| e.to_string())?;
             let mut buf = [0u8; 5];
             tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
@@ -243,6 +281,32 @@ mod tests {
         assert!(refused.contains("fingerprint"), "{refused}");
     }
 
+    #[tokio::test]
+    async fn a_mismatch_is_recognised_by_its_type() {
+        let gateway = Identity::generate(&["gateway".into()]).unwrap();
+        let impostor = Identity::generate(&["gateway".into()]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(impostor.server_config().unwrap());
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let e = TlsConnector::from(client_config(gateway.fingerprint()).unwrap())
+            .connect(ServerName::try_from("gateway").unwrap(), tcp)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        let mismatch = PinMismatch::behind(&e).expect("the verifier's refusal");
+        assert_eq!(
+            (mismatch.seen, mismatch.pinned),
+            (impostor.fingerprint(), gateway.fingerprint())
+        );
+        assert!(PinMismatch::behind(&std::io::Error::other("elsewhere")).is_none());
+        srv.abort();
+    }
+
     #[test]
     fn identities_round_trip_through_pem_and_fingerprints_through_text() {
         let id = Identity::generate(&["gw.example".into()]).unwrap();
@@ -253,6 +317,18 @@ mod tests {
         let text = id.fingerprint().to_string();
         assert_eq!(text.parse::<Fingerprint>().unwrap(), id.fingerprint());
         assert!("abcd".parse::<Fingerprint>().is_err());
+        // 64 bytes, but not 64 hex digits: refused, never a panic.
+        let wide = "é".repeat(32);
+        assert_eq!(wide.len(), 64);
+        assert!(wide.parse::<Fingerprint>().is_err());
+        assert!(format!("{}é", &text[..62]).parse::<Fingerprint>().is_err());
+        let colons: String = text
+            .as_bytes()
+            .chunks(2)
+            .map(|p| std::str::from_utf8(p).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(colons.parse::<Fingerprint>().unwrap(), id.fingerprint());
         assert!(Identity::from_pem("nope", key).is_err());
     }
 }

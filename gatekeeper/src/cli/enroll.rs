@@ -6,19 +6,15 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use gatekeeper::{
+    clock::{rfc3339, unix_now},
     knock::keys,
+    private_file,
     spec::{self, PortSet},
-    state::{ClientRecord, DEFAULT_STATE_DIR, StateDir, unix_now, write_private},
-    tunnels::Tunnels,
+    store::{NewClient, Store},
 };
 use serde_json::json;
 
-#[derive(Args, Debug, Clone)]
-pub struct StateArg {
-    /// The gateway's state directory.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-}
+use super::{Confirmed, StateArg, confirm};
 
 /// Create the gateway's key pair and a starter config in the state directory.
 ///
@@ -37,6 +33,9 @@ pub struct Init {
 }
 
 /// Enroll, list, revoke and re-enable devices. One device, one key.
+///
+/// Changes go to the state directory; a running daemon applies them at
+/// once and says so (or within a second by itself).
 #[derive(Subcommand, Debug)]
 pub enum Client {
     /// Enroll a device: make its key pair and write the credential it imports.
@@ -56,7 +55,7 @@ pub enum Client {
         nat: bool,
         /// Where the portal relays this device's sessions, instead of the portal's
         /// --portal-upstream (e.g. 127.0.0.1:8080). Its policy must allow the portal's port.
-        #[arg(long, value_name = "HOST:PORT", value_parser = gatekeeper::portal::parse_upstream)]
+        #[arg(long, value_name = "HOST:PORT", value_parser = spec::upstream)]
         portal_upstream: Option<String>,
         /// Where to write the credential [default: ./NAME.credential.toml]. It holds the
         /// device's secret key: hand it over privately, then delete this copy.
@@ -65,17 +64,21 @@ pub enum Client {
         #[command(flatten)]
         state: StateArg,
     },
-    /// List enrolled devices.
+    /// List enrolled devices, and name every client file that cannot be used.
     List {
+        /// One JSON object for scripts: {"clients": [...], "problems": [...]}.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         state: StateArg,
     },
-    /// Revoke a device: a running daemon refuses its knocks and closes its
-    /// open entries within a second.
+    /// Revoke a device: the running daemon refuses its knocks and closes
+    /// its open entries, and says when it has.
     Revoke {
         name: String,
+        /// One JSON object for scripts.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         state: StateArg,
     },
@@ -92,24 +95,37 @@ fn parse_ports(s: &str) -> Result<PortSet, spec::SpecError> {
 }
 
 pub fn init(args: Init) -> Result<()> {
-    let state = StateDir::new(&args.state.state_dir);
-    let public = state.init(&args.public_addr, args.force)?;
-    println!("server key created in {}", state.root().display());
+    let store = args.state.store();
+    let public = store.init(&args.public_addr, args.force)?;
+    println!("server key created in {}", store.root().display());
     println!("public key: {}", keys::encode(public.as_bytes()));
     println!(
         "next: gatekeeper client add NAME --allow tcp/22 --state-dir {}",
-        state.root().display()
+        store.root().display()
     );
     Ok(())
 }
 
-fn status(c: &ClientRecord, now: u64) -> &'static str {
-    if !c.enabled {
-        "revoked"
-    } else if c.expired_at(now) {
-        "expired"
-    } else {
-        "enabled"
+/// One line on what the daemon did with a revocation.
+fn revocation_said(name: &str, confirmed: &Confirmed) -> String {
+    match confirmed {
+        Confirmed::Applied(applied) => {
+            let entries = applied
+                .clients_closed
+                .iter()
+                .find(|c| c.name == name)
+                .map_or(0, |c| c.closed);
+            format!(
+                "revoked {name}: applied by the running daemon, which refuses its knocks from now on and closed {entries} open {}",
+                if entries == 1 { "entry" } else { "entries" }
+            )
+        }
+        Confirmed::NoDaemon => format!(
+            "revoked {name}. No daemon is running for this state directory: the revocation holds from the moment one starts, which first closes any entries {name} still has"
+        ),
+        Confirmed::Unconfirmed(why) => format!(
+            "revoked {name}, but the running daemon did not confirm it ({why}); it applies the change by itself within a second"
+        ),
     }
 }
 
@@ -124,24 +140,17 @@ pub fn client(cmd: Client) -> Result<()> {
             out,
             state,
         } => {
-            let state = StateDir::new(&state.state_dir);
-            // The portal presents the gateway's certificate by default; the
-            // credential pins it. Made before enrolling, so a failure leaves
-            // no half-enrolled client; an uninitialised state is refused by
-            // `add_client` with the way out.
-            let fingerprint = if state.initialised() {
-                Some(Tunnels::new(&state).identity()?.fingerprint().to_string())
-            } else {
-                None
-            };
-            let (rec, mut cred) = state.add_client(&name, &allow, expires, nat, portal_upstream)?;
-            cred.tls_fingerprint = fingerprint;
+            let store = state.store();
+            let (rec, cred) = store.add_client(&NewClient {
+                name: name.clone(),
+                allow,
+                expires_in: expires,
+                nat,
+                portal_upstream,
+            })?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential.toml")));
-            let text = format!(
-                "# Gatekeeper credential for {name:?}. It holds this device's secret key: keep it private (mode 0600).\n{}",
-                toml::to_string(&cred).context("encoding the credential")?
-            );
-            write_private(&out, &text)?;
+            private_file::write(&out, &cred.to_file_text())
+                .with_context(|| format!("writing the credential {}", out.display()))?;
             println!("enrolled {} (id {}), allowed {}", rec.name, rec.id, rec.allow);
             println!(
                 "credential written to {} (0600); use it with: gatekeeper knock --credential {}",
@@ -153,50 +162,94 @@ pub fn client(cmd: Client) -> Result<()> {
                     "note: the state has no public_addrs, so the credential names no server: pass --server when knocking"
                 );
             }
+            match confirm(&store) {
+                Confirmed::Applied(_) => println!("the running daemon accepts its knocks now"),
+                Confirmed::NoDaemon => {}
+                Confirmed::Unconfirmed(why) => println!(
+                    "note: the running daemon did not confirm it ({why}); it accepts the device's knocks within a second"
+                ),
+            }
         }
         Client::List { json, state } => {
-            let clients = StateDir::new(&state.state_dir).clients()?;
+            let snapshot = state.store().snapshot()?;
             let now = unix_now();
             if json {
-                let rows: Vec<_> = clients
+                let rows: Vec<_> = snapshot
+                    .clients
                     .iter()
-                    .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": status(c, now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key, "portal_upstream": c.portal_upstream}))
+                    .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": c.status(now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key, "portal_upstream": c.portal_upstream}))
                     .collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else if clients.is_empty() {
+                println!("{}", json!({"clients": rows, "problems": snapshot.problems}));
+                return Ok(());
+            }
+            if snapshot.clients.is_empty() {
                 println!("no clients enrolled: gatekeeper client add NAME --allow tcp/22");
             } else {
                 println!(
                     "{:<24} {:>4} {:<8} {:<5} {:<12} ALLOW",
                     "NAME", "ID", "STATUS", "NAT", "EXPIRES"
                 );
-                for c in &clients {
+                for c in &snapshot.clients {
                     let expires = c
                         .expires
-                        .map(|e| gatekeeper::audit::rfc3339(e)[..10].to_string())
+                        .map(|e| rfc3339(e)[..10].to_string())
                         .unwrap_or_else(|| "never".into());
                     println!(
                         "{:<24} {:>4} {:<8} {:<5} {:<12} {}",
                         c.name,
                         c.id,
-                        status(c, now),
+                        c.status(now),
                         if c.nat { "yes" } else { "no" },
                         expires,
                         c.allow
                     );
                 }
             }
+            if !snapshot.problems.is_empty() {
+                println!(
+                    "\n{} record(s) cannot be used and are skipped (fix or remove them):",
+                    snapshot.problems.len()
+                );
+                for p in &snapshot.problems {
+                    println!("  {}: {}", p.path, p.reason);
+                }
+            }
         }
-        Client::Revoke { name, state } => {
-            StateDir::new(&state.state_dir).set_enabled(&name, false)?;
-            println!("revoked {name}: its knocks are refused and its open entries closed by the running daemon");
+        Client::Revoke { name, json, state } => {
+            let store = state.store();
+            store.set_client_enabled(&name, false)?;
+            let confirmed = confirm(&store);
+            if json {
+                let (applied, entries, detail) = match &confirmed {
+                    Confirmed::Applied(a) => (
+                        json!(true),
+                        json!(a.clients_closed.iter().find(|c| c.name == name).map_or(0, |c| c.closed)),
+                        json!(null),
+                    ),
+                    Confirmed::NoDaemon => (json!(false), json!(null), json!("no daemon is running")),
+                    Confirmed::Unconfirmed(why) => (json!(null), json!(null), json!(why)),
+                };
+                println!(
+                    "{}",
+                    json!({"revoked": name, "applied": applied, "entries_closed": entries, "detail": detail})
+                );
+            } else {
+                println!("{}", revocation_said(&name, &confirmed));
+            }
         }
         Client::Enable { name, state } => {
-            let rec = StateDir::new(&state.state_dir).set_enabled(&name, true)?;
+            let store = state.store();
+            let rec = store.set_client_enabled(&name, true)?;
             if rec.expired_at(unix_now()) {
                 bail!("{name} is enabled but its enrollment has expired: enroll the device again");
             }
-            println!("enabled {name}");
+            match confirm(&store) {
+                Confirmed::Applied(_) => println!("enabled {name}: the running daemon accepts its knocks again"),
+                Confirmed::NoDaemon => println!("enabled {name} (no daemon is running for this state directory)"),
+                Confirmed::Unconfirmed(why) => println!(
+                    "enabled {name}, but the running daemon did not confirm it ({why}); it applies the change within a second"
+                ),
+            }
         }
     }
     Ok(())

@@ -3,17 +3,18 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, TcpStream, ToSocketAddrs},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use gatekeeper::{
-    client::{Carrier, Knocker, Request},
+    knock::{Carrier, send::Request},
     spec::{PortRange, Proto},
-    state::Credential,
 };
+
+use super::knocker;
 
 /// Send one knock: ask the gateway to open ports to this machine.
 ///
@@ -45,11 +46,6 @@ pub struct Knock {
     via: Option<Carrier>,
 }
 
-pub(super) fn knocker(path: &Path) -> Result<Knocker> {
-    let cred = Credential::load(path).with_context(|| format!("reading the credential {}", path.display()))?;
-    Ok(Knocker::new(cred)?)
-}
-
 pub fn knock(args: Knock) -> Result<()> {
     let k = knocker(&args.credential)?;
     let server = k.server(args.server)?;
@@ -79,6 +75,7 @@ pub fn knock(args: Knock) -> Result<()> {
         Carrier::Syn => format!("tcp/{} (SYN)", ports.lo),
         Carrier::Udp => format!("udp/{}", k.knock_port()),
         Carrier::Icmp => "icmp echo".to_string(),
+        Carrier::ClientHello => "a TLS ClientHello".to_string(),
     };
     let what = if args.proto == Proto::Icmp {
         "icmp echo".to_string()

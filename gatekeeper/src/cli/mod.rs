@@ -1,23 +1,32 @@
-//! Command-line definitions and dispatch.
+//! Command-line definitions and dispatch: the binary's edge, where typed
+//! errors become one-line messages.
 
 mod enroll;
 mod knock;
 mod maps;
 mod portal;
 mod run;
+mod status;
 mod tunnel;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use gatekeeper::{
+    control::{self, Applied, ControlError, Reply, Request},
+    knock::{credential::Credential, send::Knocker},
+    store::files::{DEFAULT_STATE_DIR, FileStore},
+};
 
 /// Gatekeeper: an XDP gate that keeps a gateway's services invisible to
 /// everyone who has not been let in.
 ///
-/// `run` loads the gate on an interface and serves it. The other commands
-/// read and change the gate's pinned maps directly, so they work whether or
-/// not the daemon is running.
+/// `run` loads the gate on an interface and serves it; `status` asks the
+/// running daemon what it is doing. The map commands read and change the
+/// gate's pinned maps directly, so they work whether or not the daemon is
+/// running; `client` and `tunnel` change the state directory and have the
+/// running daemon confirm it applied the change.
 #[derive(Parser, Debug)]
 #[command(name = "gatekeeper", version, propagate_version = true)]
 pub struct Cli {
@@ -28,6 +37,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Run(run::RunArgs),
+    Status(status::StatusArgs),
     Detach(Detach),
     #[command(subcommand)]
     Whitelist(maps::Whitelist),
@@ -81,7 +91,7 @@ pub struct Target {
 
 impl Target {
     fn resolve(&self) -> Result<PathBuf> {
-        Ok(gatekeeper::pins::resolve(
+        Ok(gatekeeper::gate::pins::resolve(
             self.iface.as_deref(),
             self.pin_dir.as_deref(),
         )?)
@@ -101,6 +111,7 @@ struct Detach {
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Status(args) => status::status(args),
         Command::Detach(d) => {
             let dir = d.target.resolve()?;
             let had_link = gatekeeper::gate::unpin_all(&dir)?;
@@ -121,5 +132,45 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Portal(p) => portal::portal(p),
         Command::Tunnel(t) => tunnel::tunnel(t),
         Command::Agent(a) => tunnel::agent(a),
+    }
+}
+
+/// Which state directory a command works on.
+#[derive(Args, Debug, Clone)]
+pub struct StateArg {
+    /// The gateway's state directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+impl StateArg {
+    pub fn store(&self) -> FileStore {
+        FileStore::new(&self.state_dir)
+    }
+}
+
+/// The knocker for the credential file at `path`.
+pub fn knocker(path: &Path) -> Result<Knocker> {
+    let cred = Credential::load(path)?;
+    Knocker::new(cred).with_context(|| format!("the credential {}", path.display()))
+}
+
+/// What the running daemon said about a change just written.
+pub enum Confirmed {
+    Applied(Applied),
+    /// No daemon runs for this state directory.
+    NoDaemon,
+    /// A daemon runs but did not answer; it applies the change by itself
+    /// within a second.
+    Unconfirmed(String),
+}
+
+/// Asks the daemon serving `store` to apply what was just written.
+pub fn confirm(store: &FileStore) -> Confirmed {
+    match control::ask(&store.control_socket(), &Request::Reload) {
+        Ok(Reply::Applied(applied)) => Confirmed::Applied(applied),
+        Ok(_) => Confirmed::Unconfirmed("it answered something other than what it applied".into()),
+        Err(ControlError::NoDaemon(_)) => Confirmed::NoDaemon,
+        Err(e) => Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
     }
 }

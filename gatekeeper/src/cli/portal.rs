@@ -9,10 +9,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gatekeeper::portal::client::PortalClient;
+use gatekeeper::portal::connector::PortalClient;
 use tunnel::tls::Fingerprint;
 
-use super::{LogFormat, knock::knocker};
+use super::{LogFormat, knocker};
 
 /// Listen locally and carry every connection to a portal, authorized.
 ///

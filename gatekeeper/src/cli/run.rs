@@ -6,9 +6,13 @@ use super::LogFormat;
 use anyhow::{Context, Result};
 use clap::Args;
 use gatekeeper::{
-    config::{Mode, Overrides, PortalOverrides, Settings, XdpModeChoice},
     daemon::{self, Exit},
     spec::{self, PortSet},
+    store::{
+        Store,
+        config::{Mode, Overrides, PortalOverrides, Settings, StateConfig, XdpModeChoice},
+        files::{DEFAULT_STATE_DIR, FileStore},
+    },
 };
 
 /// Load the gate on an interface and serve it.
@@ -20,7 +24,14 @@ use gatekeeper::{
 /// program replaces the old one atomically.
 ///
 /// Stopping the daemon (Ctrl-C, SIGTERM, even SIGKILL) leaves the gate
-/// closed and attached; `gatekeeper detach` removes it.
+/// closed and attached; `gatekeeper detach` removes it. SIGHUP reopens the
+/// audit log (for logrotate).
+///
+/// Settings come from the state directory's gatekeeper.toml, then --config,
+/// then flags. Whatever the daemon is configured to serve (knocks, tunnels,
+/// the portal, the control socket) must start, or the daemon exits saying
+/// why; a record in the state directory that cannot be used is named in the
+/// log and skipped.
 ///
 /// Example: gatekeeper run --iface eth0 --protect tcp/22,tcp/8000-8100,udp/53
 ///
@@ -30,7 +41,10 @@ pub struct RunArgs {
     /// Interface to gate.
     #[arg(long, value_name = "IFACE")]
     iface: Option<String>,
-    /// TOML config file (keys: see gatekeeper/config.example.toml); flags win over it.
+    /// A second TOML config (keys: gatekeeper/config.example.toml) over the
+    /// state directory's gatekeeper.toml; flags win over both. It may not
+    /// change what credentials and tokens carry (public_addrs,
+    /// knock.udp_port, tunnel.port, tunnel.ports): set those in the state's.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where to pin maps and the link [default: /sys/fs/bpf/gatekeeper/IFACE].
@@ -49,9 +63,8 @@ pub struct RunArgs {
     /// How long an expired entry keeps passing a flow that is still active [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
     idle_timeout: Option<std::time::Duration>,
-    /// Keys, enrolled clients and the audit log (see `gatekeeper init`);
-    /// its gatekeeper.toml is read when --config is not given.
-    #[arg(long, value_name = "DIR", default_value = gatekeeper::state::DEFAULT_STATE_DIR)]
+    /// Keys, enrolled clients, the config and the audit log (see `gatekeeper init`).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Serve the portal on ADDR:PORT (e.g. 0.0.0.0:443): TLS for everyone; a
     /// knock in the ClientHello gets the upstream, anything else the guidance
@@ -61,7 +74,7 @@ pub struct RunArgs {
     /// Where the portal relays authorized sessions (a local service, or a
     /// published tunnel's port on 127.0.0.1); `client add --portal-upstream`
     /// overrides it per client.
-    #[arg(long, value_name = "HOST:PORT", value_parser = gatekeeper::portal::parse_upstream)]
+    #[arg(long, value_name = "HOST:PORT", value_parser = spec::upstream)]
     portal_upstream: Option<String>,
     /// Folder with the guidance page (index.html and the CSS, JS and images it
     /// refers to) [default: the built-in page].
@@ -92,7 +105,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         xdp_mode: args.xdp_mode,
         mode: args.mode,
         idle_timeout: args.idle_timeout,
-        state_dir: Some(args.state_dir),
         portal: PortalOverrides {
             listen: args.portal,
             upstream: args.portal_upstream,
@@ -101,7 +113,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             key: args.portal_key,
         },
     };
-    let settings = Settings::resolve(args.config.as_deref(), overrides)?;
+    let store = FileStore::new(&args.state_dir);
+    let shared = store.config_path().exists().then(|| store.config()).transpose()?;
+    let location = store.config_path().display().to_string();
+    let state = shared.as_ref().map(|file| StateConfig {
+        location: &location,
+        file,
+    });
+    let settings = Settings::resolve(&args.state_dir, state, args.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

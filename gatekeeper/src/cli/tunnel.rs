@@ -10,13 +10,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use gatekeeper::{
+    clock::{rfc3339, unix_now},
+    control::{self, Reply, Request, TunnelStatus},
     spec,
-    state::{StateDir, unix_now},
-    tunnels::{Token, Tunnels, agent, service::STATUS_FILE},
+    store::Store,
+    tunnels::{self, NewTunnel, Token, agent},
 };
 use serde_json::json;
 
-use super::enroll::StateArg;
+use super::{Confirmed, StateArg, confirm};
 
 /// Publish services from private networks through this gateway.
 #[derive(Subcommand, Debug)]
@@ -45,15 +47,15 @@ pub enum Tunnel {
         state: StateArg,
     },
     /// List tunnels: owner, port, whether an agent is connected and since
-    /// when, connections and bytes.
+    /// when, connections and bytes (from the running daemon).
     List {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         state: StateArg,
     },
-    /// Revoke a tunnel: closes its port and live connections within a
-    /// second, and tells its agent to stop.
+    /// Revoke a tunnel: the running daemon closes its port and live
+    /// connections and tells its agent to stop, and says when it has.
     Revoke {
         name: String,
         #[command(flatten)]
@@ -91,8 +93,17 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             expires,
             state,
         } => {
-            let state = StateDir::new(&state.state_dir);
-            let (rec, token) = Tunnels::new(&state).issue(&name, &owner, &allow, public_port, expires)?;
+            let store = state.store();
+            let (rec, token) = tunnels::issue(
+                &store,
+                &NewTunnel {
+                    name,
+                    owner,
+                    allow,
+                    public_port,
+                    expires_in: expires,
+                },
+            )?;
             eprintln!(
                 "issued tunnel {} (owner {}), public port {}; allowed: {}",
                 rec.name,
@@ -108,22 +119,27 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             println!("{}", token.encode());
         }
         Tunnel::List { json, state } => {
-            let state = StateDir::new(&state.state_dir);
-            let records = Tunnels::new(&state).list()?;
-            let status: serde_json::Value = std::fs::read_to_string(state.root().join(STATUS_FILE))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
+            let store = state.store();
+            let snapshot = store.snapshot()?;
+            // Live sessions are the running daemon's to tell.
+            let live: Vec<TunnelStatus> = match control::ask(&store.control_socket(), &Request::Status) {
+                Ok(Reply::Status(s)) => s.tunnels,
+                _ => Vec::new(),
+            };
             let now = unix_now();
-            let rows: Vec<serde_json::Value> = records
+            let rows: Vec<serde_json::Value> = snapshot
+                .tunnels
                 .iter()
                 .map(|r| {
-                    let s = &status[&r.name];
+                    let s = live.iter().find(|t| t.name == r.name);
                     json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now),
-                           "connected": s["connected"].as_bool().unwrap_or(false), "since": s["since"], "connections": s["connections"].as_u64().unwrap_or(0),
-                           "bytes_in": s["bytes_in"].as_u64().unwrap_or(0), "bytes_out": s["bytes_out"].as_u64().unwrap_or(0)})
+                           "connected": s.is_some(), "since": s.and_then(|s| s.since), "connections": s.map_or(0, |s| s.connections),
+                           "bytes_in": s.map_or(0, |s| s.bytes_in), "bytes_out": s.map_or(0, |s| s.bytes_out)})
                 })
                 .collect();
+            for p in snapshot.problems.iter().filter(|p| p.path.contains("/tunnels/")) {
+                eprintln!("skipped {}: {}", p.path, p.reason);
+            }
             if json {
                 println!("{}", serde_json::Value::Array(rows));
             } else if rows.is_empty() {
@@ -142,10 +158,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                         "expired"
                     };
                     let agent = if r["connected"] == true {
-                        format!(
-                            "since {}",
-                            r["since"].as_u64().map(gatekeeper::audit::rfc3339).unwrap_or_default()
-                        )
+                        format!("since {}", r["since"].as_u64().map(rfc3339).unwrap_or_default())
                     } else {
                         "not connected".into()
                     };
@@ -164,11 +177,27 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             }
         }
         Tunnel::Revoke { name, state } => {
-            let state = StateDir::new(&state.state_dir);
-            Tunnels::new(&state).revoke(&name)?;
-            println!(
-                "revoked tunnel {name}: the running daemon closes its port and connections and tells its agent to stop"
-            );
+            let store = state.store();
+            tunnels::revoke(&store, &name)?;
+            match confirm(&store) {
+                Confirmed::Applied(applied) => {
+                    let ended = applied.tunnels_closed.iter().any(|t| t.name == name && t.closed > 0);
+                    println!(
+                        "revoked tunnel {name}: applied by the running daemon{}",
+                        if ended {
+                            ", which closed its port and connections and told its agent to stop"
+                        } else {
+                            " (its agent was not connected)"
+                        }
+                    );
+                }
+                Confirmed::NoDaemon => println!(
+                    "revoked tunnel {name}. No daemon is running for this state directory: the tunnel stays closed when one starts"
+                ),
+                Confirmed::Unconfirmed(why) => println!(
+                    "revoked tunnel {name}, but the running daemon did not confirm it ({why}); it applies the change within a second"
+                ),
+            }
         }
     }
     Ok(())

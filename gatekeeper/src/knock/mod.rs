@@ -1,12 +1,45 @@
-//! Single-packet authorization, knock format v1.
+//! Single-packet authorization, knock format v1: both ends of it.
 //!
 //! - [`keys`]: X25519 key pairs, key ids, and the per-client AEAD key.
 //! - [`wire`]: the packet layout (see `docs/knock-v1.md`): sealing on the
 //!   client, opening on the gateway.
 //! - [`payload`]: the JSON a knock carries.
+//! - [`credential`]: what a device imports to knock.
 //! - [`verify`]: every check a knock must pass, and what it opens.
+//! - [`ask`]: the question a listener that finds knocks outside the XDP
+//!   ring (the portal) puts to the daemon's knock service, and its answer.
+//! - [`send`]: the client side: sealing, sending, knock-then-connect.
 
+pub mod ask;
+pub mod credential;
 pub mod keys;
 pub mod payload;
+pub mod send;
 pub mod verify;
 pub mod wire;
+
+/// How a knock travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Carrier {
+    /// A TCP SYN to the port to open, from the port the client connects from.
+    Syn,
+    /// A UDP datagram to the gateway's knock port.
+    Udp,
+    /// An ICMP (or ICMPv6) echo request.
+    Icmp,
+    /// An extension of a TLS ClientHello, to the portal.
+    #[value(skip)]
+    ClientHello,
+}
+
+impl Carrier {
+    /// The name the audit log records.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Carrier::Syn => "tcp",
+            Carrier::Udp => "udp",
+            Carrier::Icmp => "icmp",
+            Carrier::ClientHello => "tls_client_hello",
+        }
+    }
+}

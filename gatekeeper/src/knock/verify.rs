@@ -1,28 +1,45 @@
 //! Deciding whether a knock opens the gate. Every check is here, in the
-//! order the daemon applies them; the daemon only supplies the packet, the
-//! clock and the replay cache, and writes what a granted knock opens.
+//! order the daemon applies them; the daemon only supplies the knock (from
+//! the XDP ring or from the portal, as a neutral [`Knock`]), the clock and
+//! the replay cache, and writes what a granted knock opens.
+//!
+//! The order matters for what a flood costs and for what the audit trail
+//! can say: the nonce is recorded right after the tag and the timestamp
+//! verify, before anything about the client's standing is checked, so a
+//! captured knock replayed any number of times is one `replay` each time,
+//! whoever sent it, and never a second line about its client.
 
 use std::{collections::HashMap, fmt, net::IpAddr};
 
 use gatekeeper_common::maps::{ANY_PORT, NONCE_LEN, WhitelistKey};
-use x25519_dalek::PublicKey;
+use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
-    keys::{self, KeyId, SessionKey},
+    Carrier,
+    keys::{self, KeyError, KeyId, SessionKey},
     payload::Payload,
     wire::{self, WireError},
 };
-use crate::{
-    events::Diverted,
-    spec::{PortRange, PortSet, Proto, map_addr},
-    state::{StateDir, StateError},
-};
+use crate::spec::{PortRange, PortSet, Proto, map_addr};
+
+/// A knock as it arrived, whatever carried it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Knock {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub carrier: Carrier,
+    /// The knock packet (prefix, key id, ciphertext, nonce).
+    pub payload: Vec<u8>,
+}
 
 /// One enrolled client, ready to verify: its session key is derived once.
 #[derive(Clone)]
 pub struct Client {
     pub name: String,
     pub id: u32,
+    key_id: KeyId,
     key: SessionKey,
     pub policy: PortSet,
     pub enabled: bool,
@@ -32,6 +49,41 @@ pub struct Client {
     pub portal_upstream: Option<String>,
 }
 
+/// How a client stands, as its record says.
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub name: String,
+    pub id: u32,
+    pub policy: PortSet,
+    pub enabled: bool,
+    pub nat: bool,
+    pub expires: Option<u64>,
+    pub portal_upstream: Option<String>,
+}
+
+impl Client {
+    /// Derives the session key `public` shares with the gateway's `server` key.
+    pub fn new(server: &StaticSecret, public: &PublicKey, standing: Standing) -> Result<Client, KeyError> {
+        let key_id = keys::key_id(public);
+        let key = keys::session_key(server, public, &key_id, &PublicKey::from(server))?;
+        Ok(Client {
+            name: standing.name,
+            id: standing.id,
+            key_id,
+            key,
+            policy: standing.policy,
+            enabled: standing.enabled,
+            nat: standing.nat,
+            expires: standing.expires,
+            portal_upstream: standing.portal_upstream,
+        })
+    }
+
+    pub fn key_id(&self) -> &KeyId {
+        &self.key_id
+    }
+}
+
 /// The enrolled clients by key id.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -39,63 +91,22 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads every client of `state`. A client file that cannot be used is
-    /// reported in the second value and left out, so one bad file does not
-    /// lock every other device out.
-    pub fn load(state: &StateDir) -> Result<(Registry, Vec<String>), StateError> {
-        let server = state.server_secret()?;
-        let server_public = PublicKey::from(&server);
-        let mut by_key = HashMap::new();
-        let mut problems = Vec::new();
-        // A live tunnel lets the clients it names knock for its published port.
-        let now = crate::state::unix_now();
-        let tunnels = crate::tunnels::Tunnels::new(state).list().unwrap_or_else(|e| {
-            problems.push(format!("tunnel records: {e}"));
-            Vec::new()
-        });
-        for rec in state.clients()? {
-            let client = keys::decode_public(&rec.public_key)
-                .map_err(|e| e.to_string())
-                .and_then(|public| {
-                    let id = keys::key_id(&public);
-                    let key = keys::session_key(&server, &public, &id, &server_public).map_err(|e| e.to_string())?;
-                    let mut policy = rec.policy()?;
-                    for t in tunnels.iter().filter(|t| t.live_at(now) && t.allow.contains(&rec.name)) {
-                        policy.ranges.push((
-                            Proto::Tcp,
-                            PortRange {
-                                lo: t.public_port,
-                                hi: t.public_port,
-                            },
-                        ));
-                    }
-                    Ok((
-                        id,
-                        Client {
-                            name: rec.name.clone(),
-                            id: rec.id,
-                            key,
-                            policy,
-                            enabled: rec.enabled,
-                            nat: rec.nat,
-                            expires: rec.expires,
-                            portal_upstream: rec.portal_upstream.clone(),
-                        },
-                    ))
-                });
-            match client {
-                Ok((id, c)) => {
-                    by_key.insert(id, c);
-                }
-                Err(e) => problems.push(format!("client {}: {e}", rec.name)),
-            }
-        }
-        Ok((Registry { by_key }, problems))
+    pub fn insert(&mut self, client: Client) {
+        self.by_key.insert(client.key_id, client);
     }
 
     pub fn clients(&self) -> impl Iterator<Item = &Client> {
         self.by_key.values()
     }
+}
+
+/// Why the replay cache could not record a nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayError {
+    /// Every slot holds a nonce still inside its window.
+    Full,
+    /// Anything else, with what went wrong.
+    Failed(String),
 }
 
 /// Why a knock was refused. `code()` is what the audit log records.
@@ -115,6 +126,7 @@ pub enum Rejection {
     },
     Replay,
     ReplayCacheFull,
+    ReplayCacheFailed(String),
     WrongServer(IpAddr),
     BadRequest(String),
     OutsidePolicy,
@@ -143,6 +155,7 @@ impl Rejection {
             Rejection::Stale { .. } => "stale",
             Rejection::Replay => "replay",
             Rejection::ReplayCacheFull => "replay_cache_full",
+            Rejection::ReplayCacheFailed(_) => "replay_cache_failed",
             Rejection::WrongServer(_) => "wrong_server",
             Rejection::BadRequest(_) => "bad_request",
             Rejection::OutsidePolicy => "outside_policy",
@@ -150,6 +163,22 @@ impl Rejection {
             Rejection::Unbound => "unbound",
             Rejection::SourcePortMismatch { .. } => "source_port_mismatch",
         }
+    }
+
+    /// Whether the knock proves nothing about who sent it: anyone can send
+    /// garbage, guess a key id, or resend a captured knock. Such refusals
+    /// are what floods are made of; the audit trail counts them rather than
+    /// writing each one.
+    pub fn unproven(&self) -> bool {
+        matches!(
+            self,
+            Rejection::Malformed(_)
+                | Rejection::UnknownKey
+                | Rejection::BadTag
+                | Rejection::Stale { .. }
+                | Rejection::Replay
+                | Rejection::Unbound
+        )
     }
 }
 
@@ -168,6 +197,7 @@ impl fmt::Display for Rejection {
             Rejection::Stale { skew_secs } => write!(f, "timestamp {skew_secs}s away from now, outside the window"),
             Rejection::Replay => f.write_str("this knock was seen before"),
             Rejection::ReplayCacheFull => f.write_str("the replay cache is full; refusing until it is swept"),
+            Rejection::ReplayCacheFailed(e) => write!(f, "the replay cache could not record the nonce: {e}"),
             Rejection::WrongServer(ip) => write!(f, "addressed to {ip}, not to this gateway"),
             Rejection::BadRequest(e) => write!(f, "{e}"),
             Rejection::OutsidePolicy => f.write_str("the requested ports are outside the client's policy"),
@@ -212,21 +242,21 @@ pub struct Verifier {
 impl Verifier {
     /// Checks `knock` at `unix_now`. `record` stores a nonce until the given
     /// unix time and says whether it was new (`Ok(false)`: seen before).
-    pub fn check<E>(
+    pub fn check(
         &self,
-        knock: &Diverted,
+        knock: &Knock,
         unix_now: u64,
-        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
     ) -> Checked {
         self.check_for_client(knock, unix_now, record).0
     }
 
     /// [`Verifier::check`], and the client whose knock was accepted.
-    fn check_for_client<E>(
+    fn check_for_client(
         &self,
-        knock: &Diverted,
+        knock: &Knock,
         unix_now: u64,
-        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
     ) -> (Checked, Option<&Client>) {
         let mut checked = Checked {
             knock_id: None,
@@ -249,12 +279,12 @@ impl Verifier {
     /// port and, unless the client may be behind NAT, come from the source
     /// port it names. Also gives the accepted client's own upstream, if it
     /// has one.
-    pub fn check_portal<E>(
+    pub fn check_portal(
         &self,
-        conn: &Diverted,
+        conn: &Knock,
         binding: &[u8; NONCE_LEN],
         unix_now: u64,
-        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
     ) -> (Checked, Option<String>) {
         // Before the replay cache: a copied extension must not use up the
         // owner's knock.
@@ -294,11 +324,11 @@ impl Verifier {
         (checked, upstream)
     }
 
-    fn run<E>(
+    fn run(
         &self,
-        knock: &Diverted,
+        knock: &Knock,
         unix_now: u64,
-        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, E>,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
         seen: &mut Checked,
     ) -> Result<(Grant, &Client), Rejection> {
         let sealed = wire::split(&knock.payload).map_err(Rejection::Malformed)?;
@@ -315,12 +345,6 @@ impl Verifier {
                 claimed: payload.client_id,
             });
         }
-        if !client.enabled {
-            return Err(Rejection::Revoked);
-        }
-        if client.expires.is_some_and(|e| unix_now >= e) {
-            return Err(Rejection::Expired);
-        }
         let skew = payload.timestamp as i64 - unix_now as i64;
         if skew.unsigned_abs() > self.window_secs {
             return Err(Rejection::Stale { skew_secs: skew });
@@ -329,7 +353,14 @@ impl Verifier {
         match record(&sealed.nonce, payload.timestamp + self.window_secs + 1) {
             Ok(true) => {}
             Ok(false) => return Err(Rejection::Replay),
-            Err(_) => return Err(Rejection::ReplayCacheFull),
+            Err(ReplayError::Full) => return Err(Rejection::ReplayCacheFull),
+            Err(ReplayError::Failed(e)) => return Err(Rejection::ReplayCacheFailed(e)),
+        }
+        if !client.enabled {
+            return Err(Rejection::Revoked);
+        }
+        if client.expires.is_some_and(|e| unix_now >= e) {
+            return Err(Rejection::Expired);
         }
         let ours = if self.server_addrs.is_empty() {
             payload.server_ip == knock.dst
@@ -356,7 +387,7 @@ impl Verifier {
                 local: payload.local_ip,
             });
         }
-        let carrier_is_tcp_syn = knock.proto == Proto::Tcp.number();
+        let carrier_is_tcp_syn = knock.carrier == Carrier::Syn;
         if carrier_is_tcp_syn && proto != Proto::Tcp {
             return Err(Rejection::BadRequest("a TCP SYN knock can only open TCP".into()));
         }
@@ -375,53 +406,64 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashSet, net::IpAddr, time::Duration};
+    use std::{collections::HashSet, net::IpAddr};
 
     use super::*;
     use crate::{
-        client::{Knocker, Request},
-        events::Kind,
-        state::{StateDir, unix_now},
+        clock::unix_now,
+        knock::{
+            credential::Credential,
+            send::{Knocker, Request},
+        },
     };
 
     const GW: &str = "192.0.2.1";
 
-    /// A state dir with one client `dev` allowed `allow`, and its knocker.
-    fn setup(tag: &str, allow: &str, expires: Option<Duration>, nat: bool) -> (Verifier, Knocker, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("gk-verify-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let state = StateDir::new(&dir);
-        state.init(&[GW.parse().unwrap()], false).unwrap();
-        let (_, cred) = state
-            .add_client("dev", &allow.parse().unwrap(), expires, nat, None)
-            .unwrap();
-        let (registry, problems) = Registry::load(&state).unwrap();
-        assert!(problems.is_empty());
+    /// A verifier knowing one client `dev` allowed `allow`, and its knocker.
+    fn setup(allow: &str, expires: Option<u64>, nat: bool) -> (Verifier, Knocker) {
+        let server = keys::generate();
+        let device = keys::generate();
+        let standing = Standing {
+            name: "dev".into(),
+            id: 1,
+            policy: allow.parse().unwrap(),
+            enabled: true,
+            nat,
+            expires,
+            portal_upstream: None,
+        };
+        let mut registry = Registry::default();
+        registry.insert(Client::new(&server, &PublicKey::from(&device), standing).unwrap());
         let v = Verifier {
             registry,
             server_addrs: vec![GW.parse().unwrap()],
             window_secs: 120,
         };
-        (v, Knocker::new(cred).unwrap(), dir)
+        let cred = Credential {
+            name: "dev".into(),
+            secret_key: keys::encode(&device.to_bytes()),
+            server_public_key: keys::encode(PublicKey::from(&server).as_bytes()),
+            servers: vec![GW.parse().unwrap()],
+            knock_port: 62201,
+            tls_fingerprint: None,
+        };
+        (v, Knocker::new(cred).unwrap())
     }
 
-    fn knock(payload: Vec<u8>, src: &str, sport: u16, carrier: Proto) -> Diverted {
-        Diverted {
-            kind: Kind::Knock,
-            ifindex: 1,
+    fn knock(payload: Vec<u8>, src: &str, sport: u16, carrier: Carrier) -> Knock {
+        Knock {
             src: src.parse().unwrap(),
             dst: GW.parse().unwrap(),
             sport,
             dport: 62201,
-            proto: carrier.number(),
-            tcp_flags: 0,
+            carrier,
             payload,
         }
     }
 
-    fn check(v: &Verifier, k: &Diverted) -> Result<Grant, Rejection> {
+    fn check(v: &Verifier, k: &Knock) -> Result<Grant, Rejection> {
         let mut seen = HashSet::new();
-        v.check(k, unix_now(), |n, _| Ok::<_, ()>(seen.insert(*n))).outcome
+        v.check(k, unix_now(), |n, _| Ok(seen.insert(*n))).outcome
     }
 
     fn req(proto: Proto, lo: u16, hi: u16) -> Request {
@@ -434,7 +476,7 @@ mod tests {
 
     #[test]
     fn what_each_carrier_opens() {
-        let (v, k, dir) = setup("carriers", "tcp/22,udp/53,icmp", None, true);
+        let (v, k) = setup("tcp/22,udp/53,icmp", None, true);
         let gw: IpAddr = GW.parse().unwrap();
         let seal = |r: &Request, local_port| {
             k.seal(&Payload {
@@ -446,7 +488,7 @@ mod tests {
 
         let g = check(
             &v,
-            &knock(seal(&req(Proto::Tcp, 22, 22), 40000), "10.0.0.2", 40000, Proto::Tcp),
+            &knock(seal(&req(Proto::Tcp, 22, 22), 40000), "10.0.0.2", 40000, Carrier::Syn),
         )
         .unwrap();
         assert_eq!(
@@ -456,7 +498,7 @@ mod tests {
         );
         let g = check(
             &v,
-            &knock(seal(&req(Proto::Udp, 53, 53), 0), "10.0.0.2", 5555, Proto::Udp),
+            &knock(seal(&req(Proto::Udp, 53, 53), 0), "10.0.0.2", 5555, Carrier::Udp),
         )
         .unwrap();
         assert_eq!(
@@ -466,42 +508,52 @@ mod tests {
         );
         let g = check(
             &v,
-            &knock(seal(&req(Proto::Udp, 53, 53), 5555), "10.0.0.2", 5555, Proto::Udp),
+            &knock(seal(&req(Proto::Udp, 53, 53), 5555), "10.0.0.2", 5555, Carrier::Udp),
         )
         .unwrap();
         assert_eq!(g.key.src_port, 5555, "unless it asks to be bound");
         let g = check(
             &v,
-            &knock(seal(&req(Proto::Icmp, 0, 65535), 0), "10.0.0.2", 0, Proto::Icmp),
+            &knock(seal(&req(Proto::Icmp, 0, 65535), 0), "10.0.0.2", 0, Carrier::Icmp),
         )
         .unwrap();
         assert_eq!((g.key.proto, g.ports.lo, g.ports.hi), (1, 0, 65535));
         assert!(matches!(
-            check(&v, &knock(seal(&req(Proto::Udp, 53, 53), 1), "10.0.0.2", 1, Proto::Tcp)),
+            check(
+                &v,
+                &knock(seal(&req(Proto::Udp, 53, 53), 1), "10.0.0.2", 1, Carrier::Syn)
+            ),
             Err(Rejection::BadRequest(_))
         ));
         assert_eq!(
-            check(&v, &knock(seal(&req(Proto::Tcp, 22, 23), 0), "10.0.0.2", 1, Proto::Udp)),
+            check(
+                &v,
+                &knock(seal(&req(Proto::Tcp, 22, 23), 0), "10.0.0.2", 1, Carrier::Udp)
+            ),
             Err(Rejection::OutsidePolicy)
         );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn portal_knocks_are_bound_to_their_client_hello_and_port() {
-        let (v, k, dir) = setup("portal", "tcp/443", None, false);
+        let (v, k) = setup("tcp/443", None, false);
         let gw: IpAddr = GW.parse().unwrap();
         let binding = [7u8; NONCE_LEN];
         let sealed = |port: u16, local_port: u16, nonce: &[u8; NONCE_LEN]| {
             let mut p = k.payload(gw, &req(Proto::Tcp, port, port), local_port).unwrap();
             p.local_ip = "10.0.0.2".parse().unwrap();
-            let mut conn = knock(k.seal_with_nonce(&p, nonce).unwrap(), "10.0.0.2", 40000, Proto::Tcp);
+            let mut conn = knock(
+                k.seal_with_nonce(&p, nonce).unwrap(),
+                "10.0.0.2",
+                40000,
+                Carrier::ClientHello,
+            );
             conn.dport = 443;
             conn
         };
         let mut seen = HashSet::new();
-        let mut portal = |conn: &Diverted, binding: &[u8; NONCE_LEN]| {
-            v.check_portal(conn, binding, unix_now(), |n, _| Ok::<_, ()>(seen.insert(*n)))
+        let mut portal = |conn: &Knock, binding: &[u8; NONCE_LEN]| {
+            v.check_portal(conn, binding, unix_now(), |n, _| Ok(seen.insert(*n)))
                 .0
                 .outcome
         };
@@ -522,35 +574,63 @@ mod tests {
             portal(&sealed(22, 40000, &[10u8; NONCE_LEN]), &[10u8; NONCE_LEN]),
             Err(Rejection::OutsidePolicy)
         ));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn identity_and_enrollment_checks() {
-        let (v, k, dir) = setup("identity", "tcp/22", Some(Duration::from_secs(1)), false);
+        let (v, k) = setup("tcp/22", Some(unix_now() + 1), false);
         let gw: IpAddr = GW.parse().unwrap();
         let mut p = k.payload(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
         p.local_ip = "10.0.0.2".parse().unwrap();
         p.client_id = "someone-else".into();
-        let wrong = knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp);
+        let wrong = knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Carrier::Udp);
         assert!(matches!(check(&v, &wrong), Err(Rejection::WrongClientId { .. })));
         p.client_id = "dev".into();
         let later = v.check(
-            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp),
+            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Carrier::Udp),
             unix_now() + 5,
-            |_, _| Ok::<_, ()>(true),
+            |_, _| Ok(true),
         );
         assert_eq!(later.outcome, Err(Rejection::Expired), "enrollment expired");
         let full = v.check(
-            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Proto::Udp),
+            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Carrier::Udp),
             unix_now(),
-            |_, _| Err(()),
+            |_, _| Err(ReplayError::Full),
         );
         assert_eq!(
             full.outcome,
             Err(Rejection::ReplayCacheFull),
             "a full replay cache refuses, never skips the check"
         );
-        std::fs::remove_dir_all(dir).unwrap();
+        let broken = v.check(
+            &knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Carrier::Udp),
+            unix_now(),
+            |_, _| Err(ReplayError::Failed("map gone".into())),
+        );
+        assert_eq!(
+            broken.outcome,
+            Err(Rejection::ReplayCacheFailed("map gone".into())),
+            "and says why"
+        );
+    }
+
+    #[test]
+    fn a_revoked_clients_knock_is_refused_once_then_is_a_replay() {
+        let (mut v, k) = setup("tcp/22", None, false);
+        for c in v.registry.by_key.values_mut() {
+            c.enabled = false;
+        }
+        let mut p = k.payload(GW.parse().unwrap(), &req(Proto::Tcp, 22, 22), 0).unwrap();
+        p.local_ip = "10.0.0.2".parse().unwrap();
+        let sent = knock(k.seal(&p).unwrap(), "10.0.0.2", 1, Carrier::Udp);
+        let mut seen = HashSet::new();
+        let mut check = |k: &Knock| v.check(k, unix_now(), |n, _| Ok(seen.insert(*n))).outcome;
+        assert_eq!(check(&sent), Err(Rejection::Revoked));
+        assert_eq!(
+            check(&sent),
+            Err(Rejection::Replay),
+            "a captured copy says nothing more about its client"
+        );
+        assert!(Rejection::Replay.unproven() && !Rejection::Revoked.unproven());
     }
 }

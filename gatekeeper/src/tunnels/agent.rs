@@ -16,11 +16,11 @@ use tunnel::{
     frame::Kind,
     mux::{Mux, MuxError},
     session::{SessionError, hello, serve_private},
-    tls::client_config,
+    tls::{PinMismatch, client_config},
 };
 
 use super::{Token, TunnelError};
-use crate::client::{ClientError, Knocker};
+use crate::knock::send::{ClientError, Knocker};
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -30,7 +30,7 @@ pub enum AgentError {
     Client(#[from] ClientError),
     #[error("the token names no gateway address")]
     NoGateway,
-    #[error("the gateway refused this agent: {0}. Ask the gateway's operator for a new token")]
+    #[error("the gateway refused this agent ({0}); ask the gateway's operator for a new token")]
     Refused(String),
 }
 
@@ -109,18 +109,21 @@ async fn attempt(
     let name = ServerName::try_from("gatekeeper").expect("a valid DNS name");
     let mut tls = match TlsConnector::from(config).connect(name, tcp).await {
         Ok(t) => t,
-        // Our verifier's refusal: the pinned certificate is not the one offered.
-        Err(e) if e.to_string().contains("not the pinned") => return (Ended::Fatal(format!("TLS: {e}")), false),
-        Err(e) => return (Ended::Retry(format!("TLS with the gateway failed: {e}")), false),
+        // Another certificate than the pinned one: no retry makes it ours.
+        Err(e) => match PinMismatch::behind(&e) {
+            Some(mismatch) => return (Ended::Fatal(format!("TLS: {mismatch}")), false),
+            None => return (Ended::Retry(format!("TLS with the gateway failed: {e}")), false),
+        },
     };
     let port = match hello(&mut tls, &token.token_id, &secret).await {
         Ok(p) => p,
-        Err(SessionError::Refused(reason)) => return (Ended::Fatal(reason), false),
+        Err(SessionError::Refused(why)) if why.retry_helps() => return (Ended::Retry(why.to_string()), false),
+        Err(SessionError::Refused(why)) => return (Ended::Fatal(why.to_string()), false),
         Err(e) => return (Ended::Retry(e.to_string()), false),
     };
     published(SocketAddr::new(target.ip(), port));
     info!(public = %SocketAddr::new(target.ip(), port), %forward, "published");
-    let (mux, incoming, task) = Mux::start(tls);
+    let (mux, incoming, task) = Mux::acceptor(tls);
     let (_stop_tx, stop) = watch::channel(false);
     let serving = tokio::spawn(serve_private(incoming, forward, stop));
     // Heartbeats both ways: ping the gateway, and give up on a gateway
@@ -140,7 +143,7 @@ async fn attempt(
     let mut task = task;
     let ended = tokio::select! {
         ended = &mut task => match ended {
-            Ok(Err(MuxError::Goodbye(reason))) if reason == "revoked" => Ended::Fatal("the tunnel was revoked".into()),
+            Ok(Err(MuxError::Goodbye(why))) if !why.retry_helps() => Ended::Fatal(why.to_string()),
             Ok(Err(e)) => Ended::Retry(e.to_string()),
             Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
             Err(e) => Ended::Retry(e.to_string()),

@@ -1,46 +1,40 @@
-//! Published services: the gateway's tunnel records and the tokens it
-//! issues for them. A token carries everything an agent needs (where and
-//! how to knock, the certificate fingerprint to pin, the tunnel secret);
-//! the gateway keeps only a hash of the secret.
+//! Published services: issuing and revoking tunnels, and the tokens their
+//! agents carry. A token holds everything an agent needs (where and how to
+//! knock, the certificate fingerprint to pin, the tunnel secret); the
+//! gateway keeps only a hash of the secret, in the tunnel's record in the
+//! store.
 //!
-//! ```text
-//! STATE_DIR/tunnel.crt, tunnel.key    the gateway's TLS identity (0600)
-//! STATE_DIR/tunnels/NAME.toml         one record per tunnel (0600)
-//! ```
+//! - [`gateway`]: the daemon's side: the TLS listener for agents, one
+//!   published port per connected tunnel.
+//! - [`agent`]: the private network's side.
 
 pub mod agent;
-pub mod service;
+pub mod gateway;
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tunnel::tls::{Fingerprint, Identity, TlsError};
+use tunnel::tls::{Fingerprint, TlsError};
 
 use crate::{
+    clock::unix_now,
+    knock::credential::Credential,
     spec::{PortRange, PortSet, Proto},
-    state::{self, Credential, StateDir, StateError, unix_now, write_private},
+    store::{NewClient, Put, Store, StoreError, TunnelRecord, hex, valid_name},
 };
 
-/// Where agents dial in by default.
-pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
-/// Published ports are leased from here by default.
-pub const DEFAULT_LEASE_RANGE: PortRange = PortRange { lo: 20000, hi: 20999 };
 const TOKEN_PREFIX: &str = "gkt1.";
 
 #[derive(Debug, Error)]
 pub enum TunnelError {
     #[error(transparent)]
-    State(#[from] StateError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("a tunnel named {0:?} exists already: pick another name or revoke it first")]
-    Duplicate(String),
-    #[error("no tunnel named {0:?}: see `gatekeeper tunnel list`")]
-    NoSuchTunnel(String),
     #[error("no enrolled client named {0:?}: enroll it first with `gatekeeper client add`")]
     NoSuchClient(String),
     #[error("port {0} is already published by tunnel {1:?}")]
@@ -49,44 +43,6 @@ pub enum TunnelError {
     NoFreePort(PortRange),
     #[error("bad token: {0}. A token starts with {TOKEN_PREFIX}; copy it whole from `gatekeeper tunnel issue`")]
     BadToken(String),
-}
-
-/// One published service, as the gateway stores it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelRecord {
-    pub name: String,
-    pub owner: String,
-    pub token_id: String,
-    /// SHA-256 of the tunnel secret, hex; the secret itself is only in the token.
-    pub secret_sha256: String,
-    /// Enrolled clients that may knock for the published port.
-    pub allow: Vec<String>,
-    pub public_port: u16,
-    /// The knock client enrolled for this tunnel's agent.
-    pub agent_client: String,
-    pub revoked: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires: Option<u64>,
-    pub created: u64,
-}
-
-impl TunnelRecord {
-    /// Whether `secret` is this tunnel's secret.
-    pub fn secret_matches(&self, secret: &[u8]) -> bool {
-        let digest = hex(&Sha256::digest(secret));
-        // Both sides are fixed-length hex of a hash: compare without an early exit.
-        digest.len() == self.secret_sha256.len()
-            && digest
-                .bytes()
-                .zip(self.secret_sha256.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    }
-
-    pub fn live_at(&self, unix_now: u64) -> bool {
-        !self.revoked && self.expires.is_none_or(|e| unix_now < e)
-    }
 }
 
 /// What `gatekeeper tunnel issue` prints, for the agent's operator.
@@ -107,7 +63,8 @@ pub struct Token {
 
 impl Token {
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        // Strings, numbers and addresses: always serializable.
+        let json = serde_json::to_vec(self).expect("a token serializes to JSON");
         format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
     }
 
@@ -131,143 +88,66 @@ impl Token {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.is_ascii() || !s.len().is_multiple_of(2) {
+        return None;
+    }
     (0..s.len())
         .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
     OsRng.fill_bytes(&mut b);
-    hex(&b)
+    b
 }
 
-/// The tunnel parts of a state directory.
-pub struct Tunnels<'a> {
-    state: &'a StateDir,
+/// What `gatekeeper tunnel issue` asks for.
+#[derive(Clone, Debug)]
+pub struct NewTunnel {
+    pub name: String,
+    pub owner: String,
+    /// Enrolled clients that may knock for the published port.
+    pub allow: Vec<String>,
+    pub public_port: Option<u16>,
+    pub expires_in: Option<Duration>,
 }
 
-impl<'a> Tunnels<'a> {
-    pub fn new(state: &'a StateDir) -> Tunnels<'a> {
-        Tunnels { state }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.state.root().join("tunnels")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir().join(format!("{name}.toml"))
-    }
-
-    /// The port agents dial and the range leases come from (gatekeeper.toml `[tunnel]`).
-    pub fn ports(&self) -> Result<(u16, PortRange), TunnelError> {
-        let t = self.state.addresses()?.tunnel;
-        Ok((
-            t.port.unwrap_or(DEFAULT_TUNNEL_PORT),
-            t.ports.unwrap_or(DEFAULT_LEASE_RANGE),
-        ))
-    }
-
-    /// The gateway's TLS identity, created on first use.
-    pub fn identity(&self) -> Result<Identity, TunnelError> {
-        let (crt, key) = (
-            self.state.root().join("tunnel.crt"),
-            self.state.root().join("tunnel.key"),
-        );
-        if crt.exists() && key.exists() {
-            return Ok(Identity::from_pem(&state::read(&crt)?, &state::read(&key)?)?);
+/// Issues a tunnel: its record, an agent credential, and the token.
+pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token), TunnelError> {
+    if !valid_name(&new.name) {
+        return Err(StoreError::Name {
+            kind: "tunnel",
+            name: new.name.clone(),
         }
-        let mut names: Vec<String> = self
-            .state
-            .addresses()?
-            .public_addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        names.push("gatekeeper".into());
-        let id = Identity::generate(&names)?;
-        let (c, k) = id.to_pem();
-        write_private(&key, k)?;
-        write_private(&crt, c)?;
-        Ok(id)
+        .into());
     }
-
-    pub fn list(&self) -> Result<Vec<TunnelRecord>, TunnelError> {
-        let dir = self.dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(StateError::Io { path: dir, source }.into()),
-        };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let rec = toml::from_str(&state::read(&path)?).map_err(|e| StateError::Invalid {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                out.push(rec);
-            }
-        }
-        out.sort_by(|a: &TunnelRecord, b| a.name.cmp(&b.name));
-        Ok(out)
+    let existing = store.snapshot()?;
+    if existing.tunnels.iter().any(|t| t.name == new.name) {
+        return Err(StoreError::DuplicateTunnel(new.name.clone()).into());
     }
-
-    fn save(&self, rec: &TunnelRecord) -> Result<(), TunnelError> {
-        std::fs::create_dir_all(self.dir()).map_err(|source| StateError::Io {
-            path: self.dir(),
-            source,
-        })?;
-        let text = toml::to_string(rec).map_err(|e| StateError::Invalid {
-            path: self.path(&rec.name),
-            reason: e.to_string(),
-        })?;
-        Ok(write_private(&self.path(&rec.name), &text)?)
+    if let Some(missing) = new.allow.iter().find(|a| existing.client(a).is_none()) {
+        return Err(TunnelError::NoSuchClient(missing.clone()));
     }
-
-    /// Issues a tunnel: its record, an agent credential, and the token.
-    pub fn issue(
-        &self,
-        name: &str,
-        owner: &str,
-        allow: &[String],
-        public_port: Option<u16>,
-        expires_in: Option<Duration>,
-    ) -> Result<(TunnelRecord, Token), TunnelError> {
-        if !state::valid_name(name) {
-            return Err(StateError::Name(name.to_string()).into());
-        }
-        let existing = self.list()?;
-        if existing.iter().any(|t| t.name == name) {
-            return Err(TunnelError::Duplicate(name.to_string()));
-        }
-        let clients = self.state.clients()?;
-        if let Some(missing) = allow.iter().find(|a| !clients.iter().any(|c| &&c.name == a)) {
-            return Err(TunnelError::NoSuchClient(missing.clone()));
-        }
-        let (tunnel_port, range) = self.ports()?;
-        let taken = |p: u16| existing.iter().find(|t| t.public_port == p && !t.revoked);
-        let public_port = match public_port {
-            Some(p) => match taken(p) {
-                Some(t) => return Err(TunnelError::PortTaken(p, t.name.clone())),
-                None => p,
-            },
-            None => (range.lo..=range.hi)
-                .find(|p| taken(*p).is_none())
-                .ok_or(TunnelError::NoFreePort(range))?,
-        };
-        let identity = self.identity()?;
-        // Agents sit in private networks, usually behind NAT.
-        let agent_client = format!("tunnel-{name}");
-        let agent_policy = PortSet {
+    let config = store.config()?;
+    let (tunnel_port, range) = (config.tunnel_port(), config.lease_range());
+    let taken = |p: u16| existing.tunnels.iter().find(|t| t.public_port == p && !t.revoked);
+    let public_port = match new.public_port {
+        Some(p) => match taken(p) {
+            Some(t) => return Err(TunnelError::PortTaken(p, t.name.clone())),
+            None => p,
+        },
+        None => (range.lo..=range.hi)
+            .find(|p| taken(*p).is_none())
+            .ok_or(TunnelError::NoFreePort(range))?,
+    };
+    let fingerprint = store.identity()?.fingerprint();
+    // Agents sit in private networks, usually behind NAT.
+    let (_, credential) = store.add_client(&NewClient {
+        name: format!("tunnel-{}", new.name),
+        allow: PortSet {
             ranges: vec![(
                 Proto::Tcp,
                 PortRange {
@@ -276,83 +156,97 @@ impl<'a> Tunnels<'a> {
                 },
             )],
             echo: false,
-        };
-        let (_, credential) = self
-            .state
-            .add_client(&agent_client, &agent_policy, expires_in, true, None)?;
-        let secret = random_hex(32);
-        let rec = TunnelRecord {
-            name: name.to_string(),
-            owner: owner.to_string(),
-            token_id: format!("t{}", random_hex(8)),
-            secret_sha256: hex(&Sha256::digest(unhex(&secret).unwrap_or_default())),
-            allow: allow.to_vec(),
-            public_port,
-            agent_client,
-            revoked: false,
-            expires: expires_in.map(|d| unix_now() + d.as_secs()),
-            created: unix_now(),
-        };
-        self.save(&rec)?;
-        let token = Token {
-            name: name.to_string(),
-            token_id: rec.token_id.clone(),
-            secret,
-            gateway: credential.servers.clone(),
-            tunnel_port,
-            fingerprint: identity.fingerprint().to_string(),
-            credential,
-        };
-        Ok((rec, token))
-    }
+        },
+        expires_in: new.expires_in,
+        nat: true,
+        portal_upstream: None,
+    })?;
+    let secret = random_bytes(32);
+    let rec = TunnelRecord {
+        name: new.name.clone(),
+        owner: new.owner.clone(),
+        token_id: format!("t{}", hex(&random_bytes(8))),
+        secret_sha256: hex(&Sha256::digest(&secret)),
+        allow: new.allow.clone(),
+        public_port,
+        agent_client: credential.name.clone(),
+        revoked: false,
+        expires: new.expires_in.map(|d| unix_now() + d.as_secs()),
+        created: unix_now(),
+    };
+    store.put_tunnel(&rec, Put::Create)?;
+    let token = Token {
+        name: new.name.clone(),
+        token_id: rec.token_id.clone(),
+        secret: hex(&secret),
+        gateway: credential.servers.clone(),
+        tunnel_port,
+        fingerprint: fingerprint.to_string(),
+        credential,
+    };
+    Ok((rec, token))
+}
 
-    /// Revokes a tunnel and its agent's knock credential.
-    pub fn revoke(&self, name: &str) -> Result<TunnelRecord, TunnelError> {
-        let mut rec = self
-            .list()?
-            .into_iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| TunnelError::NoSuchTunnel(name.to_string()))?;
-        rec.revoked = true;
-        self.save(&rec)?;
-        self.state.set_enabled(&rec.agent_client, false)?;
-        Ok(rec)
-    }
+/// Revokes a tunnel and its agent's knock credential.
+pub fn revoke(store: &dyn Store, name: &str) -> Result<TunnelRecord, TunnelError> {
+    let mut rec = store.tunnel(name)?;
+    rec.revoked = true;
+    store.put_tunnel(&rec, Put::Replace)?;
+    store.set_client_enabled(&rec.agent_client, false)?;
+    Ok(rec)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::PathBuf;
 
-    fn state(tag: &str) -> (StateDir, PathBuf) {
+    use super::*;
+    use crate::store::{config::DEFAULT_LEASE_RANGE, files::FileStore};
+
+    fn store(tag: &str) -> (FileStore, PathBuf) {
         let dir = std::env::temp_dir().join(format!("gk-tunnels-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let s = StateDir::new(&dir);
+        let s = FileStore::new(&dir);
         s.init(&["192.0.2.1".parse().unwrap()], false).unwrap();
-        s.add_client("laptop", &"tcp/22".parse().unwrap(), None, false, None)
-            .unwrap();
+        s.add_client(&NewClient {
+            name: "laptop".into(),
+            allow: "tcp/22".parse().unwrap(),
+            expires_in: None,
+            nat: false,
+            portal_upstream: None,
+        })
+        .unwrap();
         (s, dir)
+    }
+
+    fn new(name: &str, allow: &[&str], public_port: Option<u16>) -> NewTunnel {
+        NewTunnel {
+            name: name.into(),
+            owner: "ops".into(),
+            allow: allow.iter().map(ToString::to_string).collect(),
+            public_port,
+            expires_in: None,
+        }
     }
 
     #[test]
     fn issue_leases_ports_keeps_only_a_hash_and_tokens_round_trip() {
-        let (s, dir) = state("issue");
-        let t = Tunnels::new(&s);
-        let (rec, token) = t.issue("web", "ops", &["laptop".into()], None, None).unwrap();
+        let (s, dir) = store("issue");
+        let (rec, token) = issue(&s, &new("web", &["laptop"], None)).unwrap();
         assert_eq!(rec.public_port, DEFAULT_LEASE_RANGE.lo);
-        let (rec2, _) = t.issue("db", "ops", &[], None, None).unwrap();
+        let (rec2, _) = issue(&s, &new("db", &[], None)).unwrap();
         assert_eq!(rec2.public_port, DEFAULT_LEASE_RANGE.lo + 1, "the next free port");
         assert!(matches!(
-            t.issue("x", "ops", &[], Some(rec.public_port), None),
+            issue(&s, &new("x", &[], Some(rec.public_port))),
             Err(TunnelError::PortTaken(..))
         ));
         assert!(matches!(
-            t.issue("y", "ops", &["nobody".into()], None, None),
+            issue(&s, &new("y", &["nobody"], None)),
             Err(TunnelError::NoSuchClient(_))
         ));
         assert!(matches!(
-            t.issue("web", "ops", &[], None, None),
-            Err(TunnelError::Duplicate(_))
+            issue(&s, &new("web", &[], None)),
+            Err(TunnelError::Store(StoreError::DuplicateTunnel(_)))
         ));
 
         let text = std::fs::read_to_string(dir.join("tunnels/web.toml")).unwrap();
@@ -367,21 +261,17 @@ mod tests {
         assert_eq!(back, token);
         assert_eq!(
             back.fingerprint().unwrap(),
-            t.identity().unwrap().fingerprint(),
+            s.identity().unwrap().fingerprint(),
             "the pin matches the gateway's certificate"
         );
         assert!(Token::decode("gkt1.@@@").is_err());
         assert!(Token::decode("hello").unwrap_err().to_string().contains("gkt1."));
+        assert!(unhex("é1").is_none() && unhex("abc").is_none());
 
-        let revoked = t.revoke("web").unwrap();
+        let revoked = revoke(&s, "web").unwrap();
         assert!(revoked.revoked);
         assert!(
-            !s.clients()
-                .unwrap()
-                .iter()
-                .find(|c| c.name == "tunnel-web")
-                .unwrap()
-                .enabled,
+            !s.client("tunnel-web").unwrap().enabled,
             "its agent can no longer knock"
         );
         std::fs::remove_dir_all(dir).unwrap();

@@ -12,20 +12,19 @@
 
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
-use gatekeeper::{clock, gate::Gate, loader};
+use gatekeeper::{
+    clock,
+    gate::{Gate, loader},
+};
 use gatekeeper_common::{
     maps::{CFG_ANY_TCP, CFG_ANY_UDP, Config, WhitelistKey, WhitelistValue},
     parse::mapped_v4,
@@ -34,6 +33,7 @@ use gatekeeper_common::{
 use gatekeeper_tests::{
     frames::{ACK, FrameSpec, Rng, SYN, tcp},
     lab::{GW_IFACE, Lab, Pins, Role},
+    traffic::{bench_object, transmit, xdp},
 };
 
 const GW: [u8; 4] = [10, 77, 0, 1];
@@ -47,20 +47,6 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     lookup_scaling(rows)?;
     drop_rates(rows)?;
     throughput(rows)
-}
-
-fn bench_object() -> Result<Ebpf> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/bpfel-unknown-none/release/bench-programs");
-    Ebpf::load_file(&path).with_context(|| format!("loading {} (built with the gatekeeper crate)", path.display()))
-}
-
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .with_context(|| format!("no program {name}"))?
-        .try_into()?;
-    Ok(prog)
 }
 
 /// Nanoseconds per run of `prog` over `frames`, each repeated `repeat` times.
@@ -187,54 +173,6 @@ fn veth_rx(lab: &Lab) -> Result<u64> {
         .filter(|l| l.trim_start().starts_with("rx_queue_") && l.contains("_xdp_packets:"))
         .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
         .sum())
-}
-
-/// Pushes frames out of the client's veth with live frames run through
-/// `program` (an XDP_TX program of the bench object): each of `frames`
-/// `repeat` times in turn, one pass, then more passes for as long as `more`
-/// stays set. Returns frames sent and the time it took.
-pub fn transmit(
-    lab: &Lab,
-    program: &'static str,
-    frames: Vec<Vec<u8>>,
-    repeat: u32,
-    more: Arc<AtomicBool>,
-) -> Result<(u64, Duration)> {
-    lab.in_ns(Role::Client, move || -> Result<(u64, Duration)> {
-        let mut bench = bench_object()?;
-        let tx = xdp(&mut bench, program)?;
-        tx.load()?;
-        let ifindex = nix_ifindex(Role::Client.iface())?;
-        let started = Instant::now();
-        let mut sent = 0u64;
-        loop {
-            for frame in &frames {
-                // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-                let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-                let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                let mut opts = TestRunOptions::new();
-                opts.data_in = Some(frame);
-                opts.ctx_in = Some(&ctx);
-                opts.repeat = repeat;
-                opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
-                tx.test_run(opts)?;
-                sent += u64::from(repeat);
-            }
-            if !more.load(Ordering::Relaxed) {
-                return Ok((sent, started.elapsed()));
-            }
-        }
-    })?
-}
-
-fn nix_ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface {name}");
-    }
-    Ok(i)
 }
 
 fn measure_drop(lab: &Lab, frame: &[u8], count: u32) -> Result<f64> {

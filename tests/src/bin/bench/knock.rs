@@ -28,20 +28,22 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use gatekeeper::{
-    client::{Knocker, Request},
-    events::{Diverted, Kind},
-    gate::Gate,
-    knock::verify::{Registry, Verifier},
-    loader,
+    gate::{Gate, GateError, loader},
+    knock::{
+        Carrier,
+        send::{Knocker, Request},
+        verify::{Client, Knock, Registry, ReplayError, Standing, Verifier},
+    },
     spec::{PortRange, Proto},
-    state::StateDir,
+    store::{NewClient, Store, files::FileStore},
 };
 use gatekeeper_tests::{
     frames::{FrameSpec, Rng, udp},
     lab::{Lab, Pins, Role, sh},
+    traffic::transmit,
 };
 
-use crate::{Row, gate::transmit, rss_kib};
+use crate::{Row, rss_kib};
 
 const PROBE_PORT: u16 = 5353;
 const KNOCK_PORT: u16 = 62201;
@@ -69,11 +71,30 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     println!("[1/3] verifying {N} distinct knocks on one core");
     let dir = std::env::temp_dir().join(format!("gk-bench-knock-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let state = StateDir::new(&dir);
+    let store = FileStore::new(&dir);
     let gw: IpAddr = "192.0.2.1".parse()?;
-    state.init(&[gw], false)?;
-    let (_, cred) = state.add_client("bench", &"udp/5353".parse()?, None, false, None)?;
-    let (registry, _) = Registry::load(&state)?;
+    store.init(&[gw], false)?;
+    let (rec, cred) = store.add_client(&NewClient {
+        name: "bench".into(),
+        allow: "udp/5353".parse()?,
+        expires_in: None,
+        nat: false,
+        portal_upstream: None,
+    })?;
+    let mut registry = Registry::default();
+    registry.insert(Client::new(
+        &store.server_secret()?,
+        &rec.public()?,
+        Standing {
+            name: rec.name.clone(),
+            id: rec.id,
+            policy: rec.policy(),
+            enabled: true,
+            nat: false,
+            expires: None,
+            portal_upstream: None,
+        },
+    )?);
     let verifier = Verifier {
         registry,
         server_addrs: vec![gw],
@@ -83,33 +104,25 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     let src: IpAddr = "10.0.0.2".parse()?;
     let mut payload = k.payload(gw, &udp5353(), 0)?;
     payload.local_ip = src;
-    let knocks: Vec<Diverted> = (0..N)
+    let knocks: Vec<Knock> = (0..N)
         .map(|_| {
-            Ok(Diverted {
-                kind: Kind::Knock,
-                ifindex: 1,
+            Ok(Knock {
                 src,
                 dst: gw,
                 sport: 40000,
                 dport: KNOCK_PORT,
-                proto: 17,
-                tcp_flags: 0,
+                carrier: Carrier::Udp,
                 payload: k.seal(&payload)?,
             })
         })
         .collect::<Result<_>>()?;
-    let now = gatekeeper::state::unix_now();
+    let now = gatekeeper::clock::unix_now();
 
     let mut seen = HashSet::with_capacity(N);
     let started = Instant::now();
     let accepted = knocks
         .iter()
-        .filter(|d| {
-            verifier
-                .check(d, now, |n, _| Ok::<_, ()>(seen.insert(*n)))
-                .outcome
-                .is_ok()
-        })
+        .filter(|d| verifier.check(d, now, |n, _| Ok(seen.insert(*n))).outcome.is_ok())
         .count();
     let in_memory = N as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(accepted == N, "only {accepted} of {N} knocks verified");
@@ -122,7 +135,12 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         .iter()
         .filter(|d| {
             verifier
-                .check(d, now, |n, until| gate.replay_record(n, until))
+                .check(d, now, |n, until| {
+                    gate.replay_record(n, until).map_err(|e| match e {
+                        GateError::ReplayFull => ReplayError::Full,
+                        other => ReplayError::Failed(other.to_string()),
+                    })
+                })
                 .outcome
                 .is_ok()
         })
@@ -295,7 +313,7 @@ impl Fwknopd {
         let (key, hmac) = (value("KEY_BASE64:")?, value("HMAC_KEY_BASE64:")?);
         let dir = lab.scratch().join("fwknop");
         std::fs::create_dir_all(dir.join("run"))?;
-        let private = |path: &Path, text: String| -> Result<()> { Ok(gatekeeper::state::write_private(path, &text)?) };
+        let private = |path: &Path, text: String| -> Result<()> { Ok(gatekeeper::private_file::write(path, &text)?) };
         private(
             &dir.join("fwknopd.conf"),
             format!(

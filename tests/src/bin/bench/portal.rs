@@ -25,7 +25,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use gatekeeper::{client::Knocker, portal::client::PortalClient, state::Credential};
+use gatekeeper::{
+    knock::{credential::Credential, send::Knocker},
+    portal::connector::PortalClient,
+};
 use gatekeeper_tests::lab::{ChildGuard, Lab, Role, eventually};
 use rustls::{
     RootCertStore,

@@ -137,7 +137,7 @@ fn measure(
 fn publish(lab: &Lab, name: &str, port: u16) -> Result<(ChildGuard, u16)> {
     let token = lab.state_cli(&["tunnel", "issue", name, "--owner", "bench", "--allow", "bench"])?;
     let file = lab.scratch().join(format!("{name}.token"));
-    gatekeeper::state::write_private(&file, token.trim())?;
+    gatekeeper::private_file::write(&file, token.trim())?;
     let json: serde_json::Value = serde_json::from_str(&lab.state_cli(&["tunnel", "list", "--json"])?)?;
     let public = json
         .as_array()

@@ -2,43 +2,55 @@
 //! through here, so each map's layout is handled in one place.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key};
 use gatekeeper_common::{
     decide::{Reason, entry_is_live},
     maps::{
-        self as names, AllowValue, CFG_ALLOWLIST, Config, NONCE_LEN, PROTECTED_WORDS, WhitelistKey, WhitelistValue,
+        self as names, AllowValue, CFG_ALLOWLIST, Config, FLAG_OPERATOR, KEY_ID_LEN, KnockBucket, NONCE_LEN,
+        PROTECTED_WORDS, WhitelistKey, WhitelistValue,
     },
 };
 use thiserror::Error;
 
-/// `BPF_NOEXIST`: insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
-
+use super::pins::PinError;
 use crate::{
     clock,
-    pins::{self, PinError},
     spec::{PortRange, PortSet, Prefix, Proto, Tuple, map_addr},
 };
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 #[derive(Debug, Error)]
 pub enum GateError {
     #[error(transparent)]
     Pin(#[from] PinError),
-    #[error("map {map} at {dir}: {source}")]
+    #[error("map {map} at {dir}")]
     Map {
         map: &'static str,
         dir: PathBuf,
+        #[source]
         source: MapError,
     },
     #[error("no whitelist entry for {0}")]
     NoSuchEntry(String),
     #[error("no allowlist entry for {0}")]
     NoSuchPrefix(String),
+    #[error("the replay cache is full: every slot holds a nonce still inside its window")]
+    ReplayFull,
+    #[error("counting this machine's possible CPUs")]
+    Cpus(#[source] std::io::Error),
+}
+
+/// Whether a map error is the kernel's errno `code`.
+fn errno(e: &MapError, code: i32) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(code))
 }
 
 /// The maps of one pinned gate.
@@ -57,7 +69,7 @@ pub struct WhitelistEntry {
 }
 
 impl Gate {
-    /// Opens the gate pinned at `dir` (see [`pins::resolve`]).
+    /// Opens the gate pinned at `dir` (see [`super::pins::resolve`]).
     pub fn open(dir: &Path) -> Result<Gate, GateError> {
         if !dir.join(names::WHITELIST).exists() {
             return Err(PinError::NotPinned(dir.to_path_buf()).into());
@@ -196,16 +208,25 @@ impl Gate {
         }
     }
 
-    /// Removes every entry `owner` opened; returns how many.
-    pub fn whitelist_remove_owner(&self, owner: u32) -> Result<usize, GateError> {
+    /// Removes, in one walk, every entry a client opened whose owner id
+    /// `keep` refuses (operators' entries stay); returns how many went per
+    /// owner.
+    pub fn whitelist_close_owners(&self, keep: impl Fn(u32) -> bool) -> Result<BTreeMap<u32, usize>, GateError> {
         let mut map = self.whitelist_map()?;
-        let theirs: Vec<WhitelistKey> = self
-            .whitelist()?
-            .into_iter()
-            .filter(|e| e.value.owner == owner)
-            .map(|e| e.key)
-            .collect();
-        Ok(theirs.iter().filter(|k| map.remove(k).is_ok()).count())
+        let mut closed = BTreeMap::new();
+        for e in self.whitelist()? {
+            let owner = e.value.owner;
+            if owner == 0 || e.value.flags & FLAG_OPERATOR != 0 || keep(owner) {
+                continue;
+            }
+            match map.remove(&e.key) {
+                Ok(()) => *closed.entry(owner).or_insert(0) += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(err) if errno(&err, libc::ENOENT) => {}
+                Err(err) => return Err(self.err(names::WHITELIST)(err)),
+            }
+        }
+        Ok(closed)
     }
 
     /// Writes one entry exactly as given.
@@ -327,11 +348,13 @@ impl Gate {
     }
 
     /// Records a knock nonce until `until_unix`. Returns false when the nonce
-    /// was already recorded (a replay); fails when the cache is full.
+    /// was already recorded (a replay); [`GateError::ReplayFull`] when the
+    /// cache is full.
     pub fn replay_record(&self, nonce: &[u8; NONCE_LEN], until_unix: u64) -> Result<bool, GateError> {
         self.with_replay(|map| match map.insert(nonce, until_unix, BPF_NOEXIST) {
             Ok(()) => Ok(true),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) if errno(&e, libc::EEXIST) => Ok(false),
+            Err(e) if errno(&e, libc::E2BIG) => Err(GateError::ReplayFull),
             Err(e) => Err(self.err(names::REPLAY)(e)),
         })
     }
@@ -348,9 +371,49 @@ impl Gate {
         self.with_replay(|map| match map.remove(nonce) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) if errno(&e, libc::ENOENT) => Ok(false),
             Err(e) => Err(self.err(names::REPLAY)(e)),
         })
+    }
+
+    /// Makes KNOCK_KEYS hold exactly `keys`: new ones get the bucket
+    /// `fresh`, ones already there keep theirs (a sync must not refill a
+    /// bucket a flood is draining). Returns how many were added and removed.
+    pub fn sync_knock_keys(
+        &self,
+        keys: &BTreeSet<[u8; KEY_ID_LEN]>,
+        fresh: KnockBucket,
+    ) -> Result<(usize, usize), GateError> {
+        let mut map: HashMap<MapData, [u8; KEY_ID_LEN], KnockBucket> =
+            HashMap::try_from(self.map(names::KNOCK_KEYS)?).map_err(self.err(names::KNOCK_KEYS))?;
+        let present: BTreeSet<[u8; KEY_ID_LEN]> = map.keys().filter_map(Result::ok).collect();
+        let mut removed = 0;
+        for gone in present.difference(keys) {
+            match map.remove(gone) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) if errno(&e, libc::ENOENT) => {}
+                Err(e) => return Err(self.err(names::KNOCK_KEYS)(e)),
+            }
+        }
+        let mut added = 0;
+        for new in keys.difference(&present) {
+            match map.insert(new, fresh, BPF_NOEXIST) {
+                Ok(()) => added += 1,
+                Err(e) if errno(&e, libc::EEXIST) => {}
+                Err(e) => return Err(self.err(names::KNOCK_KEYS)(e)),
+            }
+        }
+        Ok((added, removed))
+    }
+
+    /// Gives every CPU's knock budget the bucket `full`.
+    pub fn fill_knock_budget(&self, full: KnockBucket) -> Result<(), GateError> {
+        let mut map: PerCpuArray<MapData, KnockBucket> =
+            PerCpuArray::try_from(self.map(names::KNOCK_BUDGET)?).map_err(self.err(names::KNOCK_BUDGET))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| GateError::Cpus(e))?;
+        let values = PerCpuValues::try_from(vec![full; cpus]).map_err(GateError::Cpus)?;
+        map.set(0, values, 0).map_err(self.err(names::KNOCK_BUDGET))
     }
 
     /// The counters, summed over CPUs, in [`Reason`] order.
@@ -407,30 +470,4 @@ pub fn key_tuple(k: &WhitelistKey) -> Option<Tuple> {
 
 fn prefix_key(p: &Prefix) -> Key<[u8; 16]> {
     Key::new(p.mapped_len(), p.mapped_network())
-}
-
-/// Removes a gate's pins: the link first (which detaches the program once no
-/// process holds it), then every map, then the directory.
-pub fn unpin_all(dir: &Path) -> Result<bool, PinError> {
-    let link = dir.join(pins::LINK);
-    let had_link = link.exists();
-    for name in std::iter::once(pins::LINK).chain(names::ALL) {
-        let path = dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(PinError::Io { path, source }),
-        }
-    }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(PinError::Io {
-                path: dir.into(),
-                source,
-            });
-        }
-    }
-    Ok(had_link)
 }

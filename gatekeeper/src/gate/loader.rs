@@ -12,7 +12,8 @@ use gatekeeper_common::maps::{self as names};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::{config::XdpModeChoice, pins};
+use super::pins;
+use crate::store::config::XdpModeChoice;
 
 /// The XDP object built from `gatekeeper-ebpf` by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper.bpf.o"));
@@ -21,13 +22,13 @@ pub const PROGRAM: &str = "gatekeeper";
 
 #[derive(Debug, Error)]
 pub enum LoaderError {
-    #[error("loading the XDP object: {0}")]
+    #[error("loading the XDP object")]
     Load(#[from] EbpfError),
     #[error("the XDP object has no program named {PROGRAM}")]
     MissingProgram,
-    #[error("loading the XDP program into the kernel: {0}")]
+    #[error("loading the XDP program into the kernel")]
     Program(#[source] ProgramError),
-    #[error("attaching to {iface} ({mode}): {source}")]
+    #[error("attaching to {iface} ({mode})")]
     Attach {
         iface: String,
         mode: &'static str,

@@ -1,5 +1,7 @@
 //! The client side of knocks: build one from a credential, send it over
 //! UDP, ICMP echo or a TCP SYN, and (`connect`) knock-then-connect.
+//!
+//! - [`raw`]: the raw sockets SYN and echo knocks need.
 
 pub mod raw;
 
@@ -9,43 +11,42 @@ use rand_core::{OsRng, RngCore};
 use thiserror::Error;
 use x25519_dalek::PublicKey;
 
+use super::{
+    Carrier,
+    credential::Credential,
+    keys::{self, KeyError, KeyId, SessionKey},
+    payload::Payload,
+    wire::{self, NONCE_LEN, WireError},
+};
 use crate::{
-    knock::{
-        keys::{self, KeyError, KeyId, SessionKey},
-        payload::Payload,
-        wire::{self, NONCE_LEN, WireError},
-    },
+    clock::unix_now,
     spec::{PortRange, Proto},
-    state::{Credential, unix_now},
 };
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("credential: {0}")]
+    #[error("credential")]
     Key(#[from] KeyError),
     #[error("the credential names no server: pass --server ADDR")]
     NoServer,
     #[error(transparent)]
     Wire(#[from] WireError),
-    #[error("TLS setup: {0}")]
+    #[error("TLS setup")]
     Tls(#[from] tunnel::tls::TlsError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{what} needs a raw socket, which needs root or CAP_NET_RAW (setcap cap_net_raw+ep gatekeeper); a UDP knock (--via udp) needs neither"
     )]
     NeedsRaw { what: &'static str },
-}
-
-/// How a knock travels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Carrier {
-    /// A TCP SYN to the port to open, from the port the client connects from.
-    Syn,
-    /// A UDP datagram to the gateway's knock port.
-    Udp,
-    /// An ICMP (or ICMPv6) echo request.
-    Icmp,
+    #[error(
+        "a knock inside a TLS ClientHello is not a packet of its own: use `gatekeeper portal` or `connect --portal`"
+    )]
+    NotAPacket,
 }
 
 /// What to ask the gateway for.
@@ -186,6 +187,7 @@ impl Knocker {
                 raw::send_echo(server, &packet)?;
                 Ok(0)
             }
+            Carrier::ClientHello => Err(ClientError::NotAPacket),
             Carrier::Syn => {
                 let sport = req.source_port.unwrap_or_else(raw::ephemeral_port);
                 let packet = self.build(server, req, sport)?;

@@ -4,10 +4,8 @@
 
 use tracing::info;
 
-use crate::{
-    clock,
-    gate::{Gate, GateError, key_tuple},
-};
+use super::maps::{Gate, GateError, key_tuple, spans_text};
+use crate::clock;
 
 /// Sweeps once; returns how many whitelist entries and prefixes went.
 pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
@@ -20,7 +18,7 @@ pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
         info!(
             event = "whitelist_expired",
             tuple,
-            ports = crate::gate::spans_text(&e.value),
+            ports = spans_text(&e.value),
             "whitelist entry expired"
         );
     }

@@ -33,12 +33,18 @@ pub enum PinError {
     Ambiguous(String),
     #[error("{path} is not on a BPF filesystem: use a directory under {BPFFS}")]
     NotBpffs { path: PathBuf },
-    #[error("mounting bpffs at {BPFFS} failed: {0} (are you root?)")]
-    Mount(io::Error),
-    #[error("another gatekeeper daemon (pid {pid}) is serving {dir}: stop it first, or use another --pin-dir")]
-    Busy { dir: PathBuf, pid: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("mounting bpffs at {BPFFS} failed (are you root?)")]
+    Mount(#[source] io::Error),
+    #[error(
+        "another gatekeeper daemon (pid {pid}) is serving {what}: stop it first, one daemon serves one gate and one state directory"
+    )]
+    Busy { what: String, pid: String },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The pin directory for `iface` under the default root.
@@ -144,19 +150,28 @@ pub struct DaemonLock {
     _file: std::fs::File,
 }
 
-/// Takes the lock for `dir`, so two daemons never serve one gate.
+/// Takes the lock for the pin directory `dir`, so two daemons never serve
+/// one gate.
 pub fn lock(dir: &Path) -> Result<DaemonLock, PinError> {
-    use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
-
     std::fs::create_dir_all(LOCK_DIR).map_err(|source| PinError::Io {
         path: LOCK_DIR.into(),
         source,
     })?;
     let name = dir.to_string_lossy().replace('/', "_");
-    let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
+    lock_file(
+        &Path::new(LOCK_DIR).join(format!("{name}.lock")),
+        &dir.display().to_string(),
+    )
+}
+
+/// Takes an exclusive lock on the file at `path` for `what`, writing our
+/// pid into it; fails naming the holder's pid when another process has it.
+pub fn lock_file(path: &Path, what: &str) -> Result<DaemonLock, PinError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+
     let io = |source| PinError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     let mut file = std::fs::OpenOptions::new()
@@ -164,14 +179,14 @@ pub fn lock(dir: &Path) -> Result<DaemonLock, PinError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .map_err(io)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let mut pid = String::new();
         let _ = file.read_to_string(&mut pid);
         return Err(PinError::Busy {
-            dir: dir.into(),
+            what: what.to_string(),
             pid: pid.trim().to_string(),
         });
     }
@@ -179,4 +194,30 @@ pub fn lock(dir: &Path) -> Result<DaemonLock, PinError> {
     file.rewind().map_err(io)?;
     write!(file, "{}", std::process::id()).map_err(io)?;
     Ok(DaemonLock { _file: file })
+}
+
+/// Removes a gate's pins: the link first (which detaches the program once no
+/// process holds it), then every map, then the directory.
+pub fn unpin_all(dir: &Path) -> Result<bool, PinError> {
+    let link = dir.join(LINK);
+    let had_link = link.exists();
+    for name in std::iter::once(LINK).chain(gatekeeper_common::maps::ALL) {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PinError::Io { path, source }),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(PinError::Io {
+                path: dir.into(),
+                source,
+            });
+        }
+    }
+    Ok(had_link)
 }

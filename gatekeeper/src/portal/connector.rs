@@ -12,14 +12,14 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tracing::{info, warn};
-use tunnel::tls::{Fingerprint, client_config};
+use tunnel::tls::{Fingerprint, PinMismatch, client_config};
 
 use super::{
     client_hello::binding_nonce,
     stream::{Knocking, Seal},
 };
 use crate::{
-    client::{ClientError, Knocker, Request},
+    knock::send::{ClientError, Knocker, Request},
     spec::{PortRange, Proto},
 };
 
@@ -60,7 +60,10 @@ impl PortalClient {
                 .map_err(io::Error::other)
         });
         let name = ServerName::IpAddress(self.portal.ip().into());
-        self.connector.connect(name, Knocking::new(seal, tcp)).await
+        self.connector
+            .connect(name, Knocking::new(seal, tcp))
+            .await
+            .map_err(PinMismatch::explain)
     }
 
     /// Carries `local` to the upstream until both sides end; returns the

@@ -1,0 +1,195 @@
+//! The daemon's side of knocks: verify each diverted knock (and each knock
+//! the portal found in a ClientHello), open what it grants, and audit it.
+//! It owns the verifier's registry, rebuilt from the store's records
+//! whenever they change, and the index of the replay cache.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap},
+};
+
+use gatekeeper_common::maps::KEY_ID_LEN;
+use tracing::warn;
+use x25519_dalek::StaticSecret;
+
+use crate::{
+    audit::{Audit, Opened},
+    clock::{self, unix_now},
+    gate::{Gate, GateError},
+    knock::{
+        ask::{Ask, Verdict},
+        verify::{Client, Knock, Registry, ReplayError, Standing, Verifier},
+        wire::NONCE_LEN,
+    },
+    spec::{PortRange, Proto},
+    store::{Problem, Snapshot, config::Settings},
+};
+
+/// Replay-cache nonces, soonest to be forgotten on top.
+type Expiry = BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>;
+
+pub struct KnockService {
+    server: StaticSecret,
+    /// The replay cache's nonces by the time they may be forgotten, so a
+    /// sweep touches only what expired; `None` until the first sweep has
+    /// read what an earlier daemon recorded.
+    expiry: Option<Expiry>,
+    verifier: Verifier,
+    audit: Audit,
+    open_for_ns: u64,
+    /// Where authorized portal sessions go unless their client names a place.
+    portal_upstream: Option<String>,
+}
+
+/// Records `nonce` in the replay cache and, once the sweep has its index,
+/// there too.
+fn record(gate: &Gate, expiry: &mut Option<Expiry>, nonce: &[u8; NONCE_LEN], until: u64) -> Result<bool, ReplayError> {
+    let fresh = gate.replay_record(nonce, until).map_err(|e| match e {
+        GateError::ReplayFull => ReplayError::Full,
+        other => ReplayError::Failed(crate::error_chain(&other)),
+    })?;
+    if let (true, Some(expiry)) = (fresh, expiry.as_mut()) {
+        expiry.push(Reverse((until, *nonce)));
+    }
+    Ok(fresh)
+}
+
+impl KnockService {
+    pub fn new(settings: &Settings, server: StaticSecret, audit: Audit) -> KnockService {
+        KnockService {
+            server,
+            expiry: None,
+            verifier: Verifier {
+                registry: Registry::default(),
+                server_addrs: settings.public_addrs.clone(),
+                window_secs: settings.knock_window.as_secs(),
+            },
+            audit,
+            open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
+            portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
+        }
+    }
+
+    /// Rebuilds the registry from `snapshot`. A live tunnel lets the
+    /// clients it names knock for its published port. Returns every
+    /// enrolled key id (for the XDP program's KNOCK_KEYS) and the records
+    /// that could not be used.
+    pub fn set_clients(&mut self, snapshot: &Snapshot) -> (BTreeSet<[u8; KEY_ID_LEN]>, Vec<Problem>) {
+        let now = unix_now();
+        let mut registry = Registry::default();
+        let mut problems = Vec::new();
+        for rec in &snapshot.clients {
+            let mut policy = rec.policy();
+            for t in snapshot
+                .tunnels
+                .iter()
+                .filter(|t| t.live_at(now) && t.allow.contains(&rec.name))
+            {
+                policy.ranges.push((
+                    Proto::Tcp,
+                    PortRange {
+                        lo: t.public_port,
+                        hi: t.public_port,
+                    },
+                ));
+            }
+            let standing = Standing {
+                name: rec.name.clone(),
+                id: rec.id,
+                policy,
+                enabled: rec.enabled,
+                nat: rec.nat,
+                expires: rec.expires,
+                portal_upstream: rec.portal_upstream.clone(),
+            };
+            match rec.public().map(|public| Client::new(&self.server, &public, standing)) {
+                Ok(Ok(client)) => registry.insert(client),
+                Ok(Err(e)) | Err(e) => problems.push(Problem {
+                    path: format!("client {}", rec.name),
+                    reason: format!("public_key: {e}"),
+                }),
+            }
+        }
+        let keys = registry.clients().map(|c| *c.key_id()).collect();
+        self.verifier.registry = registry;
+        (keys, problems)
+    }
+
+    /// Verifies one knock; opens what it grants, then audits what happened.
+    pub fn handle(&mut self, gate: &Gate, knock: &Knock) {
+        let expiry = &mut self.expiry;
+        let checked = self
+            .verifier
+            .check(knock, unix_now(), |nonce, until| record(gate, expiry, nonce, until));
+        let opened = checked.outcome.as_ref().ok().map(|grant| {
+            // A fresh knock for a live entry extends it and adds its ports.
+            let expires = clock::now_ns().saturating_add(self.open_for_ns);
+            match gate.whitelist_grant(&grant.key, grant.ports, expires, 0, grant.client_id) {
+                Ok(_) => Opened::Entry {
+                    src_port: (grant.key.src_port != 0).then_some(grant.key.src_port),
+                    ports: format!("{}-{}", grant.ports.lo, grant.ports.hi),
+                    for_secs: self.open_for_ns / 1_000_000_000,
+                },
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    warn!(error = %why, "could not open the gate for an accepted knock");
+                    Opened::Failed(why)
+                }
+            }
+        });
+        self.audit.knock(knock, &checked, opened);
+    }
+
+    /// Decides what a portal connection may reach, and audits it. A portal
+    /// knock opens nothing in the gate: it authorizes its own TLS session.
+    pub fn handle_portal(&mut self, gate: &Gate, ask: Ask) {
+        let expiry = &mut self.expiry;
+        let (checked, own) = match ask.binding {
+            Some(binding) => {
+                let (checked, own) = self
+                    .verifier
+                    .check_portal(&ask.knock, &binding, unix_now(), |nonce, until| {
+                        record(gate, expiry, nonce, until)
+                    });
+                (Some(checked), own)
+            }
+            None => (None, None),
+        };
+        let accepted = checked.as_ref().is_some_and(|c| c.outcome.is_ok());
+        let upstream = accepted.then(|| own.or_else(|| self.portal_upstream.clone())).flatten();
+        self.audit.portal(&ask.knock, checked.as_ref(), upstream.as_deref());
+        let verdict = upstream.map_or(Verdict::Guidance, Verdict::Upstream);
+        // The portal gave up on this connection if nobody is listening.
+        let _ = ask.reply.send(verdict);
+    }
+
+    /// Forgets replay-cache nonces whose window has passed.
+    pub fn sweep(&mut self, gate: &Gate) {
+        let expiry = match &mut self.expiry {
+            Some(expiry) => expiry,
+            slot @ None => match gate.replay_entries() {
+                Ok(entries) => slot.insert(
+                    entries
+                        .into_iter()
+                        .map(|(nonce, until)| Reverse((until, nonce)))
+                        .collect(),
+                ),
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "reading the replay cache failed; retrying next sweep");
+                    return;
+                }
+            },
+        };
+        let now = unix_now();
+        while let Some(Reverse((until, nonce))) = expiry.peek().copied() {
+            if until > now {
+                break;
+            }
+            if let Err(e) = gate.replay_forget(&nonce) {
+                warn!(error = %crate::error_chain(&e), "sweeping the replay cache failed; retrying next sweep");
+                return;
+            }
+            expiry.pop();
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The running daemon: prepares everything it will serve, loads or adopts
+//! the gate, then serves the event ring, the portal's questions and the
+//! control socket, follows the state and sweeps, until told to stop.
+//! Stopping leaves the program attached and the entries in place (fail
+//! closed); only `gatekeeper detach` removes the gate, and the daemon exits
+//! when it sees that.
+//!
+//! One policy for what cannot start: everything the daemon is configured
+//! to serve (knock verification, the tunnel listener, the portal, the audit
+//! trail, the control socket) is prepared before the gate goes up, and if
+//! any of it fails the daemon exits with a message naming the cause. A
+//! record in the state that cannot be used is not such a failure: it is
+//! named in the log, the audit trail and `client list`, and skipped.
+//!
+//! - [`knock_service`]: verifying knocks, opening what they grant.
+
+pub mod knock_service;
+
+use std::{collections::BTreeMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use gatekeeper_common::ratelimit;
+use serde_json::json;
+use thiserror::Error;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{info, warn};
+
+use crate::{
+    audit::Audit,
+    clock::unix_now,
+    control::{self, Applied, Asked, ClientsStatus, ClosedInfo, Reply, Request, Status},
+    error_chain,
+    gate::{
+        Gate, GateError,
+        loader::{self, Attachment, LoaderError},
+        pins::{self, PinError},
+        ring::{self, Record},
+        sweeper,
+    },
+    knock::ask::Ask,
+    portal::listener::{Portal, PortalError},
+    spec::{PortRange, PortSet, Proto},
+    store::{
+        Store, StoreError,
+        config::{Settings, ephemeral_ports},
+        files::FileStore,
+        watch::{Change, Watcher},
+    },
+    tunnels::gateway::{Gateway, GatewayError},
+};
+use knock_service::KnockService;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error("watching the event ring")]
+    Ring(#[source] std::io::Error),
+    #[error(
+        "no interface named {0:?} in this network namespace: check `ip link`, or run inside the interface's namespace"
+    )]
+    NoSuchInterface(String),
+    #[error(transparent)]
+    Portal(#[from] PortalError),
+    #[error(
+        "the portal verifies knocks with the state's keys, and {0} is not initialised: run `gatekeeper init --state-dir {0} --public-addr ADDR` first"
+    )]
+    PortalWithoutState(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tunnels(#[from] GatewayError),
+    #[error("the audit log {path}")]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the control socket {path}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening for signals")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Why [`run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A signal: the gate stays attached.
+    Stopped,
+    /// The link pin vanished (`gatekeeper detach`): the gate is gone.
+    Detached,
+}
+
+/// Counts of what the daemon has seen since it started.
+#[derive(Debug, Default)]
+struct Seen {
+    knocks: u64,
+    audit_samples: u64,
+    unknown: u64,
+}
+
+/// What serves knocks, once the state is initialised.
+struct Knocks {
+    service: KnockService,
+    watcher: Watcher,
+    audit: Audit,
+    gateway: Arc<Gateway>,
+}
+
+/// The running daemon's parts the loop and the control socket need.
+struct Daemon {
+    settings: Settings,
+    gate: Gate,
+    attachment: Attachment,
+    started: u64,
+    knocks: Option<Knocks>,
+    /// Closing the entries of clients no longer allowed failed: try again
+    /// at the next look.
+    close_pending: bool,
+}
+
+/// Raises the soft limit on open files to the hard one: every portal and
+/// tunnel connection is a descriptor, and the usual soft limit of 1024
+/// would let a few idle connections starve the rest.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes or the gate is detached.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<Exit, DaemonError> {
+    if !interface_exists(&settings.iface) {
+        return Err(DaemonError::NoSuchInterface(settings.iface.clone()));
+    }
+    let dir = settings.pin_dir.clone();
+    let _pin_lock = pins::lock(&dir)?;
+    raise_open_files();
+    let files = FileStore::new(&settings.state_dir);
+    let initialised = files.initialised();
+    if settings.portal.is_some() && !initialised {
+        return Err(DaemonError::PortalWithoutState(files.location()));
+    }
+    let _state_lock = if initialised { Some(files.lock_daemon()?) } else { None };
+    let store: Arc<dyn Store> = Arc::new(files.clone());
+
+    // Everything the daemon will serve, prepared before the gate goes up.
+    let (ask, mut asked) = mpsc::channel::<Ask>(1024);
+    let (control_tx, mut control_rx) = mpsc::channel::<Asked>(16);
+    let mut knocks = None;
+    let mut first_change = None;
+    let mut tasks = Vec::new();
+    if initialised {
+        let (audit, _writer) = Audit::start(&settings.audit).map_err(|source| DaemonError::Audit {
+            path: settings.audit.path.clone(),
+            source,
+        })?;
+        let (watcher, change) = Watcher::start(store.clone(), unix_now())?;
+        let service = KnockService::new(&settings, store.server_secret()?, audit.clone());
+        let identity = store.identity()?;
+        let (gateway, tunnel_listener) = Gateway::bind(
+            settings.tunnel_port,
+            &identity,
+            settings.tunnel_heartbeat,
+            audit.clone(),
+        )
+        .await?;
+        if let Some(p) = &settings.portal {
+            let (portal, listener) =
+                Portal::prepare(p, identity, &settings.public_addrs, ask.clone(), audit.clone()).await?;
+            tasks.push((Arc::new(portal), listener));
+        }
+        let socket = files.control_socket();
+        let control = control::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
+        tokio::spawn(control::serve(control, control_tx.clone()));
+        tokio::spawn(gateway.clone().serve(tunnel_listener));
+        first_change = Some(change);
+        knocks = Some(Knocks {
+            service,
+            watcher,
+            audit,
+            gateway,
+        });
+    } else {
+        info!(state_dir = %settings.state_dir.display(), "the state is not initialised: the gate runs without knocks, tunnels or a control socket (`gatekeeper init` sets them up)");
+    }
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+
+    pins::prepare(&dir)?;
+    let mut ebpf = loader::load_pinned(&dir, settings.whitelist_capacity)?;
+    let gate = Gate::open(&dir)?;
+    // Configure before attaching: an unconfigured program gates nothing.
+    let gated = gated_ports(&settings, initialised);
+    gate.set_protected(&gated)?;
+    let ephemeral = ephemeral_ports();
+    gate.set_config(&settings.map_config(ephemeral, initialised))?;
+    gate.fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
+    let mut daemon = Daemon {
+        settings,
+        gate,
+        attachment: Attachment::Adopted,
+        started: unix_now(),
+        knocks,
+        close_pending: false,
+    };
+    if let Some(change) = first_change {
+        // Whatever was revoked while no daemon ran is closed before any
+        // packet meets this one's program.
+        daemon.apply(change, true);
+    }
+    daemon.attachment = loader::attach(&mut ebpf, &daemon.settings.iface, &dir, daemon.settings.xdp_mode)?;
+    let settings = &daemon.settings;
+    info!(
+        event = "started",
+        iface = %settings.iface,
+        pin_dir = %dir.display(),
+        attachment = daemon.attachment.name(),
+        protect = %gated,
+        mode = ?settings.mode,
+        knock_udp_port = settings.knock_udp_port,
+        ephemeral = format!("{}-{}", ephemeral.0, ephemeral.1),
+        entries = daemon.gate.whitelist().map(|w| w.len()).unwrap_or(0),
+        "gate up"
+    );
+    for (portal, listener) in tasks {
+        tokio::spawn(portal.serve(listener));
+    }
+
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(daemon.gate.events()?, Interest::READABLE) }
+        .map_err(|e| DaemonError::Ring(e.into()))?;
+    let mut sweep = tokio::time::interval(daemon.settings.sweep_interval.max(Duration::from_millis(10)));
+    let idle_ns = daemon.settings.idle_timeout.as_nanos().min(u64::MAX as u128) as u64;
+    let link = dir.join(pins::LINK);
+    let mut seen = Seen::default();
+    // Revocations must bite within a second.
+    let mut follow = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(shutdown);
+
+    let exit = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Exit::Stopped,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(DaemonError::Ring)?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    daemon.record(&item, &mut seen);
+                }
+                guard.clear_ready();
+            }
+            Some(ask) = asked.recv() => {
+                if let Some(k) = daemon.knocks.as_mut() {
+                    k.service.handle_portal(&daemon.gate, ask);
+                }
+            }
+            Some((request, reply)) = control_rx.recv() => {
+                let answer = match request {
+                    Request::Status => Reply::Status(Box::new(daemon.status())),
+                    Request::Reload => Reply::Applied(daemon.reload()),
+                };
+                let _ = reply.send(answer);
+            }
+            _ = follow.tick() => daemon.follow(),
+            _ = hangup.recv() => {
+                if let Some(k) = &daemon.knocks {
+                    info!("SIGHUP: reopening the audit log");
+                    k.audit.reopen();
+                }
+            }
+            _ = sweep.tick() => {
+                if !link.exists() {
+                    break Exit::Detached;
+                }
+                if let Err(e) = sweeper::sweep(&daemon.gate, idle_ns) {
+                    warn!(error = %error_chain(&e), "sweep failed; retrying next tick");
+                }
+                if let Some(k) = daemon.knocks.as_mut() {
+                    k.service.sweep(&daemon.gate);
+                }
+            }
+        }
+    };
+    info!(
+        event = "stopped",
+        ?exit,
+        knocks = seen.knocks,
+        audit_samples = seen.audit_samples,
+        unknown_events = seen.unknown,
+        "daemon stopping; {}",
+        match exit {
+            Exit::Stopped => "the gate stays attached with its entries",
+            Exit::Detached => "the gate was detached",
+        }
+    );
+    if let Some(k) = &daemon.knocks
+        && !k.audit.flush(Duration::from_secs(2))
+    {
+        warn!("the audit writer did not finish in time; its last lines may be lost");
+    }
+    Ok(exit)
+}
+
+impl Daemon {
+    fn record(&mut self, bytes: &[u8], seen: &mut Seen) {
+        match ring::decode(bytes) {
+            None => seen.unknown += 1,
+            Some(Record::Knock(knock)) => {
+                seen.knocks += 1;
+                match self.knocks.as_mut() {
+                    Some(k) => k.service.handle(&self.gate, &knock),
+                    None => info!(event = "knock_received", src = %knock.src, sport = knock.sport, dst = %knock.dst,
+                        dport = knock.dport, carrier = knock.carrier.name(), len = knock.payload.len(), total = seen.knocks,
+                        "knock received (not verified: the state is not initialised)"),
+                }
+            }
+            Some(Record::AuditSample {
+                src,
+                sport,
+                dst,
+                dport,
+                proto,
+                reason,
+            }) => {
+                seen.audit_samples += 1;
+                info!(event = "audit_would_drop", %src, sport, %dst, dport, proto,
+                    reason = reason.map(|r| r.name()).unwrap_or("unknown"), "audit mode passed a packet enforce mode would drop");
+            }
+        }
+    }
+
+    /// The periodic look at the state.
+    fn follow(&mut self) {
+        if let Some(k) = self.knocks.as_mut() {
+            let change = k.watcher.poll(unix_now());
+            self.apply(change, false);
+        }
+    }
+
+    /// `gatekeeper ... ` changed the state and asks for it to be applied now.
+    fn reload(&mut self) -> Applied {
+        match self.knocks.as_mut() {
+            Some(k) => {
+                let change = k.watcher.reload(unix_now());
+                self.apply(change, false)
+            }
+            None => Applied {
+                failed: Some("this daemon runs without a state: it verifies no knocks".into()),
+                ..Applied::default()
+            },
+        }
+    }
+
+    /// Puts a change of the state into force: the registry, the enrolled
+    /// key ids in the kernel, the tunnel records, and, for whoever is no
+    /// longer allowed, their whitelist entries and sessions. `start`: also
+    /// close entries of owners the state does not allow (revoked while no
+    /// daemon ran).
+    fn apply(&mut self, change: Change, start: bool) -> Applied {
+        let Some(k) = self.knocks.as_mut() else {
+            return Applied::default();
+        };
+        if let Some(why) = &change.failed {
+            warn!(error = %why, "reading the state failed; the last records stay in force, retrying");
+            k.audit.event("state_unreadable", json!({"detail": why}));
+        }
+        if change.recovered {
+            info!("the state is readable again");
+        }
+        for p in &change.new_problems {
+            warn!(path = %p.path, reason = %p.reason, "skipping a record that cannot be used");
+            k.audit
+                .event("state_problem", json!({"path": p.path, "reason": p.reason}));
+        }
+        for p in &change.fixed_problems {
+            info!(path = %p.path, "a record that could not be used is fixed or gone");
+            k.audit.event("state_problem_fixed", json!({"path": p.path}));
+        }
+        if let Some(snapshot) = &change.reloaded {
+            let (keys, problems) = k.service.set_clients(snapshot);
+            for p in problems {
+                warn!(path = %p.path, reason = %p.reason, "skipping a client that cannot verify knocks");
+            }
+            let fresh = ratelimit::full(self.settings.knock_key_burst, crate::clock::now_ns());
+            match self.gate.sync_knock_keys(&keys, fresh) {
+                Ok((added, removed)) if added + removed > 0 => {
+                    info!(
+                        added,
+                        removed,
+                        keys = keys.len(),
+                        "enrolled key ids updated in the gate"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "updating the enrolled key ids failed; retrying at the next change")
+                }
+            }
+            k.gateway.set_records(snapshot.tunnels.clone());
+        }
+        let mut applied = Applied {
+            clients_allowed: k
+                .watcher
+                .snapshot()
+                .clients
+                .iter()
+                .filter(|c| c.allowed_at(unix_now()))
+                .count(),
+            problems: k.watcher.snapshot().problems.clone(),
+            failed: change.failed.clone(),
+            ..Applied::default()
+        };
+        if start || self.close_pending || !change.closed_clients.is_empty() {
+            let watcher = &k.watcher;
+            let closed = match self.gate.whitelist_close_owners(|owner| watcher.allows_owner(owner)) {
+                Ok(closed) => {
+                    self.close_pending = false;
+                    closed
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "closing the entries of clients no longer allowed failed; retrying");
+                    self.close_pending = true;
+                    BTreeMap::new()
+                }
+            };
+            for c in &change.closed_clients {
+                let entries = c.id.and_then(|id| closed.get(&id)).copied().unwrap_or(0);
+                info!(client = %c.name, why = c.why, entries_closed = entries, "client no longer allowed; its entries are closed");
+                k.audit.event(
+                    "client_closed",
+                    json!({"client": c.name, "why": c.why, "entries_closed": entries}),
+                );
+                applied.clients_closed.push(ClosedInfo {
+                    name: c.name.clone(),
+                    why: c.why.into(),
+                    closed: entries,
+                });
+            }
+            let named: Vec<u32> = change.closed_clients.iter().filter_map(|c| c.id).collect();
+            let others: usize = closed
+                .iter()
+                .filter(|(id, _)| !named.contains(id))
+                .map(|(_, n)| n)
+                .sum();
+            if others > 0 {
+                info!(entries = others, "closed entries whose owners the state does not allow");
+            }
+        }
+        for t in &change.closed_tunnels {
+            let ended = k.gateway.close(&t.name, t.why);
+            applied.tunnels_closed.push(ClosedInfo {
+                name: t.name.clone(),
+                why: t.why.into(),
+                closed: usize::from(ended),
+            });
+        }
+        applied
+    }
+
+    fn status(&self) -> Status {
+        let s = &self.settings;
+        let counters = self
+            .gate
+            .stats()
+            .map(|stats| stats.into_iter().map(|(r, n)| (r.name().to_string(), n)).collect())
+            .unwrap_or_default();
+        let now = unix_now();
+        let (clients, tunnels, audit, tunnel_port) = match &self.knocks {
+            Some(k) => {
+                let snap = k.watcher.snapshot();
+                (
+                    ClientsStatus {
+                        enrolled: snap.clients.len(),
+                        allowed: snap.clients.iter().filter(|c| c.allowed_at(now)).count(),
+                        problems: snap.problems.clone(),
+                    },
+                    k.gateway.status(),
+                    k.audit.status(),
+                    Some(k.gateway.port()),
+                )
+            }
+            None => (
+                ClientsStatus {
+                    enrolled: 0,
+                    allowed: 0,
+                    problems: Vec::new(),
+                },
+                Vec::new(),
+                Default::default(),
+                None,
+            ),
+        };
+        Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: self.started,
+            iface: s.iface.clone(),
+            pin_dir: s.pin_dir.display().to_string(),
+            attachment: self.attachment.name().into(),
+            mode: format!("{:?}", s.mode).to_lowercase(),
+            protect: gated_ports(s, self.knocks.is_some()).to_string(),
+            state_dir: s.state_dir.display().to_string(),
+            knocks: self.knocks.is_some(),
+            clients,
+            tunnel_port,
+            tunnels,
+            portal: s.portal.as_ref().map(|p| p.listen.to_string()),
+            audit,
+            counters,
+        }
+    }
+}
+
+/// What the gate protects: the configured ports and, when the daemon
+/// serves tunnels, the tunnel port and the range published ports are
+/// leased from; never the portal's port, which is the gateway's public face.
+fn gated_ports(settings: &Settings, tunnels: bool) -> PortSet {
+    let mut ports = settings.protect.clone();
+    if let Some(portal) = &settings.portal {
+        ports = ports.without(Proto::Tcp, portal.listen.port());
+    }
+    if tunnels {
+        let tunnel = PortRange {
+            lo: settings.tunnel_port,
+            hi: settings.tunnel_port,
+        };
+        ports
+            .ranges
+            .extend([(Proto::Tcp, tunnel), (Proto::Tcp, settings.tunnel_ports)]);
+    }
+    ports
+}
+
+fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}

@@ -1,0 +1,18 @@
+//! The gate in the kernel and its handles: where its objects are pinned,
+//! loading and attaching the XDP program, typed access to its maps, the
+//! ring of records it hands up, and sweeping what has run out.
+//!
+//! - [`pins`]: where a gate's objects live on bpffs, and the daemon locks.
+//! - [`loader`]: loading the embedded XDP object, attaching, adopting.
+//! - [`maps`]: typed access to the pinned maps (CLI and daemon).
+//! - [`ring`]: the records the program puts in the EVENTS ring.
+//! - [`sweeper`]: removing expired, idle entries.
+
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod ring;
+pub mod sweeper;
+
+pub use maps::{Gate, GateError, WhitelistEntry, key_tuple, protected_words, spans_text};
+pub use pins::unpin_all;

@@ -1,0 +1,769 @@
+//! The config file's one schema ([`ConfigFile`], every key documented in
+//! `gatekeeper/config.example.toml`) and the daemon's settings resolved
+//! from it: built-in defaults, then the state's config, then `--config`,
+//! then flags.
+//!
+//! Some keys also go into what the gateway hands out: `public_addrs` and
+//! `knock.udp_port` into credentials, `tunnel.port` and `tunnel.ports` into
+//! tunnel tokens. Those are read from the state's config alone; a
+//! `--config` file that sets one of them differently is refused, so the
+//! daemon never listens where its credentials do not point.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use gatekeeper_common::maps::{
+    CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT, MODE_ENFORCE,
+};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::spec::{self, PortRange, PortSet, Proto, SpecError};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("`{key}` is not set: {hint}")]
+    Missing { key: &'static str, hint: &'static str },
+    #[error("`{key}` = {value}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Disagrees(Box<Disagreement>),
+}
+
+/// A `--config` file sets a key that credentials and tokens carry to
+/// something else than the state's config.
+#[derive(Debug, Error)]
+#[error(
+    "`{key}` is {given} in {file} but {shared} in {state} ({hint}): set it in {state} only, so the daemon listens where credentials and tokens point"
+)]
+pub struct Disagreement {
+    key: &'static str,
+    file: PathBuf,
+    given: String,
+    state: String,
+    shared: String,
+    hint: &'static str,
+}
+
+/// Enforce drops; audit passes what enforce would drop, counts and samples it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// How to attach: native (driver) with a fallback to generic, or one of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeChoice {
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+/// Values that came from the command line; they win over the files.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub iface: Option<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub protect: Option<PortSet>,
+    pub xdp_mode: Option<XdpModeChoice>,
+    pub mode: Option<Mode>,
+    pub idle_timeout: Option<Duration>,
+    pub portal: PortalOverrides,
+}
+
+/// The `--portal*` flags.
+#[derive(Clone, Debug, Default)]
+pub struct PortalOverrides {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub guidance: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The config file, as written. Every key is optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    public_addrs: Option<Vec<IpAddr>>,
+    iface: Option<String>,
+    pin_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_parse")]
+    protect: Option<PortSet>,
+    xdp_mode: Option<XdpModeChoice>,
+    mode: Option<Mode>,
+    #[serde(default, deserialize_with = "de_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    sweep_interval: Option<Duration>,
+    whitelist_capacity: Option<u32>,
+    #[serde(default)]
+    knock: KnockSection,
+    #[serde(default)]
+    audit: AuditSection,
+    #[serde(default)]
+    tunnel: TunnelSection,
+    #[serde(default)]
+    portal: PortalSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KnockSection {
+    udp_port: Option<u16>,
+    rate: Option<u32>,
+    burst: Option<u32>,
+    key_rate: Option<u32>,
+    key_burst: Option<u32>,
+    budget: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    open_for: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditSection {
+    sample_every: Option<u32>,
+    path: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_size")]
+    max_size: Option<u64>,
+    keep: Option<u32>,
+    refusals_per_sec: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelSection {
+    port: Option<u16>,
+    #[serde(default, deserialize_with = "de_parse")]
+    ports: Option<PortRange>,
+    #[serde(default, deserialize_with = "de_duration")]
+    heartbeat: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortalSection {
+    listen: Option<SocketAddr>,
+    upstream: Option<String>,
+    guidance: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    sessions_per_source: Option<u32>,
+    new_sessions_per_sec: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    handshake_timeout: Option<Duration>,
+}
+
+fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecError>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    spec::duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    spec::size(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// fwknop's default SPA port, so existing firewall holes keep working.
+pub const DEFAULT_KNOCK_UDP_PORT: u16 = 62201;
+/// Where agents dial in by default.
+pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
+/// Published ports are leased from here by default.
+pub const DEFAULT_LEASE_RANGE: PortRange = PortRange { lo: 20000, hi: 20999 };
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            reason: super::toml_error(&text, &e),
+        })
+    }
+
+    /// The addresses clients knock on (written into credentials).
+    pub fn public_addrs(&self) -> Vec<IpAddr> {
+        self.public_addrs.clone().unwrap_or_default()
+    }
+
+    /// The UDP knock port (written into credentials).
+    pub fn knock_udp_port(&self) -> u16 {
+        self.knock.udp_port.unwrap_or(DEFAULT_KNOCK_UDP_PORT)
+    }
+
+    /// Where agents dial in (written into tunnel tokens).
+    pub fn tunnel_port(&self) -> u16 {
+        self.tunnel.port.unwrap_or(DEFAULT_TUNNEL_PORT)
+    }
+
+    /// The range published ports are leased from.
+    pub fn lease_range(&self) -> PortRange {
+        self.tunnel.ports.unwrap_or(DEFAULT_LEASE_RANGE)
+    }
+
+    /// The keys that go into what the gateway hands out, as text to compare.
+    fn shared(&self) -> [(&'static str, String, bool, &'static str); 4] {
+        let addrs: Vec<String> = self.public_addrs().iter().map(ToString::to_string).collect();
+        [
+            (
+                "public_addrs",
+                format!("[{}]", addrs.join(", ")),
+                self.public_addrs.is_some(),
+                "credentials name these addresses",
+            ),
+            (
+                "knock.udp_port",
+                self.knock_udp_port().to_string(),
+                self.knock.udp_port.is_some(),
+                "credentials knock on this port",
+            ),
+            (
+                "tunnel.port",
+                self.tunnel_port().to_string(),
+                self.tunnel.port.is_some(),
+                "tunnel tokens dial this port",
+            ),
+            (
+                "tunnel.ports",
+                self.lease_range().to_string(),
+                self.tunnel.ports.is_some(),
+                "published ports are leased from this range",
+            ),
+        ]
+    }
+}
+
+/// The portal's settings, when it is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalSettings {
+    pub listen: SocketAddr,
+    /// Default upstream, `HOST:PORT`; a client record may name its own.
+    pub upstream: String,
+    /// Folder of the guidance page; `None`: the built-in page.
+    pub guidance: Option<PathBuf>,
+    /// Certificate (chain) and key, PEM; generated there if absent. `None`:
+    /// the gateway's own certificate, which credentials pin.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+    /// Sessions one source (an IPv4 address, an IPv6 /64) may hold at once.
+    pub sessions_per_source: u32,
+    /// New sessions one source may open per second (twice that in a burst).
+    pub new_sessions_per_sec: u32,
+    /// From accepting a connection to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Where the audit trail goes and how much of it is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    /// Rotate once the file is this large.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.log.1` is the newest).
+    pub keep: u32,
+    /// Refusals from unproven sources written one line each, per second;
+    /// beyond that they are counted into one summary line a second.
+    pub refusals_per_sec: u32,
+}
+
+/// Resolved settings of one daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub protect: PortSet,
+    pub xdp_mode: XdpModeChoice,
+    pub mode: Mode,
+    pub idle_timeout: Duration,
+    pub sweep_interval: Duration,
+    pub whitelist_capacity: u32,
+    /// 0: knocks only on protected ports.
+    pub knock_udp_port: u16,
+    /// Per-source knock bucket in the XDP program.
+    pub knock_rate: u32,
+    pub knock_burst: u32,
+    /// Per-key knock bucket in the XDP program.
+    pub knock_key_rate: u32,
+    pub knock_key_burst: u32,
+    /// Knocks per second each CPU passes to the daemon, whatever their source.
+    pub knock_budget: u32,
+    /// A knock's timestamp may be this far from now, either way.
+    pub knock_window: Duration,
+    /// How long an accepted knock opens its tuple for new connections.
+    pub knock_open_for: Duration,
+    pub audit_sample_every: u32,
+    pub audit: AuditSettings,
+    /// Keys, enrolled clients and the config.
+    pub state_dir: PathBuf,
+    /// Addresses clients may knock on; empty: the address each knock was sent to.
+    pub public_addrs: Vec<IpAddr>,
+    /// Where agents dial in (TLS), behind the gate.
+    pub tunnel_port: u16,
+    /// Published ports are leased from this range.
+    pub tunnel_ports: PortRange,
+    /// An agent silent for this long is dropped and its port closed.
+    pub tunnel_heartbeat: Duration,
+    pub portal: Option<PortalSettings>,
+}
+
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_WHITELIST_CAPACITY: u32 = 65536;
+pub const DEFAULT_KNOCK_RATE: u32 = 20;
+pub const DEFAULT_KNOCK_BURST: u32 = 40;
+pub const DEFAULT_KNOCK_KEY_RATE: u32 = 10;
+pub const DEFAULT_KNOCK_KEY_BURST: u32 = 20;
+pub const DEFAULT_KNOCK_BUDGET: u32 = 2000;
+pub const DEFAULT_AUDIT_SAMPLE_EVERY: u32 = 64;
+pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(120);
+pub const DEFAULT_KNOCK_OPEN_FOR: Duration = Duration::from_secs(30);
+pub const DEFAULT_TUNNEL_HEARTBEAT: Duration = Duration::from_secs(30);
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 100 << 20;
+pub const DEFAULT_AUDIT_KEEP: u32 = 5;
+pub const DEFAULT_AUDIT_REFUSALS_PER_SEC: u32 = 50;
+pub const DEFAULT_PORTAL_SESSIONS_PER_SOURCE: u32 = 32;
+pub const DEFAULT_PORTAL_NEW_SESSIONS_PER_SEC: u32 = 20;
+pub const DEFAULT_PORTAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The state's own config, where it has been initialised.
+pub struct StateConfig<'a> {
+    /// For messages: the file, or where the store lives.
+    pub location: &'a str,
+    pub file: &'a ConfigFile,
+}
+
+impl Settings {
+    /// Defaults, then the state's config, then `file` (`--config`), then
+    /// `cli`. Keys that credentials and tokens carry must agree with the
+    /// state's config.
+    pub fn resolve(
+        state_dir: &Path,
+        state: Option<StateConfig<'_>>,
+        file: Option<&Path>,
+        cli: Overrides,
+    ) -> Result<Settings, ConfigError> {
+        let extra = file.map(ConfigFile::load).transpose()?;
+        if let (Some(state), Some(extra), Some(path)) = (&state, &extra, file) {
+            for ((key, given, set, _), (_, shared, _, hint)) in extra.shared().into_iter().zip(state.file.shared()) {
+                if set && given != shared {
+                    return Err(ConfigError::Disagrees(Box::new(Disagreement {
+                        key,
+                        file: path.into(),
+                        given,
+                        state: state.location.to_string(),
+                        shared,
+                        hint,
+                    })));
+                }
+            }
+        }
+        let base = state.map(|s| s.file.clone()).unwrap_or_default();
+        let f = match extra {
+            Some(extra) => merge(base, extra),
+            None => base,
+        };
+        let iface = cli.iface.or(f.iface.clone()).ok_or(ConfigError::Missing {
+            key: "iface",
+            hint: "pass --iface IFACE or set `iface` in the config file",
+        })?;
+        let protect = cli.protect.or(f.protect.clone()).ok_or(ConfigError::Missing {
+            key: "protect",
+            hint: "pass --protect (for example tcp/22,udp/53 or all) or set `protect` in the config file",
+        })?;
+        let pin_dir = cli
+            .pin_dir
+            .or(f.pin_dir.clone())
+            .unwrap_or_else(|| crate::gate::pins::dir_for_iface(&iface));
+        let whitelist_capacity = f.whitelist_capacity.unwrap_or(DEFAULT_WHITELIST_CAPACITY);
+        if !(1024..=1 << 24).contains(&whitelist_capacity) {
+            return Err(invalid(
+                "whitelist_capacity",
+                whitelist_capacity,
+                "use a number from 1024 to 16777216",
+            ));
+        }
+        let positive = |key: &'static str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(key, 0, "use at least 1")),
+                n => Ok(n),
+            }
+        };
+        let audit = AuditSettings {
+            path: f
+                .audit
+                .path
+                .clone()
+                .unwrap_or_else(|| state_dir.join(super::files::AUDIT_LOG)),
+            max_bytes: f.audit.max_size.unwrap_or(DEFAULT_AUDIT_MAX_BYTES),
+            keep: f.audit.keep.unwrap_or(DEFAULT_AUDIT_KEEP),
+            refusals_per_sec: f.audit.refusals_per_sec.unwrap_or(DEFAULT_AUDIT_REFUSALS_PER_SEC),
+        };
+        Ok(Settings {
+            portal: portal_settings(cli.portal, &f.portal)?,
+            iface,
+            pin_dir,
+            protect,
+            xdp_mode: cli.xdp_mode.or(f.xdp_mode).unwrap_or_default(),
+            mode: cli.mode.or(f.mode).unwrap_or_default(),
+            idle_timeout: cli.idle_timeout.or(f.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            sweep_interval: f.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
+            whitelist_capacity,
+            knock_udp_port: f.knock_udp_port(),
+            knock_rate: positive("knock.rate", f.knock.rate, DEFAULT_KNOCK_RATE)?,
+            knock_burst: positive("knock.burst", f.knock.burst, DEFAULT_KNOCK_BURST)?,
+            knock_key_rate: positive("knock.key_rate", f.knock.key_rate, DEFAULT_KNOCK_KEY_RATE)?,
+            knock_key_burst: positive("knock.key_burst", f.knock.key_burst, DEFAULT_KNOCK_KEY_BURST)?,
+            knock_budget: positive("knock.budget", f.knock.budget, DEFAULT_KNOCK_BUDGET)?,
+            knock_window: f.knock.window.unwrap_or(DEFAULT_KNOCK_WINDOW),
+            knock_open_for: f.knock.open_for.unwrap_or(DEFAULT_KNOCK_OPEN_FOR),
+            audit_sample_every: f.audit.sample_every.unwrap_or(DEFAULT_AUDIT_SAMPLE_EVERY),
+            audit,
+            state_dir: state_dir.to_path_buf(),
+            public_addrs: f.public_addrs(),
+            tunnel_port: f.tunnel_port(),
+            tunnel_ports: f.lease_range(),
+            tunnel_heartbeat: f.tunnel.heartbeat.unwrap_or(DEFAULT_TUNNEL_HEARTBEAT),
+        })
+    }
+
+    /// The CONFIG map entry for these settings, with the host's ephemeral
+    /// port range (see [`ephemeral_ports`]). `knock_keys`: the daemon
+    /// verifies knocks and keeps the map of enrolled key ids, so the XDP
+    /// program may drop knocks whose key id is not in it.
+    pub fn map_config(&self, ephemeral: (u16, u16), knock_keys: bool) -> Config {
+        let mut flags = 0;
+        if self.protect.echo {
+            flags |= CFG_PROTECT_ECHO;
+        }
+        if self.protect.ranges.iter().any(|(p, _)| *p == Proto::Tcp) {
+            flags |= CFG_ANY_TCP;
+        }
+        if self.protect.ranges.iter().any(|(p, _)| *p == Proto::Udp) || self.knock_udp_port != 0 {
+            flags |= CFG_ANY_UDP;
+        }
+        if knock_keys {
+            flags |= CFG_KNOCK_KEYS;
+        }
+        Config {
+            mode: match self.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Audit => MODE_AUDIT,
+            },
+            flags,
+            idle_timeout_ns: self.idle_timeout.as_nanos().min(u64::MAX as u128) as u64,
+            knock_rate_per_sec: self.knock_rate,
+            knock_burst: self.knock_burst,
+            ephemeral_lo: ephemeral.0,
+            ephemeral_hi: ephemeral.1,
+            knock_udp_port: self.knock_udp_port,
+            _pad: 0,
+            audit_sample_every: self.audit_sample_every,
+            knock_key_rate_per_sec: self.knock_key_rate,
+            knock_key_burst: self.knock_key_burst,
+            knock_budget_per_sec: self.knock_budget,
+            // A second's worth: the budget absorbs a burst of real knocks.
+            knock_budget_burst: self.knock_budget,
+            _pad2: 0,
+        }
+    }
+}
+
+/// `over`'s keys where it sets them, `base`'s elsewhere, section by section.
+fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
+    fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
+        over.or(base)
+    }
+    ConfigFile {
+        public_addrs: pick(over.public_addrs, base.public_addrs),
+        iface: pick(over.iface, base.iface),
+        pin_dir: pick(over.pin_dir, base.pin_dir),
+        protect: pick(over.protect, base.protect),
+        xdp_mode: pick(over.xdp_mode, base.xdp_mode),
+        mode: pick(over.mode, base.mode),
+        idle_timeout: pick(over.idle_timeout, base.idle_timeout),
+        sweep_interval: pick(over.sweep_interval, base.sweep_interval),
+        whitelist_capacity: pick(over.whitelist_capacity, base.whitelist_capacity),
+        knock: KnockSection {
+            udp_port: pick(over.knock.udp_port, base.knock.udp_port),
+            rate: pick(over.knock.rate, base.knock.rate),
+            burst: pick(over.knock.burst, base.knock.burst),
+            key_rate: pick(over.knock.key_rate, base.knock.key_rate),
+            key_burst: pick(over.knock.key_burst, base.knock.key_burst),
+            budget: pick(over.knock.budget, base.knock.budget),
+            window: pick(over.knock.window, base.knock.window),
+            open_for: pick(over.knock.open_for, base.knock.open_for),
+        },
+        audit: AuditSection {
+            sample_every: pick(over.audit.sample_every, base.audit.sample_every),
+            path: pick(over.audit.path, base.audit.path),
+            max_size: pick(over.audit.max_size, base.audit.max_size),
+            keep: pick(over.audit.keep, base.audit.keep),
+            refusals_per_sec: pick(over.audit.refusals_per_sec, base.audit.refusals_per_sec),
+        },
+        tunnel: TunnelSection {
+            port: pick(over.tunnel.port, base.tunnel.port),
+            ports: pick(over.tunnel.ports, base.tunnel.ports),
+            heartbeat: pick(over.tunnel.heartbeat, base.tunnel.heartbeat),
+        },
+        portal: PortalSection {
+            listen: pick(over.portal.listen, base.portal.listen),
+            upstream: pick(over.portal.upstream, base.portal.upstream),
+            guidance: pick(over.portal.guidance, base.portal.guidance),
+            cert: pick(over.portal.cert, base.portal.cert),
+            key: pick(over.portal.key, base.portal.key),
+            sessions_per_source: pick(over.portal.sessions_per_source, base.portal.sessions_per_source),
+            new_sessions_per_sec: pick(over.portal.new_sessions_per_sec, base.portal.new_sessions_per_sec),
+            handshake_timeout: pick(over.portal.handshake_timeout, base.portal.handshake_timeout),
+        },
+    }
+}
+
+fn portal_settings(cli: PortalOverrides, f: &PortalSection) -> Result<Option<PortalSettings>, ConfigError> {
+    let Some(listen) = cli.listen.or(f.listen) else {
+        return Ok(None);
+    };
+    let upstream = cli.upstream.or(f.upstream.clone()).ok_or(ConfigError::Missing {
+        key: "portal.upstream",
+        hint: "the portal needs somewhere to send authorized sessions: pass --portal-upstream HOST:PORT or set `upstream` in [portal]",
+    })?;
+    let upstream = spec::upstream(&upstream).map_err(|e| invalid("portal.upstream", &upstream, &e.to_string()))?;
+    let cert_and_key = match (cli.cert.or(f.cert.clone()), cli.key.or(f.key.clone())) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(c), None) => {
+            return Err(invalid(
+                "portal.cert",
+                c.display(),
+                "a certificate needs its key: also pass --portal-key (or set `key` in [portal])",
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(invalid(
+                "portal.key",
+                k.display(),
+                "a key needs its certificate: also pass --portal-cert (or set `cert` in [portal])",
+            ));
+        }
+    };
+    let at_least_one = |key: &'static str, v: Option<u32>, default: u32| match v.unwrap_or(default) {
+        0 => Err(invalid(key, 0, "use at least 1")),
+        n => Ok(n),
+    };
+    Ok(Some(PortalSettings {
+        listen,
+        upstream,
+        guidance: cli.guidance.or(f.guidance.clone()),
+        cert_and_key,
+        sessions_per_source: at_least_one(
+            "portal.sessions_per_source",
+            f.sessions_per_source,
+            DEFAULT_PORTAL_SESSIONS_PER_SOURCE,
+        )?,
+        new_sessions_per_sec: at_least_one(
+            "portal.new_sessions_per_sec",
+            f.new_sessions_per_sec,
+            DEFAULT_PORTAL_NEW_SESSIONS_PER_SEC,
+        )?,
+        handshake_timeout: f.handshake_timeout.unwrap_or(DEFAULT_PORTAL_HANDSHAKE_TIMEOUT),
+    }))
+}
+
+fn invalid(key: &'static str, value: impl ToString, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// The ephemeral port range of the current network namespace, where replies
+/// to the gateway's own connections arrive. Falls back to Linux's default.
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "gk-config-test-{}-{:x}",
+            std::process::id(),
+            text.bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn file(text: &str) -> Result<Settings, ConfigError> {
+        let path = temp(text);
+        let r = Settings::resolve(Path::new("/state"), None, Some(&path), Overrides::default());
+        std::fs::remove_file(&path).unwrap();
+        r
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let s = file(
+            "iface = \"eth0\"\nprotect = \"tcp/22,udp/53\"\nmode = \"audit\"\nidle_timeout = \"2m\"\n[knock]\nudp_port = 0\nrate = 5\n[audit]\nsample_every = 1\nmax_size = \"1MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.mode, Mode::Audit);
+        assert_eq!(s.idle_timeout, Duration::from_secs(120));
+        assert_eq!(s.knock_udp_port, 0);
+        assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/gatekeeper/eth0"));
+        assert_eq!(s.audit.path, PathBuf::from("/state/audit.log"));
+        assert_eq!(s.audit.max_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let s = Settings::resolve(Path::new("/state"), None, Some(path), Overrides::default())
+            .expect("config.example.toml must stay valid");
+        assert_eq!(
+            (s.iface.as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
+            ("eth0", 120, 1)
+        );
+        assert!(s.portal.is_some());
+    }
+
+    #[test]
+    fn a_second_file_may_not_contradict_what_credentials_carry() {
+        let state_file = ConfigFile::load(&temp("public_addrs = [\"192.0.2.1\"]\n[tunnel]\nport = 7000\n")).unwrap();
+        let state = || {
+            Some(StateConfig {
+                location: "/state/gatekeeper.toml",
+                file: &state_file,
+            })
+        };
+        let resolve = |text: &str| {
+            let path = temp(text);
+            let r = Settings::resolve(Path::new("/state"), state(), Some(&path), Overrides::default());
+            std::fs::remove_file(&path).unwrap();
+            r
+        };
+        let ok = resolve("iface = \"eth0\"\nprotect = \"tcp/22\"\npublic_addrs = [\"192.0.2.1\"]\n").unwrap();
+        assert_eq!(
+            (ok.tunnel_port, ok.public_addrs.len()),
+            (7000, 1),
+            "the state's values hold"
+        );
+        let e = resolve("iface = \"eth0\"\nprotect = \"tcp/22\"\npublic_addrs = [\"192.0.2.9\"]\n").unwrap_err();
+        assert!(
+            e.to_string().contains("public_addrs") && e.to_string().contains("/state/gatekeeper.toml"),
+            "{e}"
+        );
+        let e = resolve("iface = \"eth0\"\nprotect = \"tcp/22\"\n[knock]\nudp_port = 9999\n").unwrap_err();
+        assert!(
+            e.to_string().contains("knock.udp_port") && e.to_string().contains("62201"),
+            "{e}"
+        );
+        let e = resolve("iface = \"eth0\"\nprotect = \"tcp/22\"\n[tunnel]\nport = 7443\n").unwrap_err();
+        assert!(e.to_string().contains("tunnel.port"), "{e}");
+    }
+
+    #[test]
+    fn portal_settings_need_an_upstream_and_whole_certificate_pairs() {
+        let s = file(
+            "iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"127.0.0.1:8080\"\n",
+        )
+        .unwrap();
+        let p = s.portal.unwrap();
+        assert_eq!(
+            (
+                p.listen.port(),
+                p.upstream.as_str(),
+                p.cert_and_key,
+                p.sessions_per_source
+            ),
+            (443, "127.0.0.1:8080", None, DEFAULT_PORTAL_SESSIONS_PER_SOURCE)
+        );
+        assert!(file("iface = \"eth0\"\nprotect = \"all\"\n").unwrap().portal.is_none());
+        let e = file("iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\n").unwrap_err();
+        assert!(e.to_string().contains("--portal-upstream"), "{e}");
+        let e =
+            file("iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"nowhere\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        let e = file(
+            "iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"h:1\"\ncert = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--portal-key"), "{e}");
+    }
+
+    #[test]
+    fn flags_win_over_files() {
+        let path = temp("iface = \"eth0\"\nprotect = \"tcp/22\"\n");
+        let cli = Overrides {
+            iface: Some("eth1".into()),
+            mode: Some(Mode::Audit),
+            ..Default::default()
+        };
+        let s = Settings::resolve(Path::new("/state"), None, Some(&path), cli).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!((s.iface.as_str(), s.mode), ("eth1", Mode::Audit));
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let e = file("iface = \"eth0\"\nprotect = \"tcp/0\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("tcp/0"), "{e}");
+        let e = file("iface = \"eth0\"\nprotec = \"tcp/22\"\n").unwrap_err().to_string();
+        assert!(e.contains("protec"), "{e}");
+        let e = file("iface = \"eth0\"\nprotect = \"tcp/22\"\nidle_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("soon"), "{e}");
+        let e = file("iface = \"eth0\"\nprotect = \"tcp/22\"\nwhitelist_capacity = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whitelist_capacity"), "{e}");
+        let e = file("iface = \"eth0\"\nprotect = \"tcp/22\"\n[knock]\nbudget = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("knock.budget"), "{e}");
+        let e = file("iface = \"eth0\"\n").unwrap_err().to_string();
+        assert!(e.contains("--protect"), "{e}");
+    }
+}

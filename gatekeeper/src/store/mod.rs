@@ -1,0 +1,377 @@
+//! One owner for the gateway's state: the server's knock key, its TLS
+//! identity, the enrolled clients, the tunnel records and the shared
+//! config. Everything else reads and changes state through [`Store`], so a
+//! cluster backend can take the place of the local files without touching
+//! the knock, tunnel and portal code.
+//!
+//! - [`config`]: the config file's schema, and the daemon's settings
+//!   resolved from it and from flags.
+//! - [`files`]: the local-files backend, a state directory.
+//! - [`watch`]: following the state, so that every revocation takes effect.
+//!
+//! A record that cannot be used (a file with a syntax error, a missing key,
+//! a name that does not match its file) is a [`Problem`]: named, reported,
+//! skipped. It never stops anyone else's knock, revocation or enrollment.
+
+pub mod config;
+pub mod files;
+pub mod watch;
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tunnel::tls::{Identity, TlsError};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::{
+    clock::unix_now,
+    knock::{credential::Credential, keys},
+    spec::PortSet,
+};
+use config::{ConfigError, ConfigFile};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{0} already exists: pass --force to replace the server key (every enrolled client then needs a new credential)"
+    )]
+    Exists(String),
+    #[error("{0} is not initialised: run `gatekeeper init --state-dir {0} --public-addr ADDR` first")]
+    NotInitialised(String),
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error("bad {kind} name {name:?}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")]
+    Name { kind: &'static str, name: String },
+    #[error("a client named {0:?} is already enrolled: pick another name, one per device")]
+    DuplicateClient(String),
+    #[error("no client named {0:?}: see `gatekeeper client list`")]
+    NoSuchClient(String),
+    #[error("a tunnel named {0:?} exists already: pick another name or revoke it first")]
+    DuplicateTunnel(String),
+    #[error("no tunnel named {0:?}: see `gatekeeper tunnel list`")]
+    NoSuchTunnel(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the gateway's TLS identity")]
+    Tls(#[source] TlsError),
+}
+
+/// One enrolled device, as the gateway stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRecord {
+    pub name: String,
+    /// Owner id written into the whitelist entries this client opens.
+    pub id: u32,
+    pub public_key: String,
+    /// Protocols and ports the client may open (`tcp/22,udp/53,icmp`).
+    pub allow: String,
+    pub enabled: bool,
+    /// The client may knock from behind NAT (its `local_ip` may differ).
+    #[serde(default)]
+    pub nat: bool,
+    /// Unix seconds after which knocks are refused; none: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    pub created: u64,
+    /// `HOST:PORT` the portal relays this client to; none: the portal's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal_upstream: Option<String>,
+}
+
+impl ClientRecord {
+    /// The ports the client may open. Checked when the record is loaded.
+    pub fn policy(&self) -> PortSet {
+        self.allow.parse().unwrap_or_default()
+    }
+
+    pub fn public(&self) -> Result<PublicKey, keys::KeyError> {
+        keys::decode_public(&self.public_key)
+    }
+
+    pub fn expired_at(&self, unix_now: u64) -> bool {
+        self.expires.is_some_and(|e| unix_now >= e)
+    }
+
+    /// Whether the client may knock at `unix_now`.
+    pub fn allowed_at(&self, unix_now: u64) -> bool {
+        self.enabled && !self.expired_at(unix_now)
+    }
+
+    /// `enabled`, `revoked` or `expired`, as `client list` shows it.
+    pub fn status(&self, unix_now: u64) -> &'static str {
+        if !self.enabled {
+            "revoked"
+        } else if self.expired_at(unix_now) {
+            "expired"
+        } else {
+            "enabled"
+        }
+    }
+
+    /// Everything a loaded record must satisfy beyond parsing.
+    fn check(&self, stem: &str) -> Result<(), String> {
+        if self.name != stem {
+            return Err(format!(
+                "holds client {:?}, but the file must be named after it",
+                self.name
+            ));
+        }
+        if !valid_name(&self.name) {
+            return Err(format!("bad client name {:?}", self.name));
+        }
+        self.public().map_err(|e| format!("public_key: {e}"))?;
+        self.allow
+            .parse::<PortSet>()
+            .map_err(|e| format!("allow = {:?}: {e}", self.allow))?;
+        if let Some(up) = &self.portal_upstream {
+            crate::spec::upstream(up).map_err(|e| format!("portal_upstream: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One published service, as the gateway stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelRecord {
+    pub name: String,
+    pub owner: String,
+    pub token_id: String,
+    /// SHA-256 of the tunnel secret, hex; the secret itself is only in the token.
+    pub secret_sha256: String,
+    /// Enrolled clients that may knock for the published port.
+    pub allow: Vec<String>,
+    pub public_port: u16,
+    /// The knock client enrolled for this tunnel's agent.
+    pub agent_client: String,
+    pub revoked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    pub created: u64,
+}
+
+impl TunnelRecord {
+    /// Whether `secret` is this tunnel's secret.
+    pub fn secret_matches(&self, secret: &[u8]) -> bool {
+        let digest = hex(&Sha256::digest(secret));
+        // Both sides are fixed-length hex of a hash: compare without an early exit.
+        digest.len() == self.secret_sha256.len()
+            && digest
+                .bytes()
+                .zip(self.secret_sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    pub fn live_at(&self, unix_now: u64) -> bool {
+        !self.revoked && self.expires.is_none_or(|e| unix_now < e)
+    }
+
+    fn check(&self, stem: &str) -> Result<(), String> {
+        if self.name != stem {
+            return Err(format!(
+                "holds tunnel {:?}, but the file must be named after it",
+                self.name
+            ));
+        }
+        if self.public_port == 0 {
+            return Err("public_port = 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// A record that could not be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Problem {
+    /// Where it is: a file, or a key in a cluster store.
+    pub path: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Every usable record at one moment, and the unusable ones named.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// In name order.
+    pub clients: Vec<ClientRecord>,
+    /// In name order.
+    pub tunnels: Vec<TunnelRecord>,
+    /// In path order.
+    pub problems: Vec<Problem>,
+}
+
+impl Snapshot {
+    pub fn client(&self, name: &str) -> Option<&ClientRecord> {
+        self.clients.iter().find(|c| c.name == name)
+    }
+
+    /// Checks loaded records, moving the unusable ones to `problems`:
+    /// `records` holds each record with where it came from and the name
+    /// that place gives it. Two clients may share neither an id nor a key.
+    fn admit(&mut self, clients: Vec<(String, String, ClientRecord)>, tunnels: Vec<(String, String, TunnelRecord)>) {
+        for (path, stem, rec) in clients {
+            let clash = rec.check(&stem).err().or_else(|| {
+                self.clients.iter().find_map(|c| {
+                    if c.id == rec.id {
+                        Some(format!("id {} is also client {:?}'s", rec.id, c.name))
+                    } else if c.public_key == rec.public_key {
+                        Some(format!("the same public key as client {:?}", c.name))
+                    } else {
+                        None
+                    }
+                })
+            });
+            match clash {
+                Some(reason) => self.problems.push(Problem { path, reason }),
+                None => self.clients.push(rec),
+            }
+        }
+        for (path, stem, rec) in tunnels {
+            match rec.check(&stem) {
+                Ok(()) => self.tunnels.push(rec),
+                Err(reason) => self.problems.push(Problem { path, reason }),
+            }
+        }
+        self.clients.sort_by(|a, b| a.name.cmp(&b.name));
+        self.tunnels.sort_by(|a, b| a.name.cmp(&b.name));
+        self.problems.sort();
+    }
+}
+
+/// An opaque mark that changes whenever the records change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version(pub u64);
+
+/// How to write a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Put {
+    /// Only if no record of that name exists.
+    Create,
+    Replace,
+}
+
+/// Where the gateway's state lives. Implementations store records; the
+/// operations built on them are the provided methods, written once.
+pub trait Store: Send + Sync {
+    /// Where the state lives, for messages: a directory, a server.
+    fn location(&self) -> String;
+    /// Whether `gatekeeper init` has run here.
+    fn initialised(&self) -> bool;
+    /// Creates the server key and a starter config. Refuses to replace an
+    /// existing key unless `force`.
+    fn init(&self, public_addrs: &[IpAddr], force: bool) -> Result<PublicKey, StoreError>;
+    fn server_secret(&self) -> Result<StaticSecret, StoreError>;
+    /// The gateway's TLS identity: the tunnel listener's certificate and
+    /// the portal's default one, which credentials pin. Created on first use.
+    fn identity(&self) -> Result<Identity, StoreError>;
+    /// The shared config (defaults where there is none).
+    fn config(&self) -> Result<ConfigFile, StoreError>;
+    /// Changes whenever a record changes; cheap enough to ask often.
+    fn version(&self) -> Result<Version, StoreError>;
+    /// Every record; unusable ones as [`Problem`]s. Fails only when the
+    /// store as a whole cannot be read.
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    fn client(&self, name: &str) -> Result<ClientRecord, StoreError>;
+    fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError>;
+    fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError>;
+    fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError>;
+
+    /// Enrolls a device: a new key pair, the public half and the policy
+    /// kept here, the whole credential (with the secret) returned for the
+    /// device.
+    fn add_client(&self, new: &NewClient) -> Result<(ClientRecord, Credential), StoreError> {
+        if !valid_name(&new.name) {
+            return Err(StoreError::Name {
+                kind: "client",
+                name: new.name.clone(),
+            });
+        }
+        let server = PublicKey::from(&self.server_secret()?);
+        let config = self.config()?;
+        let fingerprint = self.identity()?.fingerprint().to_string();
+        let existing = self.snapshot()?;
+        let secret = keys::generate();
+        let now = unix_now();
+        let rec = ClientRecord {
+            name: new.name.clone(),
+            id: existing.clients.iter().map(|c| c.id).max().unwrap_or(0) + 1,
+            public_key: keys::encode(PublicKey::from(&secret).as_bytes()),
+            allow: new.allow.to_string(),
+            enabled: true,
+            nat: new.nat,
+            expires: new.expires_in.map(|d| now + d.as_secs()),
+            created: now,
+            portal_upstream: new.portal_upstream.clone(),
+        };
+        self.put_client(&rec, Put::Create)?;
+        let cred = Credential {
+            name: new.name.clone(),
+            secret_key: keys::encode(&secret.to_bytes()),
+            server_public_key: keys::encode(server.as_bytes()),
+            servers: config.public_addrs(),
+            knock_port: config.knock_udp_port(),
+            tls_fingerprint: Some(fingerprint),
+        };
+        Ok((rec, cred))
+    }
+
+    /// Enables or disables (revokes) a client; touches no other record.
+    fn set_client_enabled(&self, name: &str, enabled: bool) -> Result<ClientRecord, StoreError> {
+        let mut rec = self.client(name)?;
+        rec.enabled = enabled;
+        self.put_client(&rec, Put::Replace)?;
+        Ok(rec)
+    }
+}
+
+/// What `gatekeeper client add` asks for.
+#[derive(Clone, Debug)]
+pub struct NewClient {
+    pub name: String,
+    pub allow: PortSet,
+    pub expires_in: Option<Duration>,
+    pub nat: bool,
+    pub portal_upstream: Option<String>,
+}
+
+/// 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit
+/// (so no record hides as a dot-file).
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TOML error as one line: the line's number and text, and what is wrong.
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = span.start.min(text.len());
+    let number = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1).unwrap_or("").trim();
+    let line: String = line.chars().take(60).collect();
+    let message = e.message().lines().map(str::trim).collect::<Vec<_>>().join("; ");
+    format!("line {number} ({line}): {message}")
+}
