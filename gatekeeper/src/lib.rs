@@ -42,3 +42,55 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{io, path::PathBuf};
+
+    /// No message repeats the cause printed after it in the chain.
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = || io::Error::from(io::ErrorKind::PermissionDenied);
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(crate::store::StoreError::Io {
+                path: PathBuf::from("/state/clients"),
+                source: io(),
+            }),
+            Box::new(crate::store::config::ConfigError::Read {
+                path: PathBuf::from("/etc/gk.toml"),
+                source: io(),
+            }),
+            Box::new(crate::knock::credential::CredentialError::Read {
+                path: PathBuf::from("laptop.toml"),
+                source: io(),
+            }),
+            Box::new(crate::gate::pins::PinError::Io {
+                path: PathBuf::from("/sys/fs/bpf/gk"),
+                source: io(),
+            }),
+            Box::new(crate::tunnels::gateway::GatewayError::Bind {
+                port: 7443,
+                source: io(),
+            }),
+            Box::new(crate::portal::listener::PortalError::Bind {
+                addr: "0.0.0.0:443".parse().unwrap(),
+                source: io(),
+            }),
+            Box::new(crate::knock::send::ClientError::Io {
+                what: "sending".into(),
+                source: io(),
+            }),
+            Box::new(crate::store::StoreError::Config(
+                crate::store::config::ConfigError::Read {
+                    path: PathBuf::from("/etc/gk.toml"),
+                    source: io(),
+                },
+            )),
+        ];
+        for e in errors {
+            let chain = crate::error_chain(e.as_ref());
+            let cause = io().to_string();
+            assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        }
+    }
+}

@@ -23,7 +23,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use gatekeeper::knock::{credential::Credential, send::Knocker};
+use gatekeeper::{
+    knock::{
+        credential::Credential,
+        send::{Knocker, Request},
+    },
+    spec::{PortRange, Proto},
+};
 
 /// Roles in the lab; each is a namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +96,30 @@ impl Role {
 
 /// The gateway's interface, inside its namespace.
 pub const GW_IFACE: &str = "gw0";
+
+/// The gateway's IPv4 address at `port`.
+pub fn gw(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
+}
+
+/// What a knock asks for to open one TCP port.
+pub fn tcp_request(port: u16) -> Request {
+    Request {
+        proto: Proto::Tcp,
+        ports: PortRange { lo: port, hi: port },
+        source_port: None,
+    }
+}
+
+/// A process's resident memory in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "gk";
@@ -394,6 +424,27 @@ impl Lab {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?)
+    }
+
+    /// Runs `gatekeeper ARGS` in a role's namespace with `input` on its
+    /// stdin; its output, once it exits (killed past `limit`).
+    pub fn gatekeeper_with_input(&self, role: Role, args: &[&str], input: &[u8], limit: Duration) -> Result<Output> {
+        let mut child = self.spawn_gatekeeper(role, args)?;
+        child.stdin.take().context("stdin")?.write_all(input)?;
+        output_within(child, limit)
+    }
+
+    /// Sends `bytes` in one UDP datagram from a role to `to`.
+    pub fn send_udp(&self, from: Role, to: SocketAddr, bytes: Vec<u8>) -> Result<()> {
+        self.in_ns(from, move || -> Result<()> {
+            let any: IpAddr = if to.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            UdpSocket::bind((any, 0))?.send_to(&bytes, to)?;
+            Ok(())
+        })?
     }
 
     /// Runs `f` with the credential's knocker inside a role's namespace,

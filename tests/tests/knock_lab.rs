@@ -15,29 +15,20 @@ use gatekeeper::{
     knock::send::Request,
     spec::{PortRange, Proto},
 };
-use gatekeeper_tests::lab::{ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, output_within};
+use gatekeeper_tests::lab::{
+    ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, gw, output_within, tcp_request,
+};
 
 const KNOCK_PORT: u16 = 62201;
 const PROTECT: &str = "tcp/22-23,udp/5353,icmp";
 
-fn gw(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
-}
-
 fn tcp22() -> Request {
-    Request {
-        proto: Proto::Tcp,
-        ports: PortRange { lo: 22, hi: 22 },
-        source_port: None,
-    }
+    tcp_request(22)
 }
 
 /// Sends raw knock bytes over UDP from a role to the gateway's knock port.
 fn send_udp(lab: &Lab, from: Role, bytes: Vec<u8>) -> Result<()> {
-    lab.in_ns(from, move || -> Result<()> {
-        UdpSocket::bind("0.0.0.0:0")?.send_to(&bytes, gw(KNOCK_PORT))?;
-        Ok(())
-    })?
+    lab.send_udp(from, gw(KNOCK_PORT), bytes)
 }
 
 /// Waits (bounded) for the `n`th audit line and returns it.

@@ -4,40 +4,20 @@
 //! daemon. Real daemon, real XDP, namespaces; needs root.
 
 use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use gatekeeper::{
-    knock::send::Request,
-    spec::{PortRange, Proto},
-};
-use gatekeeper_tests::lab::{Lab, Role, eventually};
+use gatekeeper_tests::lab::{Lab, Role, eventually, gw, tcp_request};
 
 const KNOCK_PORT: u16 = 62201;
-
-fn gw(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
-}
-
-fn tcp22() -> Request {
-    Request {
-        proto: Proto::Tcp,
-        ports: PortRange { lo: 22, hi: 22 },
-        source_port: None,
-    }
-}
 
 /// Seals a fresh knock for tcp/22 with `cred` in `role`'s namespace and
 /// sends it over UDP.
 fn knock(lab: &Lab, role: Role, cred: &Path) -> Result<()> {
-    let packet = lab.with_knocker(role, cred, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
-    lab.in_ns(role, move || -> Result<()> {
-        UdpSocket::bind("0.0.0.0:0")?.send_to(&packet, gw(KNOCK_PORT))?;
-        Ok(())
-    })?
+    let packet = lab.with_knocker(role, cred, |k, server| Ok(k.build(server, &tcp_request(22), 0)?))?;
+    lab.send_udp(role, gw(KNOCK_PORT), packet)
 }
 
 /// The last audit line about `client`'s knocks, once there are `n` of them.
@@ -169,5 +149,70 @@ fn a_daemon_starts_with_a_broken_client_file_and_a_portal() -> Result<()> {
         Some(2),
         "{status}"
     );
+    Ok(())
+}
+
+#[test]
+fn what_the_daemon_cannot_serve_stops_it_at_start_naming_the_cause() -> Result<()> {
+    let lab = Lab::new()?;
+    lab.enroll("bob", &["--allow", "tcp/22"])?;
+    // Something else holds the tunnel port.
+    let squatter = lab.in_ns(Role::Gateway, || std::net::TcpListener::bind("[::]:7443"))??;
+    let e = lab
+        .start_daemon(&["--protect", "tcp/22"])
+        .err()
+        .context("the daemon must not start")?;
+    assert!(e.to_string().contains("tunnel port 7443"), "{e}");
+    drop(squatter);
+    // A second config that contradicts what credentials carry.
+    let extra = lab.scratch().join("extra.toml");
+    std::fs::write(&extra, "public_addrs = [\"192.0.2.99\"]\n")?;
+    let e = lab
+        .start_daemon(&["--protect", "tcp/22", "--config", extra.to_str().context("utf-8 path")?])
+        .err()
+        .context("the daemon must not start")?;
+    assert!(
+        e.to_string().contains("`public_addrs`") && e.to_string().contains("gatekeeper.toml"),
+        "{e}"
+    );
+    // Nothing was left behind: the gate was never attached.
+    assert!(!lab.pin_dir().join("link").exists());
+    let mut daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
+    assert!(daemon.running(), "with the port free, it starts");
+    Ok(())
+}
+
+#[test]
+fn status_reports_the_daemon_and_revocations_say_when_none_runs() -> Result<()> {
+    let lab = Lab::new()?;
+    lab.enroll("alice", &["--allow", "tcp/22"])?;
+    lab.enroll("bob", &["--allow", "tcp/22"])?;
+    let mut daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
+    let status: serde_json::Value = serde_json::from_str(&lab.state_cli(&["status", "--json"])?)?;
+    assert_eq!(status["pid"].as_u64(), daemon.pid().map(u64::from), "{status}");
+    assert_eq!(status["clients"]["enrolled"], 2);
+    assert_eq!(status["clients"]["allowed"], 2);
+    assert_eq!(status["knocks"], true);
+    assert_eq!(status["tunnel_port"], 7443);
+    assert!(status["counters"]["knock_diverted"].is_u64());
+    let text = lab.state_cli(&["status"])?;
+    assert!(text.contains("2 enrolled") && text.contains("gw0"), "{text}");
+
+    let json: serde_json::Value = serde_json::from_str(&lab.state_cli(&["client", "revoke", "alice", "--json"])?)?;
+    assert_eq!(
+        (json["applied"].as_bool(), json["entries_closed"].as_u64()),
+        (Some(true), Some(0)),
+        "{json}"
+    );
+
+    daemon.stop()?;
+    let said = lab.state_cli(&["client", "revoke", "bob"])?;
+    assert!(said.contains("No daemon is running"), "{said}");
+    let out = std::process::Command::new(gatekeeper_tests::lab::gatekeeper_bin()?)
+        .args(["status", "--state-dir"])
+        .arg(lab.state_dir())
+        .output()?;
+    assert_eq!(out.status.code(), Some(3), "status tells scripts no daemon runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon is running"));
     Ok(())
 }

@@ -401,16 +401,12 @@ fn the_portal_can_front_a_published_tunnel() -> Result<()> {
     ])?;
     let _agent = start_agent(&lab, &token_file)?;
     let cred = cred.to_str().context("utf-8 path")?;
-    let mut child = lab.spawn_gatekeeper(
+    let out = lab.gatekeeper_with_input(
         Role::Client,
         &["connect", "--portal", "--credential", cred, "10.77.0.1:443"],
+        b"through portal and tunnel\n",
+        Duration::from_secs(30),
     )?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(b"through portal and tunnel\n")?;
-    let out = output_within(child, Duration::from_secs(30))?;
     assert_eq!(
         out.stdout,
         b"through portal and tunnel\n",

@@ -125,6 +125,12 @@ fn test() -> Result<()> {
                 "tunnel_lab",
                 "--test",
                 "portal_lab",
+                "--test",
+                "store_lab",
+                "--test",
+                "audit_lab",
+                "--test",
+                "flood_lab",
             ],
         ),
     ];

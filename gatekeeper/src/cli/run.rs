@@ -7,10 +7,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use gatekeeper::{
     daemon::{self, Exit},
+    gate::loader::XdpModeChoice,
     spec::{self, PortSet},
     store::{
         Store,
-        config::{Mode, Overrides, PortalOverrides, Settings, StateConfig, XdpModeChoice},
+        config::{Mode, Overrides, PortalOverrides, Settings, StateConfig},
         files::{DEFAULT_STATE_DIR, FileStore},
     },
 };

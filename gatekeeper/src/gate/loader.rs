@@ -13,7 +13,6 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::pins;
-use crate::store::config::XdpModeChoice;
 
 /// The XDP object built from `gatekeeper-ebpf` by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper.bpf.o"));
@@ -36,6 +35,16 @@ pub enum LoaderError {
     },
     #[error("pinning the XDP link at {path}: {reason}")]
     PinLink { path: String, reason: String },
+}
+
+/// How to attach: native (driver) with a fallback to generic, or one of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeChoice {
+    #[default]
+    Auto,
+    Driver,
+    Skb,
 }
 
 /// How the program ended up attached.

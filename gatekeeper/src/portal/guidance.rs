@@ -40,12 +40,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Error)]
 pub enum GuidanceError {
     #[error(
-        "guidance folder {dir}: reading {file}: {source}; the folder needs an index.html and every file it refers to"
+        "guidance folder {dir}: reading {file}: {error}; the folder needs an index.html and every file it refers to"
     )]
     Read {
         dir: PathBuf,
         file: String,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "guidance folder {dir}: {file} refers to {reference:?}, outside the folder; refer to files inside it by relative paths"
@@ -92,10 +92,10 @@ impl Source<'_> {
                 .map(|(_, bytes)| bytes.to_vec())
                 .ok_or_else(|| io::ErrorKind::NotFound.into()),
         };
-        found.map_err(|source| GuidanceError::Read {
+        found.map_err(|error| GuidanceError::Read {
             dir: self.label(),
             file: name.to_string(),
-            source,
+            error,
         })
     }
 

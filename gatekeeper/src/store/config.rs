@@ -21,6 +21,7 @@ use gatekeeper_common::maps::{
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::gate::loader::XdpModeChoice;
 use crate::spec::{self, PortRange, PortSet, Proto, SpecError};
 
 #[derive(Debug, Error)]
@@ -67,16 +68,6 @@ pub enum Mode {
     #[default]
     Enforce,
     Audit,
-}
-
-/// How to attach: native (driver) with a fallback to generic, or one of them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeChoice {
-    #[default]
-    Auto,
-    Driver,
-    Skb,
 }
 
 /// Values that came from the command line; they win over the files.
@@ -194,6 +185,9 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Err
     spec::size(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
+/// The audit trail's file in the state directory, unless `[audit] path`
+/// puts it elsewhere.
+pub const AUDIT_LOG: &str = "audit.log";
 /// fwknop's default SPA port, so existing firewall holes keep working.
 pub const DEFAULT_KNOCK_UDP_PORT: u16 = 62201;
 /// Where agents dial in by default.
@@ -420,11 +414,7 @@ impl Settings {
             }
         };
         let audit = AuditSettings {
-            path: f
-                .audit
-                .path
-                .clone()
-                .unwrap_or_else(|| state_dir.join(super::files::AUDIT_LOG)),
+            path: f.audit.path.clone().unwrap_or_else(|| state_dir.join(AUDIT_LOG)),
             max_bytes: f.audit.max_size.unwrap_or(DEFAULT_AUDIT_MAX_BYTES),
             keep: f.audit.keep.unwrap_or(DEFAULT_AUDIT_KEEP),
             refusals_per_sec: f.audit.refusals_per_sec.unwrap_or(DEFAULT_AUDIT_REFUSALS_PER_SEC),

@@ -29,7 +29,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
     ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version,
-    config::{ConfigFile, DEFAULT_KNOCK_UDP_PORT},
+    config::{AUDIT_LOG, ConfigFile, DEFAULT_KNOCK_UDP_PORT},
     valid_name,
 };
 use crate::{knock::keys, private_file};
@@ -43,7 +43,6 @@ const CERT: &str = "gateway.crt";
 const KEY: &str = "gateway.key";
 /// Where earlier versions kept the same identity; adopted on first use.
 const OLD_CERT_AND_KEY: (&str, &str) = ("tunnel.crt", "tunnel.key");
-pub const AUDIT_LOG: &str = "audit.log";
 pub const CONTROL_SOCKET: &str = "control.sock";
 const DAEMON_LOCK: &str = "daemon.lock";
 /// A record file larger than this is refused unread.

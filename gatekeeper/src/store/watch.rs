@@ -202,6 +202,10 @@ mod tests {
     use super::*;
     use crate::store::{NewClient, files::FileStore};
 
+    fn closed(c: &Change) -> Vec<(&str, &'static str)> {
+        c.closed_clients.iter().map(|c| (c.name.as_str(), c.why)).collect()
+    }
+
     fn new(name: &str, expires_in: Option<std::time::Duration>) -> NewClient {
         NewClient {
             name: name.into(),
@@ -232,13 +236,7 @@ mod tests {
         std::fs::write(dir.join("clients/broken.toml"), "name = ").unwrap();
         store.set_client_enabled("alice", false).unwrap();
         let c = w.poll(now);
-        assert_eq!(
-            c.closed_clients
-                .iter()
-                .map(|c| (c.name.as_str(), c.why))
-                .collect::<Vec<_>>(),
-            [("alice", "revoked")]
-        );
+        assert_eq!(closed(&c), [("alice", "revoked")]);
         assert_eq!(c.new_problems.len(), 1);
         assert!(!w.allows_owner(1));
 
@@ -250,22 +248,10 @@ mod tests {
 
         // Time alone closes carol; a file turned bad closes bob.
         let c = w.poll(now + 200);
-        assert_eq!(
-            c.closed_clients
-                .iter()
-                .map(|c| (c.name.as_str(), c.why))
-                .collect::<Vec<_>>(),
-            [("carol", "expired")]
-        );
+        assert_eq!(closed(&c), [("carol", "expired")]);
         std::fs::write(dir.join("clients/bob.toml"), "name = \"bob\"\n").unwrap();
         let c = w.poll(now + 200);
-        assert_eq!(
-            c.closed_clients
-                .iter()
-                .map(|c| (c.name.as_str(), c.why))
-                .collect::<Vec<_>>(),
-            [("bob", "unreadable")]
-        );
+        assert_eq!(closed(&c), [("bob", "unreadable")]);
 
         // An unreadable directory keeps the last records, says so once, retries.
         std::fs::remove_dir_all(dir.join("clients")).unwrap();

@@ -1,10 +1,19 @@
 //! `cargo xtask demo`: the gate in a lab of network namespaces, step by step.
 
-use std::{io::Write, net::SocketAddr, time::Duration};
+use std::{
+    io::Write,
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, ensure};
+use gatekeeper::{
+    knock::send::Request,
+    spec::{PortRange, Proto},
+};
 use gatekeeper_tests::{
-    lab::{Lab, Role, output_within},
+    frames::Rng,
+    lab::{Lab, Role, eventually, output_within},
     nmap,
 };
 
@@ -193,16 +202,96 @@ fn main() -> Result<()> {
         .collect();
     println!("  audit (portal): {}", decisions.join("; "));
 
-    step(10, "What the gate holds and what it did");
+    step(
+        10,
+        "A flood from the intruder: 20,000 garbage knocks and replays of a captured one, while the laptop connects",
+    );
+    let captured = lab.with_knocker(Role::Client, &cred, |k, server| {
+        let req = Request {
+            proto: Proto::Tcp,
+            ports: PortRange { lo: 8080, hi: 8080 },
+            source_port: None,
+        };
+        Ok(k.build(server, &req, 0)?)
+    })?;
+    let sent = captured.clone();
+    let lines = lab.audit()?.len();
+    lab.in_ns(Role::Client, move || -> Result<()> {
+        UdpSocket::bind("0.0.0.0:0")?.send_to(&sent, (gw, 62201))?;
+        Ok(())
+    })??;
+    ensure!(
+        eventually(Duration::from_secs(5), || Ok(lab.audit()?.len() > lines))?,
+        "the knock to be captured was not accepted"
+    );
+    let mut garbage = gatekeeper_common::knock::PREFIX.to_vec();
+    garbage.extend(Rng::new(7).bytes(150));
+    let audit_before = std::fs::metadata(lab.state_dir().join("audit.log"))?.len();
+    let flood = std::thread::scope(|s| -> Result<_> {
+        let flood = s.spawn(|| {
+            lab.in_ns(Role::Intruder, move || -> Result<()> {
+                let sock = UdpSocket::bind("0.0.0.0:0")?;
+                for i in 0..10_000 {
+                    sock.send_to(&garbage, (gw, 62201))?;
+                    sock.send_to(&captured, (gw, 62201))?;
+                    if i % 500 == 499 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                Ok(())
+            })
+        });
+        let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", cred_arg, "10.77.0.1:8080"])?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(b"hello through the flood\n")?;
+        let out = output_within(child, Duration::from_secs(30));
+        flood
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flood thread panicked"))???;
+        out
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let stats: serde_json::Value = serde_json::from_str(&lab.cli_ok(&["stats", "--json"])?)?;
+    println!(
+        "  dropped in XDP: {} for an unknown key id, {} as replays; the daemon saw none of them",
+        stats["knock_unknown_key"], stats["knock_replayed"]
+    );
+    println!("  laptop: {}", String::from_utf8_lossy(&flood.stdout).trim());
+    ensure!(
+        flood.stdout == b"hello through the flood\n",
+        "the laptop was crowded out"
+    );
+    let grown = std::fs::metadata(lab.state_dir().join("audit.log"))?.len() - audit_before;
+    println!("  the audit trail grew by {grown} bytes: the laptop's knock, nothing of the flood");
+
+    step(
+        11,
+        "A broken file in the state, then a revocation the running daemon confirms",
+    );
+    std::fs::write(
+        lab.state_dir().join("clients/typo.toml"),
+        "name = \"typo\"\nallow = tcp/22\n",
+    )?;
+    show("gatekeeper client list", &lab.state_cli(&["client", "list"])?);
+    show(
+        "gatekeeper client revoke laptop",
+        &lab.state_cli(&["client", "revoke", "laptop"])?,
+    );
+    show("gatekeeper status", &lab.state_cli(&["status"])?);
+
+    step(12, "What the gate holds and what it did");
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
     show("gatekeeper stats", &lab.cli_ok(&["stats"])?);
 
-    step(11, "Cleaning up: stopping the daemon, detaching, removing the lab");
+    step(13, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal; strangers got the guidance page."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a broken file blocked nothing and the revocation was confirmed."
     );
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::{
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("credential")]
+    #[error("the credential's keys")]
     Key(#[from] KeyError),
     #[error("the credential names no server: pass --server ADDR")]
     NoServer,

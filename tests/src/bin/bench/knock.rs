@@ -39,11 +39,11 @@ use gatekeeper::{
 };
 use gatekeeper_tests::{
     frames::{FrameSpec, Rng, udp},
-    lab::{Lab, Pins, Role, sh},
+    lab::{Lab, Pins, Role, rss_kib, sh},
     traffic::transmit,
 };
 
-use crate::{Row, rss_kib};
+use crate::Row;
 
 const PROBE_PORT: u16 = 5353;
 const KNOCK_PORT: u16 = 62201;

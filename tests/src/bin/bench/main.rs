@@ -17,7 +17,7 @@ mod tunnel;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 /// One line of a report. `ratio` is (value against its baseline, `>=` or
 /// `<=`, target).
@@ -45,16 +45,6 @@ fn main() -> Result<()> {
         other => bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel` and `portal`"),
     }
     report(&suite, &rows)
-}
-
-/// A process's resident memory, from /proc.
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 fn report(suite: &str, rows: &[Row]) -> Result<()> {

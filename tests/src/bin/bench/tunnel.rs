@@ -18,9 +18,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use gatekeeper_tests::lab::{ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, sh};
+use gatekeeper_tests::lab::{ChildGuard, Daemon, Lab, Role, eventually, gatekeeper_bin, rss_kib, sh};
 
-use crate::{Row, rss_kib};
+use crate::Row;
 
 const ECHO: u16 = 7000;
 const IPERF: u16 = 5201;
