@@ -22,7 +22,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{SyncSender, TrySendError},
+        mpsc::{Sender, SyncSender},
     },
 };
 
@@ -56,6 +56,8 @@ pub(crate) enum Entry {
 /// What the writer has done since the daemon started.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Entries queued and not yet taken by the writer.
+    pub queued: AtomicU64,
     pub lines: AtomicU64,
     pub summarized: AtomicU64,
     /// Lines the writer could not keep up with (the queue was full).
@@ -80,7 +82,7 @@ pub struct AuditStatus {
 /// A handle on the audit trail; clones share the one writer.
 #[derive(Clone)]
 pub struct Audit {
-    tx: SyncSender<Entry>,
+    tx: Sender<Entry>,
     counters: Arc<Counters>,
     path: String,
 }
@@ -117,13 +119,13 @@ impl Audit {
     }
 
     fn queue(&self, entry: Entry) {
-        match self.tx.try_send(entry) {
-            Ok(()) => {}
-            // Never make a knock or a session wait on the disk: count it,
-            // and the writer reports the loss in the trail itself.
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        // Never make a knock or a session wait on the disk: past the queue's
+        // bound an entry is counted, and the writer reports the loss in the
+        // trail itself.
+        let queued = self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= writer::QUEUE || self.tx.send(entry).is_err() {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -246,6 +248,7 @@ impl Audit {
     /// Waits (at most `limit`) until everything queued so far is written.
     pub fn flush(&self, limit: std::time::Duration) -> bool {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Entry::Flush(ack)).is_err() {
             return false;
         }

@@ -5,7 +5,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap},
+    collections::{BTreeSet, BinaryHeap, HashMap},
 };
 
 use gatekeeper_common::maps::KEY_ID_LEN;
@@ -18,7 +18,7 @@ use crate::{
     gate::{Gate, GateError},
     knock::{
         ask::{Ask, Verdict},
-        verify::{Client, Knock, Registry, ReplayError, Standing, Verifier},
+        verify::{Client, ClientKeys, Knock, Registry, ReplayError, Standing, Verifier},
         wire::NONCE_LEN,
     },
     spec::{PortRange, Proto},
@@ -30,6 +30,9 @@ type Expiry = BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>;
 
 pub struct KnockService {
     server: StaticSecret,
+    /// Keys derived for each enrolled public key, so a change to one record
+    /// does not cost an agreement per client.
+    derived: HashMap<String, ClientKeys>,
     /// The replay cache's nonces by the time they may be forgotten, so a
     /// sweep touches only what expired; `None` until the first sweep has
     /// read what an earlier daemon recorded.
@@ -58,6 +61,7 @@ impl KnockService {
     pub fn new(settings: &Settings, server: StaticSecret, audit: Audit) -> KnockService {
         KnockService {
             server,
+            derived: HashMap::new(),
             expiry: None,
             verifier: Verifier {
                 registry: Registry::default(),
@@ -78,6 +82,8 @@ impl KnockService {
         let now = unix_now();
         let mut registry = Registry::default();
         let mut problems = Vec::new();
+        self.derived
+            .retain(|public, _| snapshot.clients.iter().any(|c| &c.public_key == public));
         for rec in &snapshot.clients {
             let mut policy = rec.policy();
             for t in snapshot
@@ -102,9 +108,18 @@ impl KnockService {
                 expires: rec.expires,
                 portal_upstream: rec.portal_upstream.clone(),
             };
-            match rec.public().map(|public| Client::new(&self.server, &public, standing)) {
-                Ok(Ok(client)) => registry.insert(client),
-                Ok(Err(e)) | Err(e) => problems.push(Problem {
+            let keys = match self.derived.get(&rec.public_key) {
+                Some(keys) => Ok(keys.clone()),
+                None => rec
+                    .public()
+                    .and_then(|public| ClientKeys::derive(&self.server, &public))
+                    .inspect(|keys| {
+                        self.derived.insert(rec.public_key.clone(), keys.clone());
+                    }),
+            };
+            match keys {
+                Ok(keys) => registry.insert(Client::new(keys, standing)),
+                Err(e) => problems.push(Problem {
                     path: format!("client {}", rec.name),
                     reason: format!("public_key: {e}"),
                 }),

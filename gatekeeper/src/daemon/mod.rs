@@ -16,9 +16,15 @@
 
 pub mod knock_service;
 
-use std::{collections::BTreeMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
-use gatekeeper_common::ratelimit;
+use gatekeeper_common::{maps::KEY_ID_LEN, ratelimit};
 use serde_json::json;
 use thiserror::Error;
 use tokio::{
@@ -128,6 +134,9 @@ struct Daemon {
     /// Closing the entries of clients no longer allowed failed: try again
     /// at the next look.
     close_pending: bool,
+    /// The enrolled key ids the gate should hold, while writing them has
+    /// failed: tried again at the next look.
+    keys_pending: Option<BTreeSet<[u8; KEY_ID_LEN]>>,
 }
 
 /// Raises the soft limit on open files to the hard one: every portal and
@@ -221,6 +230,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         started: unix_now(),
         knocks,
         close_pending: false,
+        keys_pending: None,
     };
     if let Some(change) = first_change {
         // Whatever was revoked while no daemon ran is closed before any
@@ -400,6 +410,10 @@ impl Daemon {
             for p in problems {
                 warn!(path = %p.path, reason = %p.reason, "skipping a client that cannot verify knocks");
             }
+            self.keys_pending = Some(keys);
+            k.gateway.set_records(snapshot.tunnels.clone());
+        }
+        if let Some(keys) = self.keys_pending.take() {
             let fresh = ratelimit::full(self.settings.knock_key_burst, crate::clock::now_ns());
             match self.gate.sync_knock_keys(&keys, fresh) {
                 Ok((added, removed)) if added + removed > 0 => {
@@ -412,10 +426,10 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    warn!(error = %error_chain(&e), "updating the enrolled key ids failed; retrying at the next change")
+                    warn!(error = %error_chain(&e), "updating the enrolled key ids failed; retrying");
+                    self.keys_pending = Some(keys);
                 }
             }
-            k.gateway.set_records(snapshot.tunnels.clone());
         }
         let mut applied = Applied {
             clients_allowed: k

@@ -61,22 +61,37 @@ pub struct Standing {
     pub portal_upstream: Option<String>,
 }
 
-impl Client {
-    /// Derives the session key `public` shares with the gateway's `server` key.
-    pub fn new(server: &StaticSecret, public: &PublicKey, standing: Standing) -> Result<Client, KeyError> {
+/// A client's key id and the session key it shares with the gateway:
+/// one X25519 agreement and a HKDF, so worth keeping across registry
+/// rebuilds.
+#[derive(Clone)]
+pub struct ClientKeys {
+    key_id: KeyId,
+    key: SessionKey,
+}
+
+impl ClientKeys {
+    /// Derives what the client key `public` shares with the gateway's `server` key.
+    pub fn derive(server: &StaticSecret, public: &PublicKey) -> Result<ClientKeys, KeyError> {
         let key_id = keys::key_id(public);
         let key = keys::session_key(server, public, &key_id, &PublicKey::from(server))?;
-        Ok(Client {
+        Ok(ClientKeys { key_id, key })
+    }
+}
+
+impl Client {
+    pub fn new(keys: ClientKeys, standing: Standing) -> Client {
+        Client {
             name: standing.name,
             id: standing.id,
-            key_id,
-            key,
+            key_id: keys.key_id,
+            key: keys.key,
             policy: standing.policy,
             enabled: standing.enabled,
             nat: standing.nat,
             expires: standing.expires,
             portal_upstream: standing.portal_upstream,
-        })
+        }
     }
 
     pub fn key_id(&self) -> &KeyId {
@@ -433,7 +448,10 @@ mod tests {
             portal_upstream: None,
         };
         let mut registry = Registry::default();
-        registry.insert(Client::new(&server, &PublicKey::from(&device), standing).unwrap());
+        registry.insert(Client::new(
+            ClientKeys::derive(&server, &PublicKey::from(&device)).unwrap(),
+            standing,
+        ));
         let v = Verifier {
             registry,
             server_addrs: vec![GW.parse().unwrap()],

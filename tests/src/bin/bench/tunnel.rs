@@ -173,7 +173,7 @@ fn gatekeeper_side(lab: &mut Lab) -> Result<(Measured, u64, Daemon)> {
     let config = lab.scratch().join("bench.toml");
     std::fs::write(
         &config,
-        "public_addrs = [\"10.77.0.1\"]\n[knock]\nopen_for = \"10m\"\nrate = 1000\nburst = 1000\n",
+        "[knock]\nopen_for = \"10m\"\nrate = 1000\nburst = 1000\nkey_rate = 1000\nkey_burst = 1000\n",
     )?;
     let daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", config.to_str().context("utf-8")?])?;
     let (_echo_agent, echo_port) = publish(lab, "echo", ECHO)?;
