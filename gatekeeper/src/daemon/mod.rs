@@ -177,7 +177,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let (control_tx, mut control_rx) = mpsc::channel::<Asked>(16);
     let mut knocks = None;
     let mut first_change = None;
-    let mut tasks = Vec::new();
+    let mut portals = Vec::new();
     if initialised {
         let (audit, _writer) = Audit::start(&settings.audit).map_err(|source| DaemonError::Audit {
             path: settings.audit.path.clone(),
@@ -196,7 +196,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         if let Some(p) = &settings.portal {
             let (portal, listener) =
                 Portal::prepare(p, identity, &settings.public_addrs, ask.clone(), audit.clone()).await?;
-            tasks.push((Arc::new(portal), listener));
+            portals.push((Arc::new(portal), listener));
         }
         let socket = files.control_socket();
         let control = control::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
@@ -220,9 +220,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     // Configure before attaching: an unconfigured program gates nothing.
     let gated = gated_ports(&settings, initialised);
     gate.set_protected(&gated)?;
-    let ephemeral = ephemeral_ports();
-    gate.set_config(&settings.map_config(ephemeral, initialised))?;
-    gate.fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
     let mut daemon = Daemon {
         settings,
         gate,
@@ -233,10 +230,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         keys_pending: None,
     };
     if let Some(change) = first_change {
-        // Whatever was revoked while no daemon ran is closed before any
+        // The enrolled key ids are in the gate before the config tells a
+        // program (an adopted one may already run) to check them, and
+        // whatever was revoked while no daemon ran is closed before any
         // packet meets this one's program.
         daemon.apply(change, true);
     }
+    let ephemeral = ephemeral_ports();
+    let settings = &daemon.settings;
+    daemon.gate.set_config(&settings.map_config(ephemeral, initialised))?;
+    daemon
+        .gate
+        .fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
     daemon.attachment = loader::attach(&mut ebpf, &daemon.settings.iface, &dir, daemon.settings.xdp_mode)?;
     let settings = &daemon.settings;
     info!(
@@ -251,7 +256,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         entries = daemon.gate.whitelist().map(|w| w.len()).unwrap_or(0),
         "gate up"
     );
-    for (portal, listener) in tasks {
+    for (portal, listener) in portals {
         tokio::spawn(portal.serve(listener));
     }
 

@@ -314,8 +314,12 @@ impl Store for FileStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (clients, mut problems) = self.read_dir::<ClientRecord>(CLIENTS)?;
-        let (tunnels, more) = self.read_dir::<TunnelRecord>(TUNNELS)?;
+        let (mut clients, mut problems) = self.read_dir::<ClientRecord>(CLIENTS)?;
+        let (mut tunnels, more) = self.read_dir::<TunnelRecord>(TUNNELS)?;
+        // In path order, so which of two clashing records is skipped does
+        // not depend on the directory's order.
+        clients.sort_by(|a, b| a.0.cmp(&b.0));
+        tunnels.sort_by(|a, b| a.0.cmp(&b.0));
         problems.extend(more);
         let mut snap = Snapshot {
             problems,
