@@ -973,3 +973,25 @@ fn audit_mode_passes_what_enforce_drops_and_counts_it() -> Result<()> {
     std::thread::sleep(Duration::from_millis(1));
     Ok(())
 }
+
+#[test]
+fn a_full_replay_cache_says_it_is_full() -> Result<()> {
+    let pins = Pins::new()?;
+    let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+    let gate = Gate::open(pins.dir())?;
+    let n = gatekeeper_common::maps::REPLAY_MAX as usize;
+    for i in 0..n {
+        let mut nonce = [0u8; 24];
+        nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        assert!(gate.replay_record(&nonce, u64::MAX)?, "nonce {i} is new");
+    }
+    let e = gate.replay_record(&[0xff; 24], u64::MAX).unwrap_err();
+    assert!(
+        matches!(e, gatekeeper::gate::GateError::ReplayFull),
+        "a full cache is told apart from other failures: {e}"
+    );
+    let mut seen = [0u8; 24];
+    seen[..8].copy_from_slice(&7u64.to_le_bytes());
+    assert!(!gate.replay_record(&seen, u64::MAX)?, "a nonce already there is still a replay");
+    Ok(())
+}
