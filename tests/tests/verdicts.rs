@@ -992,6 +992,9 @@ fn a_full_replay_cache_says_it_is_full() -> Result<()> {
     );
     let mut seen = [0u8; 24];
     seen[..8].copy_from_slice(&7u64.to_le_bytes());
-    assert!(!gate.replay_record(&seen, u64::MAX)?, "a nonce already there is still a replay");
+    assert!(
+        !gate.replay_record(&seen, u64::MAX)?,
+        "a nonce already there is still a replay"
+    );
     Ok(())
 }
