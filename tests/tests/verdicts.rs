@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
@@ -995,6 +995,94 @@ fn a_full_replay_cache_says_it_is_full() -> Result<()> {
     assert!(
         !gate.replay_record(&seen, u64::MAX)?,
         "a nonce already there is still a replay"
+    );
+    Ok(())
+}
+
+/// Creates a map by hand and pins it at `path`, as an older release left
+/// its maps: `map_type` is the kernel's BPF_MAP_TYPE_* number.
+fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // The leading fields of `union bpf_attr` for BPF_MAP_CREATE and BPF_OBJ_PIN.
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let create = Create {
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    // SAFETY: the bpf syscall reads `size` bytes of a valid attr.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &create as *const Create,
+            std::mem::size_of::<Create>(),
+        )
+    };
+    anyhow::ensure!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let pin = Pin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; `name` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, &pin as *const Pin, std::mem::size_of::<Pin>()) };
+    let pinned = std::io::Error::last_os_error();
+    // SAFETY: closing the descriptor this function opened.
+    unsafe { libc::close(fd as i32) };
+    anyhow::ensure!(rc == 0, "BPF_OBJ_PIN {}: {pinned}", path.display());
+    Ok(())
+}
+
+#[test]
+fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<()> {
+    const ARRAY: u32 = 2;
+    const PERCPU_ARRAY: u32 = 6;
+    const LRU_HASH: u32 = 9;
+    let pins = Pins::new()?;
+    let entry = WhitelistKey::new(addr("10.0.0.9"), 0, proto::TCP);
+    {
+        let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+        Gate::open(pins.dir())?.whitelist_insert(&entry, &WhitelistValue::new(u64::MAX, 22, 22, 0, 0))?;
+    }
+    // What the previous release pinned: a 40-byte config, 15 counters.
+    for (name, map_type, value, entries) in [("CONFIG", ARRAY, 40, 1), ("STATS", PERCPU_ARRAY, 8, 15)] {
+        std::fs::remove_file(pins.dir().join(name))?;
+        pin_raw_map(&pins.dir().join(name), map_type, 4, value, entries)?;
+    }
+    {
+        let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+        let gate = Gate::open(pins.dir())?;
+        assert!(gate.whitelist_get(&entry)?.is_some(), "the entries were carried over");
+        gate.set_config(&standard_model(0).config())?;
+        assert_eq!(gate.stats()?.len(), Reason::COUNT, "every counter exists again");
+    }
+    // A whitelist of another layout cannot be carried over: refused, by name.
+    std::fs::remove_file(pins.dir().join("WHITELIST"))?;
+    pin_raw_map(&pins.dir().join("WHITELIST"), LRU_HASH, 20, 32, 65536)?;
+    let e = loader::load_pinned(pins.dir(), 65536)
+        .err()
+        .context("must be refused")?;
+    let text = e.to_string();
+    assert!(
+        text.contains("WHITELIST") && text.contains("value 32 B") && text.contains("detach"),
+        "{text}"
     );
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
+    maps::MapData,
     programs::{ProgramError, Xdp, XdpMode, links::FdLink, links::PinnedLink},
 };
 use gatekeeper_common::maps::{self as names};
@@ -35,6 +36,143 @@ pub enum LoaderError {
     },
     #[error("pinning the XDP link at {path}: {reason}")]
     PinLink { path: String, reason: String },
+    #[error(
+        "the pinned map {path} has the layout of another version ({found}; this one needs {needed}), and its entries cannot be carried over: `gatekeeper detach --pin-dir {dir}` removes the old gate (the ports are open until the new one starts), then start again"
+    )]
+    Incompatible {
+        path: String,
+        dir: String,
+        found: String,
+        needed: String,
+    },
+    #[error("reading the pinned map {path}")]
+    Pinned {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("removing the outdated pinned map {path}")]
+    Unpin {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What this version's program needs of one pinned map.
+struct Layout {
+    name: &'static str,
+    key: usize,
+    value: usize,
+    /// `None`: set by the operator (the whitelist's capacity).
+    entries: Option<u32>,
+    /// Holds what the gate must not forget (entries, prefixes, nonces);
+    /// the others the daemon writes afresh at every start.
+    keeps_state: bool,
+}
+
+impl Layout {
+    fn describe(key: u32, value: u32, entries: u32) -> String {
+        format!("key {key} B, value {value} B, {entries} entries")
+    }
+}
+
+const LAYOUTS: [Layout; 10] = {
+    use std::mem::size_of;
+
+    use gatekeeper_common::{
+        decide::STATS_LEN,
+        maps::{
+            ALLOWLIST_MAX, AllowValue, Config, EVENTS_BYTES, KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket,
+            NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WhitelistKey, WhitelistValue,
+        },
+    };
+    const fn layout(name: &'static str, key: usize, value: usize, entries: Option<u32>, keeps_state: bool) -> Layout {
+        Layout {
+            name,
+            key,
+            value,
+            entries,
+            keeps_state,
+        }
+    }
+    [
+        layout(
+            names::WHITELIST,
+            size_of::<WhitelistKey>(),
+            size_of::<WhitelistValue>(),
+            None,
+            true,
+        ),
+        // An LPM key: the prefix length, then the address.
+        layout(
+            names::ALLOWLIST,
+            4 + 16,
+            size_of::<AllowValue>(),
+            Some(ALLOWLIST_MAX),
+            true,
+        ),
+        layout(names::PROTECTED, 4, 8, Some(PROTECTED_WORDS), false),
+        layout(names::CONFIG, 4, size_of::<Config>(), Some(1), false),
+        layout(names::EVENTS, 0, 0, Some(EVENTS_BYTES), false),
+        layout(
+            names::KNOCK_RATE,
+            16,
+            size_of::<KnockBucket>(),
+            Some(KNOCK_RATE_MAX),
+            false,
+        ),
+        layout(names::STATS, 4, 8, Some(STATS_LEN), false),
+        layout(names::REPLAY, NONCE_LEN, 8, Some(REPLAY_MAX), true),
+        layout(
+            names::KNOCK_KEYS,
+            KEY_ID_LEN,
+            size_of::<KnockBucket>(),
+            Some(KNOCK_KEYS_MAX),
+            false,
+        ),
+        layout(names::KNOCK_BUDGET, 4, size_of::<KnockBucket>(), Some(1), false),
+    ]
+};
+
+/// Makes the maps pinned under `pin_dir` fit this version's program (an
+/// upgrade, a gate pinned by an older release): a map whose layout differs
+/// and that the daemon rewrites at start anyway (config, counters, buckets)
+/// is unpinned, so a fresh one takes its place; one that holds state
+/// (whitelist, allowlist, replay cache) is refused, naming the way out.
+/// Returns the maps replaced.
+pub fn retire_outdated_pins(pin_dir: &Path) -> Result<Vec<&'static str>, LoaderError> {
+    let mut replaced = Vec::new();
+    for l in &LAYOUTS {
+        let path = pin_dir.join(l.name);
+        if !path.exists() {
+            continue;
+        }
+        let shown = path.display().to_string();
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|source| LoaderError::Pinned {
+                path: shown.clone(),
+                source,
+            })?;
+        let fits = info.key_size() as usize == l.key
+            && info.value_size() as usize == l.value
+            && l.entries.is_none_or(|n| n == info.max_entries());
+        if fits {
+            continue;
+        }
+        if l.keeps_state {
+            return Err(LoaderError::Incompatible {
+                path: shown,
+                dir: pin_dir.display().to_string(),
+                found: Layout::describe(info.key_size(), info.value_size(), info.max_entries()),
+                needed: Layout::describe(l.key as u32, l.value as u32, l.entries.unwrap_or(info.max_entries())),
+            });
+        }
+        std::fs::remove_file(&path).map_err(|source| LoaderError::Unpin { path: shown, source })?;
+        replaced.push(l.name);
+    }
+    Ok(replaced)
 }
 
 /// How to attach: native (driver) with a fallback to generic, or one of them.
@@ -67,9 +205,13 @@ impl Attachment {
 }
 
 /// Loads the object with every map pinned under `pin_dir`: maps already
-/// pinned there are reused with their contents, missing ones are created
-/// and pinned. The program is loaded into the kernel but not attached.
+/// pinned there are reused with their contents (after
+/// [`retire_outdated_pins`]), missing ones are created and pinned. The
+/// program is loaded into the kernel but not attached.
 pub fn load_pinned(pin_dir: &Path, whitelist_capacity: u32) -> Result<Ebpf, LoaderError> {
+    for name in retire_outdated_pins(pin_dir)? {
+        warn!(map = name, pin_dir = %pin_dir.display(), "a pinned map had another version's layout; replaced by a fresh one");
+    }
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(names::WHITELIST, whitelist_capacity);
     for name in names::ALL {
