@@ -47,8 +47,15 @@ pub enum Reason {
     KnockOverBudget,
 }
 
-/// Indices of the STATS per-CPU array: one counter per [`Reason`].
+/// Counters per interface: one per [`Reason`]. The STATS per-CPU array
+/// holds a block of them for each interface slot.
 pub const STATS_LEN: u32 = Reason::COUNT as u32;
+
+/// Where `reason`'s counter for the interface in `slot` sits in STATS.
+#[inline(always)]
+pub const fn counter_index(slot: u32, reason: Reason) -> u32 {
+    slot * STATS_LEN + reason as u32
+}
 
 impl Reason {
     pub const COUNT: usize = 19;

@@ -27,8 +27,13 @@ pub const KNOCK_KEYS: &str = "KNOCK_KEYS";
 /// second the daemon is ever handed.
 pub const KNOCK_BUDGET: &str = "KNOCK_BUDGET";
 
+/// Which interface each program instance counts under: slot i holds the
+/// name of the interface whose instance was loaded with slot i. Written and
+/// read by userspace only.
+pub const IFACES: &str = "IFACES";
+
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     WHITELIST,
     ALLOWLIST,
     PROTECTED,
@@ -39,6 +44,7 @@ pub const ALL: [&str; 10] = [
     REPLAY,
     KNOCK_KEYS,
     KNOCK_BUDGET,
+    IFACES,
 ];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
@@ -50,6 +56,10 @@ pub const EVENTS_BYTES: u32 = 1 << 22;
 pub const REPLAY_MAX: u32 = 1 << 18;
 pub const NONCE_LEN: usize = 24;
 pub const KNOCK_KEYS_MAX: u32 = 1 << 16;
+/// Interfaces one gate can span, each with its own counters.
+pub const MAX_IFACES: u32 = 32;
+/// An interface's name as the kernel limits it (IFNAMSIZ), NUL-padded.
+pub const IFACE_NAME_LEN: usize = 16;
 pub const KEY_ID_LEN: usize = 16;
 
 /// `src_port` value of an entry that matches any source port.

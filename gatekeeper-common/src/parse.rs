@@ -137,6 +137,17 @@ pub const fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
+/// Parses one bare IP packet, as devices without a link layer hand them
+/// over (WireGuard, GRE, IPIP, SIT): the version nibble says which IP.
+#[inline(always)]
+pub fn parse_ip<F: Frame + ?Sized>(f: &F) -> Packet {
+    match f.load::<2>(0).map(|b| b[0] >> 4) {
+        Some(4) => parse_ipv4(f, 0),
+        Some(6) => parse_ipv6(f, 0),
+        _ => Packet::of(Kind::Malformed),
+    }
+}
+
 /// Parses one Ethernet frame.
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(f: &F) -> Packet {

@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    decide::{Action, Decision, Reason, STATS_LEN, Tables, decide},
+    decide::{Action, Decision, Reason, STATS_LEN, Tables, counter_index, decide},
     knock,
     maps::{
-        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, KEY_ID_LEN,
-        KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WHITELIST_MAX,
-        WhitelistKey, WhitelistValue,
+        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, IFACE_NAME_LEN,
+        KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX,
+        WHITELIST_MAX, WhitelistKey, WhitelistValue,
     },
-    parse::{Frame, Kind, MAX_FRAME, Packet, parse},
+    parse::{Frame, Kind, MAX_FRAME, Packet, parse, parse_ip},
     ratelimit,
 };
 
@@ -36,7 +36,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static KNOCK_RATE: LruHashMap<[u8; 16], KnockBucket> = LruHashMap::with_max_entries(KNOCK_RATE_MAX, 0);
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN * MAX_IFACES, 0);
 /// Written by the daemon; read here so a replay never reaches it.
 #[map]
 static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_MAX, 0);
@@ -44,6 +44,18 @@ static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_
 static KNOCK_KEYS: HashMap<[u8; KEY_ID_LEN], KnockBucket> = HashMap::with_max_entries(KNOCK_KEYS_MAX, 0);
 #[map]
 static KNOCK_BUDGET: PerCpuArray<KnockBucket> = PerCpuArray::with_max_entries(1, 0);
+/// Declared here only so it is created and pinned with the gate's maps.
+#[map]
+static IFACES: Array<[u8; IFACE_NAME_LEN]> = Array::with_max_entries(MAX_IFACES, 0);
+
+/// Set for each interface's instance of the program when it is loaded
+/// (read-only data, so the verifier knows the value): the slot its
+/// counters go to, and whether its device hands over bare IP packets
+/// instead of Ethernet frames.
+#[unsafe(no_mangle)]
+static IFACE_SLOT: u32 = 0;
+#[unsafe(no_mangle)]
+static BARE_IP: u8 = 0;
 
 /// Packet bytes between `data` and `data_end`, and the frame's whole length.
 struct XdpFrame {
@@ -180,7 +192,14 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_DROP;
     };
-    let pkt = parse(&frame);
+    // SAFETY: plain reads of constants the loader set.
+    let (slot, bare_ip) = unsafe {
+        (
+            core::ptr::read_volatile(&IFACE_SLOT),
+            core::ptr::read_volatile(&BARE_IP),
+        )
+    };
+    let pkt = if bare_ip != 0 { parse_ip(&frame) } else { parse(&frame) };
     let mut decision = decide(&frame, &pkt, cfg, &Maps);
 
     if let Some(key) = decision.touch.key(&pkt)
@@ -198,7 +217,7 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
         Action::Pass if decision.reason.is_denial() => sample_audit(&ctx, &pkt, &decision, cfg),
         _ => {}
     }
-    count(decision.counter());
+    count(slot, decision.counter());
     match decision.action {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop | Action::Divert => xdp_action::XDP_DROP,
@@ -206,8 +225,8 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn count(reason: Reason) {
-    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
+fn count(slot: u32, reason: Reason) {
+    if let Some(c) = STATS.get_ptr_mut(counter_index(slot, reason)) {
         // SAFETY: per-CPU slot; nothing else on this CPU runs concurrently.
         unsafe { *c += 1 };
     }

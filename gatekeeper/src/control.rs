@@ -107,6 +107,16 @@ pub struct ClientsStatus {
     pub problems: Vec<Problem>,
 }
 
+/// One interface the gate spans.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// How its program is attached (`driver`, `generic`, ...).
+    pub attachment: String,
+    /// Its nonzero counters, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+}
+
 /// What `gatekeeper status` shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -114,9 +124,14 @@ pub struct Status {
     pub version: String,
     /// Unix seconds.
     pub started: u64,
-    pub iface: String,
+    /// The gate's name: its pin directory's last part.
+    pub gate: String,
     pub pin_dir: String,
-    pub attachment: String,
+    /// The interfaces the gate spans.
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Interfaces receiving traffic for this host that the gate does not
+    /// span: protected ports can be reached through them.
+    pub uncovered: Vec<String>,
     pub mode: String,
     pub protect: String,
     pub state_dir: String,
@@ -127,7 +142,7 @@ pub struct Status {
     pub tunnels: Vec<TunnelStatus>,
     pub portal: Option<String>,
     pub audit: AuditStatus,
-    /// The gate's counters, summed over CPUs.
+    /// The gate's counters, summed over CPUs and interfaces.
     pub counters: BTreeMap<String, u64>,
 }
 

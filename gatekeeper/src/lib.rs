@@ -2,13 +2,14 @@
 //!
 //! - [`spec`]: what operators type: ports, tuples, prefixes, durations, sizes.
 //! - [`gate`]: the XDP gate and its handles: pins, loader, maps, the ring,
-//!   the sweeper.
+//!   the interfaces it may span, the sweeper.
 //! - [`store`]: the one owner of the gateway's state (keys, identity,
 //!   clients, tunnels, config) behind a trait, its local-files backend, and
 //!   the watcher that keeps revocations in force.
 //! - [`knock`]: knock v1 both ways: keys, wire format, payload,
 //!   credentials, verification, and the client that sends knocks.
-//! - [`daemon`]: the running daemon and its knock service.
+//! - [`daemon`]: the running daemon, the interfaces it covers, and its
+//!   knock service.
 //! - [`portal`]: the TLS listener that finds knocks in ClientHellos, and
 //!   its client.
 //! - [`tunnels`]: publishing private services: tokens, the gateway's

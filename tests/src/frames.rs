@@ -1,6 +1,7 @@
 //! Ethernet frames built byte by byte, and a seeded generator of frames,
 //! well-formed and broken, for the verdict tests and the benchmarks.
-//! Checksums are left zero: the XDP program never reads them.
+//! Checksums are left zero: the XDP program never reads them; a packet
+//! for the kernel itself ([`FrameSpec::ip_packet`]) carries them.
 
 use gatekeeper_common::{knock, parse::mapped_v4, proto};
 
@@ -158,6 +159,53 @@ impl FrameSpec {
         f.extend(l4_bytes);
         f
     }
+}
+
+impl FrameSpec {
+    /// The bare IPv4 packet, checksums filled in, as a tunnel device (tun,
+    /// WireGuard) hands it to the host: without an Ethernet header.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let frame = self.build();
+        let mut p = frame[14 + 4 * self.vlans.len()..].to_vec();
+        if let Net::V4 { src, dst, .. } = &self.net {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let sum = checksum(&p[..ihl], 0);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+            let at = match p[9] {
+                proto::TCP => Some(16),
+                proto::UDP => Some(6),
+                _ => None,
+            };
+            if let Some(at) = at {
+                let len = p.len() - ihl;
+                let mut pseudo = Vec::with_capacity(12);
+                pseudo.extend_from_slice(src);
+                pseudo.extend_from_slice(dst);
+                pseudo.extend_from_slice(&[0, p[9]]);
+                pseudo.extend_from_slice(&(len as u16).to_be_bytes());
+                let sum = checksum(&p[ihl..], checksum_add(&pseudo));
+                p[ihl + at..ihl + at + 2].copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        p
+    }
+}
+
+/// The ones' complement sum of `bytes` as 16-bit words, unfolded.
+fn checksum_add(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum()
+}
+
+/// The Internet checksum of `bytes`, starting from the partial sum `start`.
+fn checksum(bytes: &[u8], start: u32) -> u16 {
+    let mut sum = start + checksum_add(bytes);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 fn ext_header(typ: u8, next: u8, body: &[u8]) -> Vec<u8> {

@@ -97,6 +97,15 @@ impl Role {
 /// The gateway's interface, inside its namespace.
 pub const GW_IFACE: &str = "gw0";
 
+/// The gateway's second uplink ([`Lab::add_uplink`]), inside its namespace.
+pub const GW_UPLINK2: &str = "gw1";
+/// With [`Lab::add_uplink`]: a service address on the gateway's loopback,
+/// reached over either uplink.
+pub const SERVICE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// With [`Lab::add_uplink`]: the client's address on its loopback, the
+/// same whichever uplink carries it.
+pub const ROAMING_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+
 /// The gateway's IPv4 address at `port`.
 pub fn gw(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Role::Gateway.addr()), port)
@@ -322,6 +331,121 @@ impl Lab {
         lab.configure(Role::Gateway)?;
         lab.configure(Role::Client)?;
         Ok(lab)
+    }
+
+    /// Adds a second uplink: a second bridge (10.78.0.0/24) with the
+    /// gateway (`gw1`, .1), the client (`cl1`, .2) and the intruder
+    /// (`in1`, .3) on it; and an address on the gateway's and the client's
+    /// loopback ([`SERVICE_ADDR`], [`ROAMING_ADDR`]) that a route on each
+    /// side sends over either uplink; traffic between them starts on the
+    /// first ([`Lab::route_via`]).
+    pub fn add_uplink(&self) -> Result<()> {
+        let sw = format!("{}-sw", self.id);
+        sh(&["ip", "-n", &sw, "link", "add", "br1", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br1", "up"])?;
+        for (i, (role, iface)) in [
+            (Role::Gateway, GW_UPLINK2),
+            (Role::Client, "cl1"),
+            (Role::Intruder, "in1"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (ns, outer) = (self.ns(role), format!("u{i}"));
+            veth(iface, &ns, &outer, &sw)?;
+            sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br1", "up"])?;
+            let addr = format!("10.78.0.{}/24", role.host());
+            sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", iface])?;
+            sh(&["ip", "-n", &ns, "link", "set", iface, "up"])?;
+        }
+        for (role, lo) in [(Role::Gateway, SERVICE_ADDR), (Role::Client, ROAMING_ADDR)] {
+            sh(&[
+                "ip",
+                "-n",
+                &self.ns(role),
+                "addr",
+                "add",
+                &format!("{lo}/32"),
+                "dev",
+                "lo",
+            ])?;
+        }
+        self.route_via(1)
+    }
+
+    /// A VXLAN that the gateway terminates (`vx0`, VNI 42, 10.88.0.1, its
+    /// peer the client) and that `from` joins uninvited: with the VNI and
+    /// the gateway as its remote, it is learned as a peer, as a default
+    /// VXLAN device does. Returns the gateway's address inside it. Its
+    /// outer packets go to udp/4789, so a gate on the uplink that does not
+    /// protect that lets them in, and the frames inside reach the host's
+    /// services through `vx0`.
+    pub fn vxlan_to_gateway(&self, from: Role) -> Result<IpAddr> {
+        let (gw_addr, from_addr) = (Role::Gateway.addr().to_string(), from.addr().to_string());
+        let peer = Role::Client.addr().to_string();
+        for (role, local, remote, host) in [
+            (Role::Gateway, &gw_addr, &peer, 1),
+            (from, &from_addr, &gw_addr, from.host()),
+        ] {
+            let ns = self.ns(role);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "dstport",
+                "4789",
+                "local",
+                local,
+                "remote",
+                remote,
+                "dev",
+                role.iface(),
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.88.0.{host}/24"),
+                "dev",
+                "vx0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "vx0", "up"])?;
+        }
+        Ok(Ipv4Addr::new(10, 88, 0, 1).into())
+    }
+
+    /// Sends the traffic between [`ROAMING_ADDR`] and [`SERVICE_ADDR`] over
+    /// uplink 1 (the lab network) or 2 (`gw1`), both ways.
+    pub fn route_via(&self, uplink: u8) -> Result<()> {
+        let net = if uplink == 1 { "10.77.0" } else { "10.78.0" };
+        let (gw, cl) = (self.ns(Role::Gateway), self.ns(Role::Client));
+        let to_client = format!("{ROAMING_ADDR}/32");
+        let to_service = format!("{SERVICE_ADDR}/32");
+        let (via_client, via_gateway) = (format!("{net}.2"), format!("{net}.1"));
+        let roaming = ROAMING_ADDR.to_string();
+        sh(&["ip", "-n", &gw, "route", "replace", &to_client, "via", &via_client])?;
+        sh(&[
+            "ip",
+            "-n",
+            &cl,
+            "route",
+            "replace",
+            &to_service,
+            "via",
+            &via_gateway,
+            "src",
+            &roaming,
+        ])?;
+        Ok(())
     }
 
     fn empty() -> Result<Lab> {
@@ -609,9 +733,19 @@ impl Lab {
         })?
     }
 
-    /// Runs the `gatekeeper` CLI on this lab's gate (adds `--pin-dir`).
+    /// Runs the `gatekeeper` CLI on this lab's gate (adds `--pin-dir`), in
+    /// the gateway's network namespace where it has one (only that: the
+    /// CLI sees the same bpffs as the daemon).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        let out = Command::new(gatekeeper_bin()?)
+        let netns = format!("/run/netns/{}", self.ns(Role::Gateway));
+        let mut cmd = if Path::new(&netns).exists() {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={netns}")).arg(gatekeeper_bin()?);
+            c
+        } else {
+            Command::new(gatekeeper_bin()?)
+        };
+        let out = cmd
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)

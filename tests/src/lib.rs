@@ -8,9 +8,11 @@
 //!   predict what the real XDP program must do.
 //! - [`nmap`]: running nmap and reading what it found.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
+//! - [`tun`]: a tun device a test drives like a VPN daemon.
 
 pub mod frames;
 pub mod lab;
 pub mod model;
 pub mod nmap;
 pub mod traffic;
+pub mod tun;

@@ -176,7 +176,7 @@ fn what_the_daemon_cannot_serve_stops_it_at_start_naming_the_cause() -> Result<(
         "{e}"
     );
     // Nothing was left behind: the gate was never attached.
-    assert!(!lab.pin_dir().join("link").exists());
+    assert!(!gatekeeper::gate::pins::has_links(lab.pin_dir()));
     let mut daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
     assert!(daemon.running(), "with the port free, it starts");
     Ok(())

@@ -150,7 +150,7 @@ struct Harness {
 impl Harness {
     fn new(model: Model) -> Result<Harness> {
         let pins = Pins::new()?;
-        let ebpf = loader::load_pinned(pins.dir(), 65536)?;
+        let ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
         let gate = Gate::open(pins.dir())?;
         model.install(&gate)?;
         Ok(Harness {
@@ -977,7 +977,7 @@ fn audit_mode_passes_what_enforce_drops_and_counts_it() -> Result<()> {
 #[test]
 fn a_full_replay_cache_says_it_is_full() -> Result<()> {
     let pins = Pins::new()?;
-    let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+    let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
     let gate = Gate::open(pins.dir())?;
     let n = gatekeeper_common::maps::REPLAY_MAX as usize;
     for i in 0..n {
@@ -1058,7 +1058,7 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
     let pins = Pins::new()?;
     let entry = WhitelistKey::new(addr("10.0.0.9"), 0, proto::TCP);
     {
-        let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+        let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
         Gate::open(pins.dir())?.whitelist_insert(&entry, &WhitelistValue::new(u64::MAX, 22, 22, 0, 0))?;
     }
     // What the previous release pinned: a 40-byte config, 15 counters.
@@ -1067,7 +1067,7 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
         pin_raw_map(&pins.dir().join(name), map_type, 4, value, entries)?;
     }
     {
-        let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+        let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
         let gate = Gate::open(pins.dir())?;
         assert!(gate.whitelist_get(&entry)?.is_some(), "the entries were carried over");
         gate.set_config(&standard_model(0).config())?;
@@ -1076,7 +1076,7 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
     // A whitelist of another layout cannot be carried over: refused, by name.
     std::fs::remove_file(pins.dir().join("WHITELIST"))?;
     pin_raw_map(&pins.dir().join("WHITELIST"), LRU_HASH, 20, 32, 65536)?;
-    let e = loader::load_pinned(pins.dir(), 65536)
+    let e = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())
         .err()
         .context("must be refused")?;
     let text = e.to_string();

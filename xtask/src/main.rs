@@ -131,6 +131,8 @@ fn test() -> Result<()> {
                 "audit_lab",
                 "--test",
                 "flood_lab",
+                "--test",
+                "interfaces_lab",
             ],
         ),
     ];

@@ -9,7 +9,10 @@ use gatekeeper::{
     gate::{Gate, WhitelistEntry, key_tuple, spans_text},
     spec::{self, PortRange, Prefix, Tuple, format_duration},
 };
-use gatekeeper_common::maps::{AllowValue, FLAG_OPERATOR};
+use gatekeeper_common::{
+    decide::Reason,
+    maps::{AllowValue, FLAG_OPERATOR},
+};
 use serde_json::json;
 
 use super::Target;
@@ -90,12 +93,14 @@ pub enum Allow {
     },
 }
 
-/// Show the gate's counters, summed over CPUs.
+/// Show the gate's counters, summed over CPUs: the total, and each
+/// interface's when the gate spans more than one.
 #[derive(Args, Debug)]
 pub struct Stats {
     #[command(flatten)]
     target: Target,
-    /// One JSON object, counter name to value.
+    /// One JSON object: counter name to total, and under "interfaces" each
+    /// interface's counters.
     #[arg(long)]
     json: bool,
 }
@@ -249,11 +254,33 @@ fn prefix_json(p: &Prefix, v: &AllowValue, now: u64) -> serde_json::Value {
 }
 
 pub fn stats(s: Stats) -> Result<()> {
-    let counters = open(&s.target)?.stats()?;
+    let gate = open(&s.target)?;
+    let counters = gate.stats()?;
+    let by_iface = gate.stats_by_iface()?;
     if s.json {
-        let obj: serde_json::Map<String, serde_json::Value> =
-            counters.iter().map(|(r, v)| (r.name().to_string(), json!(v))).collect();
+        let named = |c: &[(Reason, u64)]| -> serde_json::Map<String, serde_json::Value> {
+            c.iter().map(|(r, v)| (r.name().to_string(), json!(v))).collect()
+        };
+        let mut obj = named(&counters);
+        let ifaces: serde_json::Map<String, serde_json::Value> = by_iface
+            .iter()
+            .map(|(name, c)| (name.clone(), serde_json::Value::Object(named(c))))
+            .collect();
+        obj.insert("interfaces".into(), serde_json::Value::Object(ifaces));
         println!("{}", serde_json::Value::Object(obj));
+    } else if by_iface.len() > 1 {
+        let mut header = format!("{:<24} {:>14}", "", "total");
+        for (name, _) in &by_iface {
+            header.push_str(&format!(" {name:>14}"));
+        }
+        println!("{header}");
+        for (i, (r, v)) in counters.iter().enumerate() {
+            let mut line = format!("{:<24} {v:>14}", r.name());
+            for (_, c) in &by_iface {
+                line.push_str(&format!(" {:>14}", c.get(i).map_or(0, |(_, n)| *n)));
+            }
+            println!("{line}");
+        }
     } else {
         for (r, v) in counters {
             println!("{:<24} {v:>14}", r.name());

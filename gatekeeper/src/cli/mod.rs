@@ -2,6 +2,7 @@
 //! errors become one-line messages.
 
 mod enroll;
+mod interfaces;
 mod knock;
 mod maps;
 mod portal;
@@ -22,7 +23,7 @@ use gatekeeper::{
 /// Gatekeeper: an XDP gate that keeps a gateway's services invisible to
 /// everyone who has not been let in.
 ///
-/// `run` loads the gate on an interface and serves it; `status` asks the
+/// `run` loads the gate on one or more interfaces and serves it; `status` asks the
 /// running daemon what it is doing. The map commands read and change the
 /// gate's pinned maps directly, so they work whether or not the daemon is
 /// running; `client` and `tunnel` change the state directory and have the
@@ -38,7 +39,8 @@ pub struct Cli {
 enum Command {
     Run(run::RunArgs),
     Status(status::StatusArgs),
-    Detach(Detach),
+    Attach(interfaces::Attach),
+    Detach(interfaces::Detach),
     #[command(subcommand)]
     Whitelist(maps::Whitelist),
     #[command(subcommand)]
@@ -80,11 +82,15 @@ pub fn init_logging(format: LogFormat) {
 /// Which gate a command works on.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// Interface the gate runs on (its pins are /sys/fs/bpf/gatekeeper/IFACE).
+    /// The gate's name (its pins are /sys/fs/bpf/gatekeeper/GATE; `run`
+    /// names it after its first interface unless given --gate).
     /// Optional when exactly one gate is pinned.
-    #[arg(long, value_name = "IFACE")]
+    #[arg(long, value_name = "GATE")]
+    gate: Option<String>,
+    /// An interface the gate spans (instead of --gate).
+    #[arg(long, value_name = "IFACE", conflicts_with = "gate")]
     iface: Option<String>,
-    /// Pin directory the gate was started with (overrides --iface).
+    /// Pin directory the gate was started with (overrides --gate and --iface).
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
 }
@@ -92,36 +98,19 @@ pub struct Target {
 impl Target {
     fn resolve(&self) -> Result<PathBuf> {
         Ok(gatekeeper::gate::pins::resolve(
+            self.gate.as_deref(),
             self.iface.as_deref(),
             self.pin_dir.as_deref(),
         )?)
     }
 }
 
-/// Remove the gate from an interface: unpins the XDP link and every map.
-///
-/// This opens the interface to everyone and forgets every whitelist entry.
-/// A running daemon notices within one sweep interval and exits.
-#[derive(Args, Debug)]
-struct Detach {
-    #[command(flatten)]
-    target: Target,
-}
-
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(args),
-        Command::Detach(d) => {
-            let dir = d.target.resolve()?;
-            let had_link = gatekeeper::gate::unpin_all(&dir)?;
-            if had_link {
-                println!("detached: removed the gate and its maps at {}", dir.display());
-            } else {
-                println!("removed the maps at {} (no program was attached)", dir.display());
-            }
-            Ok(())
-        }
+        Command::Attach(a) => interfaces::attach(a),
+        Command::Detach(d) => interfaces::detach(d),
         Command::Whitelist(w) => maps::whitelist(w),
         Command::Allow(a) => maps::allow(a),
         Command::Stats(s) => maps::stats(s),

@@ -11,18 +11,24 @@ use gatekeeper::{
     spec::{self, PortSet},
     store::{
         Store,
-        config::{Mode, Overrides, PortalOverrides, Settings, StateConfig},
+        config::{Cover, Mode, Overrides, PortalOverrides, Settings, StateConfig},
         files::{DEFAULT_STATE_DIR, FileStore},
     },
 };
 
-/// Load the gate on an interface and serve it.
+/// Load the gate on one or more interfaces and serve it.
 ///
-/// Loads the XDP program, pins its maps and link under
-/// /sys/fs/bpf/gatekeeper/IFACE (mounting bpffs if needed), configures the
-/// protected ports, and then receives knocks and sweeps expired entries.
-/// If a gate is already pinned there, its entries are kept and the new
-/// program replaces the old one atomically.
+/// Loads the XDP program on each interface, pins the gate's maps and one
+/// link per interface under /sys/fs/bpf/gatekeeper/GATE (mounting bpffs if
+/// needed), configures the protected ports, and then receives knocks and
+/// sweeps expired entries. All interfaces share the maps: a knock through
+/// one opens the tuple on every one. If a gate is already pinned there, its
+/// entries are kept and the new program replaces the old one atomically.
+///
+/// Every few seconds the daemon looks for interfaces that receive traffic
+/// for this host but are not gated (a VPN's wg0 or tun0, a VXLAN, a second
+/// uplink), names them in the log and in `status`, and with --cover all
+/// gates them too.
 ///
 /// Stopping the daemon (Ctrl-C, SIGTERM, even SIGKILL) leaves the gate
 /// closed and attached; `gatekeeper detach` removes it. SIGHUP reopens the
@@ -36,19 +42,30 @@ use gatekeeper::{
 ///
 /// Example: gatekeeper run --iface eth0 --protect tcp/22,tcp/8000-8100,udp/53
 ///
+/// Two uplinks and a VPN: ... --iface eth0,eth1,wg0 --cover all
+///
 /// With a portal: ... --protect all --portal 0.0.0.0:443 --portal-upstream 127.0.0.1:8080
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Interface to gate.
-    #[arg(long, value_name = "IFACE")]
-    iface: Option<String>,
+    /// Interfaces to gate, comma-separated or repeated.
+    #[arg(long, value_name = "IFACE", value_delimiter = ',')]
+    iface: Option<Vec<String>>,
+    /// The gate's name: its pins are /sys/fs/bpf/gatekeeper/GATE [default:
+    /// the first interface's name].
+    #[arg(long, value_name = "GATE")]
+    gate: Option<String>,
+    /// listed gates the --iface interfaces (and any attached earlier);
+    /// all also gates every other interface that receives traffic for this
+    /// host, as it appears [default: listed].
+    #[arg(long, value_enum, value_name = "WHICH")]
+    cover: Option<Cover>,
     /// A second TOML config (keys: gatekeeper/config.example.toml) over the
     /// state directory's gatekeeper.toml; flags win over both. It may not
     /// change what credentials and tokens carry (public_addrs,
     /// knock.udp_port, tunnel.port, tunnel.ports): set those in the state's.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where to pin maps and the link [default: /sys/fs/bpf/gatekeeper/IFACE].
+    /// Where to pin maps and links [default: /sys/fs/bpf/gatekeeper/GATE].
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
     /// Ports to gate: PROTO/PORT or PROTO/LOW-HIGH, comma-separated, plus
@@ -100,7 +117,9 @@ fn parse_protect(s: &str) -> Result<PortSet, spec::SpecError> {
 pub fn run(args: RunArgs) -> Result<()> {
     super::init_logging(args.log_format);
     let overrides = Overrides {
-        iface: args.iface,
+        ifaces: args.iface,
+        gate: args.gate,
+        cover: args.cover,
         pin_dir: args.pin_dir,
         protect: args.protect,
         xdp_mode: args.xdp_mode,

@@ -1,6 +1,8 @@
 //! `gatekeeper status`: what the running daemon is doing, from its control
 //! socket.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Result, bail};
 use clap::Args;
 use gatekeeper::{
@@ -59,10 +61,22 @@ fn print(s: &Status) {
         s.pid,
         rfc3339(s.started)
     );
-    println!(
-        "gate:     {} ({}), {} mode, pins {}",
-        s.iface, s.attachment, s.mode, s.pin_dir
-    );
+    println!("gate:     {}, {} mode, pins {}", s.gate, s.mode, s.pin_dir);
+    for i in &s.interfaces {
+        let busy = busy(&i.counters);
+        println!(
+            "  {:<16} {}; {}",
+            i.name,
+            i.attachment,
+            if busy.is_empty() { "no traffic yet".into() } else { busy }
+        );
+    }
+    for name in &s.uncovered {
+        println!(
+            "  {name:<16} NOT GATED: receives traffic for this host; protected ports are reachable through it (`gatekeeper attach {name} --gate {}`)",
+            s.gate
+        );
+    }
     println!("protects: {}", s.protect);
     println!("state:    {}", s.state_dir);
     if s.knocks {
@@ -101,18 +115,16 @@ fn print(s: &Status) {
             a.path, a.lines, a.summarized, a.dropped, a.rotations, a.write_errors
         );
     }
-    let busy: Vec<String> = s
-        .counters
+    let busy = busy(&s.counters);
+    println!("counters: {}", if busy.is_empty() { "all zero".into() } else { busy });
+}
+
+/// The nonzero counters, `name=value` separated by spaces.
+fn busy(counters: &BTreeMap<String, u64>) -> String {
+    let busy: Vec<String> = counters
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
-    println!(
-        "counters: {}",
-        if busy.is_empty() {
-            "all zero".into()
-        } else {
-            busy.join(" ")
-        }
-    );
+    busy.join(" ")
 }

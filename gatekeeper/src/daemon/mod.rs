@@ -12,8 +12,10 @@
 //! record in the state that cannot be used is not such a failure: it is
 //! named in the log, the audit trail and `client list`, and skipped.
 //!
+//! - [`coverage`]: which interfaces the gate spans, and which it misses.
 //! - [`knock_service`]: verifying knocks, opening what they grant.
 
+pub mod coverage;
 pub mod knock_service;
 
 use std::{
@@ -41,7 +43,8 @@ use crate::{
     error_chain,
     gate::{
         Gate, GateError,
-        loader::{self, Attachment, LoaderError},
+        interfaces::InterfacesError,
+        loader::{self, Instance, LoaderError},
         pins::{self, PinError},
         ring::{self, Record},
         sweeper,
@@ -57,6 +60,7 @@ use crate::{
     },
     tunnels::gateway::{Gateway, GatewayError},
 };
+use coverage::Coverage;
 use knock_service::KnockService;
 
 #[derive(Debug, Error)]
@@ -67,6 +71,8 @@ pub enum DaemonError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Gate(#[from] GateError),
+    #[error(transparent)]
+    Interfaces(#[from] InterfacesError),
     #[error("watching the event ring")]
     Ring(#[source] std::io::Error),
     #[error(
@@ -104,7 +110,7 @@ pub enum DaemonError {
 pub enum Exit {
     /// A signal: the gate stays attached.
     Stopped,
-    /// The link pin vanished (`gatekeeper detach`): the gate is gone.
+    /// Every link pin vanished (`gatekeeper detach`): the gate is gone.
     Detached,
 }
 
@@ -128,7 +134,7 @@ struct Knocks {
 struct Daemon {
     settings: Settings,
     gate: Gate,
-    attachment: Attachment,
+    coverage: Option<Coverage>,
     started: u64,
     knocks: Option<Knocks>,
     /// Closing the entries of clients no longer allowed failed: try again
@@ -158,8 +164,8 @@ fn raise_open_files() {
 
 /// Runs the daemon until `shutdown` completes or the gate is detached.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<Exit, DaemonError> {
-    if !interface_exists(&settings.iface) {
-        return Err(DaemonError::NoSuchInterface(settings.iface.clone()));
+    if let Some(missing) = settings.ifaces.iter().find(|i| !interface_exists(i)) {
+        return Err(DaemonError::NoSuchInterface(missing.clone()));
     }
     let dir = settings.pin_dir.clone();
     let _pin_lock = pins::lock(&dir)?;
@@ -215,7 +221,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
 
     pins::prepare(&dir)?;
-    let mut ebpf = loader::load_pinned(&dir, settings.whitelist_capacity)?;
+    pins::adopt_legacy_link(&dir, &settings.ifaces[0])?;
+    // The maps, pinned (or adopted, or migrated) before any program runs;
+    // each interface's instance is loaded when it is attached.
+    drop(loader::load_pinned(
+        &dir,
+        settings.whitelist_capacity,
+        Instance::default(),
+    )?);
     let gate = Gate::open(&dir)?;
     // Configure before attaching: an unconfigured program gates nothing.
     let gated = gated_ports(&settings, initialised);
@@ -223,7 +236,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let mut daemon = Daemon {
         settings,
         gate,
-        attachment: Attachment::Adopted,
+        coverage: None,
         started: unix_now(),
         knocks,
         close_pending: false,
@@ -242,13 +255,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     daemon
         .gate
         .fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
-    daemon.attachment = loader::attach(&mut ebpf, &daemon.settings.iface, &dir, daemon.settings.xdp_mode)?;
+    let coverage = Coverage::start(&daemon.settings, &daemon.gate)?;
+    let spans: Vec<String> = coverage.status(&daemon.gate).into_iter().map(|i| i.name).collect();
+    daemon.coverage = Some(coverage);
     let settings = &daemon.settings;
     info!(
         event = "started",
-        iface = %settings.iface,
+        gate = %settings.gate,
+        ifaces = %spans.join(","),
         pin_dir = %dir.display(),
-        attachment = daemon.attachment.name(),
         protect = %gated,
         mode = ?settings.mode,
         knock_udp_port = settings.knock_udp_port,
@@ -266,7 +281,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         .map_err(|e| DaemonError::Ring(e.into()))?;
     let mut sweep = tokio::time::interval(daemon.settings.sweep_interval.max(Duration::from_millis(10)));
     let idle_ns = daemon.settings.idle_timeout.as_nanos().min(u64::MAX as u128) as u64;
-    let link = dir.join(pins::LINK);
+    // Interfaces come and go (a VPN's tun, a container's veth): look at
+    // them every few seconds.
+    let mut look = tokio::time::interval(Duration::from_secs(2));
     let mut seen = Seen::default();
     // Revocations must bite within a second.
     let mut follow = tokio::time::interval(Duration::from_millis(250));
@@ -296,6 +313,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 let _ = reply.send(answer);
             }
             _ = follow.tick() => daemon.follow(),
+            _ = look.tick() => {
+                if let Some(c) = daemon.coverage.as_mut() {
+                    c.look(&daemon.gate);
+                }
+            }
             _ = hangup.recv() => {
                 if let Some(k) = &daemon.knocks {
                     info!("SIGHUP: reopening the audit log");
@@ -303,7 +325,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 }
             }
             _ = sweep.tick() => {
-                if !link.exists() {
+                if !pins::has_links(&dir) {
                     break Exit::Detached;
                 }
                 if let Err(e) = sweeper::sweep(&daemon.gate, idle_ns) {
@@ -532,9 +554,10 @@ impl Daemon {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: self.started,
-            iface: s.iface.clone(),
+            gate: s.gate.clone(),
             pin_dir: s.pin_dir.display().to_string(),
-            attachment: self.attachment.name().into(),
+            interfaces: self.coverage.as_ref().map(|c| c.status(&self.gate)).unwrap_or_default(),
+            uncovered: self.coverage.as_ref().map(|c| c.uncovered()).unwrap_or_default(),
             mode: format!("{:?}", s.mode).to_lowercase(),
             protect: gated_ports(s, self.knocks.is_some()).to_string(),
             state_dir: s.state_dir.display().to_string(),

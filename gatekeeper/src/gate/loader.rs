@@ -77,14 +77,15 @@ impl Layout {
     }
 }
 
-const LAYOUTS: [Layout; 10] = {
+const LAYOUTS: [Layout; 11] = {
     use std::mem::size_of;
 
     use gatekeeper_common::{
         decide::STATS_LEN,
         maps::{
-            ALLOWLIST_MAX, AllowValue, Config, EVENTS_BYTES, KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket,
-            NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WhitelistKey, WhitelistValue,
+            ALLOWLIST_MAX, AllowValue, Config, EVENTS_BYTES, IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX,
+            KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WhitelistKey,
+            WhitelistValue,
         },
     };
     const fn layout(name: &'static str, key: usize, value: usize, entries: Option<u32>, keeps_state: bool) -> Layout {
@@ -122,7 +123,7 @@ const LAYOUTS: [Layout; 10] = {
             Some(KNOCK_RATE_MAX),
             false,
         ),
-        layout(names::STATS, 4, 8, Some(STATS_LEN), false),
+        layout(names::STATS, 4, 8, Some(STATS_LEN * MAX_IFACES), false),
         layout(names::REPLAY, NONCE_LEN, 8, Some(REPLAY_MAX), true),
         layout(
             names::KNOCK_KEYS,
@@ -132,6 +133,7 @@ const LAYOUTS: [Layout; 10] = {
             false,
         ),
         layout(names::KNOCK_BUDGET, 4, size_of::<KnockBucket>(), Some(1), false),
+        layout(names::IFACES, 4, IFACE_NAME_LEN, Some(MAX_IFACES), false),
     ]
 };
 
@@ -204,15 +206,30 @@ impl Attachment {
     }
 }
 
-/// Loads the object with every map pinned under `pin_dir`: maps already
-/// pinned there are reused with their contents (after
+/// One interface's instance of the program: every instance shares the
+/// gate's maps, and counts under its own slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Instance {
+    /// The interface's counters in STATS (see `gate::maps::Gate::claim_slot`).
+    pub slot: u32,
+    /// The device hands over bare IP packets (WireGuard, GRE, IPIP, SIT),
+    /// not Ethernet frames.
+    pub bare_ip: bool,
+}
+
+/// Loads an instance of the object with every map pinned under `pin_dir`:
+/// maps already pinned there are reused with their contents (after
 /// [`retire_outdated_pins`]), missing ones are created and pinned. The
 /// program is loaded into the kernel but not attached.
-pub fn load_pinned(pin_dir: &Path, whitelist_capacity: u32) -> Result<Ebpf, LoaderError> {
+pub fn load_pinned(pin_dir: &Path, whitelist_capacity: u32, instance: Instance) -> Result<Ebpf, LoaderError> {
     for name in retire_outdated_pins(pin_dir)? {
         warn!(map = name, pin_dir = %pin_dir.display(), "a pinned map had another version's layout; replaced by a fresh one");
     }
+    let bare_ip = u8::from(instance.bare_ip);
     let mut loader = EbpfLoader::new();
+    loader
+        .override_global("IFACE_SLOT", &instance.slot, true)
+        .override_global("BARE_IP", &bare_ip, true);
     loader.map_max_entries(names::WHITELIST, whitelist_capacity);
     for name in names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
@@ -237,12 +254,27 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
         .map_err(LoaderError::Program)
 }
 
-/// Attaches the loaded program to `iface` and pins the link. When a link is
-/// already pinned (an earlier daemon), the new program replaces the old one
-/// inside that link atomically, so no packet ever meets an ungated NIC.
+/// Attaches the loaded program to `iface` and pins the link in `pin_dir`.
+/// When that interface's link is already pinned (an earlier daemon), the
+/// new program replaces the old one inside it atomically, so no packet
+/// ever meets an ungated NIC.
+/// Loads `instance` over the maps pinned under `pin_dir` and attaches it
+/// to `iface`, its link pinned there too; the link keeps the program, so
+/// nothing loaded needs to outlive this call.
+pub fn attach_instance(
+    pin_dir: &Path,
+    whitelist_capacity: u32,
+    instance: Instance,
+    iface: &str,
+    choice: XdpModeChoice,
+) -> Result<Attachment, LoaderError> {
+    let mut ebpf = load_pinned(pin_dir, whitelist_capacity, instance)?;
+    attach(&mut ebpf, iface, pin_dir, choice)
+}
+
 pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path, choice: XdpModeChoice) -> Result<Attachment, LoaderError> {
     let prog = program(ebpf)?;
-    let link_path = pin_dir.join(pins::LINK);
+    let link_path = pins::link_path(pin_dir, iface);
     if link_path.exists() {
         match adopt(prog, &link_path) {
             Ok(()) => return Ok(Attachment::Adopted),
@@ -294,6 +326,9 @@ fn adopt(prog: &mut Xdp, link_path: &Path) -> Result<(), String> {
     let pinned = PinnedLink::from_pin(link_path).map_err(|e| e.to_string())?;
     let fd = FdLink::from(pinned);
     let link = aya::programs::xdp::XdpLink::try_from(fd).map_err(|e| e.to_string())?;
-    prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The pin stays the link's only holder, so unpinning it (`gatekeeper
+    // detach`) takes the program off at once, whoever loaded it.
+    drop(prog.take_link(id).map_err(|e| e.to_string())?);
     Ok(())
 }

@@ -10,10 +10,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key};
 use gatekeeper_common::{
-    decide::{Reason, entry_is_live},
+    decide::{Reason, STATS_LEN, counter_index, entry_is_live},
     maps::{
-        self as names, AllowValue, CFG_ALLOWLIST, Config, FLAG_OPERATOR, KEY_ID_LEN, KnockBucket, NONCE_LEN,
-        PROTECTED_WORDS, WhitelistKey, WhitelistValue,
+        self as names, AllowValue, CFG_ALLOWLIST, Config, FLAG_OPERATOR, IFACE_NAME_LEN, KEY_ID_LEN, KnockBucket,
+        MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, WhitelistKey, WhitelistValue,
     },
 };
 use thiserror::Error;
@@ -46,12 +46,17 @@ pub enum GateError {
     ReplayFull,
     #[error("counting this machine's possible CPUs")]
     Cpus(#[source] std::io::Error),
+    #[error("the gate spans {0} interfaces already, as many as it can count for: detach one first")]
+    NoSlot(u32),
 }
 
 /// Whether a map error is the kernel's errno `code`.
 fn errno(e: &MapError, code: i32) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(code))
 }
+
+/// Counter values summed over CPUs, one per [`Reason`], in its order.
+pub type Counters = Vec<(Reason, u64)>;
 
 /// The maps of one pinned gate.
 pub struct Gate {
@@ -146,6 +151,14 @@ impl Gate {
     }
 
     /// Every whitelist entry, in key order.
+    /// How many entries the pinned whitelist holds at most.
+    pub fn whitelist_capacity(&self) -> Result<u32, GateError> {
+        let name = names::WHITELIST;
+        let data = MapData::from_pin(self.dir.join(name)).map_err(self.err(name))?;
+        let info = data.info().map_err(self.err(name))?;
+        Ok(info.max_entries())
+    }
+
     pub fn whitelist(&self) -> Result<Vec<WhitelistEntry>, GateError> {
         let map = self.whitelist_map()?;
         let mut out = Vec::new();
@@ -416,17 +429,108 @@ impl Gate {
         map.set(0, values, 0).map_err(self.err(names::KNOCK_BUDGET))
     }
 
-    /// The counters, summed over CPUs, in [`Reason`] order.
-    pub fn stats(&self) -> Result<Vec<(Reason, u64)>, GateError> {
+    /// Every interface's counters, summed over CPUs: one `Vec` in
+    /// [`Reason`] order per slot.
+    fn counters(&self) -> Result<Vec<Vec<u64>>, GateError> {
         let map: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(self.map(names::STATS)?).map_err(self.err(names::STATS))?;
-        Reason::ALL
-            .iter()
-            .map(|&r| {
-                let per_cpu = map.get(&(r as u32), 0).map_err(self.err(names::STATS))?;
-                Ok((r, per_cpu.iter().sum()))
+        let slots = map.len() / STATS_LEN;
+        (0..slots)
+            .map(|slot| {
+                Reason::ALL
+                    .iter()
+                    .map(|&r| {
+                        let per_cpu = map.get(&counter_index(slot, r), 0).map_err(self.err(names::STATS))?;
+                        Ok(per_cpu.iter().sum())
+                    })
+                    .collect()
             })
             .collect()
+    }
+
+    /// The counters, summed over CPUs and interfaces, in [`Reason`] order.
+    pub fn stats(&self) -> Result<Counters, GateError> {
+        let mut total = vec![0u64; Reason::COUNT];
+        for slot in self.counters()? {
+            for (t, n) in total.iter_mut().zip(slot) {
+                *t += n;
+            }
+        }
+        Ok(Reason::ALL.into_iter().zip(total).collect())
+    }
+
+    /// Each named interface's counters, in slot order.
+    pub fn stats_by_iface(&self) -> Result<Vec<(String, Counters)>, GateError> {
+        let counters = self.counters()?;
+        Ok(self
+            .iface_slots()?
+            .into_iter()
+            .filter_map(|(slot, name)| {
+                let c = counters.get(slot as usize)?;
+                Some((name, Reason::ALL.into_iter().zip(c.iter().copied()).collect()))
+            })
+            .collect())
+    }
+
+    fn ifaces_map(&self) -> Result<Array<MapData, [u8; IFACE_NAME_LEN]>, GateError> {
+        Array::try_from(self.map(names::IFACES)?).map_err(self.err(names::IFACES))
+    }
+
+    /// The interfaces that hold a counter slot, with their slots.
+    pub fn iface_slots(&self) -> Result<Vec<(u32, String)>, GateError> {
+        let map = self.ifaces_map()?;
+        let mut out = Vec::new();
+        for slot in 0..map.len() {
+            let raw = map.get(&slot, 0).map_err(self.err(names::IFACES))?;
+            let len = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+            if len > 0 {
+                out.push((slot, String::from_utf8_lossy(&raw[..len]).into_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The counter slot of `iface`: the one it holds, else the first free
+    /// one (its counters start from zero).
+    pub fn claim_slot(&self, iface: &str) -> Result<u32, GateError> {
+        let taken = self.iface_slots()?;
+        if let Some((slot, _)) = taken.iter().find(|(_, name)| name == iface) {
+            return Ok(*slot);
+        }
+        let mut map = self.ifaces_map()?;
+        let slot = (0..map.len())
+            .find(|s| !taken.iter().any(|(t, _)| t == s))
+            .ok_or(GateError::NoSlot(MAX_IFACES))?;
+        let mut raw = [0u8; IFACE_NAME_LEN];
+        let bytes = iface.as_bytes();
+        raw[..bytes.len().min(IFACE_NAME_LEN)].copy_from_slice(&bytes[..bytes.len().min(IFACE_NAME_LEN)]);
+        map.set(slot, raw, 0).map_err(self.err(names::IFACES))?;
+        self.clear_slot_counters(slot)?;
+        Ok(slot)
+    }
+
+    /// Gives `iface`'s slot back (its interface left the gate).
+    pub fn release_slot(&self, iface: &str) -> Result<(), GateError> {
+        let mut map = self.ifaces_map()?;
+        for (slot, name) in self.iface_slots()? {
+            if name == iface {
+                map.set(slot, [0u8; IFACE_NAME_LEN], 0)
+                    .map_err(self.err(names::IFACES))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_slot_counters(&self, slot: u32) -> Result<(), GateError> {
+        let mut map: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(self.map(names::STATS)?).map_err(self.err(names::STATS))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| GateError::Cpus(e))?;
+        for r in Reason::ALL {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(GateError::Cpus)?;
+            map.set(counter_index(slot, r), zeros, 0)
+                .map_err(self.err(names::STATS))?;
+        }
+        Ok(())
     }
 }
 

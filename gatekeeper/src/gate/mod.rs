@@ -6,8 +6,10 @@
 //! - [`loader`]: loading the embedded XDP object, attaching, adopting.
 //! - [`maps`]: typed access to the pinned maps (CLI and daemon).
 //! - [`ring`]: the records the program puts in the EVENTS ring.
+//! - [`interfaces`]: the namespace's interfaces, to find the ungated ones.
 //! - [`sweeper`]: removing expired, idle entries.
 
+pub mod interfaces;
 pub mod loader;
 pub mod maps;
 pub mod pins;

@@ -70,10 +70,39 @@ pub enum Mode {
     Audit,
 }
 
+/// Which interfaces the gate spans: the ones listed, or also every other
+/// that receives traffic for the host (found at start and as they appear).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Cover {
+    #[default]
+    Listed,
+    All,
+}
+
+/// `iface = "eth0"` or `iface = ["eth0", "eth1"]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn list(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
 /// Values that came from the command line; they win over the files.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
-    pub iface: Option<String>,
+    pub ifaces: Option<Vec<String>>,
+    pub gate: Option<String>,
+    pub cover: Option<Cover>,
     pub pin_dir: Option<PathBuf>,
     pub protect: Option<PortSet>,
     pub xdp_mode: Option<XdpModeChoice>,
@@ -97,7 +126,9 @@ pub struct PortalOverrides {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     public_addrs: Option<Vec<IpAddr>>,
-    iface: Option<String>,
+    iface: Option<OneOrMany>,
+    gate: Option<String>,
+    cover: Option<Cover>,
     pin_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_parse")]
     protect: Option<PortSet>,
@@ -294,7 +325,11 @@ pub struct AuditSettings {
 /// Resolved settings of one daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    pub iface: String,
+    /// The interfaces listed, first one first; at least one.
+    pub ifaces: Vec<String>,
+    /// The gate's name (its pin directory's): the first interface's, unless given.
+    pub gate: String,
+    pub cover: Cover,
     pub pin_dir: PathBuf,
     pub protect: PortSet,
     pub xdp_mode: XdpModeChoice,
@@ -387,10 +422,31 @@ impl Settings {
             Some(extra) => merge(base, extra),
             None => base,
         };
-        let iface = cli.iface.or(f.iface.clone()).ok_or(ConfigError::Missing {
-            key: "iface",
-            hint: "pass --iface IFACE or set `iface` in the config file",
-        })?;
+        let ifaces = cli
+            .ifaces
+            .or(f.iface.clone().map(OneOrMany::list))
+            .filter(|l| !l.is_empty())
+            .ok_or(ConfigError::Missing {
+                key: "iface",
+                hint: "pass --iface IFACE[,IFACE...] or set `iface` in the config file",
+            })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for i in &ifaces {
+            if i.is_empty() || i.len() > 15 || i.contains(['/', ' ', ',']) || i == "." || i == ".." {
+                return Err(invalid(
+                    "iface",
+                    i,
+                    "an interface name has 1-15 characters, none of them '/', ',' or a space",
+                ));
+            }
+            if !seen.insert(i) {
+                return Err(invalid("iface", i, "listed twice"));
+            }
+        }
+        let gate = cli.gate.or(f.gate.clone()).unwrap_or_else(|| ifaces[0].clone());
+        if !super::valid_name(&gate) {
+            return Err(invalid("gate", &gate, "use 1-64 letters, digits, '.', '-' or '_'"));
+        }
         let protect = cli.protect.or(f.protect.clone()).ok_or(ConfigError::Missing {
             key: "protect",
             hint: "pass --protect (for example tcp/22,udp/53 or all) or set `protect` in the config file",
@@ -398,7 +454,7 @@ impl Settings {
         let pin_dir = cli
             .pin_dir
             .or(f.pin_dir.clone())
-            .unwrap_or_else(|| crate::gate::pins::dir_for_iface(&iface));
+            .unwrap_or_else(|| crate::gate::pins::dir_for_gate(&gate));
         let whitelist_capacity = f.whitelist_capacity.unwrap_or(DEFAULT_WHITELIST_CAPACITY);
         if !(1024..=1 << 24).contains(&whitelist_capacity) {
             return Err(invalid(
@@ -421,7 +477,9 @@ impl Settings {
         };
         Ok(Settings {
             portal: portal_settings(cli.portal, &f.portal)?,
-            iface,
+            ifaces,
+            gate,
+            cover: cli.cover.or(f.cover).unwrap_or_default(),
             pin_dir,
             protect,
             xdp_mode: cli.xdp_mode.or(f.xdp_mode).unwrap_or_default(),
@@ -497,6 +555,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
     ConfigFile {
         public_addrs: pick(over.public_addrs, base.public_addrs),
         iface: pick(over.iface, base.iface),
+        gate: pick(over.gate, base.gate),
+        cover: pick(over.cover, base.cover),
         pin_dir: pick(over.pin_dir, base.pin_dir),
         protect: pick(over.protect, base.protect),
         xdp_mode: pick(over.xdp_mode, base.xdp_mode),
@@ -651,7 +711,7 @@ mod tests {
         let s = Settings::resolve(Path::new("/state"), None, Some(path), Overrides::default())
             .expect("config.example.toml must stay valid");
         assert_eq!(
-            (s.iface.as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
+            (s.ifaces[0].as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
             ("eth0", 120, 1)
         );
         assert!(s.portal.is_some());
@@ -726,13 +786,32 @@ mod tests {
     fn flags_win_over_files() {
         let path = temp("iface = \"eth0\"\nprotect = \"tcp/22\"\n");
         let cli = Overrides {
-            iface: Some("eth1".into()),
+            ifaces: Some(vec!["eth1".into()]),
             mode: Some(Mode::Audit),
             ..Default::default()
         };
         let s = Settings::resolve(Path::new("/state"), None, Some(&path), cli).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!((s.iface.as_str(), s.mode), ("eth1", Mode::Audit));
+        assert_eq!(
+            (s.ifaces, s.gate.as_str(), s.mode),
+            (vec!["eth1".to_string()], "eth1", Mode::Audit)
+        );
+    }
+
+    #[test]
+    fn a_gate_spans_a_list_of_interfaces_and_is_named_after_the_first() {
+        let s = file("iface = [\"eth0\", \"wg0\"]\nprotect = \"tcp/22\"\ncover = \"all\"\n").unwrap();
+        assert_eq!((s.ifaces.len(), s.gate.as_str(), s.cover), (2, "eth0", Cover::All));
+        assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/gatekeeper/eth0"));
+        let s = file("iface = \"eth1\"\ngate = \"edge\"\nprotect = \"tcp/22\"\n").unwrap();
+        assert_eq!(
+            (s.ifaces, s.pin_dir),
+            (vec!["eth1".to_string()], PathBuf::from("/sys/fs/bpf/gatekeeper/edge"))
+        );
+        let e = file("iface = [\"eth0\", \"eth0\"]\nprotect = \"tcp/22\"\n").unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = file("iface = [\"a-name-far-too-long\"]\nprotect = \"tcp/22\"\n").unwrap_err();
+        assert!(e.to_string().contains("1-15"), "{e}");
     }
 
     #[test]

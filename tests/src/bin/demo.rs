@@ -80,7 +80,7 @@ fn main() -> Result<()> {
     println!("$ gatekeeper run --iface gw0 --protect {protect} {}", portal.join(" "));
     let mut args = vec!["--protect", protect];
     args.extend(portal);
-    let daemon = lab.start_daemon(&args)?;
+    let mut daemon = lab.start_daemon(&args)?;
     println!(
         "  {}",
         daemon
@@ -269,6 +269,26 @@ fn main() -> Result<()> {
 
     step(
         11,
+        "A way around the gate: the intruder sets up a VXLAN into the gateway; the daemon names it, one command closes it",
+    );
+    let inside = SocketAddr::new(lab.vxlan_to_gateway(Role::Intruder)?, 22);
+    let through = lab.tcp_echo_works(Role::Intruder, inside, None)?;
+    println!("  intruder -> {inside} (inside the VXLAN): {}", ok(through));
+    ensure!(through, "the lab's VXLAN does not work");
+    daemon.wait_for("not gated", Duration::from_secs(5))?;
+    let warning = daemon.log();
+    println!(
+        "  daemon: {}",
+        warning.lines().find(|l| l.contains("not gated")).unwrap_or("").trim()
+    );
+    show("gatekeeper attach vx0", &lab.cli_ok(&["attach", "vx0"])?);
+    let closed = lab.tcp_echo_works(Role::Intruder, inside, None)?;
+    println!("  intruder -> {inside}: {}", ok(closed));
+    ensure!(!closed, "attaching vx0 did not close it");
+    println!("  (`gatekeeper run --cover all` gates such interfaces as they appear)");
+
+    step(
+        12,
         "A broken file in the state, then a revocation the running daemon confirms",
     );
     std::fs::write(
@@ -282,16 +302,16 @@ fn main() -> Result<()> {
     );
     show("gatekeeper status", &lab.state_cli(&["status"])?);
 
-    step(12, "What the gate holds and what it did");
+    step(13, "What the gate holds and what it did");
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
     show("gatekeeper stats", &lab.cli_ok(&["stats"])?);
 
-    step(13, "Cleaning up: stopping the daemon, detaching, removing the lab");
+    step(14, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a broken file blocked nothing and the revocation was confirmed."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed."
     );
     Ok(())
 }

@@ -77,7 +77,11 @@ fn config() -> Config {
 /// A gate loaded with private pins, protecting tcp/1-65535.
 fn gate_with(entries: u32) -> Result<(Ebpf, Gate, Pins)> {
     let pins = Pins::new()?;
-    let ebpf = loader::load_pinned(pins.dir(), entries.max(1024).next_power_of_two())?;
+    let ebpf = loader::load_pinned(
+        pins.dir(),
+        entries.max(1024).next_power_of_two(),
+        loader::Instance::default(),
+    )?;
     let gate = Gate::open(pins.dir())?;
     gate.set_config(&config())?;
     gate.set_protected(&"tcp/1-65535".parse()?)?;

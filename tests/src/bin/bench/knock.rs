@@ -143,7 +143,7 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     anyhow::ensure!(accepted == N, "only {accepted} of {N} knocks verified");
 
     let pins = Pins::new()?;
-    let _ebpf = loader::load_pinned(pins.dir(), 65536)?;
+    let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
     let gate = Gate::open(pins.dir())?;
     let started = Instant::now();
     let accepted = knocks
