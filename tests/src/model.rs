@@ -15,7 +15,7 @@ use gatekeeper::{
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
     maps::{AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, WhitelistKey, WhitelistValue},
-    parse::parse,
+    parse::{Packet, parse, parse_ip},
     ratelimit,
 };
 
@@ -93,8 +93,17 @@ impl Model {
     /// What the XDP program must do with `frame` at `now`, applying the same
     /// side effects (last-seen refresh, knock buckets) to the model.
     pub fn decide(&self, frame: &[u8], now: u64) -> Decision {
+        self.decide_parsed(frame, parse(frame), now)
+    }
+
+    /// Like [`Model::decide`], for a bare IP packet (the instance on a
+    /// tunnel device).
+    pub fn decide_ip(&self, packet: &[u8], now: u64) -> Decision {
+        self.decide_parsed(packet, parse_ip(packet), now)
+    }
+
+    fn decide_parsed(&self, frame: &[u8], pkt: Packet, now: u64) -> Decision {
         self.now.set(now);
-        let pkt = parse(frame);
         let d = decide(frame, &pkt, &self.config(), self);
         if let Some(key) = d.touch.key(&pkt)
             && let Some(v) = self.whitelist.borrow_mut().get_mut(&key)
