@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use gatekeeper::gate::pins;
 use gatekeeper_tests::{
     frames::{ACK, FrameSpec, SYN, tcp},
     lab::{GW_IFACE, GW_UPLINK2, Lab, ROAMING_ADDR, Role, SERVICE_ADDR, eventually, gw, tcp_request},
@@ -240,7 +241,7 @@ fn tunnels_around_the_gate_are_named_and_closed_with_cover_all() -> Result<()> {
         status(&lab)?
     );
     ensure!(
-        !gatekeeper::gate::pins::linked_ifaces(lab.pin_dir()).contains(&"vx1".into()),
+        !pins::linked_ifaces(lab.pin_dir()).contains(&"vx1".into()),
         "its link pin is gone"
     );
     Ok(())
@@ -251,6 +252,20 @@ fn attach_and_detach_one_interface_of_a_running_gate() -> Result<()> {
     let lab = two_uplinks()?;
     let mut daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
     let roaming = format!("{ROAMING_ADDR}/tcp");
+    // Names that are not there are refused, naming them.
+    let out = lab.cli(&["attach", "nosuch0"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("\"nosuch0\"") && err.contains("ip link"),
+        "{err}"
+    );
+    let out = lab.cli(&["detach", "--iface", "nosuch0"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("does not span nosuch0 (it spans gw0)"),
+        "{err}"
+    );
+    ensure!(pins::has_links(lab.pin_dir()), "a refused detach leaves the gate");
     lab.route_via(2)?;
     ensure!(client_gets_in(&lab)?, "the ungated second uplink is a way in");
     ensure!(
@@ -316,7 +331,7 @@ fn a_gate_pinned_with_one_link_is_adopted_with_its_entries() -> Result<()> {
     daemon.stop()?;
     // What an earlier release left: one link named `link`, no interface map.
     let dir = lab.pin_dir();
-    std::fs::rename(gatekeeper::gate::pins::link_path(dir, GW_IFACE), dir.join("link"))?;
+    std::fs::rename(pins::link_path(dir, GW_IFACE), dir.join("link"))?;
     std::fs::remove_file(dir.join(gatekeeper_common::maps::IFACES))?;
     ensure!(
         !lab.tcp_echo_works(Role::Intruder, gw(22), None)?,
@@ -325,10 +340,7 @@ fn a_gate_pinned_with_one_link_is_adopted_with_its_entries() -> Result<()> {
 
     let _daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
     ensure!(!dir.join("link").exists(), "the old link is renamed");
-    ensure!(
-        gatekeeper::gate::pins::link_path(dir, GW_IFACE).exists(),
-        "to the interface's"
-    );
+    ensure!(pins::link_path(dir, GW_IFACE).exists(), "to the interface's");
     ensure!(lab.tcp_echo_works(Role::Client, gw(22), None)?, "the entry is kept");
     ensure!(!lab.tcp_echo_works(Role::Intruder, gw(22), None)?, "the gate holds");
     let s = status(&lab)?;
