@@ -25,6 +25,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch, for reports several hosts compare.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// `1970-01-01T00:00:00Z` for unix seconds (proleptic Gregorian, UTC).
 pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

@@ -25,7 +25,10 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{audit::AuditStatus, store::Problem};
+use crate::{
+    audit::AuditStatus,
+    store::{Problem, cluster::NodeReport},
+};
 
 /// How long the CLI waits for the daemon's answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +147,29 @@ pub struct Status {
     pub audit: AuditStatus,
     /// The gate's counters, summed over CPUs and interfaces.
     pub counters: BTreeMap<String, u64>,
+    /// The cluster this daemon is a node of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A node's view of its cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Where the shared records live (the password left out).
+    pub location: String,
+    /// This node's name.
+    pub node: String,
+    /// Every node that has reported, this one included.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node, as the others see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub report: NodeReport,
+    /// It reported within the last few seconds.
+    pub live: bool,
 }
 
 /// Asks the daemon whose socket is `socket`.

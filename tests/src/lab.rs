@@ -42,6 +42,9 @@ pub enum Role {
     Router,
     NatA,
     NatB,
+    /// A host of its own on the lab network (`Lab::add_host`), for a
+    /// cluster's Redis.
+    Store,
 }
 
 impl Role {
@@ -55,6 +58,7 @@ impl Role {
             Role::Router => "rt",
             Role::NatA => "na",
             Role::NatB => "nb",
+            Role::Store => "st",
         }
     }
 
@@ -78,6 +82,7 @@ impl Role {
             Role::Client | Role::NatA => 2,
             Role::Intruder | Role::NatB => 3,
             Role::Router => 4,
+            Role::Store => 5,
         }
     }
 
@@ -90,6 +95,7 @@ impl Role {
             Role::Router => "rt0",
             Role::NatA => "na0",
             Role::NatB => "nb0",
+            Role::Store => "st0",
         }
     }
 }
@@ -320,6 +326,16 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Adds `role` as one more host on the lab network, with its address.
+    pub fn add_host(&mut self, role: Role) -> Result<()> {
+        let (sw, ns) = (format!("{}-sw", self.id), self.ns(role));
+        self.add_ns(&ns)?;
+        let outer = format!("h{}", role.host());
+        veth(role.iface(), &ns, &outer, &sw)?;
+        sh(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
+        self.configure(role)
+    }
+
     /// A gateway and a client joined by one veth pair and nothing else,
     /// for measurements where a bridge would be the bottleneck.
     pub fn direct() -> Result<Lab> {
@@ -503,9 +519,12 @@ impl Lab {
         self.scratch.join("state")
     }
 
-    /// Runs a `gatekeeper` command that takes `--state-dir`; returns stdout.
+    /// Runs a `gatekeeper` command that takes `--state-dir`, in the
+    /// gateway's network namespace where it has one (a cluster's Redis is
+    /// reached from there); returns stdout.
     pub fn state_cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(gatekeeper_bin()?)
+        let out = self
+            .gateway_command()?
             .args(args)
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -737,21 +756,27 @@ impl Lab {
     /// the gateway's network namespace where it has one (only that: the
     /// CLI sees the same bpffs as the daemon).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        let netns = format!("/run/netns/{}", self.ns(Role::Gateway));
-        let mut cmd = if Path::new(&netns).exists() {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={netns}")).arg(gatekeeper_bin()?);
-            c
-        } else {
-            Command::new(gatekeeper_bin()?)
-        };
-        let out = cmd
+        let out = self
+            .gateway_command()?
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .stdin(Stdio::null())
             .output()?;
         Ok(out)
+    }
+
+    /// `gatekeeper`, to be run in the gateway's network namespace where it
+    /// has one (only that: it sees the same bpffs as the daemon).
+    fn gateway_command(&self) -> Result<Command> {
+        let netns = format!("/run/netns/{}", self.ns(Role::Gateway));
+        Ok(if Path::new(&netns).exists() {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={netns}")).arg(gatekeeper_bin()?);
+            c
+        } else {
+            Command::new(gatekeeper_bin()?)
+        })
     }
 
     /// Like [`Lab::cli`], failing unless the command succeeds; returns stdout.

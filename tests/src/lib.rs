@@ -7,6 +7,7 @@
 //! - [`model`]: the reference tables that let `gatekeeper_common::decide`
 //!   predict what the real XDP program must do.
 //! - [`nmap`]: running nmap and reading what it found.
+//! - [`redis`]: a Redis server of the lab's own, in a lab namespace.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
 
@@ -14,5 +15,6 @@ pub mod frames;
 pub mod lab;
 pub mod model;
 pub mod nmap;
+pub mod redis;
 pub mod traffic;
 pub mod tun;

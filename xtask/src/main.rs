@@ -133,6 +133,8 @@ fn test() -> Result<()> {
                 "flood_lab",
                 "--test",
                 "interfaces_lab",
+                "--test",
+                "cluster_lab",
             ],
         ),
     ];

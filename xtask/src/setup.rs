@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "python3",
     "chromium",
     "fonts-dejavu-core",
+    "redis-server",
+    "redis-sentinel",
 ];
 
 pub fn run() -> Result<()> {

@@ -10,7 +10,7 @@ use gatekeeper::{
     knock::keys,
     private_file,
     spec::{self, PortSet},
-    store::{NewClient, Store},
+    store::NewClient,
 };
 use serde_json::json;
 
@@ -95,14 +95,15 @@ fn parse_ports(s: &str) -> Result<PortSet, spec::SpecError> {
 }
 
 pub fn init(args: Init) -> Result<()> {
-    let store = args.state.store();
+    let store = args.state.store()?;
     let public = store.init(&args.public_addr, args.force)?;
-    println!("server key created in {}", store.root().display());
+    println!("server key created in {}", store.location());
     println!("public key: {}", keys::encode(public.as_bytes()));
-    println!(
-        "next: gatekeeper client add NAME --allow tcp/22 --state-dir {}",
-        store.root().display()
-    );
+    let place = match &args.state.cluster {
+        Some(url) => format!("--cluster {url}"),
+        None => format!("--state-dir {}", args.state.state_dir.display()),
+    };
+    println!("next: gatekeeper client add NAME --allow tcp/22 {place}");
     Ok(())
 }
 
@@ -120,8 +121,12 @@ fn revocation_said(name: &str, confirmed: &Confirmed) -> String {
                 if entries == 1 { "entry" } else { "entries" }
             )
         }
+        Confirmed::Nodes(nodes) => format!(
+            "revoked {name}: applied by every running node ({}), which refuse its knocks from now on and closed its open entries",
+            nodes.join(", ")
+        ),
         Confirmed::NoDaemon => format!(
-            "revoked {name}. No daemon is running for this state directory: the revocation holds from the moment one starts, which first closes any entries {name} still has"
+            "revoked {name}. No daemon is running for this state: the revocation holds from the moment one starts, which first closes any entries {name} still has"
         ),
         Confirmed::Unconfirmed(why) => format!(
             "revoked {name}, but the running daemon did not confirm it ({why}); it applies the change by itself within a second"
@@ -140,7 +145,7 @@ pub fn client(cmd: Client) -> Result<()> {
             out,
             state,
         } => {
-            let store = state.store();
+            let store = state.store()?;
             let (rec, cred) = store.add_client(&NewClient {
                 name: name.clone(),
                 allow,
@@ -162,8 +167,9 @@ pub fn client(cmd: Client) -> Result<()> {
                     "note: the state has no public_addrs, so the credential names no server: pass --server when knocking"
                 );
             }
-            match confirm(&store) {
+            match confirm(&state) {
                 Confirmed::Applied(_) => println!("the running daemon accepts its knocks now"),
+                Confirmed::Nodes(nodes) => println!("every running node accepts its knocks now ({})", nodes.join(", ")),
                 Confirmed::NoDaemon => {}
                 Confirmed::Unconfirmed(why) => println!(
                     "note: the running daemon did not confirm it ({why}); it accepts the device's knocks within a second"
@@ -171,7 +177,7 @@ pub fn client(cmd: Client) -> Result<()> {
             }
         }
         Client::List { json, state } => {
-            let snapshot = state.store().snapshot()?;
+            let snapshot = state.store()?.snapshot()?;
             let now = unix_now();
             if json {
                 let rows: Vec<_> = snapshot
@@ -216,9 +222,9 @@ pub fn client(cmd: Client) -> Result<()> {
             }
         }
         Client::Revoke { name, json, state } => {
-            let store = state.store();
+            let store = state.store()?;
             store.set_client_enabled(&name, false)?;
-            let confirmed = confirm(&store);
+            let confirmed = confirm(&state);
             if json {
                 let (applied, entries, detail) = match &confirmed {
                     Confirmed::Applied(a) => (
@@ -226,6 +232,7 @@ pub fn client(cmd: Client) -> Result<()> {
                         json!(a.clients_closed.iter().find(|c| c.name == name).map_or(0, |c| c.closed)),
                         json!(null),
                     ),
+                    Confirmed::Nodes(nodes) => (json!(true), json!(null), json!({ "nodes": nodes })),
                     Confirmed::NoDaemon => (json!(false), json!(null), json!("no daemon is running")),
                     Confirmed::Unconfirmed(why) => (json!(null), json!(null), json!(why)),
                 };
@@ -238,13 +245,17 @@ pub fn client(cmd: Client) -> Result<()> {
             }
         }
         Client::Enable { name, state } => {
-            let store = state.store();
+            let store = state.store()?;
             let rec = store.set_client_enabled(&name, true)?;
             if rec.expired_at(unix_now()) {
                 bail!("{name} is enabled but its enrollment has expired: enroll the device again");
             }
-            match confirm(&store) {
+            match confirm(&state) {
                 Confirmed::Applied(_) => println!("enabled {name}: the running daemon accepts its knocks again"),
+                Confirmed::Nodes(nodes) => println!(
+                    "enabled {name}: every running node accepts its knocks again ({})",
+                    nodes.join(", ")
+                ),
                 Confirmed::NoDaemon => println!("enabled {name} (no daemon is running for this state directory)"),
                 Confirmed::Unconfirmed(why) => println!(
                     "enabled {name}, but the running daemon did not confirm it ({why}); it applies the change within a second"

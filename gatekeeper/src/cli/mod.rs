@@ -10,14 +10,21 @@ mod run;
 mod status;
 mod tunnel;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gatekeeper::{
     control::{self, Applied, ControlError, Reply, Request},
     knock::{credential::Credential, send::Knocker},
-    store::files::{DEFAULT_STATE_DIR, FileStore},
+    store::{
+        Store,
+        cluster::ClusterStore,
+        files::{DEFAULT_STATE_DIR, FileStore},
+    },
 };
 
 /// Gatekeeper: an XDP gate that keeps a gateway's services invisible to
@@ -124,17 +131,43 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// Which state directory a command works on.
+/// Which state a command works on: a state directory, or a cluster's.
 #[derive(Args, Debug, Clone)]
 pub struct StateArg {
     /// The gateway's state directory.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// The cluster's Redis (redis://[USER:PASS@]HOST:PORT[/DB]) [default:
+    /// `[cluster] url` in the state directory's gatekeeper.toml, if set].
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<String>,
 }
 
 impl StateArg {
-    pub fn store(&self) -> FileStore {
+    /// The state directory (in a cluster: this node's own files).
+    pub fn local(&self) -> FileStore {
         FileStore::new(&self.state_dir)
+    }
+
+    /// The cluster this command works on, if any.
+    pub fn cluster(&self) -> Result<Option<ClusterStore>> {
+        let url = match &self.cluster {
+            Some(url) => Some(url.clone()),
+            None => {
+                let files = self.local();
+                let own = files.config_path().exists().then(|| files.config()).transpose()?;
+                own.and_then(|c| c.cluster_url().map(str::to_string))
+            }
+        };
+        Ok(url.map(|u| ClusterStore::open(&u)).transpose()?)
+    }
+
+    /// Where the records live: the cluster's Redis, or the state directory.
+    pub fn store(&self) -> Result<Box<dyn Store>> {
+        Ok(match self.cluster()? {
+            Some(cluster) => Box::new(cluster),
+            None => Box::new(self.local()),
+        })
     }
 }
 
@@ -147,6 +180,8 @@ pub fn knocker(path: &Path) -> Result<Knocker> {
 /// What the running daemon said about a change just written.
 pub enum Confirmed {
     Applied(Applied),
+    /// Every running node of the cluster put it into force (their names).
+    Nodes(Vec<String>),
     /// No daemon runs for this state directory.
     NoDaemon,
     /// A daemon runs but did not answer; it applies the change by itself
@@ -154,8 +189,51 @@ pub enum Confirmed {
     Unconfirmed(String),
 }
 
-/// Asks the daemon serving `store` to apply what was just written.
-pub fn confirm(store: &FileStore) -> Confirmed {
+/// How long the CLI waits for a cluster's nodes to put a change into force.
+const CLUSTER_CONFIRM: Duration = Duration::from_secs(3);
+
+/// Asks the daemon serving `state` to apply what was just written; in a
+/// cluster, waits until every running node reports it has.
+pub fn confirm(state: &StateArg) -> Confirmed {
+    match state.cluster() {
+        Ok(Some(cluster)) => confirm_cluster(&cluster),
+        Ok(None) => confirm_local(&state.local()),
+        Err(e) => Confirmed::Unconfirmed(format!("{e:#}")),
+    }
+}
+
+fn confirm_cluster(cluster: &ClusterStore) -> Confirmed {
+    let written = match cluster.version() {
+        Ok(v) => v.0,
+        Err(e) => return Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
+    };
+    let end = Instant::now() + CLUSTER_CONFIRM;
+    loop {
+        let now_ms = gatekeeper::clock::unix_now_ms();
+        let nodes = match cluster.nodes() {
+            Ok(n) => n,
+            Err(e) => return Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
+        };
+        let live: Vec<_> = nodes.iter().filter(|n| n.live_at(now_ms)).collect();
+        if live.is_empty() {
+            return Confirmed::NoDaemon;
+        }
+        let behind: Vec<&str> = live
+            .iter()
+            .filter(|n| n.applied < written)
+            .map(|n| n.name.as_str())
+            .collect();
+        if behind.is_empty() {
+            return Confirmed::Nodes(live.iter().map(|n| n.name.clone()).collect());
+        }
+        if Instant::now() >= end {
+            return Confirmed::Unconfirmed(format!("{} has not applied it yet", behind.join(", ")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn confirm_local(store: &FileStore) -> Confirmed {
     match control::ask(&store.control_socket(), &Request::Reload) {
         Ok(Reply::Applied(applied)) => Confirmed::Applied(applied),
         Ok(_) => Confirmed::Unconfirmed("it answered something other than what it applied".into()),

@@ -1,6 +1,6 @@
 //! `gatekeeper run`: the daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::LogFormat;
 use anyhow::{Context, Result};
@@ -11,7 +11,8 @@ use gatekeeper::{
     spec::{self, PortSet},
     store::{
         Store,
-        config::{Cover, Mode, Overrides, PortalOverrides, Settings, StateConfig},
+        cluster::ClusterStore,
+        config::{ConfigFile, Cover, Mode, Overrides, PortalOverrides, Settings, StateConfig},
         files::{DEFAULT_STATE_DIR, FileStore},
     },
 };
@@ -105,6 +106,15 @@ pub struct RunArgs {
     /// The portal certificate's private key (PEM).
     #[arg(long, value_name = "KEY.pem")]
     portal_key: Option<PathBuf>,
+    /// Join a cluster: the records several gateways share (server key, TLS
+    /// identity, clients, tunnels, the shared config) live in this Redis
+    /// (redis://[USER:PASS@]HOST:PORT[/DB]) instead of the state directory,
+    /// which keeps this node's own config, audit trail and control socket.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    node: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -132,15 +142,37 @@ pub fn run(args: RunArgs) -> Result<()> {
             cert: args.portal_cert,
             key: args.portal_key,
         },
+        cluster: args.cluster,
+        node: args.node,
     };
-    let store = FileStore::new(&args.state_dir);
-    let shared = store.config_path().exists().then(|| store.config()).transpose()?;
-    let location = store.config_path().display().to_string();
+    let files = FileStore::new(&args.state_dir);
+    let own = files.config_path();
+    let own_config = own.exists().then(|| files.config()).transpose()?;
+    let extra = args.config.as_deref().map(ConfigFile::load).transpose()?;
+    let cluster_url = overrides
+        .cluster
+        .clone()
+        .or_else(|| extra.as_ref().and_then(|c| c.cluster_url().map(str::to_string)))
+        .or_else(|| own_config.as_ref().and_then(|c| c.cluster_url().map(str::to_string)));
+    // Alone, the state directory's config is the state's; in a cluster
+    // the shared one in Redis is, and this node's own file is one of the
+    // layers over it.
+    let (shared, location, mut local) = match &cluster_url {
+        Some(url) => {
+            let cluster = ClusterStore::open(url)?;
+            let shared = cluster.config()?;
+            let location = format!("the cluster's config at {}", cluster.location());
+            let local: Vec<&Path> = own_config.as_ref().map(|_| own.as_path()).into_iter().collect();
+            (Some(shared), location, local)
+        }
+        None => (own_config, own.display().to_string(), Vec::new()),
+    };
+    local.extend(args.config.as_deref());
     let state = shared.as_ref().map(|file| StateConfig {
         location: &location,
         file,
     });
-    let settings = Settings::resolve(&args.state_dir, state, args.config.as_deref(), overrides)?;
+    let settings = Settings::resolve(&args.state_dir, state, &local, overrides)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -29,7 +29,7 @@ pub struct StatusArgs {
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
-    let socket = args.state.store().control_socket();
+    let socket = args.state.local().control_socket();
     let status = match control::ask(&socket, &Request::Status) {
         Ok(Reply::Status(status)) => status,
         Ok(_) => bail!(
@@ -114,6 +114,20 @@ fn print(s: &Status) {
             "audit:    {} ({} lines, {} refusals summarized, {} lost, {} rotations, {} write errors)",
             a.path, a.lines, a.summarized, a.dropped, a.rotations, a.write_errors
         );
+    }
+    if let Some(c) = &s.cluster {
+        println!("cluster:  node {} of {}", c.node, c.location);
+        for n in &c.nodes {
+            println!(
+                "  {:<20} {:<8} records v{}, release {}, pid {}, up since {}",
+                n.report.name,
+                if n.live { "running" } else { "silent" },
+                n.report.applied,
+                n.report.release,
+                n.report.pid,
+                rfc3339(n.report.started)
+            );
+        }
     }
     let busy = busy(&s.counters);
     println!("counters: {}", if busy.is_empty() { "all zero".into() } else { busy });

@@ -13,7 +13,6 @@ use gatekeeper::{
     clock::{rfc3339, unix_now},
     control::{self, Reply, Request, TunnelStatus},
     spec,
-    store::Store,
     tunnels::{self, NewTunnel, Token, agent},
 };
 use serde_json::json;
@@ -93,9 +92,9 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             expires,
             state,
         } => {
-            let store = state.store();
+            let store = state.store()?;
             let (rec, token) = tunnels::issue(
-                &store,
+                &*store,
                 &NewTunnel {
                     name,
                     owner,
@@ -119,10 +118,10 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             println!("{}", token.encode());
         }
         Tunnel::List { json, state } => {
-            let store = state.store();
+            let store = state.store()?;
             let snapshot = store.snapshot()?;
             // Live sessions are the running daemon's to tell.
-            let live: Vec<TunnelStatus> = match control::ask(&store.control_socket(), &Request::Status) {
+            let live: Vec<TunnelStatus> = match control::ask(&state.local().control_socket(), &Request::Status) {
                 Ok(Reply::Status(s)) => s.tunnels,
                 _ => Vec::new(),
             };
@@ -177,9 +176,9 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             }
         }
         Tunnel::Revoke { name, state } => {
-            let store = state.store();
-            tunnels::revoke(&store, &name)?;
-            match confirm(&store) {
+            let store = state.store()?;
+            tunnels::revoke(&*store, &name)?;
+            match confirm(&state) {
                 Confirmed::Applied(applied) => {
                     let ended = applied.tunnels_closed.iter().any(|t| t.name == name && t.closed > 0);
                     println!(
@@ -191,8 +190,12 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                         }
                     );
                 }
+                Confirmed::Nodes(nodes) => println!(
+                    "revoked tunnel {name}: applied by every running node ({})",
+                    nodes.join(", ")
+                ),
                 Confirmed::NoDaemon => println!(
-                    "revoked tunnel {name}. No daemon is running for this state directory: the tunnel stays closed when one starts"
+                    "revoked tunnel {name}. No daemon is running for this state: the tunnel stays closed when one starts"
                 ),
                 Confirmed::Unconfirmed(why) => println!(
                     "revoked tunnel {name}, but the running daemon did not confirm it ({why}); it applies the change within a second"

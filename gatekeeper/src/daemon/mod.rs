@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use crate::{
     audit::Audit,
     clock::unix_now,
-    control::{self, Applied, Asked, ClientsStatus, ClosedInfo, Reply, Request, Status},
+    control::{self, Applied, Asked, ClientsStatus, ClosedInfo, ClusterStatus, NodeStatus, Reply, Request, Status},
     error_chain,
     gate::{
         Gate, GateError,
@@ -53,7 +53,8 @@ use crate::{
     portal::listener::{Portal, PortalError},
     spec::{PortRange, PortSet, Proto},
     store::{
-        Store, StoreError,
+        Store, StoreError, Version,
+        cluster::{ClusterStore, NodeReport},
         config::{Settings, ephemeral_ports},
         files::FileStore,
         watch::{Change, Watcher},
@@ -143,6 +144,75 @@ struct Daemon {
     /// The enrolled key ids the gate should hold, while writing them has
     /// failed: tried again at the next look.
     keys_pending: Option<BTreeSet<[u8; KEY_ID_LEN]>>,
+    /// This daemon's place in a cluster, if it is in one.
+    node: Option<Node>,
+}
+
+/// A cluster node: the shared store, and what the node last reported
+/// to the others.
+struct Node {
+    store: Arc<ClusterStore>,
+    report: NodeReport,
+    /// When the last report went out (CLOCK_MONOTONIC ns); none: never.
+    reported_ns: Option<u64>,
+}
+
+impl Node {
+    fn new(store: Arc<ClusterStore>, name: &str) -> Node {
+        Node {
+            store,
+            report: NodeReport {
+                name: name.to_string(),
+                applied: 0,
+                seen_ms: 0,
+                pid: std::process::id(),
+                release: env!("CARGO_PKG_VERSION").into(),
+                started: unix_now(),
+            },
+            reported_ns: None,
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let now_ms = crate::clock::unix_now_ms();
+        let nodes = match self.store.nodes() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "reading the cluster's nodes failed");
+                Vec::new()
+            }
+        };
+        ClusterStatus {
+            location: self.store.location(),
+            node: self.report.name.clone(),
+            nodes: nodes
+                .into_iter()
+                .map(|report| NodeStatus {
+                    live: report.live_at(now_ms),
+                    report,
+                })
+                .collect(),
+        }
+    }
+
+    /// Tells the others which records are in force here: at once when
+    /// that changed, else once a second as a heartbeat.
+    fn report(&mut self, applied: Option<Version>) {
+        let now = crate::clock::now_ns();
+        let changed = applied.is_some_and(|v| v.0 != self.report.applied);
+        let due = self.reported_ns.is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000);
+        if !changed && !due {
+            return;
+        }
+        if let Some(v) = applied {
+            self.report.applied = v.0;
+        }
+        self.report.seen_ms = crate::clock::unix_now_ms();
+        match self.store.report_node(&self.report) {
+            Ok(()) => self.reported_ns = Some(now),
+            Err(e) => warn!(error = %error_chain(&e), "reporting to the cluster failed; retrying"),
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard one: every portal and
@@ -171,12 +241,25 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let _pin_lock = pins::lock(&dir)?;
     raise_open_files();
     let files = FileStore::new(&settings.state_dir);
-    let initialised = files.initialised();
+    let cluster = match &settings.cluster {
+        Some(c) => {
+            let store = Arc::new(ClusterStore::open(&c.url)?);
+            // Reachable and initialised, or a clear reason not to start.
+            store.server_secret()?;
+            files.prepare()?;
+            Some(Node::new(store, &c.node))
+        }
+        None => None,
+    };
+    let initialised = cluster.is_some() || files.initialised();
     if settings.portal.is_some() && !initialised {
         return Err(DaemonError::PortalWithoutState(files.location()));
     }
     let _state_lock = if initialised { Some(files.lock_daemon()?) } else { None };
-    let store: Arc<dyn Store> = Arc::new(files.clone());
+    let store: Arc<dyn Store> = match &cluster {
+        Some(node) => node.store.clone(),
+        None => Arc::new(files.clone()),
+    };
 
     // Everything the daemon will serve, prepared before the gate goes up.
     let (ask, mut asked) = mpsc::channel::<Ask>(1024);
@@ -241,6 +324,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         knocks,
         close_pending: false,
         keys_pending: None,
+        node: cluster,
     };
     if let Some(change) = first_change {
         // The enrolled key ids are in the gate before the config tells a
@@ -391,11 +475,20 @@ impl Daemon {
             let change = k.watcher.poll(unix_now());
             self.apply(change, false);
         }
+        self.report();
+    }
+
+    /// In a cluster, tells the others what is in force here.
+    fn report(&mut self) {
+        let applied = self.knocks.as_ref().and_then(|k| k.watcher.version());
+        if let Some(node) = self.node.as_mut() {
+            node.report(applied);
+        }
     }
 
     /// `gatekeeper ... ` changed the state and asks for it to be applied now.
     fn reload(&mut self) -> Applied {
-        match self.knocks.as_mut() {
+        let applied = match self.knocks.as_mut() {
             Some(k) => {
                 let change = k.watcher.reload(unix_now());
                 self.apply(change, false)
@@ -404,7 +497,9 @@ impl Daemon {
                 failed: Some("this daemon runs without a state: it verifies no knocks".into()),
                 ..Applied::default()
             },
-        }
+        };
+        self.report();
+        applied
     }
 
     /// Puts a change of the state into force: the registry, the enrolled
@@ -568,6 +663,7 @@ impl Daemon {
             portal: s.portal.as_ref().map(|p| p.listen.to_string()),
             audit,
             counters,
+            cluster: self.node.as_ref().map(Node::status),
         }
     }
 }

@@ -109,6 +109,9 @@ pub struct Overrides {
     pub mode: Option<Mode>,
     pub idle_timeout: Option<Duration>,
     pub portal: PortalOverrides,
+    /// `--cluster`, `--node`.
+    pub cluster: Option<String>,
+    pub node: Option<String>,
 }
 
 /// The `--portal*` flags.
@@ -147,6 +150,17 @@ pub struct ConfigFile {
     tunnel: TunnelSection,
     #[serde(default)]
     portal: PortalSection,
+    #[serde(default)]
+    cluster: ClusterSection,
+}
+
+/// `[cluster]`: where the records several gateways share live, and this
+/// node's name among them.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    url: Option<String>,
+    node: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -232,15 +246,45 @@ impl ConfigFile {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            reason: super::toml_error(&text, &e),
+        ConfigFile::parse(&text, &path.display().to_string())
+    }
+
+    /// The config in `text`, read from `place` (for messages).
+    pub fn parse(text: &str, place: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: place.into(),
+            reason: super::toml_error(text, &e),
         })
+    }
+
+    /// A starter config: the public addresses, and the commonest keys
+    /// commented out. `read_by` says which command reads it.
+    pub fn starter(public_addrs: &[IpAddr], read_by: &str) -> String {
+        let addrs: Vec<String> = public_addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        format!(
+            "# Gatekeeper config (every key: gatekeeper/config.example.toml).\n\
+             # `{read_by}` reads it, and credentials and\n\
+             # tunnel tokens are issued from it.\n\n\
+             # The addresses clients knock on; a knock naming another address is refused.\n\
+             public_addrs = [{addrs}]\n\n\
+             # protect = \"tcp/22\"\n\
+             # iface = \"eth0\"\n\n\
+             [knock]\n\
+             # udp_port = {DEFAULT_KNOCK_UDP_PORT}\n\
+             # window = \"120s\"\n\
+             # open_for = \"30s\"\n",
+            addrs = addrs.join(", "),
+        )
     }
 
     /// The addresses clients knock on (written into credentials).
     pub fn public_addrs(&self) -> Vec<IpAddr> {
         self.public_addrs.clone().unwrap_or_default()
+    }
+
+    /// `[cluster] url`: the Redis server of the cluster this gateway is in.
+    pub fn cluster_url(&self) -> Option<&str> {
+        self.cluster.url.as_deref()
     }
 
     /// The UDP knock port (written into credentials).
@@ -364,6 +408,17 @@ pub struct Settings {
     /// An agent silent for this long is dropped and its port closed.
     pub tunnel_heartbeat: Duration,
     pub portal: Option<PortalSettings>,
+    /// The cluster this gateway is a node of; none: it runs alone.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// A node's place in a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `redis://[USER:PASS@]HOST:PORT[/DB]`.
+    pub url: String,
+    /// This node's name among the others (default: the host name).
+    pub node: String,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -393,35 +448,36 @@ pub struct StateConfig<'a> {
 }
 
 impl Settings {
-    /// Defaults, then the state's config, then `file` (`--config`), then
+    /// Defaults, then the state's config, then each of `local` (a
+    /// cluster node's own gatekeeper.toml, `--config`) in order, then
     /// `cli`. Keys that credentials and tokens carry must agree with the
     /// state's config.
     pub fn resolve(
         state_dir: &Path,
         state: Option<StateConfig<'_>>,
-        file: Option<&Path>,
+        local: &[&Path],
         cli: Overrides,
     ) -> Result<Settings, ConfigError> {
-        let extra = file.map(ConfigFile::load).transpose()?;
-        if let (Some(state), Some(extra), Some(path)) = (&state, &extra, file) {
-            for ((key, given, set, _), (_, shared, _, hint)) in extra.shared().into_iter().zip(state.file.shared()) {
-                if set && given != shared {
-                    return Err(ConfigError::Disagrees(Box::new(Disagreement {
-                        key,
-                        file: path.into(),
-                        given,
-                        state: state.location.to_string(),
-                        shared,
-                        hint,
-                    })));
+        let mut f = state.as_ref().map(|s| s.file.clone()).unwrap_or_default();
+        for path in local {
+            let extra = ConfigFile::load(path)?;
+            if let Some(state) = &state {
+                for ((key, given, set, _), (_, shared, _, hint)) in extra.shared().into_iter().zip(state.file.shared())
+                {
+                    if set && given != shared {
+                        return Err(ConfigError::Disagrees(Box::new(Disagreement {
+                            key,
+                            file: path.to_path_buf(),
+                            given,
+                            state: state.location.to_string(),
+                            shared,
+                            hint,
+                        })));
+                    }
                 }
             }
+            f = merge(f, extra);
         }
-        let base = state.map(|s| s.file.clone()).unwrap_or_default();
-        let f = match extra {
-            Some(extra) => merge(base, extra),
-            None => base,
-        };
         let ifaces = cli
             .ifaces
             .or(f.iface.clone().map(OneOrMany::list))
@@ -475,7 +531,22 @@ impl Settings {
             keep: f.audit.keep.unwrap_or(DEFAULT_AUDIT_KEEP),
             refusals_per_sec: f.audit.refusals_per_sec.unwrap_or(DEFAULT_AUDIT_REFUSALS_PER_SEC),
         };
+        let cluster = match cli.cluster.or(f.cluster.url.clone()) {
+            Some(url) => {
+                let node = cli.node.or(f.cluster.node.clone()).unwrap_or_else(host_name);
+                if !super::valid_name(&node) {
+                    return Err(invalid(
+                        "cluster.node",
+                        &node,
+                        "use 1-64 letters, digits, '.', '-' or '_'",
+                    ));
+                }
+                Some(ClusterSettings { url, node })
+            }
+            None => None,
+        };
         Ok(Settings {
+            cluster,
             portal: portal_settings(cli.portal, &f.portal)?,
             ifaces,
             gate,
@@ -547,6 +618,18 @@ impl Settings {
     }
 }
 
+/// This host's name, the default name of a cluster node.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "node".to_string(),
+    }
+}
+
 /// `over`'s keys where it sets them, `base`'s elsewhere, section by section.
 fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
     fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -595,6 +678,10 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             sessions_per_source: pick(over.portal.sessions_per_source, base.portal.sessions_per_source),
             new_sessions_per_sec: pick(over.portal.new_sessions_per_sec, base.portal.new_sessions_per_sec),
             handshake_timeout: pick(over.portal.handshake_timeout, base.portal.handshake_timeout),
+        },
+        cluster: ClusterSection {
+            url: pick(over.cluster.url, base.cluster.url),
+            node: pick(over.cluster.node, base.cluster.node),
         },
     }
 }
@@ -686,7 +773,7 @@ mod tests {
 
     fn file(text: &str) -> Result<Settings, ConfigError> {
         let path = temp(text);
-        let r = Settings::resolve(Path::new("/state"), None, Some(&path), Overrides::default());
+        let r = Settings::resolve(Path::new("/state"), None, &[&path], Overrides::default());
         std::fs::remove_file(&path).unwrap();
         r
     }
@@ -708,7 +795,7 @@ mod tests {
     #[test]
     fn the_documented_example_is_valid() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
-        let s = Settings::resolve(Path::new("/state"), None, Some(path), Overrides::default())
+        let s = Settings::resolve(Path::new("/state"), None, &[path], Overrides::default())
             .expect("config.example.toml must stay valid");
         assert_eq!(
             (s.ifaces[0].as_str(), s.knock_window.as_secs(), s.public_addrs.len()),
@@ -728,7 +815,7 @@ mod tests {
         };
         let resolve = |text: &str| {
             let path = temp(text);
-            let r = Settings::resolve(Path::new("/state"), state(), Some(&path), Overrides::default());
+            let r = Settings::resolve(Path::new("/state"), state(), &[&path], Overrides::default());
             std::fs::remove_file(&path).unwrap();
             r
         };
@@ -790,7 +877,7 @@ mod tests {
             mode: Some(Mode::Audit),
             ..Default::default()
         };
-        let s = Settings::resolve(Path::new("/state"), None, Some(&path), cli).unwrap();
+        let s = Settings::resolve(Path::new("/state"), None, &[&path], cli).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
             (s.ifaces, s.gate.as_str(), s.mode),

@@ -28,8 +28,8 @@ use tunnel::tls::Identity;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
-    ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version,
-    config::{AUDIT_LOG, ConfigFile, DEFAULT_KNOCK_UDP_PORT},
+    ClientRecord, Loaded, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version,
+    config::{AUDIT_LOG, ConfigFile},
     valid_name,
 };
 use crate::{knock::keys, private_file};
@@ -47,10 +47,6 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 const DAEMON_LOCK: &str = "daemon.lock";
 /// A record file larger than this is refused unread.
 const MAX_RECORD: u64 = 64 * 1024;
-
-/// Records read from a directory, each with its path and file stem, and
-/// the files that could not be read as records.
-type Loaded<T> = (Vec<(String, String, T)>, Vec<Problem>);
 
 /// A state directory.
 #[derive(Clone, Debug)]
@@ -96,6 +92,12 @@ impl FileStore {
     /// kernel releases it however that daemon ends.
     pub fn lock_daemon(&self) -> Result<crate::gate::pins::DaemonLock, crate::gate::pins::PinError> {
         crate::gate::pins::lock_file(&self.root.join(DAEMON_LOCK), &self.root.display().to_string())
+    }
+
+    /// Makes the directory (0700) if it is not there: a cluster node keeps
+    /// its own config, audit trail and control socket in it.
+    pub fn prepare(&self) -> Result<(), StoreError> {
+        self.ensure_dir(&self.root)
     }
 
     fn ensure_dir(&self, dir: &Path) -> Result<(), StoreError> {
@@ -183,25 +185,6 @@ impl FileStore {
             other => other.map_err(io_err(&path)),
         }
     }
-
-    fn starter_config(&self, public_addrs: &[IpAddr]) -> String {
-        let addrs: Vec<String> = public_addrs.iter().map(|a| format!("\"{a}\"")).collect();
-        format!(
-            "# Gatekeeper config (every key: gatekeeper/config.example.toml).\n\
-             # `gatekeeper run --state-dir {dir}` reads it, and credentials and\n\
-             # tunnel tokens are issued from it.\n\n\
-             # The addresses clients knock on; a knock naming another address is refused.\n\
-             public_addrs = [{addrs}]\n\n\
-             # protect = \"tcp/22\"\n\
-             # iface = \"eth0\"\n\n\
-             [knock]\n\
-             # udp_port = {DEFAULT_KNOCK_UDP_PORT}\n\
-             # window = \"120s\"\n\
-             # open_for = \"30s\"\n",
-            dir = self.root.display(),
-            addrs = addrs.join(", "),
-        )
-    }
 }
 
 fn hash_meta(h: &mut DefaultHasher, path: &Path) {
@@ -233,7 +216,14 @@ impl Store for FileStore {
             .map_err(io_err(&key_path))?;
         let config = self.config_path();
         if !config.exists() || force {
-            private_file::write(&config, &self.starter_config(public_addrs)).map_err(io_err(&config))?;
+            private_file::write(
+                &config,
+                &ConfigFile::starter(
+                    public_addrs,
+                    &format!("gatekeeper run --state-dir {}", self.root.display()),
+                ),
+            )
+            .map_err(io_err(&config))?;
         }
         Ok(PublicKey::from(&secret))
     }
@@ -458,7 +448,7 @@ mod tests {
         let (s, dir) = fresh("cred");
         let (_, cred) = s.add_client(&new("alice")).unwrap();
         assert_eq!(cred.servers, ["192.0.2.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(cred.knock_port, DEFAULT_KNOCK_UDP_PORT);
+        assert_eq!(cred.knock_port, crate::store::config::DEFAULT_KNOCK_UDP_PORT);
         assert_eq!(
             cred.tls_fingerprint,
             Some(s.identity().unwrap().fingerprint().to_string()),

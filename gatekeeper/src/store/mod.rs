@@ -7,12 +7,15 @@
 //! - [`config`]: the config file's schema, and the daemon's settings
 //!   resolved from it and from flags.
 //! - [`files`]: the local-files backend, a state directory.
+//! - [`cluster`]: the cluster backend, records several gateways share in
+//!   Redis.
 //! - [`watch`]: following the state, so that every revocation takes effect.
 //!
 //! A record that cannot be used (a file with a syntax error, a missing key,
 //! a name that does not match its file) is a [`Problem`]: named, reported,
 //! skipped. It never stops anyone else's knock, revocation or enrollment.
 
+pub mod cluster;
 pub mod config;
 pub mod files;
 pub mod watch;
@@ -46,6 +49,8 @@ pub enum StoreError {
     Exists(String),
     #[error("{0} is not initialised: run `gatekeeper init --state-dir {0} --public-addr ADDR` first")]
     NotInitialised(String),
+    #[error("the cluster at {0} is not initialised: run `gatekeeper init --cluster URL --public-addr ADDR` once first")]
+    ClusterNotInitialised(String),
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
     #[error("bad {kind} name {name:?}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")]
@@ -62,7 +67,23 @@ pub enum StoreError {
     Config(#[from] ConfigError),
     #[error("the gateway's TLS identity")]
     Tls(#[source] TlsError),
+    #[error("bad cluster address {url}: use redis://[USER:PASS@]HOST:PORT[/DB]")]
+    ClusterUrl {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("the cluster's Redis at {location}")]
+    Cluster {
+        location: String,
+        #[source]
+        source: redis::RedisError,
+    },
 }
+
+/// Records read from a store, each with where it is and the name that
+/// place gives it, and the places that could not be read as records.
+type Loaded<T> = (Vec<(String, String, T)>, Vec<Problem>);
 
 /// One enrolled device, as the gateway stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,11 @@ impl Watcher {
         &self.snapshot
     }
 
+    /// The version of the records in force (none after a failed read).
+    pub fn version(&self) -> Option<super::Version> {
+        self.version.filter(|_| !self.failing)
+    }
+
     /// Whether `owner` (a whitelist entry's owner id) may keep its entries.
     pub fn allows_owner(&self, owner: u32) -> bool {
         self.clients.contains_key(&owner)

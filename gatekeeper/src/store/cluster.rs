@@ -1,0 +1,381 @@
+//! The cluster backend: the records several gateways share, kept in Redis.
+//!
+//! ```text
+//! gatekeeper:server_key   the gateways' X25519 secret (base64)
+//! gatekeeper:identity     hash: cert, key (PEM), the TLS identity all nodes present
+//! gatekeeper:config       the shared config (TOML, the same keys as gatekeeper.toml)
+//! gatekeeper:clients      hash: NAME -> client record (TOML)
+//! gatekeeper:tunnels      hash: NAME -> tunnel record (TOML)
+//! gatekeeper:version      bumped in the same transaction as every write
+//! gatekeeper:nodes        hash: NODE -> what that node last reported (JSON)
+//! ```
+//!
+//! Each running node reports, about once a second, the version of the
+//! records it has put into force; that is how a change made from any
+//! node's CLI is confirmed by all of them, and how `status` lists them.
+//!
+//! Records are the same TOML as the local files, so a record that cannot
+//! be used is named (`gatekeeper:clients NAME`) and skipped exactly as a
+//! bad file is. Calls are synchronous with short timeouts: the CLI and the
+//! watcher ask, and an unreachable server is an error they report and
+//! retry, never a hang.
+
+use std::{net::IpAddr, sync::Mutex, time::Duration};
+
+use redis::{Client, Connection, RedisError};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tunnel::tls::Identity;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::{
+    ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version, config::ConfigFile, valid_name,
+};
+use crate::knock::keys;
+
+const SERVER_KEY: &str = "gatekeeper:server_key";
+const IDENTITY: &str = "gatekeeper:identity";
+const CONFIG: &str = "gatekeeper:config";
+const CLIENTS: &str = "gatekeeper:clients";
+const TUNNELS: &str = "gatekeeper:tunnels";
+const VERSION: &str = "gatekeeper:version";
+const NODES: &str = "gatekeeper:nodes";
+/// A node that has not reported for this long is not counted as running.
+pub const NODE_SILENT_AFTER_MS: u64 = 3_000;
+/// How long connecting, and each command, may take.
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// A record larger than this is refused unread, as a file would be.
+const MAX_RECORD: usize = 64 * 1024;
+
+/// A Redis server holding a cluster's shared records.
+pub struct ClusterStore {
+    client: Client,
+    location: String,
+    /// Kept between calls; dropped after an error and made anew.
+    connection: Mutex<Option<Connection>>,
+}
+
+impl ClusterStore {
+    /// `url`: `redis://[USER:PASS@]HOST:PORT[/DB]`. Nothing is dialled yet.
+    pub fn open(url: &str) -> Result<ClusterStore, StoreError> {
+        let client = Client::open(url).map_err(|source| StoreError::ClusterUrl {
+            url: redact(url),
+            source,
+        })?;
+        let info = client.get_connection_info();
+        let location = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        Ok(ClusterStore {
+            client,
+            location,
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the kept connection (made if needed); a failure drops
+    /// it, so the next call dials afresh.
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+        let mut kept = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        let mut con = match kept.take() {
+            Some(con) => con,
+            None => self.dial().map_err(|e| self.err(e))?,
+        };
+        let result = f(&mut con);
+        if result.is_ok() {
+            *kept = Some(con);
+        }
+        result.map_err(|e| self.err(e))
+    }
+
+    fn dial(&self) -> redis::RedisResult<Connection> {
+        let con = self.client.get_connection_with_timeout(TIMEOUT)?;
+        con.set_read_timeout(Some(TIMEOUT))?;
+        con.set_write_timeout(Some(TIMEOUT))?;
+        Ok(con)
+    }
+
+    fn err(&self, source: RedisError) -> StoreError {
+        StoreError::Cluster {
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        hash: &str,
+        name: &str,
+        missing: impl FnOnce(String) -> StoreError,
+    ) -> Result<T, StoreError> {
+        if !valid_name(name) {
+            return Err(missing(name.to_string()));
+        }
+        let text: Option<String> = self.with(|c| redis::cmd("HGET").arg(hash).arg(name).query(c))?;
+        let text = text.ok_or_else(|| missing(name.to_string()))?;
+        parse(&text).map_err(|reason| StoreError::Invalid {
+            path: format!("{hash} {name}"),
+            reason,
+        })
+    }
+
+    fn put(&self, hash: &str, name: &str, text: &str, put: Put, exists: StoreError) -> Result<(), StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::Name {
+                kind: if hash == CLIENTS { "client" } else { "tunnel" },
+                name: name.to_string(),
+            });
+        }
+        let set = match put {
+            Put::Create => "HSETNX",
+            Put::Replace => "HSET",
+        };
+        let (written, _): (i64, i64) = self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd(set)
+                .arg(hash)
+                .arg(name)
+                .arg(text)
+                .cmd("INCR")
+                .arg(VERSION)
+                .query(c)
+        })?;
+        if put == Put::Create && written == 0 {
+            return Err(exists);
+        }
+        Ok(())
+    }
+
+    /// Every record in `hash`, with where it is and the name it is under;
+    /// the unreadable ones as problems.
+    fn read_all<T: DeserializeOwned>(&self, hash: &str) -> Result<super::Loaded<T>, StoreError> {
+        let all: Vec<(String, String)> = self.with(|c| redis::cmd("HGETALL").arg(hash).query(c))?;
+        let (mut records, mut problems) = (Vec::new(), Vec::new());
+        for (name, text) in all {
+            let path = format!("{hash} {name}");
+            match parse(&text) {
+                Ok(rec) => records.push((path, name, rec)),
+                Err(reason) => problems.push(Problem { path, reason }),
+            }
+        }
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((records, problems))
+    }
+}
+
+/// What a running node last said about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    /// The records' version it has put into force.
+    pub applied: u64,
+    /// Unix milliseconds of the report.
+    pub seen_ms: u64,
+    pub pid: u32,
+    pub release: String,
+    /// Unix seconds it started at.
+    pub started: u64,
+}
+
+impl NodeReport {
+    /// Whether the node reported recently enough to count as running.
+    pub fn live_at(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.seen_ms) < NODE_SILENT_AFTER_MS
+    }
+}
+
+impl ClusterStore {
+    /// Records what this node has put into force.
+    pub fn report_node(&self, report: &NodeReport) -> Result<(), StoreError> {
+        let json = serde_json::to_string(report).map_err(|e| StoreError::Invalid {
+            path: format!("{NODES} {}", report.name),
+            reason: e.to_string(),
+        })?;
+        self.with(|c| redis::cmd("HSET").arg(NODES).arg(&report.name).arg(json).query::<()>(c))
+    }
+
+    /// Every node that ever reported, in name order; reports that cannot
+    /// be read are left out.
+    pub fn nodes(&self) -> Result<Vec<NodeReport>, StoreError> {
+        let all: Vec<(String, String)> = self.with(|c| redis::cmd("HGETALL").arg(NODES).query(c))?;
+        let mut nodes: Vec<NodeReport> = all.iter().filter_map(|(_, j)| serde_json::from_str(j).ok()).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+}
+
+fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    if text.len() > MAX_RECORD {
+        return Err(format!("{} bytes, larger than any record", text.len()));
+    }
+    toml::from_str(text).map_err(|e| super::toml_error(text, &e))
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Store for ClusterStore {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn initialised(&self) -> bool {
+        self.with(|c| redis::cmd("EXISTS").arg(SERVER_KEY).query::<bool>(c))
+            .unwrap_or(false)
+    }
+
+    fn init(&self, public_addrs: &[IpAddr], force: bool) -> Result<PublicKey, StoreError> {
+        let secret = keys::generate();
+        let encoded = keys::encode(&secret.to_bytes());
+        let config = ConfigFile::starter(public_addrs, &format!("gatekeeper run --cluster {}", self.location));
+        let set: bool = self.with(|c| {
+            let mut set = redis::cmd("SET");
+            set.arg(SERVER_KEY).arg(&encoded);
+            if !force {
+                set.arg("NX");
+            }
+            let (done, _, _): (Option<String>, bool, i64) = redis::pipe()
+                .atomic()
+                .add_command(set)
+                .cmd("SETNX")
+                .arg(CONFIG)
+                .arg(&config)
+                .cmd("INCR")
+                .arg(VERSION)
+                .query(c)?;
+            Ok(done.is_some())
+        })?;
+        if !set {
+            return Err(StoreError::Exists(format!("{SERVER_KEY} at {}", self.location)));
+        }
+        if force {
+            self.with(|c| redis::cmd("SET").arg(CONFIG).arg(&config).query::<()>(c))?;
+        }
+        Ok(PublicKey::from(&secret))
+    }
+
+    fn server_secret(&self) -> Result<StaticSecret, StoreError> {
+        let text: Option<String> = self.with(|c| redis::cmd("GET").arg(SERVER_KEY).query(c))?;
+        let text = text.ok_or_else(|| StoreError::ClusterNotInitialised(self.location.clone()))?;
+        keys::decode_secret(&text).map_err(|e| StoreError::Invalid {
+            path: format!("{SERVER_KEY} at {}", self.location),
+            reason: e.to_string(),
+        })
+    }
+
+    fn identity(&self) -> Result<Identity, StoreError> {
+        let pem = |c: &mut Connection| -> redis::RedisResult<(Option<String>, Option<String>)> {
+            redis::cmd("HMGET").arg(IDENTITY).arg("cert").arg("key").query(c)
+        };
+        if let (Some(cert), Some(key)) = self.with(pem)? {
+            return Identity::from_pem(&cert, &key).map_err(StoreError::Tls);
+        }
+        let mut names: Vec<String> = self.config()?.public_addrs().iter().map(ToString::to_string).collect();
+        names.push("gatekeeper".into());
+        let id = Identity::generate(&names).map_err(StoreError::Tls)?;
+        let (cert, key) = id.to_pem();
+        // The first node to get here makes the identity; the others use it.
+        self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("HSETNX")
+                .arg(IDENTITY)
+                .arg("cert")
+                .arg(cert)
+                .cmd("HSETNX")
+                .arg(IDENTITY)
+                .arg("key")
+                .arg(key)
+                .query::<()>(c)
+        })?;
+        match self.with(pem)? {
+            (Some(cert), Some(key)) => Identity::from_pem(&cert, &key).map_err(StoreError::Tls),
+            _ => Err(StoreError::Invalid {
+                path: format!("{IDENTITY} at {}", self.location),
+                reason: "the certificate or its key went missing while it was being made".into(),
+            }),
+        }
+    }
+
+    fn config(&self) -> Result<ConfigFile, StoreError> {
+        let text: Option<String> = self.with(|c| redis::cmd("GET").arg(CONFIG).query(c))?;
+        match text {
+            Some(text) => Ok(ConfigFile::parse(&text, &format!("{CONFIG} at {}", self.location))?),
+            None => Ok(ConfigFile::default()),
+        }
+    }
+
+    fn version(&self) -> Result<Version, StoreError> {
+        let v: Option<u64> = self.with(|c| redis::cmd("GET").arg(VERSION).query(c))?;
+        Ok(Version(v.unwrap_or(0)))
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let (clients, mut problems) = self.read_all::<ClientRecord>(CLIENTS)?;
+        let (tunnels, more) = self.read_all::<TunnelRecord>(TUNNELS)?;
+        problems.extend(more);
+        let mut snap = Snapshot {
+            problems,
+            ..Snapshot::default()
+        };
+        snap.admit(clients, tunnels);
+        Ok(snap)
+    }
+
+    fn client(&self, name: &str) -> Result<ClientRecord, StoreError> {
+        self.get(CLIENTS, name, StoreError::NoSuchClient)
+    }
+
+    fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError> {
+        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
+            path: format!("{CLIENTS} {}", rec.name),
+            reason: e.to_string(),
+        })?;
+        self.put(
+            CLIENTS,
+            &rec.name,
+            &text,
+            put,
+            StoreError::DuplicateClient(rec.name.clone()),
+        )
+    }
+
+    fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError> {
+        self.get(TUNNELS, name, StoreError::NoSuchTunnel)
+    }
+
+    fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
+        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
+            path: format!("{TUNNELS} {}", rec.name),
+            reason: e.to_string(),
+        })?;
+        self.put(
+            TUNNELS,
+            &rec.name,
+            &text,
+            put,
+            StoreError::DuplicateTunnel(rec.name.clone()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("redis://gk:s3cret@10.0.0.5:6379/2"),
+            "redis://***@10.0.0.5:6379/2"
+        );
+        assert_eq!(redact("redis://10.0.0.5"), "redis://10.0.0.5");
+        let e = ClusterStore::open("redis://gk:s3cret@[::1:6379")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| !e.contains("s3cret")));
+    }
+}
