@@ -45,20 +45,24 @@ pub enum Role {
     /// A host of its own on the lab network (`Lab::add_host`), for a
     /// cluster's Redis.
     Store,
+    /// Gateway node N (1-based) of a cluster behind a router
+    /// (`Lab::cluster`): its uplink is `gw0` at 10.80.N.2.
+    Node(u8),
 }
 
 impl Role {
     const ALL: [Role; 3] = [Role::Gateway, Role::Client, Role::Intruder];
 
-    fn short(self) -> &'static str {
+    fn short(self) -> String {
         match self {
-            Role::Gateway => "gw",
-            Role::Client => "cl",
-            Role::Intruder => "in",
-            Role::Router => "rt",
-            Role::NatA => "na",
-            Role::NatB => "nb",
-            Role::Store => "st",
+            Role::Gateway => "gw".into(),
+            Role::Client => "cl".into(),
+            Role::Intruder => "in".into(),
+            Role::Router => "rt".into(),
+            Role::NatA => "na".into(),
+            Role::NatB => "nb".into(),
+            Role::Store => "st".into(),
+            Role::Node(n) => format!("n{n}"),
         }
     }
 
@@ -67,6 +71,7 @@ impl Role {
     pub fn addr(self) -> Ipv4Addr {
         match self {
             Role::NatA | Role::NatB => Ipv4Addr::new(192, 168, 77, self.host()),
+            Role::Node(n) => Ipv4Addr::new(10, 80, n, 2),
             _ => Ipv4Addr::new(10, 77, 0, self.host()),
         }
     }
@@ -83,13 +88,14 @@ impl Role {
             Role::Intruder | Role::NatB => 3,
             Role::Router => 4,
             Role::Store => 5,
+            Role::Node(n) => 10 + n,
         }
     }
 
     /// The role's interface, inside its namespace.
     pub fn iface(self) -> &'static str {
         match self {
-            Role::Gateway => GW_IFACE,
+            Role::Gateway | Role::Node(_) => GW_IFACE,
             Role::Client => "cl0",
             Role::Intruder => "in0",
             Role::Router => "rt0",
@@ -111,6 +117,10 @@ pub const SERVICE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 /// With [`Lab::add_uplink`]: the client's address on its loopback, the
 /// same whichever uplink carries it.
 pub const ROAMING_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+
+/// With [`Lab::cluster`]: the address every node answers on, to which the
+/// router spreads flows by ECMP.
+pub const SHARED_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
 
 /// The gateway's IPv4 address at `port`.
 pub fn gw(port: u16) -> SocketAddr {
@@ -175,6 +185,8 @@ pub struct Lab {
     id: String,
     namespaces: Vec<String>,
     pin_dir: PathBuf,
+    /// Gateway nodes of a cluster lab, each with pins of its own.
+    nodes: u8,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     scratch: PathBuf,
@@ -326,6 +338,89 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A cluster of `nodes` gateways behind one address: a router on the
+    /// lab network (10.77.0.4) spreads flows to [`SHARED_ADDR`] over one
+    /// link per node (10.80.N.0/24, the node's `gw0` at .2) by ECMP with
+    /// L4 hashing, so a knock and the connection after it may land on
+    /// different nodes; each node holds the shared address on its
+    /// loopback. The client and the intruder route to it via the router;
+    /// a Redis host (`Role::Store`, 10.77.0.5) sits on the lab network.
+    pub fn cluster(nodes: u8) -> Result<Lab> {
+        let mut lab = Lab::empty()?;
+        let sw = format!("{}-sw", lab.id);
+        lab.add_ns(&sw)?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for role in [Role::Client, Role::Intruder, Role::Router, Role::Store] {
+            lab.add_host(role)?;
+        }
+        let rt = lab.ns(Role::Router);
+        lab.exec(Role::Router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        lab.exec(Role::Router, &["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"])?;
+        let mut hops = Vec::new();
+        for n in 1..=nodes {
+            let node = Role::Node(n);
+            let ns = lab.ns(node);
+            lab.add_ns(&ns)?;
+            lab.nodes = n;
+            let (link, near) = (format!("r{n}"), format!("10.80.{n}.1"));
+            veth(node.iface(), &ns, &link, &rt)?;
+            sh(&["ip", "-n", &rt, "addr", "add", &format!("{near}/24"), "dev", &link])?;
+            sh(&["ip", "-n", &rt, "link", "set", &link, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.addr()),
+                "dev",
+                node.iface(),
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{SHARED_ADDR}/32"),
+                "dev",
+                "lo",
+            ])?;
+            for dev in [node.iface(), "lo"] {
+                sh(&["ip", "-n", &ns, "link", "set", dev, "up"])?;
+            }
+            sh(&["ip", "-n", &ns, "route", "add", "default", "via", &near])?;
+            hops.extend([
+                "nexthop".to_string(),
+                "via".into(),
+                node.addr().to_string(),
+                "dev".into(),
+                link,
+            ]);
+        }
+        let mut route = vec!["ip".to_string(), "-n".into(), rt.clone(), "route".into(), "add".into()];
+        route.push(format!("{SHARED_ADDR}/32"));
+        route.extend(hops);
+        sh(&route.iter().map(String::as_str).collect::<Vec<_>>())?;
+        for role in [Role::Client, Role::Intruder, Role::Store] {
+            let ns = lab.ns(role);
+            for net in [format!("{SHARED_ADDR}/32"), "10.80.0.0/16".to_string()] {
+                sh(&[
+                    "ip",
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &net,
+                    "via",
+                    &Role::Router.addr().to_string(),
+                ])?;
+            }
+        }
+        Ok(lab)
+    }
+
     /// Adds `role` as one more host on the lab network, with its address.
     pub fn add_host(&mut self, role: Role) -> Result<()> {
         let (sw, ns) = (format!("{}-sw", self.id), self.ns(role));
@@ -471,6 +566,7 @@ impl Lab {
         std::fs::create_dir_all(&scratch)?;
         Ok(Lab {
             pin_dir: Path::new(gatekeeper::gate::pins::BPFFS).join(&id),
+            nodes: 0,
             id,
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -500,12 +596,21 @@ impl Lab {
 
     /// The namespace a role lives in.
     pub fn ns(&self, role: Role) -> String {
-        format!("{}-{}", self.id, role.short())
+        let role = role.short();
+        format!("{}-{role}", self.id)
     }
 
     /// Where this lab's gate pins its maps.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Where a gateway role's gate pins its maps.
+    pub fn pin_dir_of(&self, role: Role) -> PathBuf {
+        match role {
+            Role::Node(n) => Path::new(gatekeeper::gate::pins::BPFFS).join(format!("{}n{n}", self.id)),
+            _ => self.pin_dir.clone(),
+        }
     }
 
     /// A scratch directory removed with the lab.
@@ -516,18 +621,31 @@ impl Lab {
     /// The gateway's state directory (keys, clients, audit log); the daemon
     /// is always started with it.
     pub fn state_dir(&self) -> PathBuf {
-        self.scratch.join("state")
+        self.state_dir_of(Role::Gateway)
+    }
+
+    /// A gateway role's state directory.
+    pub fn state_dir_of(&self, role: Role) -> PathBuf {
+        match role {
+            Role::Node(n) => self.scratch.join(format!("state-n{n}")),
+            _ => self.scratch.join("state"),
+        }
     }
 
     /// Runs a `gatekeeper` command that takes `--state-dir`, in the
     /// gateway's network namespace where it has one (a cluster's Redis is
     /// reached from there); returns stdout.
     pub fn state_cli(&self, args: &[&str]) -> Result<String> {
+        self.state_cli_on(Role::Gateway, args)
+    }
+
+    /// [`Lab::state_cli`] on a gateway role.
+    pub fn state_cli_on(&self, role: Role, args: &[&str]) -> Result<String> {
         let out = self
-            .gateway_command()?
+            .gateway_command(role)?
             .args(args)
             .arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(self.state_dir_of(role))
             .stdin(Stdio::null())
             .output()?;
         stdout_of(args, out)
@@ -605,7 +723,12 @@ impl Lab {
 
     /// Every line of the audit log, parsed.
     pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(self.state_dir().join("audit.log")).unwrap_or_default();
+        self.audit_of(Role::Gateway)
+    }
+
+    /// Every line of a gateway role's audit log, parsed.
+    pub fn audit_of(&self, role: Role) -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.state_dir_of(role).join("audit.log")).unwrap_or_default();
         Ok(text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
     }
 
@@ -756,11 +879,16 @@ impl Lab {
     /// the gateway's network namespace where it has one (only that: the
     /// CLI sees the same bpffs as the daemon).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        self.cli_on(Role::Gateway, args)
+    }
+
+    /// [`Lab::cli`] on a gateway role's gate.
+    pub fn cli_on(&self, role: Role, args: &[&str]) -> Result<Output> {
         let out = self
-            .gateway_command()?
+            .gateway_command(role)?
             .args(args)
             .arg("--pin-dir")
-            .arg(&self.pin_dir)
+            .arg(self.pin_dir_of(role))
             .stdin(Stdio::null())
             .output()?;
         Ok(out)
@@ -768,8 +896,8 @@ impl Lab {
 
     /// `gatekeeper`, to be run in the gateway's network namespace where it
     /// has one (only that: it sees the same bpffs as the daemon).
-    fn gateway_command(&self) -> Result<Command> {
-        let netns = format!("/run/netns/{}", self.ns(Role::Gateway));
+    fn gateway_command(&self, role: Role) -> Result<Command> {
+        let netns = format!("/run/netns/{}", self.ns(role));
         Ok(if Path::new(&netns).exists() {
             let mut c = Command::new("nsenter");
             c.arg(format!("--net={netns}")).arg(gatekeeper_bin()?);
@@ -789,16 +917,21 @@ impl Lab {
     /// Only the network namespace is entered, so daemon and CLI see the
     /// same bpffs.
     pub fn start_daemon(&self, args: &[&str]) -> Result<Daemon> {
+        self.start_daemon_on(Role::Gateway, args)
+    }
+
+    /// [`Lab::start_daemon`] on a gateway role.
+    pub fn start_daemon_on(&self, role: Role, args: &[&str]) -> Result<Daemon> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let log_path = self.scratch.join(format!("daemon-{n}.log"));
         let log = File::create(&log_path)?;
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns(Role::Gateway)))
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(role)))
             .arg(gatekeeper_bin()?)
-            .args(["run", "--iface", GW_IFACE, "--pin-dir"])
-            .arg(&self.pin_dir)
+            .args(["run", "--iface", role.iface(), "--pin-dir"])
+            .arg(self.pin_dir_of(role))
             .arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(self.state_dir_of(role))
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -846,6 +979,9 @@ impl Drop for Lab {
             let _ = t.join();
         }
         let _ = gatekeeper::gate::unpin_all(&self.pin_dir);
+        for n in 1..=self.nodes {
+            let _ = gatekeeper::gate::unpin_all(&self.pin_dir_of(Role::Node(n)));
+        }
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }

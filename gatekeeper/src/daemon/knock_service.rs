@@ -1,12 +1,17 @@
 //! The daemon's side of knocks: verify each diverted knock (and each knock
 //! the portal found in a ClientHello), open what it grants, and audit it.
 //! It owns the verifier's registry, rebuilt from the store's records
-//! whenever they change, and the index of the replay cache.
+//! whenever they change, and the index of the replay cache. In a cluster
+//! an accepted knock waits for its nonce to be claimed in the shared
+//! replay cache (one round trip) before it opens anything; grants other
+//! nodes published are checked against the same registry and opened here.
 
 use std::{
     cmp::Reverse,
     collections::{BTreeSet, BinaryHeap, HashMap},
 };
+
+use super::cluster::{Claimed, Link, Outage, SharedGrant};
 
 use gatekeeper_common::maps::KEY_ID_LEN;
 use tracing::warn;
@@ -18,11 +23,14 @@ use crate::{
     gate::{Gate, GateError},
     knock::{
         ask::{Ask, Verdict},
-        verify::{Client, ClientKeys, Knock, Registry, ReplayError, Standing, Verifier},
+        verify::{Checked, Client, ClientKeys, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
         wire::NONCE_LEN,
     },
     spec::{PortRange, Proto},
-    store::{Problem, Snapshot, config::Settings},
+    store::{
+        Problem, Snapshot,
+        config::{Settings, WhenUnreachable},
+    },
 };
 
 /// Replay-cache nonces, soonest to be forgotten on top.
@@ -42,6 +50,17 @@ pub struct KnockService {
     open_for_ns: u64,
     /// Where authorized portal sessions go unless their client names a place.
     portal_upstream: Option<String>,
+    cluster: Option<Cluster>,
+}
+
+/// A cluster node's share of the knocks: the link, and the accepted
+/// knocks waiting for their nonce to be claimed.
+struct Cluster {
+    link: Link,
+    pending: HashMap<u64, (Knock, Checked)>,
+    next_id: u64,
+    when_unreachable: WhenUnreachable,
+    outage: Outage,
 }
 
 /// Records `nonce` in the replay cache and, once the sweep has its index,
@@ -71,7 +90,19 @@ impl KnockService {
             audit,
             open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
             portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
+            cluster: None,
         }
+    }
+
+    /// Shares the replay cache and the grants through `link`.
+    pub fn join(&mut self, link: Link, when_unreachable: WhenUnreachable) {
+        self.cluster = Some(Cluster {
+            link,
+            pending: HashMap::new(),
+            next_id: 0,
+            when_unreachable,
+            outage: Outage::default(),
+        });
     }
 
     /// Rebuilds the registry from `snapshot`. A live tunnel lets the
@@ -131,11 +162,78 @@ impl KnockService {
     }
 
     /// Verifies one knock; opens what it grants, then audits what happened.
+    /// In a cluster, an accepted knock is first claimed (see [`Self::claimed`]).
     pub fn handle(&mut self, gate: &Gate, knock: &Knock) {
         let expiry = &mut self.expiry;
-        let checked = self
-            .verifier
-            .check(knock, unix_now(), |nonce, until| record(gate, expiry, nonce, until));
+        let mut recorded = None;
+        let checked = self.verifier.check(knock, unix_now(), |nonce, until| {
+            let fresh = record(gate, expiry, nonce, until);
+            if matches!(fresh, Ok(true)) {
+                recorded = Some((*nonce, until));
+            }
+            fresh
+        });
+        if let (Ok(grant), Some(c), Some((nonce, until))) = (&checked.outcome, self.cluster.as_mut(), recorded) {
+            let expires_ms = crate::clock::unix_now_ms().saturating_add(self.open_for_ns / 1_000_000);
+            let shared = SharedGrant::new(c.link.node(), &grant.key, grant.ports, expires_ms, grant.client_id);
+            let id = c.next_id;
+            c.next_id += 1;
+            c.link.claim(id, &nonce, until, &shared);
+            c.pending.insert(id, (knock.clone(), checked));
+            return;
+        }
+        self.open(gate, knock, checked);
+    }
+
+    /// The cluster's answer to the claim on knock `id`'s nonce: a fresh
+    /// nonce opens, a taken one is a replay, and without an answer the
+    /// node decides alone or refuses, as configured.
+    pub fn claimed(&mut self, gate: &Gate, id: u64, claimed: Claimed) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some((knock, mut checked)) = c.pending.remove(&id) else {
+            return;
+        };
+        match claimed {
+            Claimed::Fresh => c.outage.recovered(),
+            Claimed::Taken => {
+                c.outage.recovered();
+                checked.outcome = Err(Rejection::Replay);
+            }
+            Claimed::Unreachable(why) => {
+                c.outage.failed(&why);
+                if c.when_unreachable == WhenUnreachable::Refuse {
+                    checked.outcome = Err(Rejection::ClusterUnreachable(why));
+                }
+            }
+        }
+        self.open(gate, &knock, checked);
+    }
+
+    /// Opens, in this node's gate, a grant another node published, if the
+    /// client it names may open it here too and it has not run out.
+    pub fn shared_grant(&self, gate: &Gate, grant: &SharedGrant) {
+        let Some(proto) = Proto::from_number(grant.proto) else {
+            return;
+        };
+        let now_ms = crate::clock::unix_now_ms();
+        if grant.expires_ms <= now_ms
+            || !self
+                .verifier
+                .registry
+                .admits(grant.owner, proto, grant.ports(), unix_now())
+        {
+            return;
+        }
+        let expires = clock::now_ns().saturating_add((grant.expires_ms - now_ms).saturating_mul(1_000_000));
+        if let Err(e) = gate.whitelist_grant(&grant.key(), grant.ports(), expires, 0, grant.owner) {
+            warn!(error = %crate::error_chain(&e), node = %grant.node, "could not open a grant another node published");
+        }
+    }
+
+    /// Opens what an accepted knock grants, then audits what happened.
+    fn open(&mut self, gate: &Gate, knock: &Knock, checked: Checked) {
         let opened = checked.outcome.as_ref().ok().map(|grant| {
             // A fresh knock for a live entry extends it and adds its ports.
             let expires = clock::now_ns().saturating_add(self.open_for_ns);

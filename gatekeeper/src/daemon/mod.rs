@@ -14,7 +14,10 @@
 //!
 //! - [`coverage`]: which interfaces the gate spans, and which it misses.
 //! - [`knock_service`]: verifying knocks, opening what they grant.
+//! - [`cluster`]: what a cluster node shares at once: the replay cache and
+//!   the grants.
 
+pub mod cluster;
 pub mod coverage;
 pub mod knock_service;
 
@@ -61,6 +64,7 @@ use crate::{
     },
     tunnels::gateway::{Gateway, GatewayError},
 };
+use cluster::{Event, Link};
 use coverage::Coverage;
 use knock_service::KnockService;
 
@@ -104,6 +108,12 @@ pub enum DaemonError {
     },
     #[error("listening for signals")]
     Signal(#[source] std::io::Error),
+    #[error("joining the cluster's grants at {location}")]
+    ClusterLink {
+        location: String,
+        #[source]
+        source: redis::RedisError,
+    },
 }
 
 /// Why [`run`] returned.
@@ -266,6 +276,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let (control_tx, mut control_rx) = mpsc::channel::<Asked>(16);
     let mut knocks = None;
     let mut first_change = None;
+    let mut cluster_events = None;
     let mut portals = Vec::new();
     if initialised {
         let (audit, _writer) = Audit::start(&settings.audit).map_err(|source| DaemonError::Audit {
@@ -273,7 +284,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             source,
         })?;
         let (watcher, change) = Watcher::start(store.clone(), unix_now())?;
-        let service = KnockService::new(&settings, store.server_secret()?, audit.clone());
+        let mut service = KnockService::new(&settings, store.server_secret()?, audit.clone());
+        if let Some(c) = &settings.cluster {
+            let (link, events) = Link::start(&c.url, &c.node)
+                .await
+                .map_err(|source| DaemonError::ClusterLink {
+                    location: store.location(),
+                    source,
+                })?;
+            service.join(link, c.when_unreachable);
+            cluster_events = Some(events);
+        }
         let identity = store.identity()?;
         let (gateway, tunnel_listener) = Gateway::bind(
             settings.tunnel_port,
@@ -384,6 +405,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 }
                 guard.clear_ready();
             }
+            Some(event) = next_event(&mut cluster_events) => daemon.cluster_event(event),
             Some(ask) = asked.recv() => {
                 if let Some(k) = daemon.knocks.as_mut() {
                     k.service.handle_portal(&daemon.gate, ask);
@@ -466,6 +488,25 @@ impl Daemon {
                 info!(event = "audit_would_drop", %src, sport, %dst, dport, proto,
                     reason = reason.map(|r| r.name()).unwrap_or("unknown"), "audit mode passed a packet enforce mode would drop");
             }
+        }
+    }
+
+    /// What the cluster's link reports: claims answered, grants other
+    /// nodes published.
+    fn cluster_event(&mut self, event: Event) {
+        let Some(k) = self.knocks.as_mut() else {
+            return;
+        };
+        match event {
+            Event::Claimed { id, claimed } => k.service.claimed(&self.gate, id, claimed),
+            Event::Grant(grant) => k.service.shared_grant(&self.gate, &grant),
+            Event::Resync(all) => {
+                for grant in &all {
+                    k.service.shared_grant(&self.gate, grant);
+                }
+                info!(grants = all.len(), "read the cluster's live grants");
+            }
+            Event::Lost(why) => warn!(error = %why, "lost the cluster's grants; subscribing again"),
         }
     }
 
@@ -665,6 +706,14 @@ impl Daemon {
             counters,
             cluster: self.node.as_ref().map(Node::status),
         }
+    }
+}
+
+/// The next event from the cluster's link; never, outside a cluster.
+async fn next_event(events: &mut Option<mpsc::Receiver<Event>>) -> Option<Event> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

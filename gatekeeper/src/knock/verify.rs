@@ -110,6 +110,14 @@ impl Registry {
         self.by_key.insert(client.key_id, client);
     }
 
+    /// Whether client `id` may open `ports` of `proto` at `unix_now`: what a
+    /// grant another cluster node published must satisfy here too.
+    pub fn admits(&self, id: u32, proto: Proto, ports: PortRange, unix_now: u64) -> bool {
+        self.by_key
+            .values()
+            .any(|c| c.id == id && c.enabled && c.expires.is_none_or(|e| unix_now < e) && c.policy.covers(proto, ports))
+    }
+
     pub fn clients(&self) -> impl Iterator<Item = &Client> {
         self.by_key.values()
     }
@@ -142,6 +150,9 @@ pub enum Rejection {
     Replay,
     ReplayCacheFull,
     ReplayCacheFailed(String),
+    /// A cluster node could not claim the nonce in the shared replay cache,
+    /// and is set to refuse rather than decide alone.
+    ClusterUnreachable(String),
     WrongServer(IpAddr),
     BadRequest(String),
     OutsidePolicy,
@@ -171,6 +182,7 @@ impl Rejection {
             Rejection::Replay => "replay",
             Rejection::ReplayCacheFull => "replay_cache_full",
             Rejection::ReplayCacheFailed(_) => "replay_cache_failed",
+            Rejection::ClusterUnreachable(_) => "cluster_unreachable",
             Rejection::WrongServer(_) => "wrong_server",
             Rejection::BadRequest(_) => "bad_request",
             Rejection::OutsidePolicy => "outside_policy",
@@ -213,6 +225,7 @@ impl fmt::Display for Rejection {
             Rejection::Replay => f.write_str("this knock was seen before"),
             Rejection::ReplayCacheFull => f.write_str("the replay cache is full; refusing until it is swept"),
             Rejection::ReplayCacheFailed(e) => write!(f, "the replay cache could not record the nonce: {e}"),
+            Rejection::ClusterUnreachable(e) => write!(f, "the cluster's replay cache did not answer ({e})"),
             Rejection::WrongServer(ip) => write!(f, "addressed to {ip}, not to this gateway"),
             Rejection::BadRequest(e) => write!(f, "{e}"),
             Rejection::OutsidePolicy => f.write_str("the requested ports are outside the client's policy"),

@@ -161,6 +161,18 @@ pub struct ConfigFile {
 struct ClusterSection {
     url: Option<String>,
     node: Option<String>,
+    when_unreachable: Option<WhenUnreachable>,
+}
+
+/// What a cluster node does with a knock it accepted while the cluster's
+/// Redis does not answer: decide alone, with its own replay cache, and
+/// open only itself (`local`), or refuse it (`refuse`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenUnreachable {
+    #[default]
+    Local,
+    Refuse,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -419,6 +431,7 @@ pub struct ClusterSettings {
     pub url: String,
     /// This node's name among the others (default: the host name).
     pub node: String,
+    pub when_unreachable: WhenUnreachable,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -541,7 +554,11 @@ impl Settings {
                         "use 1-64 letters, digits, '.', '-' or '_'",
                     ));
                 }
-                Some(ClusterSettings { url, node })
+                Some(ClusterSettings {
+                    url,
+                    node,
+                    when_unreachable: f.cluster.when_unreachable.unwrap_or_default(),
+                })
             }
             None => None,
         };
@@ -682,6 +699,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         cluster: ClusterSection {
             url: pick(over.cluster.url, base.cluster.url),
             node: pick(over.cluster.node, base.cluster.node),
+            when_unreachable: pick(over.cluster.when_unreachable, base.cluster.when_unreachable),
         },
     }
 }

@@ -1,0 +1,293 @@
+//! What a cluster node shares with the others at once, through Redis:
+//! the replay cache and the grants.
+//!
+//! A knock this node accepted is claimed before it opens anything: one
+//! script, one round trip, sets its nonce if absent (with the knock's
+//! window as expiry), and only then stores the grant with its remaining
+//! time and publishes it. A nonce another node claimed first is a replay.
+//! Every node subscribes to the grants and writes each into its own map,
+//! so the connection that follows a knock may land on any node. Pub/sub
+//! keeps nothing for a subscriber that was away, so after every
+//! (re)subscription the node reads every live grant anew.
+//!
+//! ```text
+//! gatekeeper:nonce:HEX      the node that claimed a knock's nonce, until its window ends
+//! gatekeeper:grant:TUPLE    a live grant (JSON), until it runs out
+//! gatekeeper:grants         the channel grants are published on
+//! ```
+
+use std::{net::IpAddr, time::Duration};
+
+use futures_util::StreamExt;
+use gatekeeper_common::maps::WhitelistKey;
+use redis::{Client, RedisError, Script, aio::ConnectionManager};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    knock::wire::NONCE_LEN,
+    spec::{PortRange, map_addr, unmap_addr},
+    store::hex,
+};
+
+const CHANNEL: &str = "gatekeeper:grants";
+const GRANT_PREFIX: &str = "gatekeeper:grant:";
+/// How long one claim may take before the knock is handled as with Redis away.
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long to wait before subscribing again after losing the channel.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+
+/// Claims a nonce; if it was free, stores and publishes the grant.
+/// KEYS: nonce key, grant key. ARGV: node, nonce expiry (unix s), grant
+/// JSON, grant lifetime (ms).
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EXAT', ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  redis.call('PUBLISH', 'gatekeeper:grants', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// A grant as the nodes pass it around.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedGrant {
+    /// The node that accepted the knock.
+    pub node: String,
+    pub addr: IpAddr,
+    /// 0: any source port.
+    pub src_port: u16,
+    pub proto: u8,
+    pub lo: u16,
+    pub hi: u16,
+    /// Unix milliseconds when it stops letting new flows in.
+    pub expires_ms: u64,
+    /// The client's id (the whitelist owner).
+    pub owner: u32,
+}
+
+impl SharedGrant {
+    pub fn key(&self) -> WhitelistKey {
+        WhitelistKey::new(map_addr(self.addr), self.src_port, self.proto)
+    }
+
+    pub fn ports(&self) -> PortRange {
+        PortRange {
+            lo: self.lo,
+            hi: self.hi,
+        }
+    }
+
+    pub fn new(node: &str, key: &WhitelistKey, ports: PortRange, expires_ms: u64, owner: u32) -> SharedGrant {
+        SharedGrant {
+            node: node.to_string(),
+            addr: unmap_addr(key.addr),
+            src_port: key.src_port,
+            proto: key.proto,
+            lo: ports.lo,
+            hi: ports.hi,
+            expires_ms,
+            owner,
+        }
+    }
+
+    /// Where the grant is kept while it lives: one key per tuple and ports.
+    fn redis_key(&self) -> String {
+        format!(
+            "{GRANT_PREFIX}{}:{}:{}:{}-{}",
+            self.addr, self.src_port, self.proto, self.lo, self.hi
+        )
+    }
+}
+
+/// What came of claiming a knock's nonce.
+#[derive(Debug)]
+pub enum Claimed {
+    /// Ours: the grant is stored and published.
+    Fresh,
+    /// Another node (or this one, before a restart) had it: a replay.
+    Taken,
+    /// Redis did not answer in time, or at all.
+    Unreachable(String),
+}
+
+/// What the link hands the daemon's loop.
+#[derive(Debug)]
+pub enum Event {
+    /// The answer to claim `id`.
+    Claimed { id: u64, claimed: Claimed },
+    /// A grant another node published.
+    Grant(SharedGrant),
+    /// Every live grant, read after (re)subscribing.
+    Resync(Vec<SharedGrant>),
+    /// The subscription was lost; retrying.
+    Lost(String),
+}
+
+/// The daemon's handle on the link.
+pub struct Link {
+    node: String,
+    manager: ConnectionManager,
+    script: Script,
+    events: mpsc::Sender<Event>,
+}
+
+impl Link {
+    /// Connects and starts following the grants; events arrive on the
+    /// returned receiver.
+    pub async fn start(url: &str, node: &str) -> Result<(Link, mpsc::Receiver<Event>), RedisError> {
+        let client = Client::open(url)?;
+        let manager = client.get_connection_manager().await?;
+        let (events, rx) = mpsc::channel(4096);
+        tokio::spawn(follow(client, node.to_string(), events.clone()));
+        Ok((
+            Link {
+                node: node.to_string(),
+                manager,
+                script: Script::new(CLAIM),
+                events,
+            },
+            rx,
+        ))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Claims `nonce` (until `until`, unix seconds) for the knock that
+    /// grants `grant`; the answer comes back as [`Event::Claimed`] with `id`.
+    pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grant: &SharedGrant) {
+        let mut manager = self.manager.clone();
+        let script = self.script.clone();
+        let nonce_key = format!("gatekeeper:nonce:{}", hex(nonce));
+        let grant_key = grant.redis_key();
+        let node = self.node.clone();
+        let json = serde_json::to_string(grant).unwrap_or_default();
+        let lifetime_ms = grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(nonce_key)
+                .key(grant_key)
+                .arg(node)
+                .arg(until)
+                .arg(json)
+                .arg(lifetime_ms);
+            let answer = tokio::time::timeout(CLAIM_TIMEOUT, invocation.invoke_async::<i64>(&mut manager)).await;
+            let claimed = match answer {
+                Ok(Ok(1)) => Claimed::Fresh,
+                Ok(Ok(_)) => Claimed::Taken,
+                Ok(Err(e)) => Claimed::Unreachable(e.to_string()),
+                Err(_) => Claimed::Unreachable(format!("no answer within {CLAIM_TIMEOUT:?}")),
+            };
+            let _ = events.send(Event::Claimed { id, claimed }).await;
+        });
+    }
+}
+
+/// Subscribes to the grants and forwards them, reading every live grant
+/// after each (re)subscription; retries while Redis is away.
+async fn follow(client: Client, node: String, events: mpsc::Sender<Event>) {
+    let mut lost = false;
+    loop {
+        match subscribe(&client).await {
+            Ok((stream, live)) => {
+                if std::mem::take(&mut lost) {
+                    info!("subscribed to the cluster's grants again");
+                }
+                if events.send(Event::Resync(live)).await.is_err() {
+                    return;
+                }
+                let mut stream = stream;
+                while let Some(msg) = stream.next().await {
+                    let Ok(text) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    // Anything else on the channel is dropped unread.
+                    let Ok(grant) = serde_json::from_str::<SharedGrant>(&text) else {
+                        continue;
+                    };
+                    if grant.node != node && events.send(Event::Grant(grant)).await.is_err() {
+                        return;
+                    }
+                }
+                lost = true;
+                if events.send(Event::Lost("the connection closed".into())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !lost {
+                    lost = true;
+                    if events.send(Event::Lost(e.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+    }
+}
+
+/// A subscription to the grants, and every grant live once it is up.
+async fn subscribe(client: &Client) -> Result<(redis::aio::PubSubStream, Vec<SharedGrant>), RedisError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(CHANNEL).await?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut live = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{GRANT_PREFIX}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        if !keys.is_empty() {
+            let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut con).await?;
+            live.extend(
+                values
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| serde_json::from_str::<SharedGrant>(&v).ok()),
+            );
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok((pubsub.into_on_message(), live))
+}
+
+/// Warns once per outage, and says when it is over.
+#[derive(Default)]
+pub struct Outage {
+    since_ms: Option<u64>,
+}
+
+impl Outage {
+    pub fn failed(&mut self, why: &str) {
+        if self.since_ms.is_none() {
+            self.since_ms = Some(crate::clock::unix_now_ms());
+            warn!(
+                error = why,
+                "the cluster's Redis is unreachable: knocks are verified with this node's replay cache only and open only this node"
+            );
+        }
+    }
+
+    pub fn recovered(&mut self) {
+        if let Some(since) = self.since_ms.take() {
+            info!(
+                down_ms = crate::clock::unix_now_ms().saturating_sub(since),
+                "the cluster's Redis answers again"
+            );
+        }
+    }
+}
