@@ -7,10 +7,13 @@
 //! - [`model`]: the reference tables that let `gatekeeper_common::decide`
 //!   predict what the real XDP program must do.
 //! - [`nmap`]: running nmap and reading what it found.
-//! - [`redis`]: a Redis server of the lab's own, in a lab namespace.
+//! - [`redis`]: Redis servers and Sentinels of the lab's own, in a lab
+//!   namespace.
+//! - [`cluster`]: gateway nodes started on the lab's Redis.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
 
+pub mod cluster;
 pub mod frames;
 pub mod lab;
 pub mod model;

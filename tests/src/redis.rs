@@ -1,38 +1,106 @@
-//! A Redis server of the lab's own, started inside a lab namespace (never
-//! the machine's), with nothing kept on disk, as Debian's default runs it.
+//! Redis servers and Sentinels of the lab's own, started inside a lab
+//! namespace (never the machine's), with nothing kept on disk, as
+//! Debian's default runs them.
 
 use std::{
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::lab::{ChildGuard, Lab, Role};
+use crate::lab::{ChildGuard, Lab, Role, eventually};
 
 pub const PORT: u16 = 6379;
+/// The service the lab's Sentinels watch.
+pub const SERVICE: &str = "gk";
 
 pub struct RedisServer {
+    role: Role,
     ns: String,
     addr: String,
+    port: u16,
+    /// Extra `redis-server` arguments (a replica's `--replicaof`, TLS).
+    args: Vec<String>,
+    /// With TLS: the CA file redis-cli checks the server with.
+    ca: Option<PathBuf>,
     server: Option<ChildGuard>,
 }
 
 impl RedisServer {
     /// Starts redis-server on `role`'s address and waits until it answers.
     pub fn start(lab: &Lab, role: Role) -> Result<RedisServer> {
+        RedisServer::start_with(lab, role, PORT, &[])
+    }
+
+    /// A replica of `primary` on `port`, in the same namespace.
+    pub fn replica_of(lab: &Lab, primary: &RedisServer, port: u16) -> Result<RedisServer> {
+        let p = primary.port.to_string();
+        let replica = RedisServer::start_with(lab, primary.role, port, &["--replicaof", &primary.addr, &p])?;
+        ensure_eventually(
+            || Ok(replica.cli(&["INFO", "replication"])?.contains("master_link_status:up")),
+            "the replica to sync",
+        )?;
+        Ok(replica)
+    }
+
+    /// A server that speaks only TLS, with the certificate and key in
+    /// `cert`/`key` (PEM) signed by `ca`.
+    pub fn start_tls(lab: &Lab, role: Role, port: u16, cert: &Path, key: &Path, ca: &Path) -> Result<RedisServer> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
         let mut r = RedisServer {
+            role,
             ns: lab.ns(role),
             addr: role.addr().to_string(),
+            port,
+            args: vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                path(cert),
+                "--tls-key-file".into(),
+                path(key),
+                "--tls-ca-cert-file".into(),
+                path(ca),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            ca: Some(ca.to_path_buf()),
             server: None,
         };
         r.restart()?;
         Ok(r)
     }
 
-    /// `redis://ADDR:PORT`, for `--cluster`.
+    fn start_with(lab: &Lab, role: Role, port: u16, args: &[&str]) -> Result<RedisServer> {
+        let mut r = RedisServer {
+            role,
+            ns: lab.ns(role),
+            addr: role.addr().to_string(),
+            port,
+            args: ["--port", &port.to_string()]
+                .iter()
+                .chain(args)
+                .map(|a| a.to_string())
+                .collect(),
+            ca: None,
+            server: None,
+        };
+        r.restart()?;
+        Ok(r)
+    }
+
+    /// `redis://ADDR:PORT` (`rediss://` with TLS), for `--cluster`.
     pub fn url(&self) -> String {
-        format!("redis://{}:{PORT}", self.addr)
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://{}:{}", self.addr, self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Stops the server (SIGKILL): what it held is gone.
@@ -45,7 +113,8 @@ impl RedisServer {
         self.stop();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "redis-server"])
-            .args(["--bind", &self.addr, "--port", &PORT.to_string()])
+            .args(["--bind", &self.addr])
+            .args(&self.args)
             .args([
                 "--save",
                 "",
@@ -69,27 +138,122 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("redis-server in {} did not answer within 10 s", self.ns)
+        bail!(
+            "redis-server in {} on port {} did not answer within 10 s",
+            self.ns,
+            self.port
+        )
     }
 
     /// Runs redis-cli against the server; its output.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "redis-cli",
-                "-h",
-                &self.addr,
-                "-p",
-                &PORT.to_string(),
-            ])
-            .args(args)
-            .output()?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "redis-cli", "-h", &self.addr])
+            .args(["-p", &self.port.to_string()]);
+        if let Some(ca) = &self.ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd.args(args).output()?;
         if !out.status.success() {
             bail!("redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Sentinels watching one primary, each on its own port.
+pub struct Sentinels {
+    ns: String,
+    addr: String,
+    ports: Vec<u16>,
+    _sentinels: Vec<ChildGuard>,
+}
+
+impl Sentinels {
+    /// `count` Sentinels on ports 26379 and up, watching `primary` as
+    /// [`SERVICE`] with a quorum of a majority; a primary silent for one
+    /// second is failed over.
+    pub fn start(lab: &Lab, primary: &RedisServer, count: u16) -> Result<Sentinels> {
+        let role = primary.role;
+        let quorum = count / 2 + 1;
+        let mut sentinels = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..count {
+            let port = 26379 + i;
+            // Sentinel rewrites its config file, so each gets its own.
+            let conf = lab.scratch().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind {addr}\nprotected-mode no\n\
+                     sentinel monitor {SERVICE} {addr} {primary_port} {quorum}\n\
+                     sentinel down-after-milliseconds {SERVICE} 1000\n\
+                     sentinel failover-timeout {SERVICE} 5000\n",
+                    addr = primary.addr,
+                    primary_port = primary.port,
+                ),
+            )?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &lab.ns(role), "redis-sentinel"])
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting redis-sentinel (apt-get install redis-sentinel)")?;
+            sentinels.push(ChildGuard::new(child));
+            ports.push(port);
+        }
+        let s = Sentinels {
+            ns: lab.ns(role),
+            addr: primary.addr.clone(),
+            ports,
+            _sentinels: sentinels,
+        };
+        // Every Sentinel knows the primary and has found the others.
+        ensure_eventually(
+            || {
+                Ok(s.ports.iter().all(|p| {
+                    s.cli(*p, &["SENTINEL", "sentinels", SERVICE])
+                        .is_ok_and(|o| o.matches("runid").count() == usize::from(count - 1))
+                }))
+            },
+            "the Sentinels to find each other",
+        )?;
+        Ok(s)
+    }
+
+    /// `redis+sentinel://ADDR:P1,ADDR:P2,.../SERVICE`, for `--cluster`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.ports.iter().map(|p| format!("{}:{p}", self.addr)).collect();
+        format!("redis+sentinel://{}/{SERVICE}", hosts.join(","))
+    }
+
+    /// The port of the primary the first Sentinel names now.
+    pub fn primary_port(&self) -> Result<u16> {
+        let out = self.cli(self.ports[0], &["SENTINEL", "get-master-addr-by-name", SERVICE])?;
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .with_context(|| format!("no primary in {out:?}"))
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "redis-cli", "-h", &self.addr])
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("redis-cli -p {port} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn ensure_eventually(check: impl FnMut() -> Result<bool>, what: &str) -> Result<()> {
+    if !eventually(Duration::from_secs(15), check)? {
+        bail!("waited 15 s for {what}");
+    }
+    Ok(())
 }

@@ -6,9 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, ensure};
 use gatekeeper_tests::{
+    cluster::start_nodes,
     lab::{Daemon, Lab, Role, SHARED_ADDR, eventually, gw, round_trip, tcp_request},
     nmap,
-    redis::RedisServer,
+    redis::{RedisServer, Sentinels},
 };
 
 const KNOCK_PORT: u16 = 62201;
@@ -81,46 +82,24 @@ fn a_node_verifies_clients_enrolled_in_the_cluster_and_applies_revocations() -> 
 
 const NODES: u8 = 3;
 
-/// A cluster of three nodes behind the router, each serving echo on
-/// tcp/22 and running the daemon with `--cluster`; one client enrolled.
-/// Each node's own config lifts the knock budgets, so hundreds of knocks
-/// from one client in a few seconds are not rate-limited.
+/// A cluster of three nodes behind the router on one Redis (see
+/// [`start_nodes`]).
 fn three_nodes() -> Result<(Lab, RedisServer, Vec<Daemon>, std::path::PathBuf)> {
     let mut lab = Lab::cluster(NODES)?;
     let redis = RedisServer::start(&lab, Role::Store)?;
-    let url = redis.url();
-    let shared = SHARED_ADDR.to_string();
-    lab.state_cli_on(Role::Node(1), &["init", "--public-addr", &shared, "--cluster", &url])?;
-    let cred = lab.scratch().join("laptop.credential.toml");
-    let cred_arg = cred.to_string_lossy().into_owned();
-    lab.state_cli_on(
-        Role::Node(1),
-        &[
-            "client",
-            "add",
-            "laptop",
-            "--allow",
-            "tcp/22",
-            "--out",
-            &cred_arg,
-            "--cluster",
-            &url,
-        ],
-    )?;
-    let mut daemons = Vec::new();
-    for n in 1..=NODES {
-        let node = Role::Node(n);
-        lab.serve_tcp_echo(node, 22)?;
-        let dir = lab.state_dir_of(node);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("gatekeeper.toml"),
-            "[knock]\nrate = 1000\nburst = 1000\nkey_rate = 1000\nkey_burst = 1000\n",
-        )?;
-        let name = format!("gw-{n}");
-        daemons.push(lab.start_daemon_on(node, &["--protect", "tcp/22", "--cluster", &url, "--node", &name])?);
-    }
+    let (daemons, cred) = start_nodes(&mut lab, &redis.url(), NODES)?;
     Ok((lab, redis, daemons, cred))
+}
+
+/// Waits until every node has subscribed to the grants on `redis`.
+fn all_subscribed(redis: &RedisServer) -> Result<bool> {
+    eventually(Duration::from_secs(10), || {
+        Ok(redis
+            .cli(&["PUBSUB", "NUMSUB", "gatekeeper:grants"])?
+            .lines()
+            .nth(1)
+            .is_some_and(|n| n.trim() == NODES.to_string()))
+    })
 }
 
 /// Knocks from `sport` over UDP (a flow of its own, so the router may
@@ -195,25 +174,10 @@ fn knocks_and_connections_land_on_different_nodes_and_still_get_in() -> Result<(
 #[test]
 fn a_knock_replayed_to_another_node_is_refused() -> Result<()> {
     let (lab, _redis, _daemons, cred) = three_nodes()?;
-    let knock = lab.with_knocker(Role::Client, &cred, |k, _| {
-        Ok(k.build(SHARED_ADDR.into(), &tcp_request(22), 0)?)
-    })?;
-    let at = |n: u8| SocketAddr::new(Role::Node(n).addr().into(), KNOCK_PORT);
-    lab.send_udp(Role::Client, at(1), knock.clone())?;
-    ensure!(
-        eventually(Duration::from_secs(3), || Ok(!lab.audit_of(Role::Node(1))?.is_empty()))?,
-        "node 1 verified the knock"
-    );
-    ensure!(lab.audit_of(Role::Node(1))?[0]["result"] == "accepted");
+    let seen = knock_accepted_by(&lab, &cred, 1)?;
     // Resent from the client's own address, as a replay must be to pass
     // every other check: only the shared replay cache can tell.
-    lab.send_udp(Role::Client, at(2), knock)?;
-    ensure!(
-        eventually(Duration::from_secs(3), || Ok(!lab.audit_of(Role::Node(2))?.is_empty()))?,
-        "node 2 saw the replay"
-    );
-    let line = &lab.audit_of(Role::Node(2))?[0];
-    ensure!(line["result"] == "rejected" && line["reason"] == "replay", "{line}");
+    ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
     Ok(())
 }
 
@@ -245,5 +209,233 @@ fn a_revocation_from_one_nodes_cli_shuts_the_client_out_of_every_node() -> Resul
         );
     }
     ensure!(!knock_and_connect(&lab, &cred, 32000)?, "its next knock opens nothing");
+    Ok(())
+}
+
+/// A fresh knock for tcp/22 from any source port.
+fn fresh_knock(lab: &Lab, cred: &std::path::Path) -> Result<Vec<u8>> {
+    lab.with_knocker(Role::Client, cred, |k, _| {
+        Ok(k.build(SHARED_ADDR.into(), &tcp_request(22), 0)?)
+    })
+}
+
+/// The knocks node `n` audited so far.
+fn knocks_audited(lab: &Lab, n: u8) -> Result<Vec<serde_json::Value>> {
+    Ok(lab
+        .audit_of(Role::Node(n))?
+        .into_iter()
+        .filter(|l| l["event"] == "knock")
+        .collect())
+}
+
+/// Sends `knock` from the client to node `n`'s own address; what the
+/// node made of it: `accepted`, or why it refused it.
+fn knock_reason_at(lab: &Lab, n: u8, knock: Vec<u8>) -> Result<String> {
+    let before = knocks_audited(lab, n)?.len();
+    lab.send_udp(
+        Role::Client,
+        SocketAddr::new(Role::Node(n).addr().into(), KNOCK_PORT),
+        knock,
+    )?;
+    ensure!(
+        eventually(Duration::from_secs(3), || Ok(knocks_audited(lab, n)?.len() > before))?,
+        "node {n} audited no knock"
+    );
+    let line = knocks_audited(lab, n)?[before].clone();
+    Ok(line["reason"]
+        .as_str()
+        .or(line["result"].as_str())
+        .unwrap_or("")
+        .to_string())
+}
+
+/// A fresh knock that node `n` accepted: its bytes, for resending.
+fn knock_accepted_by(lab: &Lab, cred: &std::path::Path, n: u8) -> Result<Vec<u8>> {
+    let knock = fresh_knock(lab, cred)?;
+    let reason = knock_reason_at(lab, n, knock.clone())?;
+    ensure!(reason == "accepted", "node {n}: {reason}");
+    Ok(knock)
+}
+
+#[test]
+fn redis_restarted_empty_loses_nothing() -> Result<()> {
+    let (lab, mut redis, _daemons, cred) = three_nodes()?;
+    let seen = knock_accepted_by(&lab, &cred, 1)?;
+    // SIGKILL, and a new server that keeps nothing on disk: empty.
+    redis.restart()?;
+    let restored = eventually(Duration::from_secs(5), || {
+        Ok(redis.cli(&["EXISTS", "gatekeeper:server_key"])?.trim() == "1"
+            && redis.cli(&["HEXISTS", "gatekeeper:clients", "laptop"])?.trim() == "1"
+            && redis.cli(&["EXISTS", "gatekeeper:config"])?.trim() == "1"
+            && !redis.cli(&["KEYS", "gatekeeper:nonce:*"])?.trim().is_empty())
+    })?;
+    ensure!(
+        restored,
+        "the nodes wrote the records and nonces back: {}\n{}",
+        redis.cli(&["KEYS", "*"])?,
+        _daemons[0].log()
+    );
+    ensure!(
+        knock_reason_at(&lab, 2, seen)? == "replay",
+        "a knock seen before the restart is still a replay"
+    );
+    for i in 0..20 {
+        ensure!(
+            knock_and_connect(&lab, &cred, 33000 + i)?,
+            "round {i} after the restart got in"
+        );
+    }
+    let url = redis.url();
+    let out = lab.state_cli_on(Role::Node(2), &["client", "revoke", "laptop", "--cluster", &url])?;
+    ensure!(out.contains("(gw-1, gw-2, gw-3)"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_node_killed_and_restarted_loses_nothing() -> Result<()> {
+    let (lab, redis, mut daemons, cred) = three_nodes()?;
+    let url = redis.url();
+    daemons[1].kill9()?;
+    // While node 2 is down, node 1 lets the client in from port 34000.
+    let req = gatekeeper::knock::send::Request {
+        proto: gatekeeper::spec::Proto::Tcp,
+        ports: gatekeeper::spec::PortRange { lo: 22, hi: 22 },
+        source_port: Some(34000),
+    };
+    let knock = lab.with_knocker(Role::Client, &cred, move |k, _| {
+        Ok(k.build(SHARED_ADDR.into(), &req, 34000)?)
+    })?;
+    let at = |n: u8| SocketAddr::new(Role::Node(n).addr().into(), 22);
+    // From the port it names, as `gatekeeper knock --source-port` sends it.
+    let to = SocketAddr::new(Role::Node(1).addr().into(), KNOCK_PORT);
+    lab.in_ns(Role::Client, move || -> Result<()> {
+        std::net::UdpSocket::bind(("0.0.0.0", 34000))?.send_to(&knock, to)?;
+        Ok(())
+    })??;
+    ensure!(
+        eventually(Duration::from_secs(3), || lab.tcp_echo_works(
+            Role::Client,
+            at(3),
+            Some(34000)
+        ))?,
+        "node 3 got the grant"
+    );
+    ensure!(
+        !lab.tcp_echo_works(Role::Client, at(2), Some(34000))?,
+        "node 2, down, did not (its gate stayed closed)"
+    );
+    daemons[1] = lab.start_daemon_on(
+        Role::Node(2),
+        &["--protect", "tcp/22", "--cluster", &url, "--node", "gw-2"],
+    )?;
+    ensure!(
+        lab.tcp_echo_works(Role::Client, at(2), Some(34000))?,
+        "restarted, node 2 opened the live grant before it gated"
+    );
+    ensure!(
+        daemons[1].log().contains("opened the cluster's live grants"),
+        "{}",
+        daemons[1].log()
+    );
+    Ok(())
+}
+
+#[test]
+fn with_redis_away_a_node_decides_alone_or_refuses_as_configured() -> Result<()> {
+    let (lab, mut redis, mut daemons, cred) = three_nodes()?;
+    let url = redis.url();
+    // Node 3 is set to refuse what it cannot claim.
+    daemons[2].stop()?;
+    std::fs::write(
+        lab.state_dir_of(Role::Node(3)).join("gatekeeper.toml"),
+        "[knock]\nrate = 1000\nburst = 1000\nkey_rate = 1000\nkey_burst = 1000\n\n[cluster]\nwhen_unreachable = \"refuse\"\n",
+    )?;
+    daemons[2] = lab.start_daemon_on(
+        Role::Node(3),
+        &["--protect", "tcp/22", "--cluster", &url, "--node", "gw-3"],
+    )?;
+    redis.stop();
+    let node = |n: u8| SocketAddr::new(Role::Node(n).addr().into(), 22);
+
+    // Node 1 (`local`, the default) decides alone and opens itself.
+    ensure!(knock_reason_at(&lab, 1, fresh_knock(&lab, &cred)?)? == "accepted");
+    ensure!(
+        lab.tcp_echo_works(Role::Client, node(1), None)?,
+        "node 1 let the client in"
+    );
+    ensure!(
+        daemons[0].log().contains("unreachable"),
+        "node 1 said why: {}",
+        daemons[0].log()
+    );
+
+    // Node 3 refuses.
+    ensure!(knock_reason_at(&lab, 3, fresh_knock(&lab, &cred)?)? == "cluster_unreachable");
+    ensure!(
+        !lab.tcp_echo_works(Role::Client, node(3), None)?,
+        "node 3 opened nothing"
+    );
+
+    // Back, and empty: the nodes write the records back, and knocks work
+    // across nodes again.
+    redis.restart()?;
+    ensure!(
+        eventually(Duration::from_secs(5), || Ok(redis
+            .cli(&["HEXISTS", "gatekeeper:clients", "laptop"])?
+            .trim()
+            == "1"))?,
+        "the records came back"
+    );
+    ensure!(all_subscribed(&redis)?, "every node subscribed again");
+    for i in 0..10 {
+        ensure!(
+            knock_and_connect(&lab, &cred, 35000 + i)?,
+            "round {i} after Redis came back got in"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
+    let mut lab = Lab::cluster(NODES)?;
+    let mut primary = RedisServer::start(&lab, Role::Store)?;
+    let replica = RedisServer::replica_of(&lab, &primary, 6380)?;
+    let sentinels = Sentinels::start(&lab, &primary, 3)?;
+    let url = sentinels.url();
+    let (_daemons, cred) = start_nodes(&mut lab, &url, NODES)?;
+    for i in 0..10 {
+        ensure!(
+            knock_and_connect(&lab, &cred, 36000 + i)?,
+            "round {i} before the failover got in"
+        );
+    }
+    let seen = knock_accepted_by(&lab, &cred, 1)?;
+
+    primary.stop();
+    ensure!(
+        eventually(Duration::from_secs(20), || Ok(sentinels
+            .primary_port()
+            .is_ok_and(|p| p == replica.port())))?,
+        "the Sentinels promoted the replica"
+    );
+    ensure!(all_subscribed(&replica)?, "every node follows the new primary");
+    for i in 0..10 {
+        ensure!(
+            knock_and_connect(&lab, &cred, 36100 + i)?,
+            "round {i} after the failover got in"
+        );
+    }
+    // What the old primary knew reached the new one (or was written back).
+    ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
+    let out = lab.state_cli_on(Role::Node(3), &["client", "revoke", "laptop", "--cluster", &url])?;
+    ensure!(
+        out.contains("applied by every running node (gw-1, gw-2, gw-3)"),
+        "{out}"
+    );
+    ensure!(
+        !knock_and_connect(&lab, &cred, 36200)?,
+        "revoked through the new primary: shut out"
+    );
     Ok(())
 }

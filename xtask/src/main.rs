@@ -31,8 +31,9 @@ enum Task {
     /// Setup and build, then run a benchmark against its baselines in the
     /// same run: `gate` (program cost, drop rate, throughput), `knock`
     /// (verification rate, knock-to-open latency vs fwknopd), `tunnel`
-    /// (vs direct and rathole) or `portal` (ClientHello knock vs mutual and
-    /// plain TLS handshakes).
+    /// (vs direct and rathole), `portal` (ClientHello knock vs mutual and
+    /// plain TLS handshakes) or `cluster` (grant propagation, knock-to-open
+    /// vs a lone gateway, shared replay claims per second, a failover).
     Bench {
         #[arg(default_value = "gate")]
         suite: String,

@@ -137,8 +137,9 @@ pub struct StateArg {
     /// The gateway's state directory.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// The cluster's Redis (redis://[USER:PASS@]HOST:PORT[/DB]) [default:
-    /// `[cluster] url` in the state directory's gatekeeper.toml, if set].
+    /// The cluster's Redis: redis://[USER:PASS@]HOST:PORT[/DB], rediss://
+    /// for TLS, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]
+    /// [default: `[cluster] url` in the state directory's gatekeeper.toml].
     #[arg(long, value_name = "URL")]
     pub cluster: Option<String>,
 }

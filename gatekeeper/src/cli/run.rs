@@ -108,8 +108,11 @@ pub struct RunArgs {
     portal_key: Option<PathBuf>,
     /// Join a cluster: the records several gateways share (server key, TLS
     /// identity, clients, tunnels, the shared config) live in this Redis
-    /// (redis://[USER:PASS@]HOST:PORT[/DB]) instead of the state directory,
-    /// which keeps this node's own config, audit trail and control socket.
+    /// instead of the state directory, which keeps this node's own config,
+    /// audit trail and control socket. redis://[USER:PASS@]HOST:PORT[/DB],
+    /// rediss:// for TLS (a private CA in SSL_CERT_FILE), or
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] to follow
+    /// the primary that Sentinel names through failovers.
     #[arg(long, value_name = "URL")]
     cluster: Option<String>,
     /// This node's name in the cluster [default: the host name].

@@ -16,11 +16,15 @@
 //! gatekeeper:grants         the channel grants are published on
 //! ```
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use gatekeeper_common::maps::WhitelistKey;
-use redis::{Client, RedisError, Script, aio::ConnectionManager};
+use redis::{AsyncConnectionConfig, RedisError, RedisResult, Script, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -28,13 +32,15 @@ use tracing::{info, warn};
 use crate::{
     knock::wire::NONCE_LEN,
     spec::{PortRange, map_addr, unmap_addr},
-    store::hex,
+    store::{hex, redis_target::RedisTarget},
 };
 
 const CHANNEL: &str = "gatekeeper:grants";
 const GRANT_PREFIX: &str = "gatekeeper:grant:";
 /// How long one claim may take before the knock is handled as with Redis away.
 const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long connecting to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long to wait before subscribing again after losing the channel.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
@@ -128,23 +134,83 @@ pub enum Event {
 /// The daemon's handle on the link.
 pub struct Link {
     node: String,
-    manager: ConnectionManager,
+    primary: Primary,
     script: Script,
     events: mpsc::Sender<Event>,
+}
+
+/// One multiplexed connection to the primary, shared by every claim;
+/// made on first use and again after any failure, asking Sentinel anew
+/// (if used), so a failover or a restarted Redis is followed at once.
+#[derive(Clone)]
+struct Primary {
+    target: RedisTarget,
+    kept: Arc<Mutex<Option<MultiplexedConnection>>>,
+}
+
+impl Primary {
+    async fn connection(&self) -> RedisResult<MultiplexedConnection> {
+        if let Some(con) = self.kept.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(con);
+        }
+        let con = connect(&self.target).await?;
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(con.clone());
+        Ok(con)
+    }
+
+    fn forget(&self) {
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs `invocation`, once more on a fresh connection if it fails:
+    /// the kept one may be to a Redis that closed, restarted, or was made
+    /// a replica (which refuses writes).
+    async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> RedisResult<i64> {
+        let first = match self.connection().await {
+            Ok(mut con) => invocation.invoke_async::<i64>(&mut con).await,
+            Err(e) => Err(e),
+        };
+        match first {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                self.forget();
+                let mut con = self.connection().await?;
+                invocation
+                    .invoke_async::<i64>(&mut con)
+                    .await
+                    .inspect_err(|_| self.forget())
+            }
+        }
+    }
+}
+
+/// A new connection to the primary as of now.
+async fn connect(target: &RedisTarget) -> RedisResult<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(CLAIM_TIMEOUT));
+    target
+        .client_async()
+        .await?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 impl Link {
     /// Connects and starts following the grants; events arrive on the
     /// returned receiver.
-    pub async fn start(url: &str, node: &str) -> Result<(Link, mpsc::Receiver<Event>), RedisError> {
-        let client = Client::open(url)?;
-        let manager = client.get_connection_manager().await?;
+    pub async fn start(target: RedisTarget, node: &str) -> Result<(Link, mpsc::Receiver<Event>), RedisError> {
+        let primary = Primary {
+            target: target.clone(),
+            kept: Arc::default(),
+        };
+        primary.connection().await?;
         let (events, rx) = mpsc::channel(4096);
-        tokio::spawn(follow(client, node.to_string(), events.clone()));
+        tokio::spawn(follow(target, node.to_string(), events.clone()));
         Ok((
             Link {
                 node: node.to_string(),
-                manager,
+                primary,
                 script: Script::new(CLAIM),
                 events,
             },
@@ -156,10 +222,16 @@ impl Link {
         &self.node
     }
 
+    /// Every live grant, now: what a node starting reads before it gates.
+    pub async fn live_grants(&self) -> Result<Vec<SharedGrant>, RedisError> {
+        let mut con = self.primary.connection().await?;
+        live_grants(&mut con).await.inspect_err(|_| self.primary.forget())
+    }
+
     /// Claims `nonce` (until `until`, unix seconds) for the knock that
     /// grants `grant`; the answer comes back as [`Event::Claimed`] with `id`.
     pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grant: &SharedGrant) {
-        let mut manager = self.manager.clone();
+        let primary = self.primary.clone();
         let script = self.script.clone();
         let nonce_key = format!("gatekeeper:nonce:{}", hex(nonce));
         let grant_key = grant.redis_key();
@@ -176,7 +248,7 @@ impl Link {
                 .arg(until)
                 .arg(json)
                 .arg(lifetime_ms);
-            let answer = tokio::time::timeout(CLAIM_TIMEOUT, invocation.invoke_async::<i64>(&mut manager)).await;
+            let answer = tokio::time::timeout(CLAIM_TIMEOUT, primary.invoke(&invocation)).await;
             let claimed = match answer {
                 Ok(Ok(1)) => Claimed::Fresh,
                 Ok(Ok(_)) => Claimed::Taken,
@@ -188,12 +260,61 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Writes this node's replay cache and the grants it holds back into
+    /// Redis where they are missing: after Redis was away (and perhaps
+    /// restarted empty), so a knock seen before is still a replay on every
+    /// node and a node that starts now still gets the live grants.
+    pub fn republish(&self, nonces: Vec<([u8; NONCE_LEN], u64)>, grants: Vec<SharedGrant>) {
+        // A connection of its own: the shared one may not have noticed yet
+        // that Redis went away.
+        let target = self.primary.target.clone();
+        let now_ms = crate::clock::unix_now_ms();
+        let mut pipe = redis::pipe();
+        for (nonce, until) in &nonces {
+            pipe.cmd("SET")
+                .arg(format!("gatekeeper:nonce:{}", hex(nonce)))
+                .arg(&self.node)
+                .arg("NX")
+                .arg("EXAT")
+                .arg(until)
+                .ignore();
+        }
+        for g in &grants {
+            let Ok(json) = serde_json::to_string(g) else {
+                continue;
+            };
+            pipe.cmd("SET")
+                .arg(g.redis_key())
+                .arg(json)
+                .arg("NX")
+                .arg("PX")
+                .arg(g.expires_ms.saturating_sub(now_ms).max(1))
+                .ignore();
+        }
+        tokio::spawn(async move {
+            let written = match connect(&target).await {
+                Ok(mut con) => pipe.query_async::<()>(&mut con).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => info!(
+                    nonces = nonces.len(),
+                    grants = grants.len(),
+                    "wrote this node's replay cache and grants back into the cluster"
+                ),
+                Err(e) => warn!(error = %e, "writing this node's replay cache and grants back failed"),
+            }
+        });
+    }
+}
+
 /// Subscribes to the grants and forwards them, reading every live grant
 /// after each (re)subscription; retries while Redis is away.
-async fn follow(client: Client, node: String, events: mpsc::Sender<Event>) {
+async fn follow(target: RedisTarget, node: String, events: mpsc::Sender<Event>) {
     let mut lost = false;
     loop {
-        match subscribe(&client).await {
+        match subscribe(&target).await {
             Ok((stream, live)) => {
                 if std::mem::take(&mut lost) {
                     info!("subscribed to the cluster's grants again");
@@ -233,10 +354,17 @@ async fn follow(client: Client, node: String, events: mpsc::Sender<Event>) {
 }
 
 /// A subscription to the grants, and every grant live once it is up.
-async fn subscribe(client: &Client) -> Result<(redis::aio::PubSubStream, Vec<SharedGrant>), RedisError> {
+async fn subscribe(target: &RedisTarget) -> Result<(redis::aio::PubSubStream, Vec<SharedGrant>), RedisError> {
+    let client = target.client_async().await?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(CHANNEL).await?;
-    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut con = connect(target).await?;
+    let live = live_grants(&mut con).await?;
+    Ok((pubsub.into_on_message(), live))
+}
+
+/// Every grant Redis holds; what cannot be read is left out.
+async fn live_grants(con: &mut impl redis::aio::ConnectionLike) -> Result<Vec<SharedGrant>, RedisError> {
     let mut live = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -246,10 +374,10 @@ async fn subscribe(client: &Client) -> Result<(redis::aio::PubSubStream, Vec<Sha
             .arg(format!("{GRANT_PREFIX}*"))
             .arg("COUNT")
             .arg(1000)
-            .query_async(&mut con)
+            .query_async(con)
             .await?;
         if !keys.is_empty() {
-            let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut con).await?;
+            let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(con).await?;
             live.extend(
                 values
                     .into_iter()
@@ -262,7 +390,7 @@ async fn subscribe(client: &Client) -> Result<(redis::aio::PubSubStream, Vec<Sha
         }
         cursor = next;
     }
-    Ok((pubsub.into_on_message(), live))
+    Ok(live)
 }
 
 /// Warns once per outage, and says when it is over.

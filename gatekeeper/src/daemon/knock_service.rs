@@ -13,7 +13,7 @@ use std::{
 
 use super::cluster::{Claimed, Link, Outage, SharedGrant};
 
-use gatekeeper_common::maps::KEY_ID_LEN;
+use gatekeeper_common::maps::{FLAG_OPERATOR, KEY_ID_LEN};
 use tracing::warn;
 use x25519_dalek::StaticSecret;
 
@@ -230,6 +230,56 @@ impl KnockService {
         if let Err(e) = gate.whitelist_grant(&grant.key(), grant.ports(), expires, 0, grant.owner) {
             warn!(error = %crate::error_chain(&e), node = %grant.node, "could not open a grant another node published");
         }
+    }
+
+    /// In a cluster, opens every grant the other nodes hold live: what a
+    /// node starting (or restarted) does before it gates.
+    pub async fn load_grants(&self, gate: &Gate) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        match c.link.live_grants().await {
+            Ok(all) => {
+                for grant in &all {
+                    self.shared_grant(gate, grant);
+                }
+                tracing::info!(grants = all.len(), "opened the cluster's live grants");
+            }
+            Err(e) => warn!(error = %e, "reading the cluster's live grants failed; they arrive once it answers"),
+        }
+    }
+
+    /// Writes this node's replay cache and live grants back into the
+    /// cluster (see [`Link::republish`]).
+    pub fn republish(&self, gate: &Gate) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let nonces = match gate.replay_entries() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "reading the replay cache to write it back failed");
+                Vec::new()
+            }
+        };
+        let (now_ns, now_ms) = (clock::now_ns(), crate::clock::unix_now_ms());
+        let grants = gate
+            .whitelist()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.value.owner != 0 && e.value.flags & FLAG_OPERATOR == 0 && e.value.expires_ns > now_ns)
+            .flat_map(|e| {
+                let expires_ms = now_ms + (e.value.expires_ns - now_ns) / 1_000_000;
+                e.value
+                    .used_spans()
+                    .map(|s| {
+                        let ports = PortRange { lo: s.lo, hi: s.hi };
+                        SharedGrant::new(c.link.node(), &e.key, ports, expires_ms, e.value.owner)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        c.link.republish(nonces, grants);
     }
 
     /// Opens what an accepted knock grants, then audits what happened.

@@ -156,6 +156,8 @@ struct Daemon {
     keys_pending: Option<BTreeSet<[u8; KEY_ID_LEN]>>,
     /// This daemon's place in a cluster, if it is in one.
     node: Option<Node>,
+    /// The cluster's grants were lost since the last time they were read.
+    cluster_lost: bool,
 }
 
 /// A cluster node: the shared store, and what the node last reported
@@ -254,8 +256,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let cluster = match &settings.cluster {
         Some(c) => {
             let store = Arc::new(ClusterStore::open(&c.url)?);
-            // Reachable and initialised, or a clear reason not to start.
+            // Reachable and initialised, or a clear reason not to start;
+            // and read once, to be written back should Redis lose it.
             store.server_secret()?;
+            store.config()?;
             files.prepare()?;
             Some(Node::new(store, &c.node))
         }
@@ -285,8 +289,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         })?;
         let (watcher, change) = Watcher::start(store.clone(), unix_now())?;
         let mut service = KnockService::new(&settings, store.server_secret()?, audit.clone());
-        if let Some(c) = &settings.cluster {
-            let (link, events) = Link::start(&c.url, &c.node)
+        if let (Some(c), Some(node)) = (&settings.cluster, &cluster) {
+            let (link, events) = Link::start(node.store.target().clone(), &c.node)
                 .await
                 .map_err(|source| DaemonError::ClusterLink {
                     location: store.location(),
@@ -346,6 +350,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         close_pending: false,
         keys_pending: None,
         node: cluster,
+        cluster_lost: false,
     };
     if let Some(change) = first_change {
         // The enrolled key ids are in the gate before the config tells a
@@ -360,6 +365,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     daemon
         .gate
         .fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
+    if let Some(k) = &daemon.knocks {
+        k.service.load_grants(&daemon.gate).await;
+    }
     let coverage = Coverage::start(&daemon.settings, &daemon.gate)?;
     let spans: Vec<String> = coverage.status(&daemon.gate).into_iter().map(|i| i.name).collect();
     daemon.coverage = Some(coverage);
@@ -505,8 +513,15 @@ impl Daemon {
                     k.service.shared_grant(&self.gate, grant);
                 }
                 info!(grants = all.len(), "read the cluster's live grants");
+                // Redis was away, and may have come back empty.
+                if std::mem::take(&mut self.cluster_lost) {
+                    k.service.republish(&self.gate);
+                }
             }
-            Event::Lost(why) => warn!(error = %why, "lost the cluster's grants; subscribing again"),
+            Event::Lost(why) => {
+                self.cluster_lost = true;
+                warn!(error = %why, "lost the cluster's grants; subscribing again");
+            }
         }
     }
 

@@ -14,6 +14,12 @@
 //! records it has put into force; that is how a change made from any
 //! node's CLI is confirmed by all of them, and how `status` lists them.
 //!
+//! Redis as Debian runs it keeps nothing on disk, so a restart empties
+//! it. A store that has read the records remembers them as it read them,
+//! and when it finds the server key gone it writes back what is missing
+//! (every write only where nothing is, so nodes doing it at once agree)
+//! instead of reporting every client as removed.
+//!
 //! Records are the same TOML as the local files, so a record that cannot
 //! be used is named (`gatekeeper:clients NAME`) and skipped exactly as a
 //! bad file is. Calls are synchronous with short timeouts: the CLI and the
@@ -22,13 +28,14 @@
 
 use std::{net::IpAddr, sync::Mutex, time::Duration};
 
-use redis::{Client, Connection, RedisError};
+use redis::{Connection, RedisError};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tunnel::tls::Identity;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
-    ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version, config::ConfigFile, valid_name,
+    ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version, config::ConfigFile,
+    redis_target::RedisTarget, valid_name,
 };
 use crate::knock::keys;
 
@@ -48,26 +55,70 @@ const MAX_RECORD: usize = 64 * 1024;
 
 /// A Redis server holding a cluster's shared records.
 pub struct ClusterStore {
-    client: Client,
+    target: RedisTarget,
     location: String,
     /// Kept between calls; dropped after an error and made anew.
     connection: Mutex<Option<Connection>>,
+    /// The records as last read, to write back if Redis loses them.
+    seen: Mutex<Seen>,
+}
+
+/// A hash's records as read from Redis: name and TOML text.
+type Raw = Vec<(String, String)>;
+
+/// Records as read from Redis, raw.
+#[derive(Default)]
+struct Seen {
+    server_key: Option<String>,
+    identity: Option<(String, String)>,
+    config: Option<String>,
+    clients: Raw,
+    tunnels: Raw,
 }
 
 impl ClusterStore {
-    /// `url`: `redis://[USER:PASS@]HOST:PORT[/DB]`. Nothing is dialled yet.
+    /// `url`: see [`RedisTarget`]. Nothing is dialled yet.
     pub fn open(url: &str) -> Result<ClusterStore, StoreError> {
-        let client = Client::open(url).map_err(|source| StoreError::ClusterUrl {
-            url: redact(url),
-            source,
-        })?;
-        let info = client.get_connection_info();
-        let location = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        let target = RedisTarget::parse(url)?;
         Ok(ClusterStore {
-            client,
-            location,
+            location: target.location().to_string(),
+            target,
             connection: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
         })
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes back what this store has read and Redis no longer holds.
+    /// Returns whether there was anything to write back from.
+    fn restore(&self) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        {
+            let seen = self.seen();
+            let Some(key) = &seen.server_key else {
+                return Ok(false);
+            };
+            pipe.cmd("SET").arg(SERVER_KEY).arg(key).arg("NX").ignore();
+            if let Some(config) = &seen.config {
+                pipe.cmd("SETNX").arg(CONFIG).arg(config).ignore();
+            }
+            if let Some((cert, key)) = &seen.identity {
+                pipe.cmd("HSETNX").arg(IDENTITY).arg("cert").arg(cert).ignore();
+                pipe.cmd("HSETNX").arg(IDENTITY).arg("key").arg(key).ignore();
+            }
+            for (hash, records) in [(CLIENTS, &seen.clients), (TUNNELS, &seen.tunnels)] {
+                for (name, text) in records {
+                    pipe.cmd("HSETNX").arg(hash).arg(name).arg(text).ignore();
+                }
+            }
+            pipe.cmd("INCR").arg(VERSION).ignore();
+        }
+        self.with(|c| pipe.query::<()>(c))?;
+        tracing::warn!(location = %self.location, "the cluster's Redis had lost its records (restarted empty?); wrote back those last read here");
+        Ok(true)
     }
 
     /// Runs `f` on the kept connection (made if needed); a failure drops
@@ -85,8 +136,14 @@ impl ClusterStore {
         result.map_err(|e| self.err(e))
     }
 
+    /// Where the records are, for the daemon's own link to the same Redis.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// Connects to the primary as of now (with Sentinel, asked anew).
     fn dial(&self) -> redis::RedisResult<Connection> {
-        let con = self.client.get_connection_with_timeout(TIMEOUT)?;
+        let con = self.target.client()?.get_connection_with_timeout(TIMEOUT)?;
         con.set_read_timeout(Some(TIMEOUT))?;
         con.set_write_timeout(Some(TIMEOUT))?;
         Ok(con)
@@ -143,22 +200,6 @@ impl ClusterStore {
         }
         Ok(())
     }
-
-    /// Every record in `hash`, with where it is and the name it is under;
-    /// the unreadable ones as problems.
-    fn read_all<T: DeserializeOwned>(&self, hash: &str) -> Result<super::Loaded<T>, StoreError> {
-        let all: Vec<(String, String)> = self.with(|c| redis::cmd("HGETALL").arg(hash).query(c))?;
-        let (mut records, mut problems) = (Vec::new(), Vec::new());
-        for (name, text) in all {
-            let path = format!("{hash} {name}");
-            match parse(&text) {
-                Ok(rec) => records.push((path, name, rec)),
-                Err(reason) => problems.push(Problem { path, reason }),
-            }
-        }
-        records.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((records, problems))
-    }
 }
 
 /// What a running node last said about itself.
@@ -202,19 +243,26 @@ impl ClusterStore {
     }
 }
 
+/// The records of `hash`, with where each is and the name it is under;
+/// the unreadable ones as problems.
+fn parse_all<T: DeserializeOwned>(hash: &str, all: &[(String, String)]) -> super::Loaded<T> {
+    let (mut records, mut problems) = (Vec::new(), Vec::new());
+    for (name, text) in all {
+        let path = format!("{hash} {name}");
+        match parse(text) {
+            Ok(rec) => records.push((path, name.clone(), rec)),
+            Err(reason) => problems.push(Problem { path, reason }),
+        }
+    }
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    (records, problems)
+}
+
 fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     if text.len() > MAX_RECORD {
         return Err(format!("{} bytes, larger than any record", text.len()));
     }
     toml::from_str(text).map_err(|e| super::toml_error(text, &e))
-}
-
-/// `url` without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 impl Store for ClusterStore {
@@ -260,10 +308,12 @@ impl Store for ClusterStore {
     fn server_secret(&self) -> Result<StaticSecret, StoreError> {
         let text: Option<String> = self.with(|c| redis::cmd("GET").arg(SERVER_KEY).query(c))?;
         let text = text.ok_or_else(|| StoreError::ClusterNotInitialised(self.location.clone()))?;
-        keys::decode_secret(&text).map_err(|e| StoreError::Invalid {
+        let secret = keys::decode_secret(&text).map_err(|e| StoreError::Invalid {
             path: format!("{SERVER_KEY} at {}", self.location),
             reason: e.to_string(),
-        })
+        })?;
+        self.seen().server_key = Some(text);
+        Ok(secret)
     }
 
     fn identity(&self) -> Result<Identity, StoreError> {
@@ -271,7 +321,9 @@ impl Store for ClusterStore {
             redis::cmd("HMGET").arg(IDENTITY).arg("cert").arg("key").query(c)
         };
         if let (Some(cert), Some(key)) = self.with(pem)? {
-            return Identity::from_pem(&cert, &key).map_err(StoreError::Tls);
+            let id = Identity::from_pem(&cert, &key).map_err(StoreError::Tls)?;
+            self.seen().identity = Some((cert, key));
+            return Ok(id);
         }
         let mut names: Vec<String> = self.config()?.public_addrs().iter().map(ToString::to_string).collect();
         names.push("gatekeeper".into());
@@ -303,19 +355,60 @@ impl Store for ClusterStore {
     fn config(&self) -> Result<ConfigFile, StoreError> {
         let text: Option<String> = self.with(|c| redis::cmd("GET").arg(CONFIG).query(c))?;
         match text {
-            Some(text) => Ok(ConfigFile::parse(&text, &format!("{CONFIG} at {}", self.location))?),
+            Some(text) => {
+                let config = ConfigFile::parse(&text, &format!("{CONFIG} at {}", self.location))?;
+                self.seen().config = Some(text);
+                Ok(config)
+            }
             None => Ok(ConfigFile::default()),
         }
     }
 
+    /// Also where a restart that emptied Redis is found: the records are
+    /// written back, or, by a store that never read them, reported as lost.
     fn version(&self) -> Result<Version, StoreError> {
-        let v: Option<u64> = self.with(|c| redis::cmd("GET").arg(VERSION).query(c))?;
-        Ok(Version(v.unwrap_or(0)))
+        let read = |c: &mut Connection| -> redis::RedisResult<(Option<u64>, bool)> {
+            redis::pipe()
+                .cmd("GET")
+                .arg(VERSION)
+                .cmd("EXISTS")
+                .arg(SERVER_KEY)
+                .query(c)
+        };
+        let (mut version, mut initialised) = self.with(read)?;
+        if !initialised && self.restore()? {
+            (version, initialised) = self.with(read)?;
+        }
+        if !initialised {
+            return Err(StoreError::ClusterEmptied(self.location.clone()));
+        }
+        Ok(Version(version.unwrap_or(0)))
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (clients, mut problems) = self.read_all::<ClientRecord>(CLIENTS)?;
-        let (tunnels, more) = self.read_all::<TunnelRecord>(TUNNELS)?;
+        let (initialised, clients, tunnels): (bool, Raw, Raw) = self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("EXISTS")
+                .arg(SERVER_KEY)
+                .cmd("HGETALL")
+                .arg(CLIENTS)
+                .cmd("HGETALL")
+                .arg(TUNNELS)
+                .query(c)
+        })?;
+        // Without the server key the records are not gone: Redis is.
+        if !initialised {
+            return Err(StoreError::ClusterEmptied(self.location.clone()));
+        }
+        let (client_records, mut problems) = parse_all::<ClientRecord>(CLIENTS, &clients);
+        let (tunnel_records, more) = parse_all::<TunnelRecord>(TUNNELS, &tunnels);
+        {
+            let mut seen = self.seen();
+            seen.clients = clients;
+            seen.tunnels = tunnels;
+        }
+        let (clients, tunnels) = (client_records, tunnel_records);
         problems.extend(more);
         let mut snap = Snapshot {
             problems,
@@ -365,6 +458,8 @@ impl Store for ClusterStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::store::redis_target::redact;
 
     #[test]
     fn passwords_stay_out_of_messages() {

@@ -427,7 +427,7 @@ pub struct Settings {
 /// A node's place in a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSettings {
-    /// `redis://[USER:PASS@]HOST:PORT[/DB]`.
+    /// `redis://`, `rediss://` or `redis+sentinel://` (see `RedisTarget`).
     pub url: String,
     /// This node's name among the others (default: the host name).
     pub node: String,

@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod config;
 pub mod files;
+pub mod redis_target;
 pub mod watch;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
@@ -51,6 +52,10 @@ pub enum StoreError {
     NotInitialised(String),
     #[error("the cluster at {0} is not initialised: run `gatekeeper init --cluster URL --public-addr ADDR` once first")]
     ClusterNotInitialised(String),
+    #[error(
+        "the cluster's Redis at {0} holds no records (restarted empty?): a running node writes back what it last read within a second; if none runs, `gatekeeper init --cluster` starts afresh"
+    )]
+    ClusterEmptied(String),
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
     #[error("bad {kind} name {name:?}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")]
@@ -67,12 +72,10 @@ pub enum StoreError {
     Config(#[from] ConfigError),
     #[error("the gateway's TLS identity")]
     Tls(#[source] TlsError),
-    #[error("bad cluster address {url}: use redis://[USER:PASS@]HOST:PORT[/DB]")]
-    ClusterUrl {
-        url: String,
-        #[source]
-        source: redis::RedisError,
-    },
+    #[error(
+        "bad cluster address {url}: {reason}; use redis://[USER:PASS@]HOST:PORT[/DB], rediss://... for TLS, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+    )]
+    ClusterUrl { url: String, reason: String },
     #[error("the cluster's Redis at {location}")]
     Cluster {
         location: String,

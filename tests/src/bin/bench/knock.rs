@@ -82,12 +82,12 @@ fn udp5353() -> Request {
     }
 }
 
-fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
-    const N: usize = 100_000;
-    println!("[1/3] verifying {N} distinct knocks on one core");
-    let dir = std::env::temp_dir().join(format!("gk-bench-knock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let store = FileStore::new(&dir);
+/// A verifier for one enrolled client and `n` distinct valid knocks from
+/// it, with the temporary state directory they came from (removed on drop).
+pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, TempState)> {
+    let dir = TempState(std::env::temp_dir().join(format!("gk-bench-knock-{}-{n}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let store = FileStore::new(&dir.0);
     let gw: IpAddr = "192.0.2.1".parse()?;
     store.init(&[gw], false)?;
     let (rec, cred) = store.add_client(&NewClient {
@@ -119,7 +119,7 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     let src: IpAddr = "10.0.0.2".parse()?;
     let mut payload = k.payload(gw, &udp5353(), 0)?;
     payload.local_ip = src;
-    let knocks: Vec<Knock> = (0..N)
+    let knocks: Vec<Knock> = (0..n)
         .map(|_| {
             Ok(Knock {
                 src,
@@ -131,6 +131,22 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
+    Ok((verifier, knocks, dir))
+}
+
+/// A state directory of the bench's own, removed on drop.
+pub(crate) struct TempState(std::path::PathBuf);
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
+    const N: usize = 100_000;
+    println!("[1/3] verifying {N} distinct knocks on one core");
+    let (verifier, knocks, _dir) = verifier_and_knocks(N)?;
     let now = gatekeeper::clock::unix_now();
 
     let mut seen = HashSet::with_capacity(N);
@@ -165,7 +181,6 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         accepted == N,
         "only {accepted} of {N} knocks verified with the pinned replay map"
     );
-    std::fs::remove_dir_all(&dir)?;
     println!("      {in_memory:.0}/s with an in-memory replay set, {pinned:.0}/s with the pinned replay map");
     rows.push(Row {
         what: "knocks verified/s, one core, in-memory replay set".into(),
@@ -208,7 +223,7 @@ fn time_to_open(lab: &Lab, packet: Vec<u8>) -> Result<Option<Duration>> {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> Result<()> {
+pub(crate) fn pin_to(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; the call acts on this thread only.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -244,7 +259,7 @@ fn pinned_echo(lab: &Lab, port: u16, cpu: usize, stop: Arc<AtomicBool>) -> Resul
     }))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e3
 }

@@ -7,9 +7,14 @@
 //!   (see `knock.rs`).
 //! - `tunnel`: throughput, new-connection latency and memory against the
 //!   direct path and rathole (see `tunnel.rs`).
+//! - `cluster`: grant propagation across three nodes, knock-to-open
+//!   against a lone gateway, knocks claimed per second through the shared
+//!   replay cache, and the same during a Sentinel failover (see
+//!   `cluster.rs`).
 //! - `portal`: handshakes per core-second and latency of the ClientHello
 //!   knock against mutual TLS and plain TLS (see `portal.rs`).
 
+mod cluster;
 mod gate;
 mod knock;
 mod portal;
@@ -42,7 +47,10 @@ fn main() -> Result<()> {
         "knock" => knock::run(&mut rows)?,
         "tunnel" => tunnel::run(&mut rows)?,
         "portal" => portal::run(&mut rows)?,
-        other => bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel` and `portal`"),
+        "cluster" => cluster::run(&mut rows)?,
+        other => {
+            bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel`, `portal` and `cluster`")
+        }
     }
     report(&suite, &rows)
 }

@@ -1,0 +1,49 @@
+//! A cluster of gateway nodes in the lab, as the cluster tests and the
+//! cluster benchmark start it: every node serving echo on tcp/22 behind
+//! its gate, the records in the lab's Redis, one client enrolled.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::lab::{Daemon, Lab, Role, SHARED_ADDR};
+
+/// Initialises the cluster at `url` (`init --cluster` from node 1),
+/// enrolls `laptop` for tcp/22 and starts `nodes` daemons on it (`gw-N`).
+/// Each node's own config lifts the knock budgets, so thousands of knocks
+/// from one client in a few seconds are not rate-limited. Returns the
+/// daemons and the client's credential.
+pub fn start_nodes(lab: &mut Lab, url: &str, nodes: u8) -> Result<(Vec<Daemon>, PathBuf)> {
+    let shared = SHARED_ADDR.to_string();
+    lab.state_cli_on(Role::Node(1), &["init", "--public-addr", &shared, "--cluster", url])?;
+    let cred = lab.scratch().join("laptop.credential.toml");
+    let cred_arg = cred.to_string_lossy().into_owned();
+    lab.state_cli_on(
+        Role::Node(1),
+        &[
+            "client",
+            "add",
+            "laptop",
+            "--allow",
+            "tcp/22",
+            "--out",
+            &cred_arg,
+            "--cluster",
+            url,
+        ],
+    )?;
+    let mut daemons = Vec::new();
+    for n in 1..=nodes {
+        let node = Role::Node(n);
+        lab.serve_tcp_echo(node, 22)?;
+        let dir = lab.state_dir_of(node);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("gatekeeper.toml"),
+            "[knock]\nrate = 100000\nburst = 100000\nkey_rate = 100000\nkey_burst = 100000\n",
+        )?;
+        let name = format!("gw-{n}");
+        daemons.push(lab.start_daemon_on(node, &["--protect", "tcp/22", "--cluster", url, "--node", &name])?);
+    }
+    Ok((daemons, cred))
+}
