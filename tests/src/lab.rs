@@ -45,6 +45,9 @@ pub enum Role {
     /// A host of its own on the lab network (`Lab::add_host`), for a
     /// cluster's Redis.
     Store,
+    /// A host of its own on the lab network (`Lab::cluster`), for a tunnel
+    /// agent and the private service it publishes.
+    Agent,
     /// Gateway node N (1-based) of a cluster behind a router
     /// (`Lab::cluster`): its uplink is `gw0` at 10.80.N.2.
     Node(u8),
@@ -62,6 +65,7 @@ impl Role {
             Role::NatA => "na".into(),
             Role::NatB => "nb".into(),
             Role::Store => "st".into(),
+            Role::Agent => "ag".into(),
             Role::Node(n) => format!("n{n}"),
         }
     }
@@ -88,6 +92,7 @@ impl Role {
             Role::Intruder | Role::NatB => 3,
             Role::Router => 4,
             Role::Store => 5,
+            Role::Agent => 6,
             Role::Node(n) => 10 + n,
         }
     }
@@ -102,6 +107,7 @@ impl Role {
             Role::NatA => "na0",
             Role::NatB => "nb0",
             Role::Store => "st0",
+            Role::Agent => "ag0",
         }
     }
 }
@@ -351,7 +357,7 @@ impl Lab {
         lab.add_ns(&sw)?;
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-        for role in [Role::Client, Role::Intruder, Role::Router, Role::Store] {
+        for role in [Role::Client, Role::Intruder, Role::Router, Role::Store, Role::Agent] {
             lab.add_host(role)?;
         }
         let rt = lab.ns(Role::Router);
@@ -403,7 +409,7 @@ impl Lab {
         route.push(format!("{SHARED_ADDR}/32"));
         route.extend(hops);
         sh(&route.iter().map(String::as_str).collect::<Vec<_>>())?;
-        for role in [Role::Client, Role::Intruder, Role::Store] {
+        for role in [Role::Client, Role::Intruder, Role::Store, Role::Agent] {
             let ns = lab.ns(role);
             for net in [format!("{SHARED_ADDR}/32"), "10.80.0.0/16".to_string()] {
                 sh(&[

@@ -19,6 +19,8 @@ pub const SERVICE: &str = "gk";
 pub struct RedisServer {
     role: Role,
     ns: String,
+    /// Where it may write (a replica's sync): the lab's scratch directory.
+    dir: PathBuf,
     addr: String,
     port: u16,
     /// Extra `redis-server` arguments (a replica's `--replicaof`, TLS).
@@ -52,6 +54,7 @@ impl RedisServer {
         let mut r = RedisServer {
             role,
             ns: lab.ns(role),
+            dir: lab.scratch().join(format!("redis-{port}")),
             addr: role.addr().to_string(),
             port,
             args: vec![
@@ -79,6 +82,7 @@ impl RedisServer {
         let mut r = RedisServer {
             role,
             ns: lab.ns(role),
+            dir: lab.scratch().join(format!("redis-{port}")),
             addr: role.addr().to_string(),
             port,
             args: ["--port", &port.to_string()]
@@ -111,9 +115,12 @@ impl RedisServer {
     /// Starts it again, empty.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
+        std::fs::create_dir_all(&self.dir)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "redis-server"])
             .args(["--bind", &self.addr])
+            .arg("--dir")
+            .arg(&self.dir)
             .args(&self.args)
             .args([
                 "--save",

@@ -4,10 +4,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use gatekeeper_tests::{
-    cluster::start_nodes,
-    lab::{Daemon, Lab, Role, SHARED_ADDR, eventually, gw, round_trip, tcp_request},
+    cluster::{knock_and_connect, shared, start_nodes},
+    lab::{ChildGuard, Daemon, Lab, Role, SHARED_ADDR, eventually, gw, tcp_request},
     nmap,
     redis::{RedisServer, Sentinels},
 };
@@ -102,30 +102,6 @@ fn all_subscribed(redis: &RedisServer) -> Result<bool> {
     })
 }
 
-/// Knocks from `sport` over UDP (a flow of its own, so the router may
-/// hand it to any node), then connects from `sport` to tcp/22.
-fn knock_and_connect(lab: &Lab, cred: &std::path::Path, sport: u16) -> Result<bool> {
-    let req = gatekeeper::knock::send::Request {
-        proto: gatekeeper::spec::Proto::Tcp,
-        ports: gatekeeper::spec::PortRange { lo: 22, hi: 22 },
-        source_port: Some(sport),
-    };
-    lab.with_knocker(Role::Client, cred, move |k, _| {
-        k.send(SHARED_ADDR.into(), &req, gatekeeper::knock::Carrier::Udp)?;
-        Ok(())
-    })?;
-    // What `gatekeeper connect` waits before its connection.
-    std::thread::sleep(Duration::from_millis(20));
-    let Some(mut s) = lab.tcp_connect(Role::Client, shared(22), Some(sport), Duration::from_secs(3))? else {
-        return Ok(false);
-    };
-    Ok(round_trip(&mut s, b"ping").unwrap_or(false))
-}
-
-fn shared(port: u16) -> SocketAddr {
-    SocketAddr::new(SHARED_ADDR.into(), port)
-}
-
 /// One counter of a node's gate.
 fn stat(lab: &Lab, node: Role, name: &str) -> Result<u64> {
     let out = lab.cli_on(node, &["stats", "--json"])?;
@@ -146,7 +122,7 @@ fn knocks_and_connections_land_on_different_nodes_and_still_get_in() -> Result<(
     let rounds = 200u16;
     let mut got_in = 0;
     for i in 0..rounds {
-        if knock_and_connect(&lab, &cred, 30000 + i)? {
+        if knock_and_connect(&lab, &cred, 30000 + i, 22)? {
             got_in += 1;
         }
     }
@@ -175,6 +151,11 @@ fn knocks_and_connections_land_on_different_nodes_and_still_get_in() -> Result<(
 fn a_knock_replayed_to_another_node_is_refused() -> Result<()> {
     let (lab, _redis, _daemons, cred) = three_nodes()?;
     let seen = knock_accepted_by(&lab, &cred, 1)?;
+    let line = knocks_audited(&lab, 1)?.last().cloned().unwrap_or_default();
+    ensure!(
+        line["degraded"].is_null(),
+        "claimed in the cluster, not degraded: {line}"
+    );
     // Resent from the client's own address, as a replay must be to pass
     // every other check: only the shared replay cache can tell.
     ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
@@ -185,7 +166,7 @@ fn a_knock_replayed_to_another_node_is_refused() -> Result<()> {
 fn a_revocation_from_one_nodes_cli_shuts_the_client_out_of_every_node() -> Result<()> {
     let (lab, redis, _daemons, cred) = three_nodes()?;
     for i in 0..12 {
-        ensure!(knock_and_connect(&lab, &cred, 31000 + i)?, "round {i} got in");
+        ensure!(knock_and_connect(&lab, &cred, 31000 + i, 22)?, "round {i} got in");
     }
     for n in 1..=NODES {
         let list = lab.cli_on(Role::Node(n), &["whitelist", "list", "--json"])?;
@@ -195,6 +176,14 @@ fn a_revocation_from_one_nodes_cli_shuts_the_client_out_of_every_node() -> Resul
         );
     }
     let url = redis.url();
+    let all = all_nodes_whitelist(&lab, &url)?;
+    let nodes = all["nodes"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        nodes.len() == usize::from(NODES)
+            && nodes.iter().all(|n| n["entries"].to_string().contains("10.77.0.2"))
+            && all["silent"] == serde_json::json!([]),
+        "every node's map, asked from one: {all}"
+    );
     let out = lab.state_cli_on(Role::Node(3), &["client", "revoke", "laptop", "--cluster", &url])?;
     ensure!(
         out.contains("applied by every running node (gw-1, gw-2, gw-3)"),
@@ -208,7 +197,10 @@ fn a_revocation_from_one_nodes_cli_shuts_the_client_out_of_every_node() -> Resul
             "node {n} closed the client's entries: {list}"
         );
     }
-    ensure!(!knock_and_connect(&lab, &cred, 32000)?, "its next knock opens nothing");
+    ensure!(
+        !knock_and_connect(&lab, &cred, 32000, 22)?,
+        "its next knock opens nothing"
+    );
     Ok(())
 }
 
@@ -281,7 +273,7 @@ fn redis_restarted_empty_loses_nothing() -> Result<()> {
     );
     for i in 0..20 {
         ensure!(
-            knock_and_connect(&lab, &cred, 33000 + i)?,
+            knock_and_connect(&lab, &cred, 33000 + i, 22)?,
             "round {i} after the restart got in"
         );
     }
@@ -296,6 +288,11 @@ fn a_node_killed_and_restarted_loses_nothing() -> Result<()> {
     let (lab, redis, mut daemons, cred) = three_nodes()?;
     let url = redis.url();
     daemons[1].kill9()?;
+    // Asked for their maps at once, the running nodes answer and the dead
+    // one, whose last report is still recent, is named.
+    let all = all_nodes_whitelist(&lab, &url)?;
+    ensure!(all["silent"] == serde_json::json!(["gw-2"]), "{all}");
+    ensure!(all["nodes"].as_array().map(Vec::len) == Some(2), "{all}");
     // While node 2 is down, node 1 lets the client in from port 34000.
     let req = gatekeeper::knock::send::Request {
         proto: gatekeeper::spec::Proto::Tcp,
@@ -357,8 +354,11 @@ fn with_redis_away_a_node_decides_alone_or_refuses_as_configured() -> Result<()>
     redis.stop();
     let node = |n: u8| SocketAddr::new(Role::Node(n).addr().into(), 22);
 
-    // Node 1 (`local`, the default) decides alone and opens itself.
+    // Node 1 (`local`, the default) decides alone, opens itself, and
+    // audits the knock as degraded.
     ensure!(knock_reason_at(&lab, 1, fresh_knock(&lab, &cred)?)? == "accepted");
+    let line = knocks_audited(&lab, 1)?.last().cloned().unwrap_or_default();
+    ensure!(line["degraded"] == "cluster_unreachable", "{line}");
     ensure!(
         lab.tcp_echo_works(Role::Client, node(1), None)?,
         "node 1 let the client in"
@@ -389,7 +389,7 @@ fn with_redis_away_a_node_decides_alone_or_refuses_as_configured() -> Result<()>
     ensure!(all_subscribed(&redis)?, "every node subscribed again");
     for i in 0..10 {
         ensure!(
-            knock_and_connect(&lab, &cred, 35000 + i)?,
+            knock_and_connect(&lab, &cred, 35000 + i, 22)?,
             "round {i} after Redis came back got in"
         );
     }
@@ -406,7 +406,7 @@ fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
     let (_daemons, cred) = start_nodes(&mut lab, &url, NODES)?;
     for i in 0..10 {
         ensure!(
-            knock_and_connect(&lab, &cred, 36000 + i)?,
+            knock_and_connect(&lab, &cred, 36000 + i, 22)?,
             "round {i} before the failover got in"
         );
     }
@@ -422,7 +422,7 @@ fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
     ensure!(all_subscribed(&replica)?, "every node follows the new primary");
     for i in 0..10 {
         ensure!(
-            knock_and_connect(&lab, &cred, 36100 + i)?,
+            knock_and_connect(&lab, &cred, 36100 + i, 22)?,
             "round {i} after the failover got in"
         );
     }
@@ -434,8 +434,161 @@ fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
         "{out}"
     );
     ensure!(
-        !knock_and_connect(&lab, &cred, 36200)?,
+        !knock_and_connect(&lab, &cred, 36200, 22)?,
         "revoked through the new primary: shut out"
     );
     Ok(())
+}
+
+#[test]
+fn garbage_and_grants_no_client_may_hold_open_nothing() -> Result<()> {
+    let (lab, redis, mut daemons, cred) = three_nodes()?;
+    let url = redis.url();
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.state_cli_on(Role::Node(1), &["client", "list", "--json", "--cluster", &url])?)?;
+    let owner = list["clients"][0]["id"].as_u64().unwrap_or_default();
+    ensure!(owner != 0, "{list}");
+    let intruder = Role::Intruder.addr().to_string();
+    let grant = |owner: u64, lo: u16, hi: u16, expires_ms: u64| {
+        serde_json::json!([{"node": "elsewhere", "addr": intruder, "src_port": 0, "proto": 6,
+            "lo": lo, "hi": hi, "expires_ms": expires_ms, "owner": owner}])
+        .to_string()
+    };
+    let later = gatekeeper::clock::unix_now_ms() + 60_000;
+    for msg in [
+        String::new(),
+        "not json".into(),
+        "{\"node\":".into(),
+        "[".repeat(100_000),
+        "\u{fffd}\u{7f}\u{1b}[2J".into(),
+        // Well formed, but no enrolled client may hold them: an unknown
+        // owner, ports outside the client's policy, a grant run out.
+        grant(owner + 1000, 22, 22, later),
+        grant(owner, 1, 1024, later),
+        grant(owner, 22, 22, 1),
+    ] {
+        redis.cli(&["PUBLISH", "gatekeeper:grants", &msg])?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (n, d) in daemons.iter_mut().enumerate() {
+        ensure!(d.running(), "node {} still runs", n + 1);
+        let list = lab.cli_on(Role::Node(n as u8 + 1), &["whitelist", "list", "--json"])?;
+        let list = String::from_utf8_lossy(&list.stdout);
+        ensure!(!list.contains(&intruder), "node {} opened a grant: {list}", n + 1);
+    }
+    ensure!(
+        !lab.tcp_echo_works(Role::Intruder, shared(22), None)?,
+        "the intruder is still shut out"
+    );
+    ensure!(knock_and_connect(&lab, &cred, 37000, 22)?, "and the nodes still work");
+    Ok(())
+}
+
+/// The tunnels as the cluster lists them.
+fn cluster_tunnels(lab: &Lab, url: &str) -> Result<Vec<serde_json::Value>> {
+    let out = lab.state_cli_on(Role::Node(1), &["tunnel", "list", "--json", "--cluster", url])?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(json.as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn a_tunnel_is_served_by_whichever_node_a_visitor_lands_on() -> Result<()> {
+    const PRIVATE_PORT: u16 = 8080;
+    let (mut lab, redis, _daemons, cred) = three_nodes()?;
+    let url = redis.url();
+    lab.serve_tcp_echo(Role::Agent, PRIVATE_PORT)?;
+    ensure!(
+        eventually(Duration::from_secs(5), || Ok(redis
+            .cli(&["HLEN", "gatekeeper:nodes"])?
+            .trim()
+            == NODES.to_string()))?,
+        "every node reported"
+    );
+    let token = lab.state_cli_on(
+        Role::Node(2),
+        &[
+            "tunnel",
+            "issue",
+            "web",
+            "--owner",
+            "ops",
+            "--allow",
+            "laptop",
+            "--cluster",
+            &url,
+        ],
+    )?;
+    let nodes = gatekeeper::tunnels::Token::decode(&token)?.nodes;
+    ensure!(
+        nodes.len() == usize::from(NODES),
+        "the token names every node: {nodes:?}"
+    );
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    let port = cluster_tunnels(&lab, &url)?
+        .first()
+        .and_then(|t| t["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .context("the tunnel's public port")?;
+
+    let forward = format!("127.0.0.1:{PRIVATE_PORT}");
+    let token_arg = token_file.to_str().context("utf-8 path")?;
+    let _agent = ChildGuard::new(lab.spawn_gatekeeper(
+        Role::Agent,
+        &["agent", "--token-file", token_arg, "--forward", &forward],
+    )?);
+    ensure!(
+        eventually(Duration::from_secs(20), || Ok(cluster_tunnels(&lab, &url)?
+            .first()
+            .and_then(|t| t["nodes"].as_array().map(Vec::len))
+            == Some(usize::from(NODES))))?,
+        "the agent holds a session with every node: {:?}",
+        cluster_tunnels(&lab, &url)?
+    );
+
+    let scan = nmap::scan(
+        &lab,
+        Role::Intruder,
+        "-sS",
+        &format!("{port},7443"),
+        &SHARED_ADDR.to_string(),
+    )?;
+    ensure!(
+        scan.answered_in(port, port).is_empty() && scan.answered_in(7443, 7443).is_empty(),
+        "a stranger sees the tunnel: {scan:?}"
+    );
+    let rounds = 30u16;
+    let mut got_in = 0;
+    for i in 0..rounds {
+        if knock_and_connect(&lab, &cred, 38000 + i, port)? {
+            got_in += 1;
+        }
+    }
+    ensure!(got_in == rounds, "{got_in} of {rounds} visits got through");
+    let served = |n: u8| -> Result<usize> {
+        Ok(lab
+            .audit_of(Role::Node(n))?
+            .iter()
+            .filter(|l| l["event"] == "tunnel_connection")
+            .count())
+    };
+    ensure!(
+        eventually(Duration::from_secs(5), || Ok((1..=NODES)
+            .map(served)
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .all(|&s| s > 0)))?,
+        "every node served visitors through its own session: {:?}",
+        (1..=NODES).map(served).collect::<Result<Vec<_>>>()?
+    );
+    Ok(())
+}
+
+/// `whitelist list --all-nodes --json`, asked from node 1's CLI.
+fn all_nodes_whitelist(lab: &Lab, url: &str) -> Result<serde_json::Value> {
+    let out = lab.state_cli_on(
+        Role::Node(1),
+        &["whitelist", "list", "--all-nodes", "--json", "--cluster", url],
+    )?;
+    Ok(serde_json::from_str(&out)?)
 }

@@ -96,6 +96,10 @@ pub enum Opened {
         src_port: Option<u16>,
         ports: String,
         for_secs: u64,
+        /// A cluster node opened it alone, its Redis not answering: the
+        /// nonce was checked against this node's replay cache only, and
+        /// the grant reached no other node. Audited as `degraded`.
+        alone: bool,
     },
     /// The knock was good but writing the entry failed: nothing opened.
     Failed(String),
@@ -174,7 +178,13 @@ impl Audit {
                 src_port,
                 ports,
                 for_secs,
-            }) => line["opened"] = json!({"src_port": src_port, "ports": ports, "for_secs": for_secs}),
+                alone,
+            }) => {
+                line["opened"] = json!({"src_port": src_port, "ports": ports, "for_secs": for_secs});
+                if *alone {
+                    line["degraded"] = json!("cluster_unreachable");
+                }
+            }
             Some(Opened::Failed(why)) => {
                 line["result"] = json!("failed");
                 line["reason"] = json!("gate_write_failed");

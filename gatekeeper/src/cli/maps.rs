@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use gatekeeper::{
     clock,
-    gate::{Gate, WhitelistEntry, key_tuple, spans_text},
+    gate::{EntryView, Gate, spans_text},
     spec::{self, PortRange, Prefix, Tuple, format_duration},
 };
 use gatekeeper_common::{
@@ -15,7 +15,10 @@ use gatekeeper_common::{
 };
 use serde_json::json;
 
-use super::Target;
+use super::{StateArg, Target};
+
+/// How long `whitelist list --all-nodes` waits for the nodes' answers.
+const ALL_NODES_WAIT: Duration = Duration::from_secs(2);
 
 /// Inspect and change who may pass the gate.
 ///
@@ -29,9 +32,17 @@ pub enum Whitelist {
     List {
         #[command(flatten)]
         target: Target,
-        /// One JSON array for scripts.
+        /// One JSON array for scripts (with --all-nodes: one object, each
+        /// node's entries under "nodes", the silent ones under "silent").
         #[arg(long)]
         json: bool,
+        /// Every running cluster node's map instead of this host's: asked
+        /// through the cluster's Redis (--cluster, or `[cluster] url`),
+        /// each node answers within 2 s; the silent ones are named.
+        #[arg(long)]
+        all_nodes: bool,
+        #[command(flatten)]
+        state: StateArg,
     },
     /// Let a tuple in: ADDR[:SRCPORT]/PROTO, e.g. 10.0.0.2/tcp (any source
     /// port), 10.0.0.2:40000/tcp, [2001:db8::2]:5353/udp.
@@ -111,15 +122,57 @@ fn open(target: &Target) -> Result<Gate> {
 
 pub fn whitelist(cmd: Whitelist) -> Result<()> {
     match cmd {
-        Whitelist::List { target, json } => {
+        Whitelist::List {
+            target,
+            json,
+            all_nodes: false,
+            ..
+        } => {
             let gate = open(&target)?;
             let now = clock::now_ns();
-            let entries = gate.whitelist()?;
+            let views: Vec<EntryView> = gate.whitelist()?.iter().map(|e| e.view(now)).collect();
             if json {
-                let rows: Vec<_> = entries.iter().map(|e| entry_json(e, now)).collect();
-                println!("{}", serde_json::Value::Array(rows));
+                println!("{}", serde_json::to_string(&views)?);
             } else {
-                print_entries(&entries, now);
+                print_entries(&views);
+            }
+        }
+        Whitelist::List {
+            json,
+            all_nodes: true,
+            state,
+            ..
+        } => {
+            let cluster = state.cluster()?.context(
+                "--all-nodes asks a cluster's nodes: pass --cluster URL, or set [cluster] url in gatekeeper.toml",
+            )?;
+            let answers = cluster.ask("whitelist", ALL_NODES_WAIT)?;
+            let nodes: Vec<(String, Vec<EntryView>)> = answers
+                .answered
+                .into_iter()
+                .map(|a| (a.node, serde_json::from_value(a.answer).unwrap_or_default()))
+                .collect();
+            if json {
+                let nodes: Vec<_> = nodes
+                    .iter()
+                    .map(|(node, entries)| json!({"node": node, "entries": entries}))
+                    .collect();
+                println!("{}", json!({"nodes": nodes, "silent": answers.silent}));
+            } else {
+                if nodes.is_empty() && answers.silent.is_empty() {
+                    println!("no cluster node is running");
+                }
+                for (node, entries) in &nodes {
+                    println!("{node}: {} entries", entries.len());
+                    print_entries(entries);
+                    println!();
+                }
+            }
+            if !answers.silent.is_empty() {
+                eprintln!(
+                    "no answer within {ALL_NODES_WAIT:?} from: {}",
+                    answers.silent.join(", ")
+                );
             }
         }
         Whitelist::Add {
@@ -154,22 +207,7 @@ fn remaining(until_ns: u64, now: u64) -> Option<Duration> {
     (until_ns > now).then(|| Duration::from_nanos(until_ns - now))
 }
 
-fn entry_json(e: &WhitelistEntry, now: u64) -> serde_json::Value {
-    let tuple = key_tuple(&e.key);
-    json!({
-        "address": tuple.map(|t| t.addr.to_string()),
-        "src_port": tuple.and_then(|t| t.src_port),
-        "proto": tuple.map(|t| t.proto.name()),
-        "ports": e.value.used_spans().map(|s| PortRange { lo: s.lo, hi: s.hi }.to_string()).collect::<Vec<_>>(),
-        "ttl_ms": remaining(e.value.expires_ns, now).map(|d| d.as_millis() as u64).unwrap_or(0),
-        "expired": e.value.expires_ns <= now,
-        "idle_ms": (e.value.last_seen_ns != 0).then(|| now.saturating_sub(e.value.last_seen_ns) / 1_000_000),
-        "operator": e.value.flags & FLAG_OPERATOR != 0,
-        "owner": e.value.owner,
-    })
-}
-
-fn print_entries(entries: &[WhitelistEntry], now: u64) {
+fn print_entries(entries: &[EntryView]) {
     if entries.is_empty() {
         println!("no whitelist entries");
         return;
@@ -179,31 +217,23 @@ fn print_entries(entries: &[WhitelistEntry], now: u64) {
         "ADDRESS", "SRC-PORT", "PROTO", "PORTS", "TTL", "IDLE"
     );
     for e in entries {
-        let t = key_tuple(&e.key);
-        let ports = spans_text(&e.value);
-        let ttl = remaining(e.value.expires_ns, now)
-            .map(format_duration)
-            .unwrap_or_else(|| "expired".into());
-        let idle = if e.value.last_seen_ns == 0 {
-            "never".to_string()
+        let ttl = if e.expired {
+            "expired".to_string()
         } else {
-            format_duration(Duration::from_nanos(now.saturating_sub(e.value.last_seen_ns)))
+            format_duration(Duration::from_millis(e.ttl_ms))
         };
+        let idle = e
+            .idle_ms
+            .map_or_else(|| "never".to_string(), |ms| format_duration(Duration::from_millis(ms)));
         println!(
             "{:<40} {:>8} {:<5} {:<11} {:>10} {:>10}  {}",
-            t.map(|t| t.addr.to_string()).unwrap_or_else(|| "?".into()),
-            t.and_then(|t| t.src_port)
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "any".into()),
-            t.map(|t| t.proto.name()).unwrap_or("?"),
-            ports,
+            e.address.as_deref().unwrap_or("?"),
+            e.src_port.map_or_else(|| "any".to_string(), |p| p.to_string()),
+            e.proto.as_deref().unwrap_or("?"),
+            e.ports.join(","),
             ttl,
             idle,
-            if e.value.flags & FLAG_OPERATOR != 0 {
-                "operator"
-            } else {
-                "knock"
-            },
+            if e.operator { "operator" } else { "knock" },
         );
     }
 }

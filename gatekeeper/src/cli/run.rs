@@ -1,6 +1,9 @@
 //! `gatekeeper run`: the daemon.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use super::LogFormat;
 use anyhow::{Context, Result};
@@ -118,6 +121,12 @@ pub struct RunArgs {
     /// This node's name in the cluster [default: the host name].
     #[arg(long, value_name = "NAME", requires = "cluster")]
     node: Option<String>,
+    /// This node's own address in the cluster, where agents reach it and
+    /// no other node (the shared address hashes them to any). Tunnel
+    /// tokens issued in the cluster name every node's, and agents keep a
+    /// session to each, so a visitor landing on any node is served there.
+    #[arg(long, value_name = "ADDR", requires = "cluster")]
+    advertise: Option<IpAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -147,6 +156,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         cluster: args.cluster,
         node: args.node,
+        advertise: args.advertise,
     };
     let files = FileStore::new(&args.state_dir);
     let own = files.config_path();

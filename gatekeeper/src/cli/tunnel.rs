@@ -2,7 +2,7 @@
 //! private network's side).
 
 use std::{
-    net::{SocketAddr, ToSocketAddrs},
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::PathBuf,
     time::Duration,
 };
@@ -13,6 +13,7 @@ use gatekeeper::{
     clock::{rfc3339, unix_now},
     control::{self, Reply, Request, TunnelStatus},
     spec,
+    store::cluster::NodeReport,
     tunnels::{self, NewTunnel, Token, agent},
 };
 use serde_json::json;
@@ -27,6 +28,8 @@ pub enum Tunnel {
     /// The token holds the gateway's addresses and tunnel port, its
     /// certificate fingerprint, a knock credential for the agent, and the
     /// tunnel secret (the gateway keeps only its hash). Treat it as a secret.
+    /// In a cluster it also names every node that runs with --advertise:
+    /// the agent keeps a session to each, so any node serves visitors.
     ///
     /// Example: gatekeeper tunnel issue web --owner ops --allow laptop,phone
     Issue {
@@ -46,7 +49,8 @@ pub enum Tunnel {
         state: StateArg,
     },
     /// List tunnels: owner, port, whether an agent is connected and since
-    /// when, connections and bytes (from the running daemon).
+    /// when, connections and bytes (from the running daemon); in a
+    /// cluster, the running nodes its agent holds a session with.
     List {
         #[arg(long)]
         json: bool,
@@ -93,6 +97,22 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             state,
         } => {
             let store = state.store()?;
+            // In a cluster, the agent keeps a session to every node that
+            // says where it can be reached on its own.
+            let nodes = match state.cluster()? {
+                Some(cluster) => {
+                    let mut addrs: Vec<IpAddr> = cluster.nodes()?.into_iter().filter_map(|n| n.advertise).collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    if addrs.is_empty() {
+                        eprintln!(
+                            "note: no node advertises an address of its own (run --advertise ADDR): the agent holds one session, through the shared address, and only the node it lands on serves the tunnel"
+                        );
+                    }
+                    addrs
+                }
+                None => Vec::new(),
+            };
             let (rec, token) = tunnels::issue(
                 &*store,
                 &NewTunnel {
@@ -101,6 +121,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                     allow,
                     public_port,
                     expires_in: expires,
+                    nodes,
                 },
             )?;
             eprintln!(
@@ -120,10 +141,25 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
         Tunnel::List { json, state } => {
             let store = state.store()?;
             let snapshot = store.snapshot()?;
-            // Live sessions are the running daemon's to tell.
+            // Live sessions are the running daemon's to tell; in a cluster,
+            // each running node also reports the tunnels it serves.
             let live: Vec<TunnelStatus> = match control::ask(&state.local().control_socket(), &Request::Status) {
                 Ok(Reply::Status(s)) => s.tunnels,
                 _ => Vec::new(),
+            };
+            let now_ms = gatekeeper::clock::unix_now_ms();
+            let nodes: Option<Vec<NodeReport>> = state
+                .cluster()?
+                .map(|c| c.nodes())
+                .transpose()?
+                .map(|all| all.into_iter().filter(|n| n.live_at(now_ms)).collect());
+            let serving = |name: &str| -> Option<Vec<String>> {
+                nodes.as_ref().map(|all| {
+                    all.iter()
+                        .filter(|n| n.tunnels.iter().any(|t| t == name))
+                        .map(|n| n.name.clone())
+                        .collect()
+                })
             };
             let now = unix_now();
             let rows: Vec<serde_json::Value> = snapshot
@@ -131,9 +167,15 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                 .iter()
                 .map(|r| {
                     let s = live.iter().find(|t| t.name == r.name);
-                    json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now),
-                           "connected": s.is_some(), "since": s.and_then(|s| s.since), "connections": s.map_or(0, |s| s.connections),
-                           "bytes_in": s.map_or(0, |s| s.bytes_in), "bytes_out": s.map_or(0, |s| s.bytes_out)})
+                    let on = serving(&r.name);
+                    let connected = s.is_some() || on.as_ref().is_some_and(|n| !n.is_empty());
+                    let mut row = json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now),
+                           "connected": connected, "since": s.and_then(|s| s.since), "connections": s.map_or(0, |s| s.connections),
+                           "bytes_in": s.map_or(0, |s| s.bytes_in), "bytes_out": s.map_or(0, |s| s.bytes_out)});
+                    if let Some(on) = on {
+                        row["nodes"] = json!(on);
+                    }
+                    row
                 })
                 .collect();
             for p in snapshot.problems.iter().filter(|p| p.path.contains("/tunnels/")) {
@@ -156,7 +198,10 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                     } else {
                         "expired"
                     };
-                    let agent = if r["connected"] == true {
+                    let agent = if let Some(on) = r["nodes"].as_array().filter(|n| !n.is_empty()) {
+                        let names: Vec<&str> = on.iter().filter_map(|n| n.as_str()).collect();
+                        format!("on {}", names.join(","))
+                    } else if r["connected"] == true {
                         format!("since {}", r["since"].as_u64().map(rfc3339).unwrap_or_default())
                     } else {
                         "not connected".into()

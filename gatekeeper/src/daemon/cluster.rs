@@ -5,6 +5,10 @@
 //! script, one round trip, sets its nonce if absent (with the knock's
 //! window as expiry), and only then stores the grant with its remaining
 //! time and publishes it. A nonce another node claimed first is a replay.
+//! Claims that queue up while one is on its way go together in the next
+//! script call (up to [`MAX_BATCH`]), their fresh grants in one message:
+//! one knock at a time costs one round trip, and a flood of them costs
+//! Redis one call per batch instead of one per knock.
 //! Every node subscribes to the grants and writes each into its own map,
 //! so the connection that follows a knock may land on any node. Pub/sub
 //! keeps nothing for a subscriber that was away, so after every
@@ -24,7 +28,7 @@ use std::{
 
 use futures_util::StreamExt;
 use gatekeeper_common::maps::WhitelistKey;
-use redis::{AsyncConnectionConfig, RedisError, RedisResult, Script, aio::MultiplexedConnection};
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, RedisResult, Script, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -32,7 +36,11 @@ use tracing::{info, warn};
 use crate::{
     knock::wire::NONCE_LEN,
     spec::{PortRange, map_addr, unmap_addr},
-    store::{hex, redis_target::RedisTarget},
+    store::{
+        cluster::{ANSWER_PREFIX, Answer, QUESTIONS, Question},
+        hex,
+        redis_target::RedisTarget,
+    },
 };
 
 const CHANNEL: &str = "gatekeeper:grants";
@@ -44,17 +52,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long to wait before subscribing again after losing the channel.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
-/// Claims a nonce; if it was free, stores and publishes the grant.
-/// KEYS: nonce key, grant key. ARGV: node, nonce expiry (unix s), grant
-/// JSON, grant lifetime (ms).
+/// Claims nonces; stores each grant whose nonce was free, and publishes
+/// those grants as one JSON array. KEYS: nonce key, grant key, for each
+/// claim. ARGV: node, then for each claim: nonce expiry (unix s), grant
+/// JSON, grant lifetime (ms). Returns 1 (fresh) or 0 (taken) per claim.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EXAT', ARGV[2]) then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-  redis.call('PUBLISH', 'gatekeeper:grants', ARGV[3])
-  return 1
+local fresh, out = {}, {}
+for c = 0, #KEYS / 2 - 1 do
+  local a = 2 + c * 3
+  if redis.call('SET', KEYS[c * 2 + 1], ARGV[1], 'NX', 'EXAT', ARGV[a]) then
+    redis.call('SET', KEYS[c * 2 + 2], ARGV[a + 1], 'PX', ARGV[a + 2])
+    fresh[#fresh + 1] = ARGV[a + 1]
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-return 0
+if #fresh > 0 then
+  redis.call('PUBLISH', 'gatekeeper:grants', '[' .. table.concat(fresh, ',') .. ']')
+end
+return out
 ";
+/// The most claims one script call carries.
+const MAX_BATCH: usize = 256;
+/// Batches on their way at once; more claims wait in the queue.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// Claims waiting beyond this are answered `Unreachable` at once.
+const QUEUE: usize = 65_536;
 
 /// A grant as the nodes pass it around.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,14 +153,26 @@ pub enum Event {
     Resync(Vec<SharedGrant>),
     /// The subscription was lost; retrying.
     Lost(String),
+    /// A question for every node (`whitelist list --all-nodes`).
+    Asked(Question),
 }
 
 /// The daemon's handle on the link.
 pub struct Link {
     node: String,
     primary: Primary,
-    script: Script,
+    claims: mpsc::Sender<Claim>,
     events: mpsc::Sender<Event>,
+}
+
+/// One claim waiting for its batch.
+struct Claim {
+    id: u64,
+    nonce_key: String,
+    grant_key: String,
+    until: u64,
+    json: String,
+    lifetime_ms: u64,
 }
 
 /// One multiplexed connection to the primary, shared by every claim;
@@ -165,9 +201,9 @@ impl Primary {
     /// Runs `invocation`, once more on a fresh connection if it fails:
     /// the kept one may be to a Redis that closed, restarted, or was made
     /// a replica (which refuses writes).
-    async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> RedisResult<i64> {
+    async fn invoke<T: FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> RedisResult<T> {
         let first = match self.connection().await {
-            Ok(mut con) => invocation.invoke_async::<i64>(&mut con).await,
+            Ok(mut con) => invocation.invoke_async::<T>(&mut con).await,
             Err(e) => Err(e),
         };
         match first {
@@ -176,7 +212,7 @@ impl Primary {
                 self.forget();
                 let mut con = self.connection().await?;
                 invocation
-                    .invoke_async::<i64>(&mut con)
+                    .invoke_async::<T>(&mut con)
                     .await
                     .inspect_err(|_| self.forget())
             }
@@ -206,12 +242,14 @@ impl Link {
         };
         primary.connection().await?;
         let (events, rx) = mpsc::channel(4096);
+        let (claims, queue) = mpsc::channel(QUEUE);
         tokio::spawn(follow(target, node.to_string(), events.clone()));
+        tokio::spawn(claim_batches(primary.clone(), node.to_string(), queue, events.clone()));
         Ok((
             Link {
                 node: node.to_string(),
                 primary,
-                script: Script::new(CLAIM),
+                claims,
                 events,
             },
             rx,
@@ -231,36 +269,97 @@ impl Link {
     /// Claims `nonce` (until `until`, unix seconds) for the knock that
     /// grants `grant`; the answer comes back as [`Event::Claimed`] with `id`.
     pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grant: &SharedGrant) {
-        let primary = self.primary.clone();
-        let script = self.script.clone();
-        let nonce_key = format!("gatekeeper:nonce:{}", hex(nonce));
-        let grant_key = grant.redis_key();
-        let node = self.node.clone();
-        let json = serde_json::to_string(grant).unwrap_or_default();
-        let lifetime_ms = grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1);
-        let events = self.events.clone();
+        let claim = Claim {
+            id,
+            nonce_key: format!("gatekeeper:nonce:{}", hex(nonce)),
+            grant_key: grant.redis_key(),
+            until,
+            json: serde_json::to_string(grant).unwrap_or_default(),
+            lifetime_ms: grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1),
+        };
+        if let Err(e) = self.claims.try_send(claim) {
+            let claim = match e {
+                mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+            };
+            let unanswered = Event::Claimed {
+                id: claim.id,
+                claimed: Claimed::Unreachable(format!("more than {QUEUE} claims waiting")),
+            };
+            let events = self.events.clone();
+            tokio::spawn(async move { events.send(unanswered).await });
+        }
+    }
+}
+
+/// Takes the claims queued, as many as one batch holds, and sends them
+/// in one script call; up to [`BATCHES_IN_FLIGHT`] calls at once.
+async fn claim_batches(primary: Primary, node: String, mut queue: mpsc::Receiver<Claim>, events: mpsc::Sender<Event>) {
+    let script = Script::new(CLAIM);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let claims = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+        let (primary, script, node, events) = (primary.clone(), script.clone(), node.clone(), events.clone());
         tokio::spawn(async move {
             let mut invocation = script.prepare_invoke();
-            invocation
-                .key(nonce_key)
-                .key(grant_key)
-                .arg(node)
-                .arg(until)
-                .arg(json)
-                .arg(lifetime_ms);
-            let answer = tokio::time::timeout(CLAIM_TIMEOUT, primary.invoke(&invocation)).await;
-            let claimed = match answer {
-                Ok(Ok(1)) => Claimed::Fresh,
-                Ok(Ok(_)) => Claimed::Taken,
-                Ok(Err(e)) => Claimed::Unreachable(e.to_string()),
-                Err(_) => Claimed::Unreachable(format!("no answer within {CLAIM_TIMEOUT:?}")),
+            for c in &claims {
+                invocation.key(&c.nonce_key).key(&c.grant_key);
+            }
+            invocation.arg(&node);
+            for c in &claims {
+                invocation.arg(c.until).arg(&c.json).arg(c.lifetime_ms);
+            }
+            let answer = tokio::time::timeout(CLAIM_TIMEOUT, primary.invoke::<Vec<i64>>(&invocation)).await;
+            drop(permit);
+            let answers: Vec<Claimed> = match answer {
+                Ok(Ok(fresh)) if fresh.len() == claims.len() => fresh
+                    .into_iter()
+                    .map(|f| if f == 1 { Claimed::Fresh } else { Claimed::Taken })
+                    .collect(),
+                Ok(Ok(fresh)) => unanswered(&claims, &format!("{} answers to {} claims", fresh.len(), claims.len())),
+                Ok(Err(e)) => unanswered(&claims, &e.to_string()),
+                Err(_) => unanswered(&claims, &format!("no answer within {CLAIM_TIMEOUT:?}")),
             };
-            let _ = events.send(Event::Claimed { id, claimed }).await;
+            for (c, claimed) in claims.iter().zip(answers) {
+                if events.send(Event::Claimed { id: c.id, claimed }).await.is_err() {
+                    return;
+                }
+            }
         });
     }
 }
 
+fn unanswered(claims: &[Claim], why: &str) -> Vec<Claimed> {
+    claims.iter().map(|_| Claimed::Unreachable(why.to_string())).collect()
+}
+
 impl Link {
+    /// Pushes this node's answer to `question`, kept for 10 s.
+    pub fn answer(&self, question: &Question, answer: serde_json::Value) {
+        let text = serde_json::to_string(&Answer {
+            node: self.node.clone(),
+            answer,
+        })
+        .unwrap_or_default();
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH").arg(&question.reply).arg(text).ignore();
+        pipe.cmd("EXPIRE").arg(&question.reply).arg(10).ignore();
+        let primary = self.primary.clone();
+        tokio::spawn(async move {
+            let sent = match primary.connection().await {
+                Ok(mut con) => pipe.query_async::<()>(&mut con).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                primary.forget();
+                warn!(error = %e, "answering the cluster failed");
+            }
+        });
+    }
+
     /// Writes this node's replay cache and the grants it holds back into
     /// Redis where they are missing: after Redis was away (and perhaps
     /// restarted empty), so a knock seen before is still a replay on every
@@ -324,15 +423,27 @@ async fn follow(target: RedisTarget, node: String, events: mpsc::Sender<Event>) 
                 }
                 let mut stream = stream;
                 while let Some(msg) = stream.next().await {
+                    // Anything that does not parse is dropped unread.
                     let Ok(text) = msg.get_payload::<String>() else {
                         continue;
                     };
-                    // Anything else on the channel is dropped unread.
-                    let Ok(grant) = serde_json::from_str::<SharedGrant>(&text) else {
+                    if msg.get_channel_name() == QUESTIONS {
+                        if let Ok(question) = serde_json::from_str::<Question>(&text)
+                            && question.reply.starts_with(ANSWER_PREFIX)
+                            && question.reply.len() <= 64
+                            && events.send(Event::Asked(question)).await.is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    let Ok(grants) = serde_json::from_str::<Vec<SharedGrant>>(&text) else {
                         continue;
                     };
-                    if grant.node != node && events.send(Event::Grant(grant)).await.is_err() {
-                        return;
+                    for grant in grants.into_iter().filter(|g| g.node != node) {
+                        if events.send(Event::Grant(grant)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 lost = true;
@@ -357,7 +468,7 @@ async fn follow(target: RedisTarget, node: String, events: mpsc::Sender<Event>) 
 async fn subscribe(target: &RedisTarget) -> Result<(redis::aio::PubSubStream, Vec<SharedGrant>), RedisError> {
     let client = target.client_async().await?;
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(CHANNEL).await?;
+    pubsub.subscribe(&[CHANNEL, QUESTIONS]).await?;
     let mut con = connect(target).await?;
     let live = live_grants(&mut con).await?;
     Ok((pubsub.into_on_message(), live))

@@ -9,6 +9,7 @@
 use std::{
     cmp::Reverse,
     collections::{BTreeSet, BinaryHeap, HashMap},
+    net::IpAddr,
 };
 
 use super::cluster::{Claimed, Link, Outage, SharedGrant};
@@ -29,6 +30,7 @@ use crate::{
     spec::{PortRange, Proto},
     store::{
         Problem, Snapshot,
+        cluster::Question,
         config::{Settings, WhenUnreachable},
     },
 };
@@ -84,7 +86,7 @@ impl KnockService {
             expiry: None,
             verifier: Verifier {
                 registry: Registry::default(),
-                server_addrs: settings.public_addrs.clone(),
+                server_addrs: server_addrs(settings),
                 window_secs: settings.knock_window.as_secs(),
             },
             audit,
@@ -182,7 +184,7 @@ impl KnockService {
             c.pending.insert(id, (knock.clone(), checked));
             return;
         }
-        self.open(gate, knock, checked);
+        self.open(gate, knock, checked, false);
     }
 
     /// The cluster's answer to the claim on knock `id`'s nonce: a fresh
@@ -195,6 +197,7 @@ impl KnockService {
         let Some((knock, mut checked)) = c.pending.remove(&id) else {
             return;
         };
+        let mut alone = false;
         match claimed {
             Claimed::Fresh => c.outage.recovered(),
             Claimed::Taken => {
@@ -203,12 +206,13 @@ impl KnockService {
             }
             Claimed::Unreachable(why) => {
                 c.outage.failed(&why);
-                if c.when_unreachable == WhenUnreachable::Refuse {
-                    checked.outcome = Err(Rejection::ClusterUnreachable(why));
+                match c.when_unreachable {
+                    WhenUnreachable::Refuse => checked.outcome = Err(Rejection::ClusterUnreachable(why)),
+                    WhenUnreachable::Local => alone = true,
                 }
             }
         }
-        self.open(gate, &knock, checked);
+        self.open(gate, &knock, checked, alone);
     }
 
     /// Opens, in this node's gate, a grant another node published, if the
@@ -229,6 +233,13 @@ impl KnockService {
         let expires = clock::now_ns().saturating_add((grant.expires_ms - now_ms).saturating_mul(1_000_000));
         if let Err(e) = gate.whitelist_grant(&grant.key(), grant.ports(), expires, 0, grant.owner) {
             warn!(error = %crate::error_chain(&e), node = %grant.node, "could not open a grant another node published");
+        }
+    }
+
+    /// In a cluster, answers a question every node was asked.
+    pub fn answer(&self, question: &Question, answer: serde_json::Value) {
+        if let Some(c) = &self.cluster {
+            c.link.answer(question, answer);
         }
     }
 
@@ -282,8 +293,9 @@ impl KnockService {
         c.link.republish(nonces, grants);
     }
 
-    /// Opens what an accepted knock grants, then audits what happened.
-    fn open(&mut self, gate: &Gate, knock: &Knock, checked: Checked) {
+    /// Opens what an accepted knock grants (`alone`: in a cluster whose
+    /// Redis did not answer), then audits what happened.
+    fn open(&mut self, gate: &Gate, knock: &Knock, checked: Checked, alone: bool) {
         let opened = checked.outcome.as_ref().ok().map(|grant| {
             // A fresh knock for a live entry extends it and adds its ports.
             let expires = clock::now_ns().saturating_add(self.open_for_ns);
@@ -292,6 +304,7 @@ impl KnockService {
                     src_port: (grant.key.src_port != 0).then_some(grant.key.src_port),
                     ports: format!("{}-{}", grant.ports.lo, grant.ports.hi),
                     for_secs: self.open_for_ns / 1_000_000_000,
+                    alone,
                 },
                 Err(e) => {
                     let why = crate::error_chain(&e);
@@ -355,4 +368,17 @@ impl KnockService {
             expiry.pop();
         }
     }
+}
+
+/// The addresses a knock may name: the public ones and, in a cluster, this
+/// node's own (agents knock each node there). None at all: any.
+fn server_addrs(settings: &Settings) -> Vec<IpAddr> {
+    let mut addrs = settings.public_addrs.clone();
+    if !addrs.is_empty()
+        && let Some(own) = settings.cluster.as_ref().and_then(|c| c.advertise)
+        && !addrs.contains(&own)
+    {
+        addrs.push(own);
+    }
+    addrs
 }

@@ -24,6 +24,7 @@ pub mod knock_service;
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -170,7 +171,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(store: Arc<ClusterStore>, name: &str) -> Node {
+    fn new(store: Arc<ClusterStore>, name: &str, advertise: Option<IpAddr>) -> Node {
         Node {
             store,
             report: NodeReport {
@@ -180,6 +181,8 @@ impl Node {
                 pid: std::process::id(),
                 release: env!("CARGO_PKG_VERSION").into(),
                 started: unix_now(),
+                advertise,
+                tunnels: Vec::new(),
             },
             reported_ns: None,
         }
@@ -207,11 +210,13 @@ impl Node {
         }
     }
 
-    /// Tells the others which records are in force here: at once when
-    /// that changed, else once a second as a heartbeat.
-    fn report(&mut self, applied: Option<Version>) {
+    /// Tells the others which records are in force here and which
+    /// tunnels' agents hold a session here: at once when that changed,
+    /// else once a second as a heartbeat.
+    fn report(&mut self, applied: Option<Version>, tunnels: Vec<String>) {
         let now = crate::clock::now_ns();
-        let changed = applied.is_some_and(|v| v.0 != self.report.applied);
+        let changed = applied.is_some_and(|v| v.0 != self.report.applied) || tunnels != self.report.tunnels;
+        self.report.tunnels = tunnels;
         let due = self.reported_ns.is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000);
         if !changed && !due {
             return;
@@ -261,7 +266,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             store.server_secret()?;
             store.config()?;
             files.prepare()?;
-            Some(Node::new(store, &c.node))
+            Some(Node::new(store, &c.node, c.advertise))
         }
         None => None,
     };
@@ -522,6 +527,18 @@ impl Daemon {
                 self.cluster_lost = true;
                 warn!(error = %why, "lost the cluster's grants; subscribing again");
             }
+            Event::Asked(question) if question.what == "whitelist" => {
+                let now = crate::clock::now_ns();
+                let views: Vec<_> = match self.gate.whitelist() {
+                    Ok(entries) => entries.iter().map(|e| e.view(now)).collect(),
+                    Err(e) => {
+                        warn!(error = %error_chain(&e), "reading the whitelist for the cluster failed");
+                        return;
+                    }
+                };
+                k.service.answer(&question, serde_json::json!(views));
+            }
+            Event::Asked(_) => {}
         }
     }
 
@@ -537,8 +554,12 @@ impl Daemon {
     /// In a cluster, tells the others what is in force here.
     fn report(&mut self) {
         let applied = self.knocks.as_ref().and_then(|k| k.watcher.version());
+        let tunnels = self
+            .knocks
+            .as_ref()
+            .map_or_else(Vec::new, |k| k.gateway.status().into_iter().map(|t| t.name).collect());
         if let Some(node) = self.node.as_mut() {
-            node.report(applied);
+            node.report(applied, tunnels);
         }
     }
 

@@ -16,6 +16,7 @@ use gatekeeper_common::{
         MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, WhitelistKey, WhitelistValue,
     },
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::pins::PinError;
@@ -561,6 +562,48 @@ pub fn tuple_key(t: &Tuple) -> WhitelistKey {
         t.src_port.unwrap_or(names::ANY_PORT),
         t.proto.number(),
     )
+}
+
+/// A whitelist entry as it reads on any host: its times relative to when
+/// it was read (the map's are this host's monotonic clock), so a cluster
+/// node can hand it to a CLI elsewhere. The shape of `whitelist list --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryView {
+    /// `None`: a key no CLI could have written.
+    pub address: Option<String>,
+    /// `None`: any source port.
+    pub src_port: Option<u16>,
+    pub proto: Option<String>,
+    pub ports: Vec<String>,
+    pub ttl_ms: u64,
+    pub expired: bool,
+    /// `None`: no packet has used it yet.
+    pub idle_ms: Option<u64>,
+    /// Added by an operator, not by a knock.
+    pub operator: bool,
+    pub owner: u32,
+}
+
+impl WhitelistEntry {
+    /// The entry as it reads at `now` (CLOCK_MONOTONIC ns).
+    pub fn view(&self, now: u64) -> EntryView {
+        let tuple = key_tuple(&self.key);
+        EntryView {
+            address: tuple.map(|t| t.addr.to_string()),
+            src_port: tuple.and_then(|t| t.src_port),
+            proto: tuple.map(|t| t.proto.name().to_string()),
+            ports: self
+                .value
+                .used_spans()
+                .map(|s| PortRange { lo: s.lo, hi: s.hi }.to_string())
+                .collect(),
+            ttl_ms: self.value.expires_ns.saturating_sub(now) / 1_000_000,
+            expired: self.value.expires_ns <= now,
+            idle_ms: (self.value.last_seen_ns != 0).then(|| now.saturating_sub(self.value.last_seen_ns) / 1_000_000),
+            operator: self.value.flags & FLAG_OPERATOR != 0,
+            owner: self.value.owner,
+        }
+    }
 }
 
 /// The tuple a key stands for; `None` for a protocol no CLI could have written.

@@ -16,5 +16,5 @@ pub mod pins;
 pub mod ring;
 pub mod sweeper;
 
-pub use maps::{Gate, GateError, WhitelistEntry, key_tuple, protected_words, spans_text};
+pub use maps::{EntryView, Gate, GateError, WhitelistEntry, key_tuple, protected_words, spans_text};
 pub use pins::unpin_all;

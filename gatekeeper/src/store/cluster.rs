@@ -1,13 +1,15 @@
 //! The cluster backend: the records several gateways share, kept in Redis.
 //!
 //! ```text
-//! gatekeeper:server_key   the gateways' X25519 secret (base64)
-//! gatekeeper:identity     hash: cert, key (PEM), the TLS identity all nodes present
-//! gatekeeper:config       the shared config (TOML, the same keys as gatekeeper.toml)
-//! gatekeeper:clients      hash: NAME -> client record (TOML)
-//! gatekeeper:tunnels      hash: NAME -> tunnel record (TOML)
-//! gatekeeper:version      bumped in the same transaction as every write
-//! gatekeeper:nodes        hash: NODE -> what that node last reported (JSON)
+//! gatekeeper:server_key    the gateways' X25519 secret (base64)
+//! gatekeeper:identity      hash: cert, key (PEM), the TLS identity all nodes present
+//! gatekeeper:config        the shared config (TOML, the same keys as gatekeeper.toml)
+//! gatekeeper:clients       hash: NAME -> client record (TOML)
+//! gatekeeper:tunnels       hash: NAME -> tunnel record (TOML)
+//! gatekeeper:version       bumped in the same transaction as every write
+//! gatekeeper:nodes         hash: NODE -> what that node last reported (JSON)
+//! gatekeeper:questions     channel: a question for every running node (JSON)
+//! gatekeeper:answer:ID     list: the nodes' answers to one question, for 10 s
 //! ```
 //!
 //! Each running node reports, about once a second, the version of the
@@ -46,6 +48,10 @@ const CLIENTS: &str = "gatekeeper:clients";
 const TUNNELS: &str = "gatekeeper:tunnels";
 const VERSION: &str = "gatekeeper:version";
 const NODES: &str = "gatekeeper:nodes";
+/// The channel questions for every node go out on.
+pub const QUESTIONS: &str = "gatekeeper:questions";
+/// Where the answers to one question are pushed: this, then its id.
+pub const ANSWER_PREFIX: &str = "gatekeeper:answer:";
 /// A node that has not reported for this long is not counted as running.
 pub const NODE_SILENT_AFTER_MS: u64 = 3_000;
 /// How long connecting, and each command, may take.
@@ -214,6 +220,12 @@ pub struct NodeReport {
     pub release: String,
     /// Unix seconds it started at.
     pub started: u64,
+    /// Its own address (`--advertise`), where agents reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<IpAddr>,
+    /// The tunnels whose agent holds a session with it now.
+    #[serde(default)]
+    pub tunnels: Vec<String>,
 }
 
 impl NodeReport {
@@ -223,7 +235,68 @@ impl NodeReport {
     }
 }
 
+/// A question for every running node, as it goes out on [`QUESTIONS`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Question {
+    /// What is asked: `whitelist` (the node's whitelist map).
+    pub what: String,
+    /// The list to push the answer onto; starts with [`ANSWER_PREFIX`].
+    pub reply: String,
+}
+
+/// One node's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub node: String,
+    pub answer: serde_json::Value,
+}
+
+/// What the running nodes answered, and which said nothing in time.
+#[derive(Debug)]
+pub struct Answers {
+    pub answered: Vec<Answer>,
+    pub silent: Vec<String>,
+}
+
 impl ClusterStore {
+    /// Asks every running node `what` and waits up to `wait` for them all.
+    pub fn ask(&self, what: &str, wait: Duration) -> Result<Answers, StoreError> {
+        let now_ms = crate::clock::unix_now_ms();
+        let running: Vec<String> = self
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.live_at(now_ms))
+            .map(|n| n.name)
+            .collect();
+        let mut id = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+        let question = Question {
+            what: what.to_string(),
+            reply: format!("{ANSWER_PREFIX}{}", super::hex(&id)),
+        };
+        let message = serde_json::to_string(&question).unwrap_or_default();
+        self.with(|c| redis::cmd("PUBLISH").arg(QUESTIONS).arg(&message).query::<i64>(c))?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut answered: Vec<Answer> = Vec::new();
+        while answered.len() < running.len() && std::time::Instant::now() < deadline {
+            // Short waits: each must end within the connection's timeout.
+            let popped: Option<(String, String)> =
+                self.with(|c| redis::cmd("BLPOP").arg(&question.reply).arg(0.3).query(c))?;
+            if let Some(answer) = popped.and_then(|(_, text)| serde_json::from_str::<Answer>(&text).ok())
+                && !answered.iter().any(|a| a.node == answer.node)
+            {
+                answered.push(answer);
+            }
+        }
+        let _ = self.with(|c| redis::cmd("DEL").arg(&question.reply).query::<()>(c));
+        answered.sort_by(|a, b| a.node.cmp(&b.node));
+        let silent = running
+            .into_iter()
+            .filter(|n| !answered.iter().any(|a| &a.node == n))
+            .collect();
+        Ok(Answers { answered, silent })
+    }
+
     /// Records what this node has put into force.
     pub fn report_node(&self, report: &NodeReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(report).map_err(|e| StoreError::Invalid {

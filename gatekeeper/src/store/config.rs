@@ -112,6 +112,7 @@ pub struct Overrides {
     /// `--cluster`, `--node`.
     pub cluster: Option<String>,
     pub node: Option<String>,
+    pub advertise: Option<IpAddr>,
 }
 
 /// The `--portal*` flags.
@@ -162,6 +163,7 @@ struct ClusterSection {
     url: Option<String>,
     node: Option<String>,
     when_unreachable: Option<WhenUnreachable>,
+    advertise: Option<IpAddr>,
 }
 
 /// What a cluster node does with a knock it accepted while the cluster's
@@ -432,6 +434,10 @@ pub struct ClusterSettings {
     /// This node's name among the others (default: the host name).
     pub node: String,
     pub when_unreachable: WhenUnreachable,
+    /// This node's own address, where agents and knocks reach it and no
+    /// other node: tunnel tokens issued in the cluster name every node's,
+    /// so an agent keeps a session to each.
+    pub advertise: Option<IpAddr>,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -558,6 +564,7 @@ impl Settings {
                     url,
                     node,
                     when_unreachable: f.cluster.when_unreachable.unwrap_or_default(),
+                    advertise: cli.advertise.or(f.cluster.advertise),
                 })
             }
             None => None,
@@ -700,6 +707,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             url: pick(over.cluster.url, base.cluster.url),
             node: pick(over.cluster.node, base.cluster.node),
             when_unreachable: pick(over.cluster.when_unreachable, base.cluster.when_unreachable),
+            advertise: pick(over.cluster.advertise, base.cluster.advertise),
         },
     }
 }

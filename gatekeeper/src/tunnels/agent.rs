@@ -1,11 +1,14 @@
 //! The agent: inside a private network, knocks on the gateway, dials it over
 //! TLS (pinning its certificate), proves itself with the token, and relays
 //! the gateway's streams to the private service. Reconnects forever with
-//! capped, jittered backoff, unless told it is revoked.
+//! capped, jittered backoff, unless told it is revoked. A token issued in
+//! a cluster names every node: the agent keeps a session to each, each
+//! reconnecting on its own, so the node a visitor lands on serves them.
 
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
+use futures_util::future::try_join_all;
 use rand_core::{OsRng, RngCore};
 use rustls::pki_types::ServerName;
 use thiserror::Error;
@@ -52,12 +55,41 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Runs until revoked. `published` hears the public port on every
 /// successful session.
 pub async fn run(token: Token, forward: SocketAddr, published: impl Fn(SocketAddr)) -> Result<(), AgentError> {
-    let gateway = *token.gateway.first().ok_or(AgentError::NoGateway)?;
-    let target = SocketAddr::new(gateway, token.tunnel_port);
+    let targets: Vec<SocketAddr> = if token.nodes.is_empty() {
+        vec![SocketAddr::new(
+            *token.gateway.first().ok_or(AgentError::NoGateway)?,
+            token.tunnel_port,
+        )]
+    } else {
+        token
+            .nodes
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, token.tunnel_port))
+            .collect()
+    };
     let knocker = std::sync::Arc::new(Knocker::new(token.credential.clone())?);
+    // Each session on its own; the first that cannot go on ends them all.
+    try_join_all(
+        targets
+            .into_iter()
+            .map(|target| keep_session(&token, &knocker, target, forward, &published)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The session with one gateway, made again after every end that
+/// retrying can help.
+async fn keep_session(
+    token: &Token,
+    knocker: &std::sync::Arc<Knocker>,
+    target: SocketAddr,
+    forward: SocketAddr,
+    published: &impl Fn(SocketAddr),
+) -> Result<(), AgentError> {
     let mut backoff = BACKOFF_START;
     loop {
-        let (ended, connected) = attempt(&token, &knocker, target, forward, &published).await;
+        let (ended, connected) = attempt(token, knocker, target, forward, published).await;
         match ended {
             Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
             Ended::Retry(why) => {
@@ -67,7 +99,7 @@ pub async fn run(token: Token, forward: SocketAddr, published: impl Fn(SocketAdd
                 // Up to a quarter either way, so agents do not retry in step.
                 let jitter = 0.75 + (OsRng.next_u32() % 1000) as f64 / 2000.0;
                 let wait = backoff.mul_f64(jitter);
-                warn!(%why, retry_in = ?wait, "tunnel session ended");
+                warn!(gateway = %target, %why, retry_in = ?wait, "tunnel session ended");
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }

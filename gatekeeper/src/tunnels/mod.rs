@@ -54,6 +54,11 @@ pub struct Token {
     /// Hex.
     pub secret: String,
     pub gateway: Vec<IpAddr>,
+    /// In a cluster: every node's own address. The agent keeps a session
+    /// to each, so a visitor is served by whichever node the shared
+    /// address hands them to. Empty: one session, to the first `gateway`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<IpAddr>,
     pub tunnel_port: u16,
     /// SHA-256 of the gateway's certificate, hex.
     pub fingerprint: String,
@@ -113,6 +118,8 @@ pub struct NewTunnel {
     pub allow: Vec<String>,
     pub public_port: Option<u16>,
     pub expires_in: Option<Duration>,
+    /// In a cluster: the nodes' own addresses, for the token.
+    pub nodes: Vec<IpAddr>,
 }
 
 /// Issues a tunnel: its record, an agent credential, and the token.
@@ -180,6 +187,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         token_id: rec.token_id.clone(),
         secret: hex(&secret),
         gateway: credential.servers.clone(),
+        nodes: new.nodes.clone(),
         tunnel_port,
         fingerprint: fingerprint.to_string(),
         credential,
@@ -226,6 +234,7 @@ mod tests {
             allow: allow.iter().map(ToString::to_string).collect(),
             public_port,
             expires_in: None,
+            nodes: Vec::new(),
         }
     }
 

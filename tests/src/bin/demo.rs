@@ -12,9 +12,11 @@ use gatekeeper::{
     spec::{PortRange, Proto},
 };
 use gatekeeper_tests::{
+    cluster::{knock_and_connect, start_nodes},
     frames::Rng,
-    lab::{Lab, Role, eventually, output_within},
+    lab::{Lab, Role, SHARED_ADDR, eventually, output_within},
     nmap,
+    redis::RedisServer,
 };
 
 fn step(n: u32, text: &str) {
@@ -310,8 +312,62 @@ fn main() -> Result<()> {
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
+
+    cluster()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation."
     );
+    Ok(())
+}
+
+/// Three gateways behind one address, sharing their state through Redis.
+fn cluster() -> Result<()> {
+    step(
+        15,
+        "A cluster: three gateways behind one address (a router spreads flows by ECMP), their clients, knocks and grants in Redis",
+    );
+    let mut lab = Lab::cluster(3)?;
+    let redis = RedisServer::start(&lab, Role::Store)?;
+    let url = redis.url();
+    let (_nodes, cred) = start_nodes(&mut lab, &url, 3)?;
+    println!("  redis-server at {url}; nodes gw-1, gw-2, gw-3 at 10.80.1-3.2, all answering for {SHARED_ADDR}");
+    let rounds = 20u16;
+    let mut got_in = 0;
+    for i in 0..rounds {
+        got_in += u16::from(knock_and_connect(&lab, &cred, 30000 + i, 22)?);
+    }
+    let verified: Vec<usize> = (1..=3)
+        .map(|n| {
+            lab.audit_of(Role::Node(n))
+                .map(|a| a.iter().filter(|l| l["result"] == "accepted").count())
+        })
+        .collect::<Result<_>>()?;
+    println!(
+        "  {got_in} of {rounds} rounds of a UDP knock and a TCP connection (each a flow of its own) got in; knocks verified per node {verified:?}"
+    );
+    ensure!(
+        got_in == rounds,
+        "the cluster let the client in {got_in} of {rounds} times"
+    );
+    show(
+        "gatekeeper whitelist list --all-nodes",
+        &lab.state_cli_on(Role::Node(1), &["whitelist", "list", "--all-nodes", "--cluster", &url])?
+            .lines()
+            .filter(|l| l.contains(": ") && l.contains("entries"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+
+    step(
+        16,
+        "Revoked from one node's CLI: every node confirms, and closes its entries",
+    );
+    show(
+        "gatekeeper client revoke laptop --cluster ...",
+        &lab.state_cli_on(Role::Node(3), &["client", "revoke", "laptop", "--cluster", &url])?,
+    );
+    let after = knock_and_connect(&lab, &cred, 31000, 22)?;
+    println!("  the laptop knocks and connects again: {}", ok(after));
+    ensure!(!after, "the revoked laptop got in");
     Ok(())
 }

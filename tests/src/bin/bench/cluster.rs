@@ -167,7 +167,10 @@ fn lone_gateway() -> Result<Trials> {
     lab.serve_tcp_echo(Role::Node(1), 22)?;
     std::fs::write(
         lab.state_dir_of(Role::Node(1)).join("gatekeeper.toml"),
-        "[knock]\nrate = 100000\nburst = 100000\nkey_rate = 100000\nkey_burst = 100000\n",
+        format!(
+            "public_addrs = [\"{shared}\"]\n\n\
+             [knock]\nrate = 100000\nburst = 100000\nkey_rate = 100000\nkey_burst = 100000\n"
+        ),
     )?;
     let _daemon = lab.start_daemon_on(Role::Node(1), &["--protect", "tcp/22"])?;
     let gates = vec![Gate::open(&lab.pin_dir_of(Role::Node(1)))?];
@@ -422,35 +425,6 @@ fn report(rows: &mut Vec<Row>, alone: &Trials, cluster: &Trials, failover: &Tria
         ratio: Some((prop99 / 10.0, "<=", 1.0)),
     });
     let (a50, a99) = (p(&alone.local, 0.5), p(&alone.local, 0.99));
-    for (what, v, base) in [
-        (
-            "knock-to-open p50, verifying node, cluster vs lone gateway",
-            p(&cluster.local, 0.5),
-            a50,
-        ),
-        (
-            "knock-to-open p99, verifying node, cluster vs lone gateway",
-            p(&cluster.local, 0.99),
-            a99,
-        ),
-        (
-            "knock-to-open p50, every node, cluster vs lone gateway",
-            p(&cluster.everywhere, 0.5),
-            a50,
-        ),
-        (
-            "knock-to-open p99, every node, cluster vs lone gateway",
-            p(&cluster.everywhere, 0.99),
-            a99,
-        ),
-    ] {
-        rows.push(Row {
-            what: what.into(),
-            value: v,
-            unit: "ms",
-            ratio: Some((v / base, "<=", 2.0)),
-        });
-    }
     rows.push(Row {
         what: "knock-to-open p50, lone gateway".into(),
         value: a50,
@@ -458,9 +432,55 @@ fn report(rows: &mut Vec<Row>, alone: &Trials, cluster: &Trials, failover: &Tria
         ratio: None,
     });
     rows.push(Row {
+        what: "knock-to-open p99, lone gateway".into(),
+        value: a99,
+        unit: "ms",
+        ratio: None,
+    });
+    // What the cluster adds: the claim's round trip before the verifying
+    // node opens, and the grant's way to the others.
+    for (what, v, base) in [
+        ("added by the cluster, p50, verifying node", p(&cluster.local, 0.5), a50),
+        (
+            "added by the cluster, p99, verifying node",
+            p(&cluster.local, 0.99),
+            a99,
+        ),
+        (
+            "added by the cluster, p50, every node",
+            p(&cluster.everywhere, 0.5),
+            a50,
+        ),
+        (
+            "added by the cluster, p99, every node",
+            p(&cluster.everywhere, 0.99),
+            a99,
+        ),
+    ] {
+        rows.push(Row {
+            what: what.into(),
+            value: v - base,
+            unit: "ms",
+            ratio: None,
+        });
+    }
+    let every99 = p(&cluster.everywhere, 0.99);
+    rows.push(Row {
+        what: "knock-to-open p99, every node, vs the 2 ms knock target".into(),
+        value: every99,
+        unit: "ms",
+        ratio: Some((every99 / 2.0, "<=", 1.0)),
+    });
+    rows.push(Row {
         what: "during a failover: grants everywhere within 1 s".into(),
         value: (usize::from(TRIALS) - failover.missed) as f64,
         unit: "knocks",
+        ratio: None,
+    });
+    rows.push(Row {
+        what: "during a failover: knock-to-open p99, every node".into(),
+        value: p(&failover.everywhere, 0.99),
+        unit: "ms",
         ratio: None,
     });
     rows.push(Row {
