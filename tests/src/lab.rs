@@ -152,6 +152,20 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
+/// CPU time (user and system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from the
+    // state on: utime and stime are the 12th and 13th, in clock ticks.
+    let after = stat.rsplit_once(')').context("no command name")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let ticks = tick(11).zip(tick(12)).map(|(u, s)| u + s).context("no utime/stime")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_millis(ticks * 1000 / hz))
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "gk";
 
@@ -196,6 +210,8 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     scratch: PathBuf,
+    /// Environment every gatekeeper process the lab starts gets.
+    env: Vec<(String, PathBuf)>,
 }
 
 /// Runs a command, failing with its output when it fails.
@@ -578,7 +594,14 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             scratch,
+            env: Vec::new(),
         })
+    }
+
+    /// Sets `key` to `path` in the environment of every gatekeeper process
+    /// the lab starts from now on (the CLI, daemons, agents).
+    pub fn set_gatekeeper_env(&mut self, key: &str, path: &Path) {
+        self.env.push((key.to_string(), path.to_path_buf()));
     }
 
     /// Addresses the role's interface and brings it and loopback up.
@@ -904,13 +927,15 @@ impl Lab {
     /// has one (only that: it sees the same bpffs as the daemon).
     fn gateway_command(&self, role: Role) -> Result<Command> {
         let netns = format!("/run/netns/{}", self.ns(role));
-        Ok(if Path::new(&netns).exists() {
+        let mut c = if Path::new(&netns).exists() {
             let mut c = Command::new("nsenter");
             c.arg(format!("--net={netns}")).arg(gatekeeper_bin()?);
             c
         } else {
             Command::new(gatekeeper_bin()?)
-        })
+        };
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        Ok(c)
     }
 
     /// Like [`Lab::cli`], failing unless the command succeeds; returns stdout.
@@ -934,6 +959,7 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.ns(role)))
             .arg(gatekeeper_bin()?)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--iface", role.iface(), "--pin-dir"])
             .arg(self.pin_dir_of(role))
             .arg("--state-dir")

@@ -51,46 +51,42 @@ impl RedisServer {
     /// `cert`/`key` (PEM) signed by `ca`.
     pub fn start_tls(lab: &Lab, role: Role, port: u16, cert: &Path, key: &Path, ca: &Path) -> Result<RedisServer> {
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        let mut r = RedisServer {
-            role,
-            ns: lab.ns(role),
-            dir: lab.scratch().join(format!("redis-{port}")),
-            addr: role.addr().to_string(),
-            port,
-            args: vec![
-                "--port".into(),
-                "0".into(),
-                "--tls-port".into(),
-                port.to_string(),
-                "--tls-cert-file".into(),
-                path(cert),
-                "--tls-key-file".into(),
-                path(key),
-                "--tls-ca-cert-file".into(),
-                path(ca),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ],
-            ca: Some(ca.to_path_buf()),
-            server: None,
-        };
-        r.restart()?;
-        Ok(r)
+        let port_arg = port.to_string();
+        let (cert, key, ca_arg) = (path(cert), path(key), path(ca));
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port_arg,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca_arg,
+            "--tls-auth-clients",
+            "no",
+        ];
+        RedisServer::launch(lab, role, port, &args, Some(ca))
     }
 
     fn start_with(lab: &Lab, role: Role, port: u16, args: &[&str]) -> Result<RedisServer> {
+        let port_arg = port.to_string();
+        let args: Vec<&str> = ["--port", &port_arg].into_iter().chain(args.iter().copied()).collect();
+        RedisServer::launch(lab, role, port, &args, None)
+    }
+
+    /// Starts redis-server with `args` on `role`'s address; `ca`: it speaks
+    /// TLS under a certificate this CA signed.
+    fn launch(lab: &Lab, role: Role, port: u16, args: &[&str], ca: Option<&Path>) -> Result<RedisServer> {
         let mut r = RedisServer {
             role,
             ns: lab.ns(role),
             dir: lab.scratch().join(format!("redis-{port}")),
             addr: role.addr().to_string(),
             port,
-            args: ["--port", &port.to_string()]
-                .iter()
-                .chain(args)
-                .map(|a| a.to_string())
-                .collect(),
-            ca: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ca: ca.map(Path::to_path_buf),
             server: None,
         };
         r.restart()?;
@@ -105,6 +101,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(ChildGuard::id)
     }
 
     /// Stops the server (SIGKILL): what it held is gone.

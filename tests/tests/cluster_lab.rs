@@ -165,9 +165,7 @@ fn a_knock_replayed_to_another_node_is_refused() -> Result<()> {
 #[test]
 fn a_revocation_from_one_nodes_cli_shuts_the_client_out_of_every_node() -> Result<()> {
     let (lab, redis, _daemons, cred) = three_nodes()?;
-    for i in 0..12 {
-        ensure!(knock_and_connect(&lab, &cred, 31000 + i, 22)?, "round {i} got in");
-    }
+    every_round_gets_in(&lab, &cred, 31000, 12, "got in")?;
     for n in 1..=NODES {
         let list = lab.cli_on(Role::Node(n), &["whitelist", "list", "--json"])?;
         ensure!(
@@ -271,12 +269,7 @@ fn redis_restarted_empty_loses_nothing() -> Result<()> {
         knock_reason_at(&lab, 2, seen)? == "replay",
         "a knock seen before the restart is still a replay"
     );
-    for i in 0..20 {
-        ensure!(
-            knock_and_connect(&lab, &cred, 33000 + i, 22)?,
-            "round {i} after the restart got in"
-        );
-    }
+    every_round_gets_in(&lab, &cred, 33000, 20, "after the restart got in")?;
     let url = redis.url();
     let out = lab.state_cli_on(Role::Node(2), &["client", "revoke", "laptop", "--cluster", &url])?;
     ensure!(out.contains("(gw-1, gw-2, gw-3)"), "{out}");
@@ -387,12 +380,7 @@ fn with_redis_away_a_node_decides_alone_or_refuses_as_configured() -> Result<()>
         "the records came back"
     );
     ensure!(all_subscribed(&redis)?, "every node subscribed again");
-    for i in 0..10 {
-        ensure!(
-            knock_and_connect(&lab, &cred, 35000 + i, 22)?,
-            "round {i} after Redis came back got in"
-        );
-    }
+    every_round_gets_in(&lab, &cred, 35000, 10, "after Redis came back got in")?;
     Ok(())
 }
 
@@ -404,12 +392,7 @@ fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
     let sentinels = Sentinels::start(&lab, &primary, 3)?;
     let url = sentinels.url();
     let (_daemons, cred) = start_nodes(&mut lab, &url, NODES)?;
-    for i in 0..10 {
-        ensure!(
-            knock_and_connect(&lab, &cred, 36000 + i, 22)?,
-            "round {i} before the failover got in"
-        );
-    }
+    every_round_gets_in(&lab, &cred, 36000, 10, "before the failover got in")?;
     let seen = knock_accepted_by(&lab, &cred, 1)?;
 
     primary.stop();
@@ -420,12 +403,7 @@ fn a_sentinel_failover_is_followed_without_help() -> Result<()> {
         "the Sentinels promoted the replica"
     );
     ensure!(all_subscribed(&replica)?, "every node follows the new primary");
-    for i in 0..10 {
-        ensure!(
-            knock_and_connect(&lab, &cred, 36100 + i, 22)?,
-            "round {i} after the failover got in"
-        );
-    }
+    every_round_gets_in(&lab, &cred, 36100, 10, "after the failover got in")?;
     // What the old primary knew reached the new one (or was written back).
     ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
     let out = lab.state_cli_on(Role::Node(3), &["client", "revoke", "laptop", "--cluster", &url])?;
@@ -450,9 +428,9 @@ fn garbage_and_grants_no_client_may_hold_open_nothing() -> Result<()> {
     ensure!(owner != 0, "{list}");
     let intruder = Role::Intruder.addr().to_string();
     let grant = |owner: u64, lo: u16, hi: u16, expires_ms: u64| {
-        serde_json::json!([{"node": "elsewhere", "addr": intruder, "src_port": 0, "proto": 6,
-            "lo": lo, "hi": hi, "expires_ms": expires_ms, "owner": owner}])
-        .to_string()
+        let grants = serde_json::json!([{"node": "elsewhere", "addr": intruder, "src_port": 0, "proto": 6,
+            "lo": lo, "hi": hi, "expires_ms": expires_ms, "owner": owner}]);
+        format!("elsewhere\n{grants}")
     };
     let later = gatekeeper::clock::unix_now_ms() + 60_000;
     for msg in [
@@ -460,6 +438,8 @@ fn garbage_and_grants_no_client_may_hold_open_nothing() -> Result<()> {
         "not json".into(),
         "{\"node\":".into(),
         "[".repeat(100_000),
+        format!("elsewhere\n{}", "[".repeat(100_000)),
+        "elsewhere\n".into(),
         "\u{fffd}\u{7f}\u{1b}[2J".into(),
         // Well formed, but no enrolled client may hold them: an unknown
         // owner, ports outside the client's policy, a grant run out.
@@ -591,4 +571,57 @@ fn all_nodes_whitelist(lab: &Lab, url: &str) -> Result<serde_json::Value> {
         &["whitelist", "list", "--all-nodes", "--json", "--cluster", url],
     )?;
     Ok(serde_json::from_str(&out)?)
+}
+
+#[test]
+fn nodes_reach_redis_over_tls_and_check_its_certificate() -> Result<()> {
+    let mut lab = Lab::cluster(NODES)?;
+    // A CA of the lab's own, and a certificate for the Redis host's address.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Names of their own: a leaf named like its issuer reads as self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "gatekeeper lab CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "lab redis");
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(Role::Store.addr().into())];
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    let dir = lab.scratch().join("redis-tls");
+    std::fs::create_dir_all(&dir)?;
+    let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("redis.pem"), dir.join("redis.key"));
+    std::fs::write(&ca_file, ca.pem())?;
+    std::fs::write(&cert_file, cert.pem())?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    let redis = RedisServer::start_tls(&lab, Role::Store, 6390, &cert_file, &key_file, &ca_file)?;
+    let url = redis.url();
+    ensure!(url.starts_with("rediss://"), "{url}");
+
+    // Without the lab's CA, the server's certificate is refused, and said so.
+    let shared = SHARED_ADDR.to_string();
+    let refused = lab.state_cli_on(Role::Node(1), &["init", "--public-addr", &shared, "--cluster", &url]);
+    let why = refused.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    ensure!(
+        why.contains("certificate") || why.contains("Issuer"),
+        "refused for the certificate: {why}"
+    );
+
+    lab.set_gatekeeper_env("SSL_CERT_FILE", &ca_file);
+    let (_daemons, cred) = start_nodes(&mut lab, &url, NODES)?;
+    every_round_gets_in(&lab, &cred, 39000, 10, "over TLS got in")?;
+    let seen = knock_accepted_by(&lab, &cred, 1)?;
+    ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
+    Ok(())
+}
+
+/// `rounds` knock-and-connect rounds from source ports `first` on: each
+/// must get in.
+fn every_round_gets_in(lab: &Lab, cred: &std::path::Path, first: u16, rounds: u16, what: &str) -> Result<()> {
+    for i in 0..rounds {
+        ensure!(knock_and_connect(lab, cred, first + i, 22)?, "round {i} {what}");
+    }
+    Ok(())
 }

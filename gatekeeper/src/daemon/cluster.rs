@@ -15,9 +15,9 @@
 //! (re)subscription the node reads every live grant anew.
 //!
 //! ```text
-//! gatekeeper:nonce:HEX      the node that claimed a knock's nonce, until its window ends
-//! gatekeeper:grant:TUPLE    a live grant (JSON), until it runs out
-//! gatekeeper:grants         the channel grants are published on
+//! gatekeeper:nonce:HEX              the node that claimed a knock's nonce, until its window ends
+//! gatekeeper:grant:NODE:MS:SEQ      the grants of one claim batch (JSON array), until the last runs out
+//! gatekeeper:grants                 the channel grants are published on: NODE, newline, JSON array
 //! ```
 
 use std::{
@@ -52,24 +52,28 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long to wait before subscribing again after losing the channel.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
-/// Claims nonces; stores each grant whose nonce was free, and publishes
-/// those grants as one JSON array. KEYS: nonce key, grant key, for each
-/// claim. ARGV: node, then for each claim: nonce expiry (unix s), grant
-/// JSON, grant lifetime (ms). Returns 1 (fresh) or 0 (taken) per claim.
+/// Claims nonces; stores the grants whose nonce was free under one key,
+/// and publishes them as one message: the node's name, a newline, and the
+/// grants as a JSON array (so a node skips its own messages unparsed).
+/// KEYS: each claim's nonce key, then the batch's grant key. ARGV: node,
+/// then for each claim: nonce expiry (unix s), grant JSON, grant lifetime
+/// (ms). Returns 1 (fresh) or 0 (taken) per claim.
 const CLAIM: &str = r"
-local fresh, out = {}, {}
-for c = 0, #KEYS / 2 - 1 do
-  local a = 2 + c * 3
-  if redis.call('SET', KEYS[c * 2 + 1], ARGV[1], 'NX', 'EXAT', ARGV[a]) then
-    redis.call('SET', KEYS[c * 2 + 2], ARGV[a + 1], 'PX', ARGV[a + 2])
+local fresh, out, longest = {}, {}, 0
+for c = 1, #KEYS - 1 do
+  local a = c * 3 - 1
+  if redis.call('SET', KEYS[c], ARGV[1], 'NX', 'EXAT', ARGV[a]) then
     fresh[#fresh + 1] = ARGV[a + 1]
+    longest = math.max(longest, tonumber(ARGV[a + 2]))
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
 end
 if #fresh > 0 then
-  redis.call('PUBLISH', 'gatekeeper:grants', '[' .. table.concat(fresh, ',') .. ']')
+  local grants = '[' .. table.concat(fresh, ',') .. ']'
+  redis.call('SET', KEYS[#KEYS], grants, 'PX', longest)
+  redis.call('PUBLISH', 'gatekeeper:grants', ARGV[1] .. '\n' .. grants)
 end
 return out
 ";
@@ -121,14 +125,6 @@ impl SharedGrant {
             owner,
         }
     }
-
-    /// Where the grant is kept while it lives: one key per tuple and ports.
-    fn redis_key(&self) -> String {
-        format!(
-            "{GRANT_PREFIX}{}:{}:{}:{}-{}",
-            self.addr, self.src_port, self.proto, self.lo, self.hi
-        )
-    }
 }
 
 /// What came of claiming a knock's nonce.
@@ -169,7 +165,6 @@ pub struct Link {
 struct Claim {
     id: u64,
     nonce_key: String,
-    grant_key: String,
     until: u64,
     json: String,
     lifetime_ms: u64,
@@ -272,7 +267,6 @@ impl Link {
         let claim = Claim {
             id,
             nonce_key: format!("gatekeeper:nonce:{}", hex(nonce)),
-            grant_key: grant.redis_key(),
             until,
             json: serde_json::to_string(grant).unwrap_or_default(),
             lifetime_ms: grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1),
@@ -297,7 +291,10 @@ async fn claim_batches(primary: Primary, node: String, mut queue: mpsc::Receiver
     let script = Script::new(CLAIM);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batches = 0u64;
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        batches += 1;
+        let grant_key = batch_key(&node, batches);
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
@@ -306,9 +303,9 @@ async fn claim_batches(primary: Primary, node: String, mut queue: mpsc::Receiver
         tokio::spawn(async move {
             let mut invocation = script.prepare_invoke();
             for c in &claims {
-                invocation.key(&c.nonce_key).key(&c.grant_key);
+                invocation.key(&c.nonce_key);
             }
-            invocation.arg(&node);
+            invocation.key(grant_key).arg(&node);
             for c in &claims {
                 invocation.arg(c.until).arg(&c.json).arg(c.lifetime_ms);
             }
@@ -330,6 +327,11 @@ async fn claim_batches(primary: Primary, node: String, mut queue: mpsc::Receiver
             }
         });
     }
+}
+
+/// A key of its own for one batch's grants: the node, the time, a count.
+fn batch_key(node: &str, n: u64) -> String {
+    format!("{GRANT_PREFIX}{node}:{}:{n}", crate::clock::unix_now_ms())
 }
 
 fn unanswered(claims: &[Claim], why: &str) -> Vec<Claimed> {
@@ -379,16 +381,14 @@ impl Link {
                 .arg(until)
                 .ignore();
         }
-        for g in &grants {
-            let Ok(json) = serde_json::to_string(g) else {
-                continue;
-            };
+        // All under one key of their own, kept until the last runs out.
+        let longest = grants.iter().map(|g| g.expires_ms.saturating_sub(now_ms)).max();
+        if let (Some(longest), Ok(json)) = (longest, serde_json::to_string(&grants)) {
             pipe.cmd("SET")
-                .arg(g.redis_key())
+                .arg(batch_key(&self.node, 0))
                 .arg(json)
-                .arg("NX")
                 .arg("PX")
-                .arg(g.expires_ms.saturating_sub(now_ms).max(1))
+                .arg(longest.max(1))
                 .ignore();
         }
         tokio::spawn(async move {
@@ -437,7 +437,15 @@ async fn follow(target: RedisTarget, node: String, events: mpsc::Sender<Event>) 
                         }
                         continue;
                     }
-                    let Ok(grants) = serde_json::from_str::<Vec<SharedGrant>>(&text) else {
+                    // `NODE\n[grant, ...]`; this node's own grants are in
+                    // its map already.
+                    let Some((from, grants)) = text.split_once('\n') else {
+                        continue;
+                    };
+                    if from == node {
+                        continue;
+                    }
+                    let Ok(grants) = serde_json::from_str::<Vec<SharedGrant>>(grants) else {
                         continue;
                     };
                     for grant in grants.into_iter().filter(|g| g.node != node) {
@@ -493,7 +501,8 @@ async fn live_grants(con: &mut impl redis::aio::ConnectionLike) -> Result<Vec<Sh
                 values
                     .into_iter()
                     .flatten()
-                    .filter_map(|v| serde_json::from_str::<SharedGrant>(&v).ok()),
+                    .filter_map(|v| serde_json::from_str::<Vec<SharedGrant>>(&v).ok())
+                    .flatten(),
             );
         }
         if next == 0 {

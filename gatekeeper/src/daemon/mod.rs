@@ -109,12 +109,9 @@ pub enum DaemonError {
     },
     #[error("listening for signals")]
     Signal(#[source] std::io::Error),
-    #[error("joining the cluster's grants at {location}")]
-    ClusterLink {
-        location: String,
-        #[source]
-        source: redis::RedisError,
-    },
+    /// `reason`: the Redis client's error as text (it names its cause).
+    #[error("joining the cluster's grants at {location}: {reason}")]
+    ClusterLink { location: String, reason: String },
 }
 
 /// Why [`run`] returned.
@@ -295,12 +292,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let (watcher, change) = Watcher::start(store.clone(), unix_now())?;
         let mut service = KnockService::new(&settings, store.server_secret()?, audit.clone());
         if let (Some(c), Some(node)) = (&settings.cluster, &cluster) {
-            let (link, events) = Link::start(node.store.target().clone(), &c.node)
-                .await
-                .map_err(|source| DaemonError::ClusterLink {
-                    location: store.location(),
-                    source,
-                })?;
+            let (link, events) =
+                Link::start(node.store.target().clone(), &c.node)
+                    .await
+                    .map_err(|e| DaemonError::ClusterLink {
+                        location: store.location(),
+                        reason: e.to_string(),
+                    })?;
             service.join(link, c.when_unreachable);
             cluster_events = Some(events);
         }

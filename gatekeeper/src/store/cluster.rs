@@ -158,7 +158,7 @@ impl ClusterStore {
     fn err(&self, source: RedisError) -> StoreError {
         StoreError::Cluster {
             location: self.location.clone(),
-            source,
+            reason: source.to_string(),
         }
     }
 

@@ -53,7 +53,7 @@ pub enum StoreError {
     #[error("the cluster at {0} is not initialised: run `gatekeeper init --cluster URL --public-addr ADDR` once first")]
     ClusterNotInitialised(String),
     #[error(
-        "the cluster's Redis at {0} holds no records (restarted empty?): a running node writes back what it last read within a second; if none runs, `gatekeeper init --cluster` starts afresh"
+        "the cluster's Redis at {0} holds no records: never initialised (run `gatekeeper init --cluster URL --public-addr ADDR`), or restarted empty (a running node writes back what it last read within a second; if none runs, init afresh)"
     )]
     ClusterEmptied(String),
     #[error("{path}: {reason}")]
@@ -76,12 +76,10 @@ pub enum StoreError {
         "bad cluster address {url}: {reason}; use redis://[USER:PASS@]HOST:PORT[/DB], rediss://... for TLS, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
     )]
     ClusterUrl { url: String, reason: String },
-    #[error("the cluster's Redis at {location}")]
-    Cluster {
-        location: String,
-        #[source]
-        source: redis::RedisError,
-    },
+    /// `reason` is the Redis client's error as text: it already names its
+    /// cause, which as a source would be printed twice.
+    #[error("the cluster's Redis at {location}: {reason}")]
+    Cluster { location: String, reason: String },
 }
 
 /// Records read from a store, each with where it is and the name that
