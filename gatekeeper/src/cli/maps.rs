@@ -147,11 +147,13 @@ pub fn whitelist(cmd: Whitelist) -> Result<()> {
                 "--all-nodes asks a cluster's nodes: pass --cluster URL, or set [cluster] url in gatekeeper.toml",
             )?;
             let answers = cluster.ask("whitelist", ALL_NODES_WAIT)?;
-            let nodes: Vec<(String, Vec<EntryView>)> = answers
-                .answered
-                .into_iter()
-                .map(|a| (a.node, serde_json::from_value(a.answer).unwrap_or_default()))
-                .collect();
+            let mut nodes: Vec<(String, Vec<EntryView>)> = Vec::new();
+            for a in answers.answered {
+                match serde_json::from_value(a.answer) {
+                    Ok(entries) => nodes.push((a.node, entries)),
+                    Err(e) => eprintln!("{} answered something that is not a whitelist ({e}); left out", a.node),
+                }
+            }
             if json {
                 let nodes: Vec<_> = nodes
                     .iter()

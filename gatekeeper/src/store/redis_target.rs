@@ -77,7 +77,11 @@ impl RedisTarget {
     pub fn client(&self) -> RedisResult<Client> {
         match &self.kind {
             Kind::Server(client) => Ok(client.clone()),
-            Kind::Sentinel { .. } => self.sentinel_client()?.get_client(),
+            Kind::Sentinel {
+                sentinels,
+                service,
+                primary,
+            } => sentinel_client(sentinels, service, primary)?.get_client(),
         }
     }
 
@@ -85,33 +89,34 @@ impl RedisTarget {
     pub async fn client_async(&self) -> RedisResult<Client> {
         match &self.kind {
             Kind::Server(client) => Ok(client.clone()),
-            Kind::Sentinel { .. } => self.sentinel_client()?.async_get_client().await,
+            Kind::Sentinel {
+                sentinels,
+                service,
+                primary,
+            } => sentinel_client(sentinels, service, primary)?.async_get_client().await,
         }
-    }
-
-    fn sentinel_client(&self) -> RedisResult<SentinelClient> {
-        let Kind::Sentinel {
-            sentinels,
-            service,
-            primary,
-        } = &self.kind
-        else {
-            unreachable!("only called for Sentinel targets")
-        };
-        SentinelClient::build(
-            sentinels.clone(),
-            service.clone(),
-            Some(primary.clone()),
-            SentinelServerType::Master,
-        )
     }
 }
 
+/// Asks `sentinels` for the primary of `service` when a client is wanted.
+fn sentinel_client(
+    sentinels: &[String],
+    service: &str,
+    primary: &SentinelNodeConnectionInfo,
+) -> RedisResult<SentinelClient> {
+    SentinelClient::build(
+        sentinels.to_vec(),
+        service,
+        Some(primary.clone()),
+        SentinelServerType::Master,
+    )
+}
+
+const NO_SERVICE: &str = "name the primary's service after the Sentinels: redis+sentinel://HOST:26379/SERVICE";
+
 /// `[USER:PASS@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]`
 fn sentinel(rest: &str, tls: bool) -> Result<RedisTarget, String> {
-    let (authority, path) = rest
-        .split_once('/')
-        .ok_or("name the primary's service after the Sentinels: redis+sentinel://HOST:26379/SERVICE")?;
+    let (authority, path) = rest.split_once('/').ok_or(NO_SERVICE)?;
     let (userinfo, hosts) = match authority.rsplit_once('@') {
         Some((userinfo, hosts)) => (Some(userinfo), hosts),
         None => (None, authority),
@@ -121,7 +126,7 @@ fn sentinel(rest: &str, tls: bool) -> Result<RedisTarget, String> {
         None => (path, "0"),
     };
     if service.is_empty() {
-        return Err("name the primary's service after the Sentinels: redis+sentinel://HOST:26379/SERVICE".into());
+        return Err(NO_SERVICE.into());
     }
     let scheme = if tls { "rediss" } else { "redis" };
     let mut sentinels = Vec::new();

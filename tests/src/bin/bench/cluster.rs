@@ -10,6 +10,8 @@
 //!    the node that verified it and on every node, against a lone
 //!    gateway (the same daemon without `--cluster`) measured the same way
 //!    in the same run.
+//!    Then the client is revoked from node 3's CLI: the time from starting
+//!    the command to its entries gone from every node's map (target 1 s).
 //! 3. Knocks verified per second cluster-wide: three node-sized workers
 //!    (one thread each, as three daemons would be), each verifying its
 //!    third of 150,000 distinct knocks and claiming every nonce through
@@ -17,7 +19,9 @@
 //!    to four calls in flight, 512 claims outstanding per worker), with
 //!    the CPU time redis-server and the workers used. Target: 100,000/s.
 //!    Then 3,000 of the nonces are claimed again from another link: all
-//!    must come back as replays.
+//!    must come back as replays. Then the same on Sentinel, the primary
+//!    killed once a third are claimed: the rate, and how many were claimed
+//!    in the cluster rather than decided alone.
 //! 4. Propagation during a Sentinel failover: the same knocks as in 1,
 //!    with the cluster on a primary, a replica and three Sentinels, and
 //!    the primary killed a third of the way through: how many grants
@@ -27,6 +31,7 @@ use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -59,10 +64,18 @@ const BETWEEN_TRIALS: Duration = Duration::from_millis(2);
 
 pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     let alone = lone_gateway()?;
-    let cluster = propagation(None)?;
+    let (cluster, revoked) = propagation(None)?;
     claim_rate(rows)?;
-    let failover = propagation(Some(TRIALS / 3))?;
+    let (failover, _) = propagation(Some(TRIALS / 3))?;
     report(rows, &alone, &cluster, &failover);
+    if let Some(ms) = revoked {
+        rows.push(Row {
+            what: "revocation closed on every node, vs the 1 s target".into(),
+            value: ms,
+            unit: "ms",
+            ratio: Some((ms / 1000.0, "<=", 1.0)),
+        });
+    }
     Ok(())
 }
 
@@ -184,7 +197,7 @@ fn lone_gateway() -> Result<Trials> {
 
 /// Three nodes on one Redis, or (with `kill_at`) on Sentinel with the
 /// primary killed before that trial.
-fn propagation(kill_at: Option<u16>) -> Result<Trials> {
+fn propagation(kill_at: Option<u16>) -> Result<(Trials, Option<f64>)> {
     let mut lab = Lab::cluster(NODES)?;
     let mut primary = RedisServer::start(&lab, Role::Store)?;
     let (url, _replica, _sentinels) = match kill_at {
@@ -221,7 +234,45 @@ fn propagation(kill_at: Option<u16>) -> Result<Trials> {
         },
         &t,
     );
-    Ok(t)
+    let revoked = match kill_at {
+        None => Some(revocation(&lab, &url)?),
+        Some(_) => None,
+    };
+    Ok((t, revoked))
+}
+
+/// From starting `client revoke` on node 3's CLI to the client's entries
+/// gone from every node's map, in ms.
+fn revocation(lab: &Lab, url: &str) -> Result<f64> {
+    let gates = (1..=NODES)
+        .map(|n| Ok(Gate::open(&lab.pin_dir_of(Role::Node(n)))?))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        gates.iter().all(|g| g.whitelist().is_ok_and(|w| !w.is_empty())),
+        "every node holds the client's entries before the revocation"
+    );
+    let start = Instant::now();
+    let cli = std::thread::scope(|s| -> Result<Option<Duration>> {
+        let revoke = s.spawn(|| lab.state_cli_on(Role::Node(3), &["client", "revoke", "laptop", "--cluster", url]));
+        let mut closed = None;
+        while start.elapsed() < Duration::from_secs(5) {
+            if gates.iter().all(|g| g.whitelist().is_ok_and(|w| w.is_empty())) {
+                closed = Some(start.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        revoke
+            .join()
+            .map_err(|_| anyhow::anyhow!("the CLI thread panicked"))??;
+        Ok(closed)
+    })?;
+    let ms = cli
+        .context("the revoked client's entries stayed for 5 s")?
+        .as_secs_f64()
+        * 1e3;
+    println!("      revocation from node 3's CLI: the client's entries gone from every node after {ms:.1} ms");
+    Ok(ms)
 }
 
 fn print_trials(name: &str, t: &Trials) {
@@ -253,64 +304,40 @@ fn sorted_percentile(v: &[f64], q: f64) -> f64 {
 }
 
 /// Claims per second through three links at once, each behind its own
-/// verifier.
+/// verifier; then the same through a Sentinel failover.
 fn claim_rate(rows: &mut Vec<Row>) -> Result<()> {
-    const N: usize = 150_000;
-    const IN_FLIGHT: usize = 512;
-    println!("[3/4] {N} distinct knocks verified and claimed by three node workers at once");
+    println!("[3/4] {CLAIMS} distinct knocks verified and claimed by three node workers at once");
     let mut lab = Lab::new()?;
     lab.add_host(Role::Store)?;
     let redis = RedisServer::start(&lab, Role::Store)?;
-    let target = RedisTarget::parse(&redis.url())?;
-    let (verifier, knocks, _dir) = verifier_and_knocks(N)?;
-    let verifier = std::sync::Arc::new(verifier);
-    let shares: Vec<Vec<Knock>> = (0..usize::from(NODES))
-        .map(|w| knocks.iter().skip(w).step_by(usize::from(NODES)).cloned().collect())
-        .collect();
     let redis_pid = redis.pid().context("redis-server's pid")?;
-    let redis_cpu_before = cpu_time(redis_pid)?;
-    let own_before = cpu_time(std::process::id())?;
-    let (elapsed, fresh, nonces) = lab.in_ns(Role::Client, move || -> Result<(Duration, usize, Vec<Nonces>)> {
-        let started = Instant::now();
-        let workers: Vec<_> = shares
-            .into_iter()
-            .enumerate()
-            .map(|(w, share)| {
-                let verifier = verifier.clone();
-                let target = target.clone();
-                std::thread::spawn(move || node_worker(w, target, &verifier, share, IN_FLIGHT))
-            })
-            .collect();
-        let mut fresh = 0;
-        let mut nonces = Vec::new();
-        for w in workers {
-            let (f, n) = w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
-            fresh += f;
-            nonces.push(n);
-        }
-        Ok((started.elapsed(), fresh, nonces))
-    })??;
-    let redis_cpu = cpu_time(redis_pid)?.saturating_sub(redis_cpu_before);
-    let own_cpu = cpu_time(std::process::id())?.saturating_sub(own_before);
-    ensure!(fresh == N, "{fresh} of {N} distinct knocks claimed as fresh");
-    let rate = N as f64 / elapsed.as_secs_f64();
-    println!(
-        "      {rate:.0} knocks/s cluster-wide, all {N} claimed fresh, in {elapsed:.2?}; CPU used: redis-server {redis_cpu:.2?}, the three workers {own_cpu:.2?}"
+    let run = claims(&lab, &redis.url(), None, Some(redis_pid))?;
+    ensure!(
+        run.fresh == CLAIMS,
+        "{} of {CLAIMS} distinct knocks claimed as fresh",
+        run.fresh
     );
-    // Each worker's nonces, claimed again by the next: all replays.
+    let rate = CLAIMS as f64 / run.elapsed.as_secs_f64();
+    println!(
+        "      {rate:.0} knocks/s cluster-wide, all {CLAIMS} claimed fresh, in {:.2?}; CPU used: redis-server {:.2?}, the three workers {:.2?}",
+        run.elapsed,
+        run.redis_cpu.unwrap_or_default(),
+        run.workers_cpu
+    );
+    // Some of each worker's nonces, claimed again by another link: all replays.
     let target = RedisTarget::parse(&redis.url())?;
+    let again: Vec<[u8; NONCE_LEN]> = run.nonces.into_iter().flatten().take(3000).collect();
     let replays = lab.in_ns(Role::Client, move || -> Result<usize> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             let (link, mut events) = Link::start(target, "again").await?;
-            let all: Vec<[u8; NONCE_LEN]> = nonces.into_iter().flatten().take(3000).collect();
             let grant = bench_grant("again", 1);
-            for (id, n) in all.iter().enumerate() {
+            for (id, n) in again.iter().enumerate() {
                 link.claim(id as u64, n, gatekeeper::clock::unix_now() + 120, &grant);
             }
             let mut taken = 0;
             let mut answered = 0;
-            while answered < all.len() {
+            while answered < again.len() {
                 match events.recv().await {
                     Some(Event::Claimed { claimed, .. }) => {
                         answered += 1;
@@ -334,7 +361,106 @@ fn claim_rate(rows: &mut Vec<Row>) -> Result<()> {
         unit: "knocks/s",
         ratio: Some((rate / 100_000.0, ">=", 1.0)),
     });
+
+    println!("      the same on Sentinel, the primary killed a third of the way through");
+    let mut lab = Lab::new()?;
+    lab.add_host(Role::Store)?;
+    let primary = RedisServer::start(&lab, Role::Store)?;
+    let _replica = RedisServer::replica_of(&lab, &primary, 6380)?;
+    let sentinels = Sentinels::start(&lab, &primary, 3)?;
+    let run = claims(&lab, &sentinels.url(), Some(primary), None)?;
+    let rate = CLAIMS as f64 / run.elapsed.as_secs_f64();
+    println!(
+        "      {rate:.0} knocks/s through the failover: {} claimed in the cluster, {} decided alone (Redis unreachable)",
+        run.fresh,
+        CLAIMS - run.fresh
+    );
+    rows.push(Row {
+        what: "during a failover: knocks verified/s (claimed or decided alone)".into(),
+        value: rate,
+        unit: "knocks/s",
+        ratio: None,
+    });
+    rows.push(Row {
+        what: "during a failover: of them claimed in the cluster".into(),
+        value: run.fresh as f64,
+        unit: "knocks",
+        ratio: None,
+    });
     Ok(())
+}
+
+const CLAIMS: usize = 150_000;
+
+/// What one run of [`claims`] found.
+struct ClaimRun {
+    elapsed: Duration,
+    /// CPU time the workers used (the bench process, while they ran).
+    workers_cpu: Duration,
+    /// CPU time redis-server used meanwhile, if asked.
+    redis_cpu: Option<Duration>,
+    /// Claimed fresh in Redis (the rest: decided alone, Redis unreachable).
+    fresh: usize,
+    nonces: Vec<Nonces>,
+}
+
+/// [`CLAIMS`] distinct knocks verified and claimed by three workers on
+/// `url`; with `kill`, that server is killed once a third are claimed;
+/// with `redis_pid`, that process's CPU time is taken too.
+fn claims(lab: &Lab, url: &str, kill: Option<RedisServer>, redis_pid: Option<u32>) -> Result<ClaimRun> {
+    const IN_FLIGHT: usize = 512;
+    let target = RedisTarget::parse(url)?;
+    let (verifier, knocks, _dir) = verifier_and_knocks(CLAIMS)?;
+    let verifier = std::sync::Arc::new(verifier);
+    let shares: Vec<Vec<Knock>> = (0..usize::from(NODES))
+        .map(|w| knocks.iter().skip(w).step_by(usize::from(NODES)).cloned().collect())
+        .collect();
+    let progress = std::sync::Arc::new(AtomicUsize::new(0));
+    let killer = kill.map(|mut primary| {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(30);
+            while progress.load(Ordering::Relaxed) < CLAIMS / 3 && Instant::now() < until {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            primary.stop();
+        })
+    });
+    let redis_before = redis_pid.map(cpu_time).transpose()?;
+    let own_before = cpu_time(std::process::id())?;
+    let mut run = lab.in_ns(Role::Client, move || -> Result<ClaimRun> {
+        let started = Instant::now();
+        let workers: Vec<_> = shares
+            .into_iter()
+            .enumerate()
+            .map(|(w, share)| {
+                let (verifier, target, progress) = (verifier.clone(), target.clone(), progress.clone());
+                std::thread::spawn(move || node_worker(w, target, &verifier, share, IN_FLIGHT, &progress))
+            })
+            .collect();
+        let mut fresh = 0;
+        let mut nonces = Vec::new();
+        for w in workers {
+            let (f, n) = w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+            fresh += f;
+            nonces.push(n);
+        }
+        Ok(ClaimRun {
+            elapsed: started.elapsed(),
+            workers_cpu: Duration::ZERO,
+            redis_cpu: None,
+            fresh,
+            nonces,
+        })
+    })??;
+    run.workers_cpu = cpu_time(std::process::id())?.saturating_sub(own_before);
+    if let (Some(pid), Some(before)) = (redis_pid, redis_before) {
+        run.redis_cpu = Some(cpu_time(pid)?.saturating_sub(before));
+    }
+    if let Some(k) = killer {
+        k.join().map_err(|_| anyhow::anyhow!("the killer thread panicked"))?;
+    }
+    Ok(run)
 }
 
 fn bench_grant(node: &str, sport: u16) -> SharedGrant {
@@ -359,6 +485,7 @@ fn node_worker(
     verifier: &gatekeeper::knock::verify::Verifier,
     share: Vec<Knock>,
     in_flight_max: usize,
+    progress: &AtomicUsize,
 ) -> Result<(usize, Nonces)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let node = format!("bench-{w}");
@@ -397,6 +524,7 @@ fn node_worker(
                 grant.client_id,
             );
             link.claim(id as u64, &nonce, until, &shared);
+            progress.fetch_add(1, Ordering::Relaxed);
             nonces.push(nonce);
             in_flight += 1;
             while in_flight >= in_flight_max {
