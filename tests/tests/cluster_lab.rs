@@ -525,6 +525,11 @@ fn a_tunnel_is_served_by_whichever_node_a_visitor_lands_on() -> Result<()> {
         "the agent holds a session with every node: {:?}",
         cluster_tunnels(&lab, &url)?
     );
+    let status = lab.state_cli_on(Role::Node(1), &["status"])?;
+    ensure!(
+        (1..=NODES).all(|n| status.contains(&format!("at {}, tunnels web", Role::Node(n).addr()))),
+        "status names each node's address and the tunnel it serves: {status}"
+    );
 
     let scan = nmap::scan(
         &lab,

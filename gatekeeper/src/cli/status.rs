@@ -118,8 +118,14 @@ fn print(s: &Status) {
     if let Some(c) = &s.cluster {
         println!("cluster:  node {} of {}", c.node, c.location);
         for n in &c.nodes {
+            let at = n.report.advertise.map(|a| format!(", at {a}")).unwrap_or_default();
+            let tunnels = if n.report.tunnels.is_empty() {
+                String::new()
+            } else {
+                format!(", tunnels {}", n.report.tunnels.join(","))
+            };
             println!(
-                "  {:<20} {:<8} records v{}, release {}, pid {}, up since {}",
+                "  {:<20} {:<8} records v{}, release {}, pid {}, up since {}{at}{tunnels}",
                 n.report.name,
                 if n.live { "running" } else { "silent" },
                 n.report.applied,
