@@ -288,6 +288,7 @@ impl ClusterStore {
                 answered.push(answer);
             }
         }
+        // Tidy only: late answers expire with the list in 10 s anyway.
         let _ = self.with(|c| redis::cmd("DEL").arg(&question.reply).query::<()>(c));
         answered.sort_by(|a, b| a.node.cmp(&b.node));
         let silent = running
