@@ -179,13 +179,26 @@ impl ClusterStore {
         })
     }
 
-    fn put(&self, hash: &str, name: &str, text: &str, put: Put, exists: StoreError) -> Result<(), StoreError> {
+    /// Writes `rec` as TOML under `name` in `hash`; `exists` if it is
+    /// there already and `put` says create.
+    fn put(
+        &self,
+        hash: &str,
+        name: &str,
+        rec: &impl Serialize,
+        put: Put,
+        exists: StoreError,
+    ) -> Result<(), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Name {
                 kind: if hash == CLIENTS { "client" } else { "tunnel" },
                 name: name.to_string(),
             });
         }
+        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
+            path: format!("{hash} {name}"),
+            reason: e.to_string(),
+        })?;
         let set = match put {
             Put::Create => "HSETNX",
             Put::Replace => "HSET",
@@ -497,14 +510,10 @@ impl Store for ClusterStore {
     }
 
     fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError> {
-        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
-            path: format!("{CLIENTS} {}", rec.name),
-            reason: e.to_string(),
-        })?;
         self.put(
             CLIENTS,
             &rec.name,
-            &text,
+            rec,
             put,
             StoreError::DuplicateClient(rec.name.clone()),
         )
@@ -515,14 +524,10 @@ impl Store for ClusterStore {
     }
 
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
-        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
-            path: format!("{TUNNELS} {}", rec.name),
-            reason: e.to_string(),
-        })?;
         self.put(
             TUNNELS,
             &rec.name,
-            &text,
+            rec,
             put,
             StoreError::DuplicateTunnel(rec.name.clone()),
         )

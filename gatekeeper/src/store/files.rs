@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 use tunnel::tls::Identity;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -167,18 +167,24 @@ impl FileStore {
         })
     }
 
-    fn put(&self, dir: &str, name: &str, text: &str, put: Put, exists: StoreError) -> Result<(), StoreError> {
+    /// Writes `rec` as TOML to `dir/NAME.toml`; `exists` if it is there
+    /// already and `put` says create.
+    fn put(&self, dir: &str, name: &str, rec: &impl Serialize, put: Put, exists: StoreError) -> Result<(), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Name {
                 kind: if dir == CLIENTS { "client" } else { "tunnel" },
                 name: name.to_string(),
             });
         }
-        self.ensure_dir(&self.root.join(dir))?;
         let path = self.record_path(dir, name);
+        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.ensure_dir(&self.root.join(dir))?;
         let written = match put {
-            Put::Create => private_file::create(&path, text),
-            Put::Replace => private_file::write(&path, text),
+            Put::Create => private_file::create(&path, &text),
+            Put::Replace => private_file::write(&path, &text),
         };
         match written {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists),
@@ -329,14 +335,10 @@ impl Store for FileStore {
     }
 
     fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError> {
-        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
-            path: self.record_path(CLIENTS, &rec.name).display().to_string(),
-            reason: e.to_string(),
-        })?;
         self.put(
             CLIENTS,
             &rec.name,
-            &text,
+            rec,
             put,
             StoreError::DuplicateClient(rec.name.clone()),
         )
@@ -347,14 +349,10 @@ impl Store for FileStore {
     }
 
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
-        let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
-            path: self.record_path(TUNNELS, &rec.name).display().to_string(),
-            reason: e.to_string(),
-        })?;
         self.put(
             TUNNELS,
             &rec.name,
-            &text,
+            rec,
             put,
             StoreError::DuplicateTunnel(rec.name.clone()),
         )

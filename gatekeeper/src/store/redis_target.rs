@@ -34,12 +34,28 @@ pub struct RedisTarget {
 #[derive(Clone)]
 enum Kind {
     Server(Client),
-    Sentinel {
-        /// `redis://HOST:PORT` (or `rediss://`) of each Sentinel.
-        sentinels: Vec<String>,
-        service: String,
-        primary: SentinelNodeConnectionInfo,
-    },
+    Sentinel(SentinelSpec),
+}
+
+/// Sentinels to ask, and for which primary.
+#[derive(Clone)]
+struct SentinelSpec {
+    /// `redis://HOST:PORT` (or `rediss://`) of each Sentinel.
+    sentinels: Vec<String>,
+    service: String,
+    primary: SentinelNodeConnectionInfo,
+}
+
+impl SentinelSpec {
+    /// A client that asks the Sentinels for the primary when one is wanted.
+    fn client(&self) -> RedisResult<SentinelClient> {
+        SentinelClient::build(
+            self.sentinels.clone(),
+            &self.service,
+            Some(self.primary.clone()),
+            SentinelServerType::Master,
+        )
+    }
 }
 
 impl RedisTarget {
@@ -77,11 +93,7 @@ impl RedisTarget {
     pub fn client(&self) -> RedisResult<Client> {
         match &self.kind {
             Kind::Server(client) => Ok(client.clone()),
-            Kind::Sentinel {
-                sentinels,
-                service,
-                primary,
-            } => sentinel_client(sentinels, service, primary)?.get_client(),
+            Kind::Sentinel(spec) => spec.client()?.get_client(),
         }
     }
 
@@ -89,27 +101,9 @@ impl RedisTarget {
     pub async fn client_async(&self) -> RedisResult<Client> {
         match &self.kind {
             Kind::Server(client) => Ok(client.clone()),
-            Kind::Sentinel {
-                sentinels,
-                service,
-                primary,
-            } => sentinel_client(sentinels, service, primary)?.async_get_client().await,
+            Kind::Sentinel(spec) => spec.client()?.async_get_client().await,
         }
     }
-}
-
-/// Asks `sentinels` for the primary of `service` when a client is wanted.
-fn sentinel_client(
-    sentinels: &[String],
-    service: &str,
-    primary: &SentinelNodeConnectionInfo,
-) -> RedisResult<SentinelClient> {
-    SentinelClient::build(
-        sentinels.to_vec(),
-        service,
-        Some(primary.clone()),
-        SentinelServerType::Master,
-    )
 }
 
 const NO_SERVICE: &str = "name the primary's service after the Sentinels: redis+sentinel://HOST:26379/SERVICE";
@@ -165,11 +159,11 @@ fn sentinel(rest: &str, tls: bool) -> Result<RedisTarget, String> {
     }
     Ok(RedisTarget {
         location: format!("{scheme}+sentinel://{hosts}/{service}/{db}"),
-        kind: Kind::Sentinel {
+        kind: Kind::Sentinel(SentinelSpec {
             sentinels,
             service: service.to_string(),
             primary,
-        },
+        }),
     })
 }
 
@@ -190,11 +184,11 @@ mod tests {
     fn sentinel_addresses_name_hosts_service_and_database() {
         let t = RedisTarget::parse("redis+sentinel://u:secret@10.0.0.1,10.0.0.2:26380/gk/2").unwrap();
         assert_eq!(t.location(), "redis+sentinel://10.0.0.1,10.0.0.2:26380/gk/2");
-        let Kind::Sentinel { sentinels, service, .. } = &t.kind else {
+        let Kind::Sentinel(spec) = &t.kind else {
             panic!("not a Sentinel target")
         };
-        assert_eq!(sentinels, &["redis://10.0.0.1:26379", "redis://10.0.0.2:26380"]);
-        assert_eq!(service, "gk");
+        assert_eq!(spec.sentinels, ["redis://10.0.0.1:26379", "redis://10.0.0.2:26380"]);
+        assert_eq!(spec.service, "gk");
     }
 
     #[test]
