@@ -150,6 +150,9 @@ pub struct Status {
     /// The cluster this daemon is a node of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// The relay's public side, where this node serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<crate::relay::gateway::RelayStatus>,
 }
 
 /// A node's view of its cluster.

@@ -27,6 +27,7 @@ pub mod gate;
 pub mod knock;
 pub mod portal;
 pub mod private_file;
+pub mod relay;
 pub mod spec;
 pub mod store;
 pub mod tunnels;

@@ -953,27 +953,38 @@ impl Lab {
 
     /// [`Lab::start_daemon`] on a gateway role.
     pub fn start_daemon_on(&self, role: Role, args: &[&str]) -> Result<Daemon> {
+        let pins = self.pin_dir_of(role);
+        let state = self.state_dir_of(role);
+        let mut full = vec!["run", "--iface", role.iface(), "--pin-dir"];
+        full.push(pins.to_str().context("utf-8 pin path")?);
+        full.extend(["--state-dir", state.to_str().context("utf-8 state path")?]);
+        full.extend_from_slice(args);
+        self.start_gatekeeper_on(role, &full, "gate up")
+    }
+
+    /// Starts a long-running `gatekeeper ARGS` (a daemon, an agent) in a
+    /// role's network namespace, its output in a log of its own, and
+    /// waits until the log says `ready`.
+    pub fn start_gatekeeper_on(&self, role: Role, args: &[&str], ready: &str) -> Result<Daemon> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let log_path = self.scratch.join(format!("daemon-{n}.log"));
+        let log_path = self.scratch.join(format!("{}-{n}.log", args[0]));
         let log = File::create(&log_path)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.ns(role)))
             .arg(gatekeeper_bin()?)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args(["run", "--iface", role.iface(), "--pin-dir"])
-            .arg(self.pin_dir_of(role))
-            .arg("--state-dir")
-            .arg(self.state_dir_of(role))
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().context("starting the daemon")?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting gatekeeper {}", args[0]))?;
         let mut d = Daemon {
             child: Some(child),
             log: log_path,
         };
-        d.wait_for("gate up", Duration::from_secs(20))?;
+        d.wait_for(ready, Duration::from_secs(20))?;
         Ok(d)
     }
 }
@@ -1021,7 +1032,7 @@ impl Drop for Lab {
     }
 }
 
-/// A running `gatekeeper run`; killed on drop.
+/// A running gatekeeper process (`run`, an agent); killed on drop.
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,

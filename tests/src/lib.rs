@@ -10,6 +10,8 @@
 //! - [`redis`]: Redis servers and Sentinels of the lab's own, in a lab
 //!   namespace.
 //! - [`cluster`]: gateway nodes started on the lab's Redis.
+//! - [`relay`]: a gateway serving relayed hosts, an agent host that
+//!   reaches only Redis, and the private HTTP service behind it.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
 
@@ -19,5 +21,6 @@ pub mod lab;
 pub mod model;
 pub mod nmap;
 pub mod redis;
+pub mod relay;
 pub mod traffic;
 pub mod tun;

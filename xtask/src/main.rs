@@ -136,6 +136,8 @@ fn test() -> Result<()> {
                 "interfaces_lab",
                 "--test",
                 "cluster_lab",
+                "--test",
+                "relay_lab",
             ],
         ),
     ];

@@ -32,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "redis-server",
     "redis-sentinel",
+    "wrk",
 ];
 
 pub fn run() -> Result<()> {

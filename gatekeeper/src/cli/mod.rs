@@ -6,6 +6,7 @@ mod interfaces;
 mod knock;
 mod maps;
 mod portal;
+mod relay;
 mod run;
 mod status;
 mod tunnel;
@@ -62,6 +63,9 @@ enum Command {
     #[command(subcommand)]
     Tunnel(tunnel::Tunnel),
     Agent(tunnel::Agent),
+    #[command(subcommand)]
+    Relay(relay::Relay),
+    RelayAgent(relay::RelayAgent),
 }
 
 /// Log format on stderr, for the long-running commands.
@@ -128,6 +132,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Portal(p) => portal::portal(p),
         Command::Tunnel(t) => tunnel::tunnel(t),
         Command::Agent(a) => tunnel::agent(a),
+        Command::Relay(r) => relay::relay(r),
+        Command::RelayAgent(a) => relay::relay_agent(a),
     }
 }
 
@@ -150,17 +156,21 @@ impl StateArg {
         FileStore::new(&self.state_dir)
     }
 
-    /// The cluster this command works on, if any.
-    pub fn cluster(&self) -> Result<Option<ClusterStore>> {
-        let url = match &self.cluster {
+    /// The URL of the cluster this command works on, if any.
+    pub fn cluster_url(&self) -> Result<Option<String>> {
+        Ok(match &self.cluster {
             Some(url) => Some(url.clone()),
             None => {
                 let files = self.local();
                 let own = files.config_path().exists().then(|| files.config()).transpose()?;
                 own.and_then(|c| c.cluster_url().map(str::to_string))
             }
-        };
-        Ok(url.map(|u| ClusterStore::open(&u)).transpose()?)
+        })
+    }
+
+    /// The cluster this command works on, if any.
+    pub fn cluster(&self) -> Result<Option<ClusterStore>> {
+        Ok(self.cluster_url()?.map(|u| ClusterStore::open(&u)).transpose()?)
     }
 
     /// Where the records live: the cluster's Redis, or the state directory.

@@ -127,6 +127,13 @@ pub struct RunArgs {
     /// session to each, so a visitor landing on any node is served there.
     #[arg(long, value_name = "ADDR", requires = "cluster")]
     advertise: Option<IpAddr>,
+    /// Serve relayed hosts on ADDR:PORT (e.g. 0.0.0.0:8080): HTTP requests
+    /// routed by their Host header to the agent that publishes that host
+    /// (`gatekeeper relay issue`), carried through the cluster's Redis.
+    /// The gate protects this port; each relay's --allow clients may knock
+    /// for it. Needs --cluster (one gateway is a cluster of one).
+    #[arg(long, value_name = "ADDR:PORT")]
+    relay_http: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -157,6 +164,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         cluster: args.cluster,
         node: args.node,
         advertise: args.advertise,
+        relay_listen: args.relay_http,
     };
     let files = FileStore::new(&args.state_dir);
     let own = files.config_path();

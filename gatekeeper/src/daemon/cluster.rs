@@ -28,7 +28,7 @@ use std::{
 
 use futures_util::StreamExt;
 use gatekeeper_common::maps::WhitelistKey;
-use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, RedisResult, Script, aio::MultiplexedConnection};
+use redis::{FromRedisValue, RedisError, RedisResult, Script, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -47,8 +47,6 @@ const CHANNEL: &str = "gatekeeper:grants";
 const GRANT_PREFIX: &str = "gatekeeper:grant:";
 /// How long one claim may take before the knock is handled as with Redis away.
 const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long connecting to Redis may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long to wait before subscribing again after losing the channel.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
@@ -217,14 +215,7 @@ impl Primary {
 
 /// A new connection to the primary as of now.
 async fn connect(target: &RedisTarget) -> RedisResult<MultiplexedConnection> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(CLAIM_TIMEOUT));
-    target
-        .client_async()
-        .await?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
+    target.connect(CLAIM_TIMEOUT).await
 }
 
 impl Link {

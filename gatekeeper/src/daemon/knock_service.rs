@@ -52,6 +52,8 @@ pub struct KnockService {
     open_for_ns: u64,
     /// Where authorized portal sessions go unless their client names a place.
     portal_upstream: Option<String>,
+    /// The relay's HTTP port, where this node serves relayed hosts.
+    relay_port: Option<u16>,
     cluster: Option<Cluster>,
 }
 
@@ -92,6 +94,7 @@ impl KnockService {
             audit,
             open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
             portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
+            relay_port: settings.relay.as_ref().map(|r| r.listen.port()),
             cluster: None,
         }
     }
@@ -108,7 +111,8 @@ impl KnockService {
     }
 
     /// Rebuilds the registry from `snapshot`. A live tunnel lets the
-    /// clients it names knock for its published port. Returns every
+    /// clients it names knock for its published port, a live relay for
+    /// the relay's HTTP port. Returns every
     /// enrolled key id (for the XDP program's KNOCK_KEYS) and the records
     /// that could not be used.
     pub fn set_clients(&mut self, snapshot: &Snapshot) -> (BTreeSet<[u8; KEY_ID_LEN]>, Vec<Problem>) {
@@ -131,6 +135,14 @@ impl KnockService {
                         hi: t.public_port,
                     },
                 ));
+            }
+            if let Some(port) = self.relay_port
+                && snapshot
+                    .relays
+                    .iter()
+                    .any(|r| r.live_at(now) && r.allow.contains(&rec.name))
+            {
+                policy.ranges.push((Proto::Tcp, PortRange { lo: port, hi: port }));
             }
             let standing = Standing {
                 name: rec.name.clone(),

@@ -55,6 +55,7 @@ use crate::{
     },
     knock::ask::Ask,
     portal::listener::{Portal, PortalError},
+    relay::gateway::{RelayError, RelayGateway},
     spec::{PortRange, PortSet, Proto},
     store::{
         Store, StoreError, Version,
@@ -95,6 +96,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tunnels(#[from] GatewayError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     #[error("the audit log {path}")]
     Audit {
         path: PathBuf,
@@ -137,6 +140,8 @@ struct Knocks {
     watcher: Watcher,
     audit: Audit,
     gateway: Arc<Gateway>,
+    /// The relay's public side, on a cluster node that serves it.
+    relay: Option<RelayGateway>,
 }
 
 /// The running daemon's parts the loop and the control socket need.
@@ -315,6 +320,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 Portal::prepare(p, identity, &settings.public_addrs, ask.clone(), audit.clone()).await?;
             portals.push((Arc::new(portal), listener));
         }
+        let relay = match (&settings.relay, &settings.cluster, &cluster) {
+            (Some(r), Some(c), Some(node)) => {
+                let (relay, listener) = RelayGateway::bind(
+                    r.clone(),
+                    &c.node,
+                    store.server_secret()?,
+                    node.store.target().clone(),
+                    audit.clone(),
+                )
+                .await?;
+                tokio::spawn(relay.clone().serve(listener));
+                Some(relay)
+            }
+            _ => None,
+        };
         let socket = files.control_socket();
         let control = control::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
         tokio::spawn(control::serve(control, control_tx.clone()));
@@ -325,6 +345,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             watcher,
             audit,
             gateway,
+            relay,
         });
     } else {
         info!(state_dir = %settings.state_dir.display(), "the state is not initialised: the gate runs without knocks, tunnels or a control socket (`gatekeeper init` sets them up)");
@@ -609,6 +630,9 @@ impl Daemon {
             }
             self.keys_pending = Some(keys);
             k.gateway.set_records(snapshot.tunnels.clone());
+            if let Some(relay) = &k.relay {
+                relay.set_records(&snapshot.relays);
+            }
         }
         if let Some(keys) = self.keys_pending.take() {
             let fresh = ratelimit::full(self.settings.knock_key_burst, crate::clock::now_ns());
@@ -695,6 +719,11 @@ impl Daemon {
             .map(|stats| stats.into_iter().map(|(r, n)| (r.name().to_string(), n)).collect())
             .unwrap_or_default();
         let now = unix_now();
+        let relay = self
+            .knocks
+            .as_ref()
+            .and_then(|k| k.relay.as_ref())
+            .map(RelayGateway::status);
         let (clients, tunnels, audit, tunnel_port) = match &self.knocks {
             Some(k) => {
                 let snap = k.watcher.snapshot();
@@ -739,6 +768,7 @@ impl Daemon {
             audit,
             counters,
             cluster: self.node.as_ref().map(Node::status),
+            relay,
         }
     }
 }
@@ -753,11 +783,16 @@ async fn next_event(events: &mut Option<mpsc::Receiver<Event>>) -> Option<Event>
 
 /// What the gate protects: the configured ports and, when the daemon
 /// serves tunnels, the tunnel port and the range published ports are
-/// leased from; never the portal's port, which is the gateway's public face.
+/// leased from, and the relay's HTTP port; never the portal's port, which
+/// is the gateway's public face.
 fn gated_ports(settings: &Settings, tunnels: bool) -> PortSet {
     let mut ports = settings.protect.clone();
     if let Some(portal) = &settings.portal {
         ports = ports.without(Proto::Tcp, portal.listen.port());
+    }
+    if let (true, Some(relay)) = (tunnels, &settings.relay) {
+        let port = relay.listen.port();
+        ports.ranges.push((Proto::Tcp, PortRange { lo: port, hi: port }));
     }
     if tunnels {
         let tunnel = PortRange {

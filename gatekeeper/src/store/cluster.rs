@@ -6,6 +6,7 @@
 //! gatekeeper:config        the shared config (TOML, the same keys as gatekeeper.toml)
 //! gatekeeper:clients       hash: NAME -> client record (TOML)
 //! gatekeeper:tunnels       hash: NAME -> tunnel record (TOML)
+//! gatekeeper:relays        hash: NAME -> relay agent record (TOML)
 //! gatekeeper:version       bumped in the same transaction as every write
 //! gatekeeper:nodes         hash: NODE -> what that node last reported (JSON)
 //! gatekeeper:questions     channel: a question for every running node (JSON)
@@ -36,16 +37,14 @@ use tunnel::tls::Identity;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
-    ClientRecord, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version, config::ConfigFile,
-    redis_target::RedisTarget, valid_name,
+    ClientRecord, Kind, Problem, Put, RelayRecord, Snapshot, Store, StoreError, TunnelRecord, Version,
+    config::ConfigFile, redis_target::RedisTarget, valid_name,
 };
 use crate::knock::keys;
 
 const SERVER_KEY: &str = "gatekeeper:server_key";
 const IDENTITY: &str = "gatekeeper:identity";
 const CONFIG: &str = "gatekeeper:config";
-const CLIENTS: &str = "gatekeeper:clients";
-const TUNNELS: &str = "gatekeeper:tunnels";
 const VERSION: &str = "gatekeeper:version";
 const NODES: &str = "gatekeeper:nodes";
 /// The channel questions for every node go out on.
@@ -78,8 +77,13 @@ struct Seen {
     server_key: Option<String>,
     identity: Option<(String, String)>,
     config: Option<String>,
-    clients: Raw,
-    tunnels: Raw,
+    /// Per kind, in [`Kind::ALL`]'s order.
+    records: [Raw; 3],
+}
+
+/// The hash that holds the records of `kind`.
+fn hash(kind: Kind) -> String {
+    format!("gatekeeper:{}", kind.plural())
 }
 
 impl ClusterStore {
@@ -115,9 +119,9 @@ impl ClusterStore {
                 pipe.cmd("HSETNX").arg(IDENTITY).arg("cert").arg(cert).ignore();
                 pipe.cmd("HSETNX").arg(IDENTITY).arg("key").arg(key).ignore();
             }
-            for (hash, records) in [(CLIENTS, &seen.clients), (TUNNELS, &seen.tunnels)] {
+            for (kind, records) in Kind::ALL.into_iter().zip(&seen.records) {
                 for (name, text) in records {
-                    pipe.cmd("HSETNX").arg(hash).arg(name).arg(text).ignore();
+                    pipe.cmd("HSETNX").arg(hash(kind)).arg(name).arg(text).ignore();
                 }
             }
             pipe.cmd("INCR").arg(VERSION).ignore();
@@ -162,39 +166,29 @@ impl ClusterStore {
         }
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        hash: &str,
-        name: &str,
-        missing: impl FnOnce(String) -> StoreError,
-    ) -> Result<T, StoreError> {
+    fn get<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T, StoreError> {
         if !valid_name(name) {
-            return Err(missing(name.to_string()));
+            return Err(kind.missing(name));
         }
-        let text: Option<String> = self.with(|c| redis::cmd("HGET").arg(hash).arg(name).query(c))?;
-        let text = text.ok_or_else(|| missing(name.to_string()))?;
+        let hash = hash(kind);
+        let text: Option<String> = self.with(|c| redis::cmd("HGET").arg(&hash).arg(name).query(c))?;
+        let text = text.ok_or_else(|| kind.missing(name))?;
         parse(&text).map_err(|reason| StoreError::Invalid {
             path: format!("{hash} {name}"),
             reason,
         })
     }
 
-    /// Writes `rec` as TOML under `name` in `hash`; `exists` if it is
-    /// there already and `put` says create.
-    fn put(
-        &self,
-        hash: &str,
-        name: &str,
-        rec: &impl Serialize,
-        put: Put,
-        exists: StoreError,
-    ) -> Result<(), StoreError> {
+    /// Writes `rec` as TOML under `name` in the hash of `kind`; refused
+    /// if it is there already and `put` says create.
+    fn put(&self, kind: Kind, name: &str, rec: &impl Serialize, put: Put) -> Result<(), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Name {
-                kind: if hash == CLIENTS { "client" } else { "tunnel" },
+                kind: kind.noun(),
                 name: name.to_string(),
             });
         }
+        let hash = hash(kind);
         let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
             path: format!("{hash} {name}"),
             reason: e.to_string(),
@@ -207,7 +201,7 @@ impl ClusterStore {
             redis::pipe()
                 .atomic()
                 .cmd(set)
-                .arg(hash)
+                .arg(&hash)
                 .arg(name)
                 .arg(text)
                 .cmd("INCR")
@@ -215,7 +209,7 @@ impl ClusterStore {
                 .query(c)
         })?;
         if put == Put::Create && written == 0 {
-            return Err(exists);
+            return Err(kind.duplicate(name));
         }
         Ok(())
     }
@@ -332,10 +326,10 @@ impl ClusterStore {
 
 /// The records of `hash`, with where each is and the name it is under;
 /// the unreadable ones as problems.
-fn parse_all<T: DeserializeOwned>(hash: &str, all: &[(String, String)]) -> super::Loaded<T> {
+fn parse_all<T: DeserializeOwned>(kind: Kind, all: &[(String, String)]) -> super::Loaded<T> {
     let (mut records, mut problems) = (Vec::new(), Vec::new());
     for (name, text) in all {
-        let path = format!("{hash} {name}");
+        let path = format!("{} {name}", hash(kind));
         match parse(text) {
             Ok(rec) => records.push((path, name.clone(), rec)),
             Err(reason) => problems.push(Problem { path, reason }),
@@ -473,64 +467,59 @@ impl Store for ClusterStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (initialised, clients, tunnels): (bool, Raw, Raw) = self.with(|c| {
+        let (initialised, clients, tunnels, relays): (bool, Raw, Raw, Raw) = self.with(|c| {
             redis::pipe()
                 .atomic()
                 .cmd("EXISTS")
                 .arg(SERVER_KEY)
                 .cmd("HGETALL")
-                .arg(CLIENTS)
+                .arg(hash(Kind::Client))
                 .cmd("HGETALL")
-                .arg(TUNNELS)
+                .arg(hash(Kind::Tunnel))
+                .cmd("HGETALL")
+                .arg(hash(Kind::Relay))
                 .query(c)
         })?;
         // Without the server key the records are not gone: Redis is.
         if !initialised {
             return Err(StoreError::ClusterEmptied(self.location.clone()));
         }
-        let (client_records, mut problems) = parse_all::<ClientRecord>(CLIENTS, &clients);
-        let (tunnel_records, more) = parse_all::<TunnelRecord>(TUNNELS, &tunnels);
-        {
-            let mut seen = self.seen();
-            seen.clients = clients;
-            seen.tunnels = tunnels;
-        }
-        let (clients, tunnels) = (client_records, tunnel_records);
+        let (client_records, mut problems) = parse_all::<ClientRecord>(Kind::Client, &clients);
+        let (tunnel_records, more) = parse_all::<TunnelRecord>(Kind::Tunnel, &tunnels);
         problems.extend(more);
+        let (relay_records, more) = parse_all::<RelayRecord>(Kind::Relay, &relays);
+        problems.extend(more);
+        self.seen().records = [clients, tunnels, relays];
         let mut snap = Snapshot {
             problems,
             ..Snapshot::default()
         };
-        snap.admit(clients, tunnels);
+        snap.admit(client_records, tunnel_records, relay_records);
         Ok(snap)
     }
 
     fn client(&self, name: &str) -> Result<ClientRecord, StoreError> {
-        self.get(CLIENTS, name, StoreError::NoSuchClient)
+        self.get(Kind::Client, name)
     }
 
     fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError> {
-        self.put(
-            CLIENTS,
-            &rec.name,
-            rec,
-            put,
-            StoreError::DuplicateClient(rec.name.clone()),
-        )
+        self.put(Kind::Client, &rec.name, rec, put)
     }
 
     fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError> {
-        self.get(TUNNELS, name, StoreError::NoSuchTunnel)
+        self.get(Kind::Tunnel, name)
     }
 
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
-        self.put(
-            TUNNELS,
-            &rec.name,
-            rec,
-            put,
-            StoreError::DuplicateTunnel(rec.name.clone()),
-        )
+        self.put(Kind::Tunnel, &rec.name, rec, put)
+    }
+
+    fn relay(&self, name: &str) -> Result<RelayRecord, StoreError> {
+        self.get(Kind::Relay, name)
+    }
+
+    fn put_relay(&self, rec: &RelayRecord, put: Put) -> Result<(), StoreError> {
+        self.put(Kind::Relay, &rec.name, rec, put)
     }
 }
 

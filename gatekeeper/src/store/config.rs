@@ -113,6 +113,8 @@ pub struct Overrides {
     pub cluster: Option<String>,
     pub node: Option<String>,
     pub advertise: Option<IpAddr>,
+    /// `--relay-http`.
+    pub relay_listen: Option<SocketAddr>,
 }
 
 /// The `--portal*` flags.
@@ -153,6 +155,24 @@ pub struct ConfigFile {
     portal: PortalSection,
     #[serde(default)]
     cluster: ClusterSection,
+    #[serde(default)]
+    relay: RelaySection,
+}
+
+/// `[relay]`: HTTP services agents publish through the cluster's Redis.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_duration")]
+    response_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    rotate_after: Option<Duration>,
+    #[serde(default, deserialize_with = "de_size")]
+    rotate_bytes: Option<u64>,
+    rotate_messages: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    grace: Option<Duration>,
 }
 
 /// `[cluster]`: where the records several gateways share live, and this
@@ -424,6 +444,23 @@ pub struct Settings {
     pub portal: Option<PortalSettings>,
     /// The cluster this gateway is a node of; none: it runs alone.
     pub cluster: Option<ClusterSettings>,
+    /// The relay's public HTTP side; none: not served here.
+    pub relay: Option<RelaySettings>,
+}
+
+/// How a node serves relayed hosts and keeps their sessions fresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelaySettings {
+    pub listen: SocketAddr,
+    /// A relayed request whose response has not begun by then gets 504.
+    pub response_timeout: Duration,
+    /// Session keys are replaced after this long, this many bytes or this
+    /// many messages, whichever comes first.
+    pub rotate_after: Duration,
+    pub rotate_bytes: u64,
+    pub rotate_messages: u64,
+    /// How long a replaced session still opens what was sealed under it.
+    pub grace: Duration,
 }
 
 /// A node's place in a cluster.
@@ -458,6 +495,11 @@ pub const DEFAULT_AUDIT_REFUSALS_PER_SEC: u32 = 50;
 pub const DEFAULT_PORTAL_SESSIONS_PER_SOURCE: u32 = 32;
 pub const DEFAULT_PORTAL_NEW_SESSIONS_PER_SEC: u32 = 20;
 pub const DEFAULT_PORTAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RELAY_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RELAY_ROTATE_AFTER: Duration = Duration::from_secs(300);
+pub const DEFAULT_RELAY_ROTATE_BYTES: u64 = 1 << 30;
+pub const DEFAULT_RELAY_ROTATE_MESSAGES: u64 = 1 << 20;
+pub const DEFAULT_RELAY_GRACE: Duration = Duration::from_secs(30);
 
 /// The state's own config, where it has been initialised.
 pub struct StateConfig<'a> {
@@ -569,8 +611,27 @@ impl Settings {
             }
             None => None,
         };
+        let relay = match cli.relay_listen.or(f.relay.listen) {
+            Some(listen) if cluster.is_none() => {
+                return Err(invalid(
+                    "relay.listen",
+                    listen,
+                    "the relay carries requests through the cluster's Redis: pass --cluster URL too (one gateway is a cluster of one)",
+                ));
+            }
+            Some(listen) => Some(RelaySettings {
+                listen,
+                response_timeout: f.relay.response_timeout.unwrap_or(DEFAULT_RELAY_RESPONSE_TIMEOUT),
+                rotate_after: f.relay.rotate_after.unwrap_or(DEFAULT_RELAY_ROTATE_AFTER),
+                rotate_bytes: f.relay.rotate_bytes.unwrap_or(DEFAULT_RELAY_ROTATE_BYTES),
+                rotate_messages: f.relay.rotate_messages.unwrap_or(DEFAULT_RELAY_ROTATE_MESSAGES),
+                grace: f.relay.grace.unwrap_or(DEFAULT_RELAY_GRACE),
+            }),
+            None => None,
+        };
         Ok(Settings {
             cluster,
+            relay,
             portal: portal_settings(cli.portal, &f.portal)?,
             ifaces,
             gate,
@@ -708,6 +769,14 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             node: pick(over.cluster.node, base.cluster.node),
             when_unreachable: pick(over.cluster.when_unreachable, base.cluster.when_unreachable),
             advertise: pick(over.cluster.advertise, base.cluster.advertise),
+        },
+        relay: RelaySection {
+            listen: pick(over.relay.listen, base.relay.listen),
+            response_timeout: pick(over.relay.response_timeout, base.relay.response_timeout),
+            rotate_after: pick(over.relay.rotate_after, base.relay.rotate_after),
+            rotate_bytes: pick(over.relay.rotate_bytes, base.relay.rotate_bytes),
+            rotate_messages: pick(over.relay.rotate_messages, base.relay.rotate_messages),
+            grace: pick(over.relay.grace, base.relay.grace),
         },
     }
 }

@@ -7,6 +7,7 @@
 //! gateway.crt, .key       the TLS identity of the tunnel listener and portal
 //! clients/NAME.toml       one enrolled device: public key and policy
 //! tunnels/NAME.toml       one published service
+//! relays/NAME.toml        one relay agent: public key and host
 //! audit.log               the audit trail (see docs/audit.md)
 //! control.sock            the running daemon's control socket
 //! daemon.lock             held by the daemon serving this directory
@@ -28,7 +29,7 @@ use tunnel::tls::Identity;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
-    ClientRecord, Loaded, Problem, Put, Snapshot, Store, StoreError, TunnelRecord, Version,
+    ClientRecord, Kind, Loaded, Problem, Put, RelayRecord, Snapshot, Store, StoreError, TunnelRecord, Version,
     config::{AUDIT_LOG, ConfigFile},
     valid_name,
 };
@@ -37,8 +38,6 @@ use crate::{knock::keys, private_file};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gatekeeper";
 const SERVER_KEY: &str = "server.key";
 pub const CONFIG_FILE: &str = "gatekeeper.toml";
-const CLIENTS: &str = "clients";
-const TUNNELS: &str = "tunnels";
 const CERT: &str = "gateway.crt";
 const KEY: &str = "gateway.key";
 /// Where earlier versions kept the same identity; adopted on first use.
@@ -84,8 +83,8 @@ impl FileStore {
         self.root.join(CONTROL_SOCKET)
     }
 
-    fn record_path(&self, dir: &str, name: &str) -> PathBuf {
-        self.root.join(dir).join(format!("{name}.toml"))
+    fn record_path(&self, kind: Kind, name: &str) -> PathBuf {
+        self.root.join(kind.plural()).join(format!("{name}.toml"))
     }
 
     /// Takes the lock only one daemon per state directory may hold; the
@@ -121,8 +120,10 @@ impl FileStore {
     /// Every `*.toml` record in `dir` with its path and file stem; the
     /// unreadable ones as problems. Dot-files (a writer's temporaries) are
     /// not records.
-    fn read_dir<T: DeserializeOwned>(&self, dir: &str) -> Result<Loaded<T>, StoreError> {
-        let dir = self.root.join(dir);
+    /// Every record of `kind`, in path order (so which of two clashing
+    /// records is skipped does not depend on the directory's order).
+    fn read_dir<T: DeserializeOwned>(&self, kind: Kind) -> Result<Loaded<T>, StoreError> {
+        let dir = self.root.join(kind.plural());
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -145,21 +146,14 @@ impl FileStore {
                 Err(reason) => problems.push(Problem { path: shown, reason }),
             }
         }
+        records.sort_by(|a, b| a.0.cmp(&b.0));
         Ok((records, problems))
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        dir: &str,
-        name: &str,
-        missing: impl FnOnce(String) -> StoreError,
-    ) -> Result<T, StoreError> {
-        if !valid_name(name) {
-            return Err(missing(name.to_string()));
-        }
-        let path = self.record_path(dir, name);
-        if !path.exists() {
-            return Err(missing(name.to_string()));
+    fn get<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T, StoreError> {
+        let path = self.record_path(kind, name);
+        if !valid_name(name) || !path.exists() {
+            return Err(kind.missing(name));
         }
         Self::read_record(&path).map_err(|reason| StoreError::Invalid {
             path: path.display().to_string(),
@@ -167,27 +161,27 @@ impl FileStore {
         })
     }
 
-    /// Writes `rec` as TOML to `dir/NAME.toml`; `exists` if it is there
+    /// Writes `rec` as TOML to `KINDS/NAME.toml`; refused if it is there
     /// already and `put` says create.
-    fn put(&self, dir: &str, name: &str, rec: &impl Serialize, put: Put, exists: StoreError) -> Result<(), StoreError> {
+    fn put(&self, kind: Kind, name: &str, rec: &impl Serialize, put: Put) -> Result<(), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Name {
-                kind: if dir == CLIENTS { "client" } else { "tunnel" },
+                kind: kind.noun(),
                 name: name.to_string(),
             });
         }
-        let path = self.record_path(dir, name);
+        let path = self.record_path(kind, name);
         let text = toml::to_string(rec).map_err(|e| StoreError::Invalid {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        self.ensure_dir(&self.root.join(dir))?;
+        self.ensure_dir(&self.root.join(kind.plural()))?;
         let written = match put {
             Put::Create => private_file::create(&path, &text),
             Put::Replace => private_file::write(&path, &text),
         };
         match written {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(kind.duplicate(name)),
             other => other.map_err(io_err(&path)),
         }
     }
@@ -214,8 +208,9 @@ impl Store for FileStore {
         if key_path.exists() && !force {
             return Err(StoreError::Exists(key_path.display().to_string()));
         }
-        for dir in [self.root.clone(), self.root.join(CLIENTS), self.root.join(TUNNELS)] {
-            self.ensure_dir(&dir)?;
+        self.ensure_dir(&self.root)?;
+        for kind in Kind::ALL {
+            self.ensure_dir(&self.root.join(kind.plural()))?;
         }
         let secret = keys::generate();
         private_file::write(&key_path, &format!("{}\n", keys::encode(&secret.to_bytes())))
@@ -294,8 +289,8 @@ impl Store for FileStore {
         for file in [SERVER_KEY, CONFIG_FILE] {
             hash_meta(&mut h, &self.root.join(file));
         }
-        for dir in [CLIENTS, TUNNELS] {
-            let dir = self.root.join(dir);
+        for kind in Kind::ALL {
+            let dir = self.root.join(kind.plural());
             let mut names: Vec<PathBuf> = match std::fs::read_dir(&dir) {
                 Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -310,52 +305,46 @@ impl Store for FileStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (mut clients, mut problems) = self.read_dir::<ClientRecord>(CLIENTS)?;
-        let (mut tunnels, more) = self.read_dir::<TunnelRecord>(TUNNELS)?;
-        // In path order, so which of two clashing records is skipped does
-        // not depend on the directory's order.
-        clients.sort_by(|a, b| a.0.cmp(&b.0));
-        tunnels.sort_by(|a, b| a.0.cmp(&b.0));
+        let (clients, mut problems) = self.read_dir::<ClientRecord>(Kind::Client)?;
+        let (tunnels, more) = self.read_dir::<TunnelRecord>(Kind::Tunnel)?;
+        problems.extend(more);
+        let (relays, more) = self.read_dir::<RelayRecord>(Kind::Relay)?;
         problems.extend(more);
         let mut snap = Snapshot {
             problems,
             ..Snapshot::default()
         };
-        snap.admit(clients, tunnels);
+        snap.admit(clients, tunnels, relays);
         Ok(snap)
     }
 
     fn client(&self, name: &str) -> Result<ClientRecord, StoreError> {
-        let rec: ClientRecord = self.get(CLIENTS, name, StoreError::NoSuchClient)?;
+        let rec: ClientRecord = self.get(Kind::Client, name)?;
         rec.check(name).map_err(|reason| StoreError::Invalid {
-            path: self.record_path(CLIENTS, name).display().to_string(),
+            path: self.record_path(Kind::Client, name).display().to_string(),
             reason,
         })?;
         Ok(rec)
     }
 
     fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError> {
-        self.put(
-            CLIENTS,
-            &rec.name,
-            rec,
-            put,
-            StoreError::DuplicateClient(rec.name.clone()),
-        )
+        self.put(Kind::Client, &rec.name, rec, put)
     }
 
     fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError> {
-        self.get(TUNNELS, name, StoreError::NoSuchTunnel)
+        self.get(Kind::Tunnel, name)
     }
 
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
-        self.put(
-            TUNNELS,
-            &rec.name,
-            rec,
-            put,
-            StoreError::DuplicateTunnel(rec.name.clone()),
-        )
+        self.put(Kind::Tunnel, &rec.name, rec, put)
+    }
+
+    fn relay(&self, name: &str) -> Result<RelayRecord, StoreError> {
+        self.get(Kind::Relay, name)
+    }
+
+    fn put_relay(&self, rec: &RelayRecord, put: Put) -> Result<(), StoreError> {
+        self.put(Kind::Relay, &rec.name, rec, put)
     }
 }
 
@@ -386,7 +375,7 @@ mod tests {
     fn bad_files_are_problems_and_block_nobody() {
         let (s, dir) = fresh("bad");
         s.add_client(&new("alice")).unwrap();
-        let clients = dir.join(CLIENTS);
+        let clients = dir.join(Kind::Client.plural());
         std::fs::write(clients.join("typo.toml"), "name = \"typo\"\nallow = tcp/22\n").unwrap();
         std::fs::write(
             clients.join("nokey.toml"),

@@ -11,6 +11,9 @@
 //!   Redis.
 //! - [`watch`]: following the state, so that every revocation takes effect.
 //!
+//! Three kinds of record ([`Kind`]): enrolled clients, published tunnels,
+//! and relay agents.
+//!
 //! A record that cannot be used (a file with a syntax error, a missing key,
 //! a name that does not match its file) is a [`Problem`]: named, reported,
 //! skipped. It never stops anyone else's knock, revocation or enrollment.
@@ -68,6 +71,10 @@ pub enum StoreError {
     DuplicateTunnel(String),
     #[error("no tunnel named {0:?}: see `gatekeeper tunnel list`")]
     NoSuchTunnel(String),
+    #[error("a relay agent named {0:?} exists already: pick another name or revoke it first")]
+    DuplicateRelay(String),
+    #[error("no relay agent named {0:?}: see `gatekeeper relay list`")]
+    NoSuchRelay(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("the gateway's TLS identity")]
@@ -85,6 +92,55 @@ pub enum StoreError {
 /// Records read from a store, each with where it is and the name that
 /// place gives it, and the places that could not be read as records.
 type Loaded<T> = (Vec<(String, String, T)>, Vec<Problem>);
+
+/// The kinds of record a store keeps, each in a place of its own (a
+/// directory of files, a Redis hash) under its plural.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Client,
+    Tunnel,
+    Relay,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Client, Kind::Tunnel, Kind::Relay];
+
+    /// What one record is called in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Client => "client",
+            Kind::Tunnel => "tunnel",
+            Kind::Relay => "relay",
+        }
+    }
+
+    /// Where the records of this kind are kept: a directory, a hash's suffix.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Client => "clients",
+            Kind::Tunnel => "tunnels",
+            Kind::Relay => "relays",
+        }
+    }
+
+    fn missing(self, name: &str) -> StoreError {
+        let name = name.to_string();
+        match self {
+            Kind::Client => StoreError::NoSuchClient(name),
+            Kind::Tunnel => StoreError::NoSuchTunnel(name),
+            Kind::Relay => StoreError::NoSuchRelay(name),
+        }
+    }
+
+    fn duplicate(self, name: &str) -> StoreError {
+        let name = name.to_string();
+        match self {
+            Kind::Client => StoreError::DuplicateClient(name),
+            Kind::Tunnel => StoreError::DuplicateTunnel(name),
+            Kind::Relay => StoreError::DuplicateRelay(name),
+        }
+    }
+}
 
 /// One enrolled device, as the gateway stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +268,72 @@ impl TunnelRecord {
     }
 }
 
+/// An agent that publishes HTTP services through the cluster's Redis,
+/// as the gateway stores it: its public key, never its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRecord {
+    pub name: String,
+    /// The `Host` visitors ask for (lower case, no port).
+    pub host: String,
+    pub owner: String,
+    /// The agent's X25519 public key.
+    pub public_key: String,
+    /// Enrolled clients that may knock for the relay's HTTP port.
+    pub allow: Vec<String>,
+    pub revoked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    pub created: u64,
+}
+
+impl RelayRecord {
+    pub fn live_at(&self, unix_now: u64) -> bool {
+        !self.revoked && self.expires.is_none_or(|e| unix_now < e)
+    }
+
+    /// `live`, `revoked` or `expired`, as `relay list` shows it.
+    pub fn status(&self, unix_now: u64) -> &'static str {
+        if self.revoked {
+            "revoked"
+        } else if self.live_at(unix_now) {
+            "live"
+        } else {
+            "expired"
+        }
+    }
+
+    pub fn public(&self) -> Result<PublicKey, keys::KeyError> {
+        keys::decode_public(&self.public_key)
+    }
+
+    fn check(&self, stem: &str) -> Result<(), String> {
+        if self.name != stem {
+            return Err(format!(
+                "holds relay {:?}, but the file must be named after it",
+                self.name
+            ));
+        }
+        if !valid_host(&self.host) {
+            return Err(format!("bad host {:?}", self.host));
+        }
+        self.public().map_err(|e| format!("public_key: {e}"))?;
+        Ok(())
+    }
+}
+
+/// A host name as visitors send it in `Host`: 1-253 characters of
+/// lower-case letters, digits, '-' and '.', no empty label.
+pub fn valid_host(host: &str) -> bool {
+    (1..=253).contains(&host.len())
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 /// A record that could not be used, and why.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Problem {
@@ -233,6 +355,8 @@ pub struct Snapshot {
     pub clients: Vec<ClientRecord>,
     /// In name order.
     pub tunnels: Vec<TunnelRecord>,
+    /// In name order.
+    pub relays: Vec<RelayRecord>,
     /// In path order.
     pub problems: Vec<Problem>,
 }
@@ -243,9 +367,15 @@ impl Snapshot {
     }
 
     /// Checks loaded records, moving the unusable ones to `problems`:
-    /// `records` holds each record with where it came from and the name
-    /// that place gives it. Two clients may share neither an id nor a key.
-    fn admit(&mut self, clients: Vec<(String, String, ClientRecord)>, tunnels: Vec<(String, String, TunnelRecord)>) {
+    /// each record comes with where it came from and the name that place
+    /// gives it. Two clients may share neither an id nor a key; two relay
+    /// agents not a host.
+    fn admit(
+        &mut self,
+        clients: Vec<(String, String, ClientRecord)>,
+        tunnels: Vec<(String, String, TunnelRecord)>,
+        relays: Vec<(String, String, RelayRecord)>,
+    ) {
         for (path, stem, rec) in clients {
             let clash = rec.check(&stem).err().or_else(|| {
                 self.clients.iter().find_map(|c| {
@@ -269,8 +399,22 @@ impl Snapshot {
                 Err(reason) => self.problems.push(Problem { path, reason }),
             }
         }
+        for (path, stem, rec) in relays {
+            let clash = rec.check(&stem).err().or_else(|| {
+                self.relays
+                    .iter()
+                    .find(|r| r.host == rec.host && r.live_at(unix_now()))
+                    .filter(|_| rec.live_at(unix_now()))
+                    .map(|r| format!("host {} is also relay {:?}'s", rec.host, r.name))
+            });
+            match clash {
+                Some(reason) => self.problems.push(Problem { path, reason }),
+                None => self.relays.push(rec),
+            }
+        }
         self.clients.sort_by(|a, b| a.name.cmp(&b.name));
         self.tunnels.sort_by(|a, b| a.name.cmp(&b.name));
+        self.relays.sort_by(|a, b| a.name.cmp(&b.name));
         self.problems.sort();
     }
 }
@@ -312,6 +456,8 @@ pub trait Store: Send + Sync {
     fn put_client(&self, rec: &ClientRecord, put: Put) -> Result<(), StoreError>;
     fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError>;
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError>;
+    fn relay(&self, name: &str) -> Result<RelayRecord, StoreError>;
+    fn put_relay(&self, rec: &RelayRecord, put: Put) -> Result<(), StoreError>;
 
     /// Enrolls a device: a new key pair, the public half and the policy
     /// kept here, the whole credential (with the secret) returned for the

@@ -14,8 +14,11 @@
 //! TLS certificates are checked against the system's roots; a private CA
 //! is named by `SSL_CERT_FILE`.
 
+use std::time::Duration;
+
 use redis::{
-    Client, ConnectionAddr, IntoConnectionInfo, RedisResult, TlsMode,
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisResult, TlsMode,
+    aio::MultiplexedConnection,
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
 
@@ -103,6 +106,19 @@ impl RedisTarget {
             Kind::Server(client) => Ok(client.clone()),
             Kind::Sentinel(spec) => spec.client()?.async_get_client().await,
         }
+    }
+
+    /// A new connection to the primary as of now, shared by every task
+    /// that clones it; connecting, and then each command, may take
+    /// `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        self.client_async()
+            .await?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 }
 

@@ -1,0 +1,300 @@
+//! Bodies in bounded chunks, with credit flow control both ways, so no
+//! body is too large, a request holds a bounded amount of memory, and no
+//! subscriber falls far enough behind for Redis to cut it off.
+//!
+//! The receiver of a body grants credit: a window to start with, and more
+//! as the bytes are taken out (by hyper, writing them on). The sender
+//! never sends beyond its credit. Every window is taken from the
+//! receiver's [`Budget`] first, so all requests together never have more
+//! than the budget on their way to one subscriber.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame};
+use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::wire::{CHUNK, Message};
+
+/// The window each body starts with: four chunks.
+pub const WINDOW: u32 = 4 * CHUNK as u32;
+/// What all bodies on their way to one subscriber may hold together:
+/// well under the 8 MiB after which Redis's default
+/// `client-output-buffer-limit pubsub` cuts a subscriber off.
+pub const BUDGET: usize = 24 * CHUNK;
+
+/// Why a relayed body ended early.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
+/// Every body the relay hands hyper.
+pub type RelayBody = BoxBody<Bytes, BodyError>;
+
+/// A body of `text`, whole.
+pub fn full(text: impl Into<Bytes>) -> RelayBody {
+    Full::new(text.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Where a side sends its messages about one request: sealed under the
+/// current session, published to the peer.
+pub trait Outbox: Send + Sync + 'static {
+    fn send(&self, msg: Message);
+}
+
+/// The receiver's budget for the windows it grants.
+#[derive(Clone)]
+pub struct Budget(Arc<Semaphore>);
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget(Arc::new(Semaphore::new(BUDGET)))
+    }
+}
+
+impl Budget {
+    /// One window's worth, waiting while others hold the budget.
+    pub async fn window(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.clone().acquire_many_owned(WINDOW).await.ok()
+    }
+}
+
+/// What the sender of one body may still send.
+#[derive(Clone)]
+pub struct Credit(Arc<Semaphore>);
+
+impl Credit {
+    pub fn new(bytes: u32) -> Credit {
+        Credit(Arc::new(Semaphore::new(bytes as usize)))
+    }
+
+    pub fn grant(&self, bytes: u32) {
+        // A peer granting absurd amounts is capped, not trusted to overflow.
+        if self.0.available_permits() < Semaphore::MAX_PERMITS / 2 {
+            self.0.add_permits(bytes as usize);
+        }
+    }
+
+    /// Ends every wait: the request is over.
+    pub fn close(&self) {
+        self.0.close();
+    }
+
+    /// Waits for `bytes` of credit; `false` once the request is over.
+    async fn take(&self, bytes: usize) -> bool {
+        match self.0.acquire_many(bytes as u32).await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// What arrives for a body being received.
+#[derive(Debug)]
+enum Inbound {
+    Data(Bytes),
+    End,
+    /// The request failed; why.
+    Failed(String),
+}
+
+/// Sends `body` as chunks within `credit`, then its end; a Reset if it
+/// fails. Returns when the body is sent or the request is over.
+pub async fn pump<B>(mut body: B, id: u64, credit: Credit, out: Arc<dyn Outbox>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut offset = 0u64;
+    while let Some(frame) = body.frame().await {
+        let mut data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers are not carried.
+                Err(_) => continue,
+            },
+            Err(e) => {
+                out.send(Message::Reset {
+                    id,
+                    reason: format!("the body failed: {e}"),
+                });
+                return;
+            }
+        };
+        while !data.is_empty() {
+            let bytes = data.split_to(data.len().min(CHUNK));
+            if !credit.take(bytes.len()).await {
+                return;
+            }
+            let len = bytes.len() as u64;
+            out.send(Message::Data { id, offset, bytes });
+            offset += len;
+        }
+    }
+    out.send(Message::End { id, length: offset });
+}
+
+/// Why a body being received failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FlowError {
+    #[error("the peer sent more than its credit allowed")]
+    Overrun,
+    #[error("part of the body was lost on the way")]
+    Gap,
+}
+
+/// Where what arrives for one body is put, for its [`Inflow`].
+pub struct Feed {
+    tx: mpsc::UnboundedSender<Inbound>,
+    queued: Arc<AtomicUsize>,
+    /// Bytes received so far: where the next chunk must start.
+    received: u64,
+}
+
+impl Feed {
+    /// Queues a chunk. Refused if it does not start where the last one
+    /// ended, or overruns the window (a peer that ignores flow control
+    /// loses the request, the rest stay bounded).
+    pub fn data(&mut self, offset: u64, bytes: Bytes) -> Result<(), FlowError> {
+        if offset != self.received {
+            return Err(FlowError::Gap);
+        }
+        if self.queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len() > WINDOW as usize {
+            return Err(FlowError::Overrun);
+        }
+        self.received += bytes.len() as u64;
+        // The body may be gone already; then nobody needs what came.
+        let _ = self.tx.send(Inbound::Data(bytes));
+        Ok(())
+    }
+
+    /// Ends the body, `length` bytes in all.
+    pub fn end(&mut self, length: u64) -> Result<(), FlowError> {
+        if length != self.received {
+            return Err(FlowError::Gap);
+        }
+        let _ = self.tx.send(Inbound::End);
+        Ok(())
+    }
+
+    /// Ends the body with an error.
+    pub fn fail(&self, why: &str) {
+        let _ = self.tx.send(Inbound::Failed(why.to_string()));
+    }
+}
+
+/// A body arriving from the peer, handed to hyper: takes chunks off its
+/// queue and gives their size back as credit. Dropped before its end,
+/// it says so to `on_end`: a visitor who went away ends the request, a
+/// service that read all it wanted does not.
+pub struct Inflow {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    queued: Arc<AtomicUsize>,
+    out: Arc<dyn Outbox>,
+    /// Taken but not yet given back as credit.
+    owed: u32,
+    done: bool,
+    /// This body's share of the budget, held until it ends.
+    _window: OwnedSemaphorePermit,
+    /// Runs when the body is over, whichever way.
+    on_end: Option<Box<dyn FnOnce(bool) + Send + Sync>>,
+}
+
+impl Inflow {
+    /// A body of request `id` whose window is `window`, and where to feed
+    /// it; `on_end(finished)` runs once when it ends or is dropped.
+    pub fn new(
+        id: u64,
+        out: Arc<dyn Outbox>,
+        window: OwnedSemaphorePermit,
+        on_end: impl FnOnce(bool) + Send + Sync + 'static,
+    ) -> (Feed, Inflow) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let body = Inflow {
+            id,
+            rx,
+            queued: queued.clone(),
+            out,
+            owed: 0,
+            done: false,
+            _window: window,
+            on_end: Some(Box::new(on_end)),
+        };
+        (
+            Feed {
+                tx,
+                queued,
+                received: 0,
+            },
+            body,
+        )
+    }
+
+    fn end(&mut self, finished: bool) {
+        self.done = true;
+        if let Some(f) = self.on_end.take() {
+            f(finished);
+        }
+    }
+}
+
+impl Body for Inflow {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(self.rx.poll_recv(cx)) {
+            Some(Inbound::Data(bytes)) => {
+                self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+                self.owed += bytes.len() as u32;
+                // Credit goes back in batches of half a window.
+                if self.owed >= WINDOW / 2 {
+                    let bytes = std::mem::take(&mut self.owed);
+                    self.out.send(Message::Credit { id: self.id, bytes });
+                }
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Some(Inbound::End) => {
+                self.end(true);
+                Poll::Ready(None)
+            }
+            Some(Inbound::Failed(reason)) => {
+                self.end(false);
+                Poll::Ready(Some(Err(BodyError(reason))))
+            }
+            None => {
+                self.end(false);
+                Poll::Ready(Some(Err(BodyError("the relay lost this request".into()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for Inflow {
+    fn drop(&mut self) {
+        if !self.done {
+            self.end(false);
+        }
+    }
+}
