@@ -75,7 +75,7 @@ impl RelayLab {
                 &url,
             ],
         )?;
-        let credential = issue(&lab, &url, "web", HOST)?;
+        let credential = issue(&lab, &url, "web", HOST, "laptop")?;
         let listen = format!("0.0.0.0:{RELAY_PORT}");
         let mut daemons = Vec::new();
         for n in 1..=nodes {
@@ -170,9 +170,9 @@ impl RelayLab {
     }
 }
 
-/// Issues relay `name` for `host`, allowed the lab's client; returns its
+/// Issues relay `name` for `host`, allowed client `allow`; returns its
 /// credential's path.
-pub fn issue(lab: &Lab, url: &str, name: &str, host: &str) -> Result<PathBuf> {
+pub fn issue(lab: &Lab, url: &str, name: &str, host: &str, allow: &str) -> Result<PathBuf> {
     let path = lab.scratch().join(format!("{name}.relay"));
     let out = path.to_string_lossy().into_owned();
     lab.state_cli_on(
@@ -186,7 +186,7 @@ pub fn issue(lab: &Lab, url: &str, name: &str, host: &str) -> Result<PathBuf> {
             "--owner",
             "ops",
             "--allow",
-            "laptop",
+            allow,
             "--out",
             &out,
             "--cluster",

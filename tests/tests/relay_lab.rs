@@ -197,7 +197,11 @@ fn a_hundred_mebibytes_go_down_and_up_intact_in_bounded_memory() -> Result<()> {
 fn two_agents_share_one_port_by_host_and_two_hundred_requests_run_at_once() -> Result<()> {
     let mut relay = RelayLab::start(1, "")?;
     let _web = relay.start_agent(&relay.credential, SERVICE_PORT)?;
-    let shop = issue(&relay.lab, &relay.redis.url(), "shop", "shop.lab.example")?;
+    let url = relay.redis.url();
+    let shop = issue(&relay.lab, &url, "shop", "shop.lab.example", "laptop")?;
+    // A third host on the same port, for another client only.
+    relay.cli(&["client", "add", "tablet", "--allow", "tcp/22"])?;
+    issue(&relay.lab, &url, "admin", "admin.lab.example", "tablet")?;
     relay.serve_http(Role::Agent, SERVICE_PORT + 1, "shop")?;
     let _shop = relay.start_agent(&shop, SERVICE_PORT + 1)?;
     relay.knock()?;
@@ -205,6 +209,11 @@ fn two_agents_share_one_port_by_host_and_two_hundred_requests_run_at_once() -> R
         let out = relay.curl(host, "/", &[])?;
         ensure!(body(&out) == format!("hello from {label}\n"), "{host}: {out:?}");
     }
+    let out = relay.curl("admin.lab.example", "/", &[])?;
+    ensure!(
+        status_of(&out) == Some(403),
+        "a host whose relay does not allow the client that knocked: {out:?}"
+    );
     // One curl, 200 transfers at once, each on a connection of its own.
     let url = format!("http://{}/bytes/20000", shared(RELAY_PORT));
     let mut args = vec!["-Z", "--parallel-max", "200", "--parallel-immediate"];

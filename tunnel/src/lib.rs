@@ -6,11 +6,11 @@
 //!   pinning of it by SHA-256 fingerprint (no CA involved).
 //! - [`frame`]: the frames both sides exchange inside the TLS session.
 //! - [`mux`]: many streams over one session, each with its own window.
-//! - [`relay`]: copying between a TCP connection and a stream.
+//! - [`splice`]: copying between a TCP connection and a stream.
 //! - [`session`]: the agent handshake, and both ends relaying.
 
 pub mod frame;
 pub mod mux;
-pub mod relay;
 pub mod session;
+pub mod splice;
 pub mod tls;

@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::{
     frame::{Farewell, Frame, FrameError, Kind},
     mux::{Incoming, Mux},
-    relay::{Relayed, relay},
+    splice::{Spliced, splice},
 };
 
 #[derive(Debug, Error)]
@@ -119,7 +119,7 @@ pub async fn serve_public(
     mux: Mux,
     public: TcpListener,
     stop: watch::Receiver<bool>,
-    done: impl Fn(SocketAddr, Relayed) + Send + Sync + Clone + 'static,
+    done: impl Fn(SocketAddr, Spliced) + Send + Sync + Clone + 'static,
 ) {
     let mut stop_accepting = stop.clone();
     loop {
@@ -138,7 +138,7 @@ pub async fn serve_public(
             Err(_) => return,
         };
         let (stop, done) = (stop.clone(), done.clone());
-        tokio::spawn(async move { done(visitor, relay(tcp, stream, stop).await) });
+        tokio::spawn(async move { done(visitor, splice(tcp, stream, stop).await) });
     }
 }
 
@@ -149,7 +149,7 @@ pub async fn serve_private(mut incoming: Incoming, forward: SocketAddr, stop: wa
         tokio::spawn(async move {
             match TcpStream::connect(forward).await {
                 Ok(tcp) => {
-                    let r = relay(tcp, stream, stop).await;
+                    let r = splice(tcp, stream, stop).await;
                     debug!(visitor = %String::from_utf8_lossy(&visitor), up = r.up, down = r.down, "relayed");
                 }
                 // Dropping the stream closes it: the visitor sees the close.
@@ -204,7 +204,7 @@ mod tests {
 
     /// A gateway on loopback with its public listener; returns the tunnel
     /// address, the public address, and the finished connections.
-    async fn gateway(id: Identity) -> (SocketAddr, SocketAddr, Arc<Mutex<Vec<Relayed>>>) {
+    async fn gateway(id: Identity) -> (SocketAddr, SocketAddr, Arc<Mutex<Vec<Spliced>>>) {
         let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tunnel_addr, public_addr) = (tunnel.local_addr().unwrap(), public.local_addr().unwrap());

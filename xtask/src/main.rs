@@ -32,8 +32,9 @@ enum Task {
     /// same run: `gate` (program cost, drop rate, throughput), `knock`
     /// (verification rate, knock-to-open latency vs fwknopd), `tunnel`
     /// (vs direct and rathole), `portal` (ClientHello knock vs mutual and
-    /// plain TLS handshakes) or `cluster` (grant propagation, knock-to-open
-    /// vs a lone gateway, shared replay claims per second, a failover).
+    /// plain TLS handshakes), `cluster` (grant propagation, knock-to-open
+    /// vs a lone gateway, shared replay claims per second, a failover) or
+    /// `relay` (HTTP through Redis vs the TLS tunnel and the direct path).
     Bench {
         #[arg(default_value = "gate")]
         suite: String,

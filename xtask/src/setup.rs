@@ -33,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "redis-sentinel",
     "wrk",
+    "nginx-light",
 ];
 
 pub fn run() -> Result<()> {

@@ -199,7 +199,7 @@ pub fn relay(cmd: Relay) -> Result<()> {
             match confirm(&state) {
                 Confirmed::Applied(_) => println!("revoked relay {name}: applied by the running daemon"),
                 Confirmed::Nodes(nodes) => println!(
-                    "revoked relay {name}: applied by every running node ({}), which closed its sessions and tell its agent to stop",
+                    "revoked relay {name}: applied by every running node ({}), which closed its sessions; its agent is told to stop at its next hello",
                     nodes.join(", ")
                 ),
                 Confirmed::NoDaemon => {

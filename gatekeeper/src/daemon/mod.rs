@@ -324,6 +324,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             (Some(r), Some(c), Some(node)) => {
                 let (relay, listener) = RelayGateway::bind(
                     r.clone(),
+                    settings.pin_dir.clone(),
                     &c.node,
                     store.server_secret()?,
                     node.store.target().clone(),
@@ -631,7 +632,7 @@ impl Daemon {
             self.keys_pending = Some(keys);
             k.gateway.set_records(snapshot.tunnels.clone());
             if let Some(relay) = &k.relay {
-                relay.set_records(&snapshot.relays);
+                relay.set_records(snapshot);
             }
         }
         if let Some(keys) = self.keys_pending.take() {

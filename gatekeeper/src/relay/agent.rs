@@ -110,6 +110,14 @@ impl Outbox for ToNode {
     }
 }
 
+/// Connections to the private service, pooled, without Nagle's delay
+/// (a small request would otherwise wait for the service's delayed ACK).
+fn connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c
+}
+
 /// Runs the agent until the gateway refuses it.
 pub async fn run(cred: RelayCredential, forward: String) -> Result<(), AgentError> {
     let (own, peer) = cred.keys()?;
@@ -120,7 +128,7 @@ pub async fn run(cred: RelayCredential, forward: String) -> Result<(), AgentErro
         keys: Keys { own, peer },
         publisher: Publisher::start(target.clone()),
         budget: Budget::default(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(connector()),
         forward,
         state: Mutex::default(),
         refused,

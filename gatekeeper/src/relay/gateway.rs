@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -41,11 +42,14 @@ use super::{
     session::{Keys, Pending, SessionError, Sessions},
     wire::{self, Envelope, Greeting, Head, Message, Standing},
 };
+use gatekeeper_common::{maps::WhitelistKey, proto};
+
 use crate::{
     audit::Audit,
     clock::{unix_now, unix_now_ms},
-    spec::format_duration,
-    store::{RelayRecord, config::RelaySettings, redis_target::RedisTarget, valid_name},
+    gate::Gate,
+    spec::{format_duration, map_addr},
+    store::{RelayRecord, Snapshot, config::RelaySettings, redis_target::RedisTarget, valid_name},
 };
 
 /// An agent not heard from for this long is taken for gone.
@@ -108,6 +112,8 @@ pub struct RelayGateway {
 
 struct Shared {
     node: String,
+    /// The gate's pins: whose entries let a visitor in.
+    pin_dir: PathBuf,
     target: RedisTarget,
     secret: StaticSecret,
     settings: RelaySettings,
@@ -125,6 +131,8 @@ struct State {
     records: BTreeMap<String, RelayRecord>,
     /// Live relays' hosts, to their names.
     hosts: HashMap<String, String>,
+    /// Enrolled clients' ids, by name.
+    client_ids: HashMap<String, u32>,
     agents: HashMap<String, AgentLink>,
     exchanges: HashMap<u64, Exchange>,
     next_id: u64,
@@ -164,6 +172,7 @@ impl RelayGateway {
     /// Binds the public port; nothing is served until [`RelayGateway::serve`].
     pub async fn bind(
         settings: RelaySettings,
+        pin_dir: PathBuf,
         node: &str,
         secret: StaticSecret,
         target: RedisTarget,
@@ -178,6 +187,7 @@ impl RelayGateway {
         let gateway = RelayGateway {
             shared: Arc::new(Shared {
                 node: node.to_string(),
+                pin_dir,
                 publisher: Publisher::start(target.clone()),
                 target,
                 secret,
@@ -222,9 +232,10 @@ impl RelayGateway {
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
             tokio::spawn(async move {
+                let owners: Arc<[u32]> = shared.owners_of(visitor).into();
                 let service = service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(shared.handle(req, visitor).await) }
+                    let (shared, owners) = (shared.clone(), owners.clone());
+                    async move { Ok::<_, Infallible>(shared.handle(req, visitor, &owners).await) }
                 });
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -236,12 +247,14 @@ impl RelayGateway {
         }
     }
 
-    /// Puts the relay records in force: a relay no longer live loses its
-    /// sessions and requests at once, and its agent is told at its next
-    /// hello.
-    pub fn set_records(&self, records: &[RelayRecord]) {
+    /// Puts the relay records (and the clients they allow) in force: a
+    /// relay no longer live loses its sessions and requests at once, and
+    /// its agent is told at its next hello.
+    pub fn set_records(&self, snapshot: &Snapshot) {
+        let records = &snapshot.relays;
         let now = unix_now();
         let mut state = self.shared.lock();
+        state.client_ids = snapshot.clients.iter().map(|c| (c.name.clone(), c.id)).collect();
         state.records = records.iter().map(|r| (r.name.clone(), r.clone())).collect();
         state.hosts = records
             .iter()
@@ -656,8 +669,30 @@ impl Shared {
         }
     }
 
+    /// Who let `visitor` in: the owners of the gate's entries for its
+    /// address (from its port, or any), each a client's id, or 0 for an
+    /// operator's entry. Asked once per connection.
+    fn owners_of(&self, visitor: SocketAddr) -> Vec<u32> {
+        let Ok(gate) = Gate::open(&self.pin_dir) else {
+            return Vec::new();
+        };
+        [visitor.port(), 0]
+            .into_iter()
+            .filter_map(|port| {
+                let key = WhitelistKey::new(map_addr(visitor.ip()), port, proto::TCP);
+                gate.whitelist_get(&key).ok().flatten()
+            })
+            .map(|entry| entry.owner)
+            .collect()
+    }
+
     /// One visitor's request: routed by host, relayed, answered.
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, visitor: SocketAddr) -> Response<RelayBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        visitor: SocketAddr,
+        owners: &[u32],
+    ) -> Response<RelayBody> {
         let Some(host) = host_of(&req) else {
             return page(StatusCode::BAD_REQUEST, "No host", "The request names no host.");
         };
@@ -670,6 +705,22 @@ impl Shared {
                     &format!("No service is published at {} here.", escape(&host)),
                 );
             };
+            // Every relay's host shares the port: a visitor reaches only
+            // those of the relays that allow the client it knocked as.
+            let allowed = owners.contains(&0)
+                || state.records.get(&name).is_some_and(|r| {
+                    r.allow
+                        .iter()
+                        .filter_map(|c| state.client_ids.get(c))
+                        .any(|id| owners.contains(id))
+                });
+            if !allowed {
+                return page(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("You have not knocked as a client that {host} allows."),
+                );
+            }
             let ready = state.agents.get(&name).is_some_and(|l| l.sessions.is_some());
             if !ready {
                 return page(

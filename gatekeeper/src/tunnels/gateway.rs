@@ -26,8 +26,8 @@ use tracing::{info, warn};
 use tunnel::{
     frame::{Farewell, Kind},
     mux::Mux,
-    relay::Relayed,
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
+    splice::Spliced,
     tls::{Identity, TlsError},
 };
 
@@ -249,7 +249,7 @@ impl Gateway {
 
         let audit = self.audit.clone();
         let (tunnel_name, owner) = (info.name.clone(), info.owner.clone());
-        let done = move |visitor: SocketAddr, r: Relayed| {
+        let done = move |visitor: SocketAddr, r: Spliced| {
             connections.fetch_add(1, Ordering::Relaxed);
             up.fetch_add(r.up, Ordering::Relaxed);
             down.fetch_add(r.down, Ordering::Relaxed);

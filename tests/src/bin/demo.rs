@@ -17,6 +17,7 @@ use gatekeeper_tests::{
     lab::{Lab, Role, SHARED_ADDR, eventually, output_within},
     nmap,
     redis::RedisServer,
+    relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, status_of},
 };
 
 fn step(n: u32, text: &str) {
@@ -314,8 +315,9 @@ fn main() -> Result<()> {
     drop(lab);
 
     cluster()?;
+    relay()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked."
     );
     Ok(())
 }
@@ -369,5 +371,58 @@ fn cluster() -> Result<()> {
     let after = knock_and_connect(&lab, &cred, 31000, 22)?;
     println!("  the laptop knocks and connects again: {}", ok(after));
     ensure!(!after, "the revoked laptop got in");
+    Ok(())
+}
+
+/// A web service published through Redis by an agent that reaches
+/// nothing else.
+fn relay() -> Result<()> {
+    step(
+        17,
+        "A relay: an agent whose only route is to Redis publishes a web service, served by two gateways by its host name",
+    );
+    let relay = RelayLab::start(2, "")?;
+    show("gatekeeper relay list --cluster ...", &relay.cli(&["relay", "list"])?);
+    let mut agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
+    let reach = relay
+        .lab
+        .tcp_connect(
+            Role::Agent,
+            (SHARED_ADDR, RELAY_PORT).into(),
+            None,
+            Duration::from_millis(500),
+        )?
+        .is_some();
+    println!("  the agent's host reaches the gateways: {}", ok(reach));
+    relay.knock()?;
+    for n in [1u8, 2] {
+        let out = curl(&relay.lab, Role::Node(n).addr().into(), HOST, "/", &[])?;
+        println!(
+            "  curl -H 'Host: {HOST}' http://{}:{RELAY_PORT}/  ->  {:?}",
+            Role::Node(n).addr(),
+            String::from_utf8_lossy(&out.stdout).replace('\n', " ")
+        );
+        ensure!(status_of(&out) == Some(200), "node {n} did not relay the request");
+    }
+    let out = relay.curl("other.lab.example", "/", &[])?;
+    println!(
+        "  another host name on the same port  ->  HTTP {}",
+        status_of(&out).unwrap_or(0)
+    );
+
+    step(
+        18,
+        "The relay revoked: every node stops serving the host, and the agent is told",
+    );
+    show(
+        "gatekeeper relay revoke web --cluster ...",
+        &relay.cli(&["relay", "revoke", "web"])?,
+    );
+    let out = relay.curl(HOST, "/", &[])?;
+    println!("  the same request again  ->  HTTP {}", status_of(&out).unwrap_or(0));
+    agent.wait_exit(Duration::from_secs(10))?;
+    let log = agent.log();
+    println!("  the agent: {}", log.lines().last().unwrap_or("").trim());
+    ensure!(status_of(&out) == Some(404), "the revoked host is still served");
     Ok(())
 }

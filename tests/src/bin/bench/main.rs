@@ -13,11 +13,15 @@
 //!   `cluster.rs`).
 //! - `portal`: handshakes per core-second and latency of the ClientHello
 //!   knock against mutual TLS and plain TLS (see `portal.rs`).
+//! - `relay`: HTTP through Redis against the TLS tunnel and the direct
+//!   path: small-request latency and rate with wrk, a 1 GiB download, and
+//!   memory (see `relay.rs`).
 
 mod cluster;
 mod gate;
 mod knock;
 mod portal;
+mod relay;
 mod tunnel;
 
 use std::path::PathBuf;
@@ -48,8 +52,11 @@ fn main() -> Result<()> {
         "tunnel" => tunnel::run(&mut rows)?,
         "portal" => portal::run(&mut rows)?,
         "cluster" => cluster::run(&mut rows)?,
+        "relay" => relay::run(&mut rows)?,
         other => {
-            bail!("unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel`, `portal` and `cluster`")
+            bail!(
+                "unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel`, `portal`, `cluster` and `relay`"
+            )
         }
     }
     report(&suite, &rows)

@@ -14,9 +14,9 @@ use tokio::{
 
 use crate::mux::MuxStream;
 
-/// What one relayed connection carried.
+/// What one spliced connection carried.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Relayed {
+pub struct Spliced {
     /// Bytes from the TCP side into the tunnel.
     pub up: u64,
     /// Bytes from the tunnel out to the TCP side.
@@ -25,10 +25,10 @@ pub struct Relayed {
     pub why: &'static str,
 }
 
-/// Relays until both directions end or `cancel` turns true. The two
+/// Copies until both directions end or `cancel` turns true. The two
 /// directions run concurrently: a sender waiting for window must not stop
-/// this side from reading, or two relays could wait on each other.
-pub async fn relay(tcp: TcpStream, stream: MuxStream, mut cancel: watch::Receiver<bool>) -> Relayed {
+/// this side from reading, or two splices could wait on each other.
+pub async fn splice(tcp: TcpStream, stream: MuxStream, mut cancel: watch::Receiver<bool>) -> Spliced {
     let started = Instant::now();
     // Small writes (requests, keystrokes) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
@@ -80,7 +80,7 @@ pub async fn relay(tcp: TcpStream, stream: MuxStream, mut cancel: watch::Receive
         },
         _ = cancelled => "cancelled",
     };
-    Relayed {
+    Spliced {
         up: up.into_inner(),
         down: down.into_inner(),
         duration: started.elapsed(),
