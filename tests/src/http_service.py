@@ -5,6 +5,7 @@ GET  /bytes/N          N bytes of a fixed pattern (Content-Length)
 GET  /chunked/N        the same, chunked
 GET  /headers          the request's headers, as JSON
 GET  /slow/S           answers after S seconds
+GET  /echo             with Upgrade: switches protocols, then echoes bytes until EOF
 POST /sha256           the body's SHA-256 (hex) and length, as JSON
 
 Usage: http_service.py ADDR PORT LABEL
@@ -64,6 +65,17 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         elif parts[1] == "headers":
             self.reply(json.dumps(dict(self.headers.items())).encode(), kind="application/json")
+        elif parts[1] == "echo" and self.headers.get("Upgrade"):
+            self.send_response(101)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", self.headers["Upgrade"])
+            self.end_headers()
+            while True:
+                data = self.rfile.read1(65536)
+                if not data:
+                    break
+                self.wfile.write(data)
+            self.close_connection = True
         elif parts[1] == "slow":
             time.sleep(float(parts[2]))
             self.reply(b"slow\n")

@@ -4,6 +4,7 @@
 //! the visitor. Needs root.
 
 use std::{
+    io::{Read, Write},
     process::Output,
     sync::{
         Arc,
@@ -141,6 +142,42 @@ fn a_host_published_through_redis_answers_get_and_post() -> Result<()> {
     ensure!(status["relay"]["agents"][0]["name"] == "web", "{status}");
     let listed: serde_json::Value = serde_json::from_str(&relay.cli(&["relay", "list", "--json"])?)?;
     ensure!(listed[0]["host"] == HOST && listed[0]["state"] == "live", "{listed}");
+    Ok(())
+}
+
+#[test]
+fn an_upgraded_connection_carries_bytes_both_ways_until_it_is_closed() -> Result<()> {
+    let relay = RelayLab::start(1, "")?;
+    let _agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
+    relay.knock()?;
+    let mut s = relay
+        .lab
+        .tcp_connect(Role::Client, shared(RELAY_PORT), None, Duration::from_secs(3))?
+        .context("no connection to the relay")?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").as_bytes(),
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        s.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    ensure!(head.starts_with("http/1.1 101"), "{head}");
+    ensure!(head.contains("upgrade: websocket"), "{head}");
+    // 4 MiB each way at once, then our end closes and theirs follows.
+    let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(7) % 251) as u8).collect();
+    let (mut writer, payload) = (s.try_clone()?, sent.clone());
+    let writing = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&payload)?;
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    writing.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(got == sent, "{} of {} bytes came back intact", got.len(), sent.len());
     Ok(())
 }
 

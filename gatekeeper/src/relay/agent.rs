@@ -11,7 +11,8 @@ use std::{
 
 use http_body_util::BodyExt;
 use hyper::{
-    Method, Request, Uri,
+    Method, Request, Response, StatusCode, Uri,
+    body::Incoming,
     header::{HeaderName, HeaderValue},
 };
 use hyper_util::{
@@ -26,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::{
     RelayCredential,
     bus::{Heard, Publisher, listen},
-    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, WINDOW, full, pump},
+    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, WINDOW, carry, full, pump},
     session::{Keys, Sessions},
     wire::{self, Envelope, Greeting, Head, Message, Standing},
 };
@@ -358,16 +359,10 @@ impl Agent {
         });
         let key = (node.clone(), id);
         let body = if has_body {
-            let Some(window) = self.budget.window().await else {
-                return;
-            };
-            let (feed, body) = Inflow::new(id, out.clone(), window, |_| {});
-            match self.lock().exchanges.get_mut(&key) {
-                Some(ex) => ex.feed = Some(feed),
+            match self.receive(&key, &out).await {
+                Some(body) => body.boxed(),
                 None => return,
             }
-            out.send(Message::Credit { id, bytes: WINDOW });
-            body.boxed()
         } else {
             full("")
         };
@@ -381,18 +376,23 @@ impl Agent {
             Err(why) => Err(why),
         };
         match answer {
+            Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upgrading = hyper::upgrade::on(&mut resp);
+                out.send(Message::Response {
+                    id,
+                    head: response_head(&resp),
+                });
+                // After the switch, what the node sends is a body of its own.
+                if let Some(from_node) = self.receive(&key, &out).await {
+                    carry(upgrading, id, credit, out, from_node).await;
+                }
+            }
             Ok(resp) => {
-                let head = Head {
-                    status: resp.status().as_u16(),
-                    headers: resp
-                        .headers()
-                        .iter()
-                        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-                        .collect(),
-                    ..Head::default()
-                };
-                out.send(Message::Response { id, head });
-                pump(resp.into_body(), id, credit, out).await;
+                out.send(Message::Response {
+                    id,
+                    head: response_head(&resp),
+                });
+                pump(resp.into_body().into_data_stream(), id, credit, out).await;
             }
             Err(reason) => {
                 warn!(node, id, error = %reason, "a relayed request failed");
@@ -400,6 +400,18 @@ impl Agent {
             }
         }
         self.lock().exchanges.remove(&key);
+    }
+
+    /// A body the node is about to send for request `key`: a window of
+    /// this agent's budget, granted to the node. `None` if the request
+    /// ended meanwhile.
+    async fn receive(&self, key: &(String, u64), out: &Arc<dyn Outbox>) -> Option<Inflow> {
+        let id = key.1;
+        let window = self.budget.window().await?;
+        let (feed, body) = Inflow::new(id, out.clone(), window, |_| {});
+        self.lock().exchanges.get_mut(key)?.feed = Some(feed);
+        out.send(Message::Credit { id, bytes: WINDOW });
+        Some(body)
     }
 
     /// The request for the private service.
@@ -418,5 +430,18 @@ impl Agent {
             }
         }
         Ok(req)
+    }
+}
+
+/// The service's response head, for the node.
+fn response_head(resp: &Response<Incoming>) -> Head {
+    Head {
+        status: resp.status().as_u16(),
+        headers: resp
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        ..Head::default()
     }
 }

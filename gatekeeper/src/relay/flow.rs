@@ -18,10 +18,19 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::{Body, Frame};
+use hyper::{
+    body::{Body, Frame},
+    upgrade::OnUpgrade,
+};
+use hyper_util::rt::TokioIo;
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+};
+use tokio_util::io::ReaderStream;
 
 use super::wire::{CHUNK, Message};
 
@@ -110,21 +119,19 @@ enum Inbound {
     Failed(String),
 }
 
-/// Sends `body` as chunks within `credit`, then its end; a Reset if it
-/// fails. Returns when the body is sent or the request is over.
-pub async fn pump<B>(mut body: B, id: u64, credit: Credit, out: Arc<dyn Outbox>)
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
+/// Sends what `source` yields (a body's data, or what an upgraded
+/// connection reads) as chunks within `credit`, then its end; a Reset if
+/// it fails. Returns when all is sent or the request is over.
+pub async fn pump<E: std::fmt::Display>(
+    mut source: impl Stream<Item = Result<Bytes, E>> + Unpin,
+    id: u64,
+    credit: Credit,
+    out: Arc<dyn Outbox>,
+) {
     let mut offset = 0u64;
-    while let Some(frame) = body.frame().await {
-        let mut data = match frame {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => data,
-                // Trailers are not carried.
-                Err(_) => continue,
-            },
+    while let Some(read) = source.next().await {
+        let mut data = match read {
+            Ok(data) => data,
             Err(e) => {
                 out.send(Message::Reset {
                     id,
@@ -144,6 +151,38 @@ where
         }
     }
     out.send(Message::End { id, length: offset });
+}
+
+/// Carries a connection upgraded to another protocol (a WebSocket, say)
+/// both ways once hyper hands it over: what it reads goes to the peer as
+/// a body under `credit`, and `from_peer` is written into it.
+pub async fn carry(upgrading: OnUpgrade, id: u64, credit: Credit, out: Arc<dyn Outbox>, from_peer: Inflow) {
+    let upgraded = match upgrading.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            out.send(Message::Reset {
+                id,
+                reason: format!("the upgrade failed: {e}"),
+            });
+            return;
+        }
+    };
+    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    tokio::spawn(drain(from_peer, write));
+    pump(ReaderStream::new(read), id, credit, out).await;
+}
+
+/// Writes a body arriving from the peer into `to` (an upgraded
+/// connection), then shuts `to` down for writing.
+async fn drain(mut body: Inflow, mut to: impl AsyncWrite + Unpin) {
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data()
+            && to.write_all(&data).await.is_err()
+        {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Why a body being received failed.

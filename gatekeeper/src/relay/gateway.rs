@@ -38,7 +38,7 @@ use x25519_dalek::StaticSecret;
 
 use super::{
     bus::{Heard, Publisher, listen},
-    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, full, pump},
+    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, carry, full, pump},
     session::{Keys, Pending, SessionError, Sessions},
     wire::{self, Envelope, Greeting, Head, Message, Standing},
 };
@@ -239,6 +239,7 @@ impl RelayGateway {
                 });
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
                     .await
                 {
                     debug!(error = %e, %visitor, "a relay visitor's connection ended");
@@ -689,7 +690,7 @@ impl Shared {
     /// One visitor's request: routed by host, relayed, answered.
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         visitor: SocketAddr,
         owners: &[u32],
     ) -> Response<RelayBody> {
@@ -774,7 +775,9 @@ impl Shared {
             (id, body)
         };
         let has_body = !req.body().is_end_stream();
-        let head = request_head(&req, &host, visitor);
+        let upgrade = upgrade_of(req.headers());
+        let upgrading = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let head = request_head(&req, &host, visitor, upgrade.as_ref());
         let request = Message::Request {
             id,
             head,
@@ -791,7 +794,12 @@ impl Shared {
         out.send(request);
         self.requests.fetch_add(1, Ordering::Relaxed);
         if has_body {
-            tokio::spawn(pump(req.into_body(), id, credit, out.clone()));
+            tokio::spawn(pump(
+                req.into_body().into_data_stream(),
+                id,
+                credit.clone(),
+                out.clone(),
+            ));
         }
         let timeout = self.settings.response_timeout;
         let head = match tokio::time::timeout(timeout, head_rx).await {
@@ -821,8 +829,35 @@ impl Shared {
                 );
             }
         };
+        if head.status == StatusCode::SWITCHING_PROTOCOLS.as_u16()
+            && let (Some(upgrading), Some(protocol)) = (upgrading, upgrade)
+        {
+            // The agent's side switched: carry bytes both ways from now on.
+            let protocol = head
+                .headers
+                .iter()
+                .find(|(n, _)| n == "upgrade")
+                .and_then(|(_, v)| HeaderValue::from_bytes(v).ok())
+                .unwrap_or(protocol);
+            tokio::spawn(carry(upgrading, id, credit, out, body));
+            let mut resp = response(head, full(""));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            resp.headers_mut().insert(header::UPGRADE, protocol);
+            return resp;
+        }
         response(head, body.boxed())
     }
+}
+
+/// The protocol a request asks to switch to: its `Upgrade`, when its
+/// `Connection` names it.
+fn upgrade_of(headers: &hyper::HeaderMap) -> Option<HeaderValue> {
+    connection_listed(headers)
+        .iter()
+        .any(|t| t == "upgrade")
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 fn envelope_node<'a>(e: &Envelope<'a>) -> &'a str {
@@ -864,8 +899,9 @@ fn connection_listed(headers: &hyper::HeaderMap) -> Vec<String> {
 }
 
 /// The request as the agent replays it, with the visitor's address in
-/// `Forwarded` and `X-Forwarded-For`.
-fn request_head(req: &Request<Incoming>, host: &str, visitor: SocketAddr) -> Head {
+/// `Forwarded` and `X-Forwarded-For`, and the upgrade it asks for (the one
+/// hop-by-hop header that must reach the service).
+fn request_head(req: &Request<Incoming>, host: &str, visitor: SocketAddr, upgrade: Option<&HeaderValue>) -> Head {
     let listed = connection_listed(req.headers());
     let mut headers: Vec<(String, Vec<u8>)> = req
         .headers()
@@ -884,6 +920,10 @@ fn request_head(req: &Request<Incoming>, host: &str, visitor: SocketAddr) -> Hea
     } else {
         ip.to_string()
     };
+    if let Some(protocol) = upgrade {
+        headers.push(("connection".into(), b"upgrade".to_vec()));
+        headers.push(("upgrade".into(), protocol.as_bytes().to_vec()));
+    }
     headers.push(("x-forwarded-for".into(), xff.into_bytes()));
     headers.push((
         "forwarded".into(),
