@@ -529,3 +529,62 @@ fn requests_at_either_node_reach_the_agent() -> Result<()> {
     ensure!(agent.running());
     Ok(())
 }
+
+#[test]
+fn an_agent_with_a_redis_user_of_its_own_reaches_only_its_own_channels() -> Result<()> {
+    let mut relay = RelayLab::start(1, "")?;
+    let cams = relay.lab.scratch().join("cams.relay");
+    let cams_arg = cams.to_string_lossy().into_owned();
+    relay.cli(&[
+        "relay",
+        "issue",
+        "cams",
+        "--host",
+        "cams.lab.example",
+        "--owner",
+        "ops",
+        "--allow",
+        "laptop",
+        "--redis-user",
+        "--out",
+        &cams_arg,
+    ])?;
+    let user = "gatekeeper-relay-cams";
+    let cred: toml::Value = toml::from_str(&std::fs::read_to_string(&cams)?)?;
+    let url = cred["redis"].as_str().unwrap_or("");
+    ensure!(url.starts_with(&format!("redis://{user}:")), "{url}");
+    relay.serve_http(Role::Agent, SERVICE_PORT + 1, "cams")?;
+    let mut agent = relay.start_agent(&cams, SERVICE_PORT + 1)?;
+    relay.knock()?;
+    let out = relay.curl("cams.lab.example", "/", &[])?;
+    ensure!(body(&out) == "hello from cams\n", "through its own user: {out:?}");
+    // What the user may do, asked of Redis's own ACL checks.
+    for (command, allowed) in [
+        (&["SUBSCRIBE", "gatekeeper:relay:cams:down"][..], true),
+        (&["PUBLISH", "gatekeeper:relay:cams:up:gw-1", "x"], true),
+        (&["SUBSCRIBE", "gatekeeper:relay:web:down"], false),
+        (&["PSUBSCRIBE", "gatekeeper:relay:*"], false),
+        (&["PUBLISH", "gatekeeper:relay:web:up:gw-1", "x"], false),
+        (&["HGETALL", "gatekeeper:relays"], false),
+        (&["GET", "gatekeeper:server_key"], false),
+    ] {
+        let out = relay.redis.cli(&[&["ACL", "DRYRUN", user][..], command].concat())?;
+        ensure!((out.trim() == "OK") == allowed, "{command:?}: {out}");
+    }
+    // Redis restarted empty (no ACL file): the node makes the user again.
+    relay.redis.restart()?;
+    let back = eventually(Duration::from_secs(15), || {
+        Ok(status_of(&relay.curl("cams.lab.example", "/", &["--max-time", "2"])?) == Some(200))
+    })?;
+    ensure!(
+        back,
+        "the agent's user did not come back with the records:\n{}",
+        agent.log()
+    );
+    let out = relay.cli(&["relay", "revoke", "cams"])?;
+    ensure!(out.contains(&format!("deleted its Redis user {user}")), "{out}");
+    agent.wait_exit(Duration::from_secs(10))?;
+    ensure!(agent.log().contains("revoked"), "the agent was told: {}", agent.log());
+    ensure!(!relay.redis.cli(&["ACL", "USERS"])?.contains(user), "the user is gone");
+    Ok(())
+}

@@ -48,6 +48,14 @@ pub enum Relay {
         /// The Redis URL the agent connects with [default: the cluster's].
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+        /// Make the agent a Redis user of its own (Redis 6 or later),
+        /// allowed only its own channels (`gatekeeper:relay:NAME:*`) and
+        /// no keys, with a fresh password in the credential's URL: a
+        /// stolen credential reads no other agent's traffic and touches no
+        /// record. Needs a cluster user allowed to run ACL; `relay revoke`
+        /// deletes the user.
+        #[arg(long)]
+        redis_user: bool,
         /// Write the credential to FILE (0600) instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -97,6 +105,7 @@ pub fn relay(cmd: Relay) -> Result<()> {
             allow,
             expires,
             redis,
+            redis_user,
             out,
             state,
         } => {
@@ -107,7 +116,7 @@ pub fn relay(cmd: Relay) -> Result<()> {
             };
             let cluster = ClusterStore::open(&url)?;
             let redis = redis.unwrap_or(url);
-            if redact(&redis) != redis && out.is_none() {
+            if (redis_user || redact(&redis) != redis) && out.is_none() {
                 eprintln!("note: the credential carries a Redis password; consider --out FILE (written 0600)");
             }
             let (rec, cred) = relay::issue(
@@ -119,6 +128,7 @@ pub fn relay(cmd: Relay) -> Result<()> {
                     allow,
                     expires_in: expires,
                     redis,
+                    redis_user,
                 },
             )?;
             eprintln!(
@@ -195,8 +205,9 @@ pub fn relay(cmd: Relay) -> Result<()> {
         }
         Relay::Revoke { name, state } => {
             let store = state.store()?;
-            relay::revoke(&*store, &name)?;
-            match confirm(&state) {
+            let rec = relay::revoke(&*store, &name)?;
+            let confirmed = confirm(&state);
+            match &confirmed {
                 Confirmed::Applied(_) => println!("revoked relay {name}: applied by the running daemon"),
                 Confirmed::Nodes(nodes) => println!(
                     "revoked relay {name}: applied by every running node ({}), which closed its sessions; its agent is told to stop at its next hello",
@@ -208,6 +219,15 @@ pub fn relay(cmd: Relay) -> Result<()> {
                 Confirmed::Unconfirmed(why) => println!(
                     "revoked relay {name}, but not every node confirmed it ({why}); each applies the change within a second"
                 ),
+            }
+            if let (Some(user), Some(cluster)) = (&rec.redis_user, state.cluster()?) {
+                if matches!(confirmed, Confirmed::Nodes(_)) {
+                    // Long enough for the agent's next hello to be answered
+                    // with its refusal, which it could not hear without a user.
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                cluster.delete_relay_user(user)?;
+                println!("deleted its Redis user {user}: Redis closed the agent's connections");
             }
         }
     }

@@ -24,6 +24,9 @@ pub mod wire;
 
 use std::{path::Path, time::Duration};
 
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -31,7 +34,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::{
     clock::unix_now,
     knock::keys::{self, KeyError},
-    store::{Put, RelayRecord, Store, StoreError, valid_host, valid_name},
+    store::{Put, RelayRecord, Store, StoreError, cluster::ClusterStore, hex, valid_host, valid_name},
 };
 
 #[derive(Debug, Error)]
@@ -120,11 +123,15 @@ pub struct NewRelay {
     pub expires_in: Option<Duration>,
     /// The Redis URL written into the credential.
     pub redis: String,
+    /// Make the agent a Redis user of its own, limited to its channels,
+    /// and put it (with a fresh password) into the credential's URL.
+    pub redis_user: bool,
 }
 
-/// Creates the agent's key pair, keeps its public half in a new record,
-/// and returns the record and the agent's credential.
-pub fn issue(store: &dyn Store, new: &NewRelay) -> Result<(RelayRecord, RelayCredential), RelayIssueError> {
+/// Creates the agent's key pair (and, if asked, its Redis user), keeps
+/// the public half in a new record, and returns the record and the
+/// agent's credential.
+pub fn issue(store: &ClusterStore, new: &NewRelay) -> Result<(RelayRecord, RelayCredential), RelayIssueError> {
     if !valid_name(&new.name) {
         return Err(StoreError::Name {
             kind: "relay",
@@ -152,6 +159,17 @@ pub fn issue(store: &dyn Store, new: &NewRelay) -> Result<(RelayRecord, RelayCre
     let relay = PublicKey::from(&store.server_secret()?);
     let secret = keys::generate();
     let now = unix_now();
+    let (redis, redis_user, redis_password_sha256) = if new.redis_user {
+        let user = format!("gatekeeper-relay-{}", new.name);
+        let mut password = [0u8; 24];
+        OsRng.fill_bytes(&mut password);
+        let password = hex(&password);
+        let sha = hex(&Sha256::digest(password.as_bytes()));
+        store.set_relay_user(&user, &sha, &new.name)?;
+        (with_user(&new.redis, &user, &password), Some(user), Some(sha))
+    } else {
+        (new.redis.clone(), None, None)
+    };
     let rec = RelayRecord {
         name: new.name.clone(),
         host: host.clone(),
@@ -161,6 +179,8 @@ pub fn issue(store: &dyn Store, new: &NewRelay) -> Result<(RelayRecord, RelayCre
         revoked: false,
         expires: new.expires_in.map(|d| now + d.as_secs()),
         created: now,
+        redis_user,
+        redis_password_sha256,
     };
     store.put_relay(&rec, Put::Create)?;
     let cred = RelayCredential {
@@ -168,9 +188,21 @@ pub fn issue(store: &dyn Store, new: &NewRelay) -> Result<(RelayRecord, RelayCre
         host,
         secret_key: keys::encode(&secret.to_bytes()),
         relay_public_key: keys::encode(relay.as_bytes()),
-        redis: new.redis.clone(),
+        redis,
     };
     Ok((rec, cred))
+}
+
+/// `url` (`SCHEME://[USER:PASS@]REST`) with `user` and `password` instead
+/// of whatever credentials it had.
+fn with_user(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("{scheme}://{user}:{password}@{rest}")
 }
 
 /// Marks a relay revoked; the nodes close its sessions and tell its agent.
@@ -179,4 +211,23 @@ pub fn revoke(store: &dyn Store, name: &str) -> Result<RelayRecord, StoreError> 
     rec.revoked = true;
     store.put_relay(&rec, Put::Replace)?;
     Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_user;
+
+    #[test]
+    fn an_agents_user_replaces_the_urls_credentials() {
+        for (url, want) in [
+            ("redis://10.0.0.5:6379/2", "redis://a:pw@10.0.0.5:6379/2"),
+            ("redis://gk:secret@10.0.0.5:6379", "redis://a:pw@10.0.0.5:6379"),
+            (
+                "rediss+sentinel://:s@10.0.0.1,10.0.0.2/gk/1",
+                "rediss+sentinel://a:pw@10.0.0.1,10.0.0.2/gk/1",
+            ),
+        ] {
+            assert_eq!(with_user(url, "a", "pw"), want);
+        }
+    }
 }

@@ -124,6 +124,14 @@ impl ClusterStore {
                     pipe.cmd("HSETNX").arg(hash(kind)).arg(name).arg(text).ignore();
                 }
             }
+            // Users live outside the keyspace, but a Redis that lost its
+            // keys without an ACL file lost them too.
+            let relays = &seen.records[2];
+            for rec in relays.iter().filter_map(|(_, text)| parse::<RelayRecord>(text).ok()) {
+                if let (Some(user), Some(hash)) = (&rec.redis_user, &rec.redis_password_sha256) {
+                    relay_user(&mut pipe, user, hash, &rec.name);
+                }
+            }
             pipe.cmd("INCR").arg(VERSION).ignore();
         }
         self.with(|c| pipe.query::<()>(c))?;
@@ -212,6 +220,46 @@ impl ClusterStore {
             return Err(kind.duplicate(name));
         }
         Ok(())
+    }
+}
+
+/// The commands an agent's connections need: publishing and subscribing,
+/// pinging, choosing the database. (redis-rs also names itself with
+/// `CLIENT SETINFO`, and ignores the refusal.)
+const AGENT_COMMANDS: [&str; 6] = ["+publish", "+subscribe", "+unsubscribe", "+ping", "+select", "+quit"];
+
+/// Adds to `pipe` the making (or remaking) of the Redis user relay agent
+/// `relay` connects as: its password given by its SHA-256, its channels
+/// only its own, no keys, no other command.
+fn relay_user(pipe: &mut redis::Pipeline, user: &str, password_sha256: &str, relay: &str) {
+    let cmd = pipe.cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg(user)
+        .arg("reset")
+        .arg("on")
+        .arg(format!("#{password_sha256}"))
+        .arg("resetchannels")
+        .arg(format!("&gatekeeper:relay:{relay}:*"))
+        .arg("-@all");
+    for c in AGENT_COMMANDS {
+        cmd.arg(c);
+    }
+    cmd.ignore();
+}
+
+impl ClusterStore {
+    /// Makes the Redis user relay agent `relay` connects as (see
+    /// [`relay_user`]); needs a cluster user allowed to run `ACL`.
+    pub fn set_relay_user(&self, user: &str, password_sha256: &str, relay: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        relay_user(&mut pipe, user, password_sha256, relay);
+        self.with(|c| pipe.query::<()>(c))
+    }
+
+    /// Deletes a relay agent's Redis user; Redis closes its connections.
+    pub fn delete_relay_user(&self, user: &str) -> Result<(), StoreError> {
+        self.with(|c| redis::cmd("ACL").arg("DELUSER").arg(user).query::<i64>(c))
+            .map(|_| ())
     }
 }
 

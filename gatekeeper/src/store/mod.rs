@@ -285,6 +285,13 @@ pub struct RelayRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
     pub created: u64,
+    /// The Redis user the agent connects as, limited to its own channels
+    /// (`relay issue --redis-user`), and its password's SHA-256 (hex), so
+    /// the user can be made again should Redis lose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_password_sha256: Option<String>,
 }
 
 impl RelayRecord {
