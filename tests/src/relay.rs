@@ -37,7 +37,8 @@ pub struct RelayLab {
     pub redis: RedisServer,
     /// Node N is `daemons[N - 1]`, named `gw-N`.
     pub daemons: Vec<Daemon>,
-    /// The client's knock credential (allowed the relay's port).
+    /// The client's knock credential (allowed the relay's port by the
+    /// relay, and the portal's 443).
     pub client: PathBuf,
     /// The relay `web`'s credential, for its agent.
     pub credential: PathBuf,
@@ -68,7 +69,7 @@ impl RelayLab {
                 "add",
                 "laptop",
                 "--allow",
-                "tcp/22",
+                "tcp/22,tcp/443",
                 "--out",
                 &client_arg,
                 "--cluster",

@@ -588,3 +588,64 @@ fn an_agent_with_a_redis_user_of_its_own_reaches_only_its_own_channels() -> Resu
     ensure!(!relay.redis.cli(&["ACL", "USERS"])?.contains(user), "the user is gone");
     Ok(())
 }
+
+#[test]
+fn the_portal_hands_a_relayed_host_asked_for_by_sni_to_its_agent() -> Result<()> {
+    let relay = RelayLab::start(1, "[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"127.0.0.1:9\"\n")?;
+    let _agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
+    let cred = relay.client.to_string_lossy().into_owned();
+    let portal = format!("{SHARED_ADDR}:443");
+    let mut locals = Vec::new();
+    for (port, sni) in [(18080u16, Some(HOST)), (18081, None)] {
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["portal", "--credential", &cred, "-L", &listen, &portal];
+        if let Some(name) = sni {
+            args.extend(["--sni", name]);
+        }
+        locals.push(
+            relay
+                .lab
+                .start_gatekeeper_on(Role::Client, &args, "carrying local connections")?,
+        );
+    }
+    let get = |port: u16| -> Result<Output> {
+        let url = format!("http://127.0.0.1:{port}/headers");
+        let host = format!("Host: {HOST}");
+        let ns = relay.lab.ns(Role::Client);
+        Ok(std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                &host,
+                &url,
+            ])
+            .output()?)
+    };
+    let out = get(18080)?;
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        let audit = relay.lab.audit_of(Role::Node(1)).unwrap_or_default();
+        format!(
+            "through the portal by SNI: {:?}",
+            audit.iter().rev().take(2).collect::<Vec<_>>()
+        )
+    })?;
+    let client = Role::Client.addr().to_string();
+    ensure!(
+        seen["forwarded"]
+            .as_str()
+            .is_some_and(|f| f.contains(&format!("for={client}")) && f.contains("proto=https")),
+        "{seen}"
+    );
+    let out = get(18081)?;
+    ensure!(
+        out.stdout.is_empty(),
+        "without the relayed host's name the portal's upstream (nobody) gets the session: {out:?}"
+    );
+    Ok(())
+}

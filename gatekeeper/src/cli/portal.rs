@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Args;
 use gatekeeper::portal::connector::PortalClient;
+use rustls::pki_types::ServerName;
 use tunnel::tls::Fingerprint;
 
 use super::{LogFormat, knocker};
@@ -37,14 +38,24 @@ pub struct PortalArgs {
     /// (the daemon logs it as `fingerprint` when the portal starts).
     #[arg(long, value_name = "HEX")]
     fingerprint: Option<Fingerprint>,
+    /// The host name to ask the portal for (TLS SNI): a relayed host
+    /// reaches its relay agent instead of the portal's upstream [default:
+    /// the portal's host, when it is a name].
+    #[arg(long, value_name = "HOST")]
+    sni: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 }
 
 /// The client for the portal at `target`, pinned to `fingerprint` or the
-/// credential's.
-pub fn client(credential: &Path, target: &str, fingerprint: Option<Fingerprint>) -> Result<PortalClient> {
+/// credential's, asking for `sni` or else `target`'s host name.
+pub fn client(
+    credential: &Path,
+    target: &str,
+    fingerprint: Option<Fingerprint>,
+    sni: Option<String>,
+) -> Result<PortalClient> {
     let k = knocker(credential)?;
     let portal = target
         .to_socket_addrs()
@@ -64,12 +75,17 @@ pub fn client(credential: &Path, target: &str, fingerprint: Option<Fingerprint>)
             .parse()
             .with_context(|| format!("the tls_fingerprint in {}", credential.display()))?,
     };
-    Ok(PortalClient::new(k, portal, pin)?)
+    let host = target.rsplit_once(':').map_or(target, |(host, _)| host);
+    let name = sni.or_else(|| host.parse::<std::net::IpAddr>().is_err().then(|| host.to_string()));
+    let sni = name
+        .map(|n| ServerName::try_from(n.clone()).with_context(|| format!("--sni {n:?} is not a host name")))
+        .transpose()?;
+    Ok(PortalClient::new(k, portal, pin, sni)?)
 }
 
 pub fn portal(args: PortalArgs) -> Result<()> {
     super::init_logging(args.log_format);
-    let client = Arc::new(client(&args.credential, &args.portal, args.fingerprint)?);
+    let client = Arc::new(client(&args.credential, &args.portal, args.fingerprint, args.sni)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -94,7 +110,7 @@ pub fn portal(args: PortalArgs) -> Result<()> {
 
 /// `connect --portal`: one session over stdin/stdout.
 pub fn connect(credential: &Path, target: &str, fingerprint: Option<Fingerprint>) -> Result<()> {
-    let client = client(credential, target, fingerprint)?;
+    let client = client(credential, target, fingerprint, None)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -343,10 +343,16 @@ impl KnockService {
             }
             None => (None, None),
         };
-        let accepted = checked.as_ref().is_some_and(|c| c.outcome.is_ok());
-        let upstream = accepted.then(|| own.or_else(|| self.portal_upstream.clone())).flatten();
+        let client = checked
+            .as_ref()
+            .and_then(|c| c.outcome.as_ref().ok())
+            .map(|g| g.client_id);
+        let upstream = client.and(own.or_else(|| self.portal_upstream.clone()));
         self.audit.portal(&ask.knock, checked.as_ref(), upstream.as_deref());
-        let verdict = upstream.map_or(Verdict::Guidance, Verdict::Upstream);
+        let verdict = match (upstream, client) {
+            (Some(addr), Some(client)) => Verdict::Upstream { addr, client },
+            _ => Verdict::Guidance,
+        };
         // The portal gave up on this connection if nobody is listening.
         let _ = ask.reply.send(verdict);
     }

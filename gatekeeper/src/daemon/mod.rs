@@ -315,11 +315,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             audit.clone(),
         )
         .await?;
-        if let Some(p) = &settings.portal {
-            let (portal, listener) =
-                Portal::prepare(p, identity, &settings.public_addrs, ask.clone(), audit.clone()).await?;
-            portals.push((Arc::new(portal), listener));
-        }
         let relay = match (&settings.relay, &settings.cluster, &cluster) {
             (Some(r), Some(c), Some(node)) => {
                 let (relay, listener) = RelayGateway::bind(
@@ -336,6 +331,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             }
             _ => None,
         };
+        if let Some(p) = &settings.portal {
+            let (portal, listener) = Portal::prepare(
+                p,
+                identity,
+                &settings.public_addrs,
+                ask.clone(),
+                audit.clone(),
+                relay.clone(),
+            )
+            .await?;
+            portals.push((Arc::new(portal), listener));
+        }
         let socket = files.control_socket();
         let control = control::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
         tokio::spawn(control::serve(control, control_tx.clone()));

@@ -19,8 +19,9 @@ pub struct Ask {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Authorized: relay to this `HOST:PORT`.
-    Upstream(String),
+    /// Authorized, as the client with this id: relay to `addr`
+    /// (`HOST:PORT`), or to the relayed host the session asks for.
+    Upstream { addr: String, client: u32 },
     /// Everyone else: the guidance page.
     Guidance,
 }

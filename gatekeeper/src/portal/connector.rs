@@ -26,15 +26,25 @@ use crate::{
 pub struct PortalClient {
     knocker: Arc<Knocker>,
     portal: SocketAddr,
+    /// The host name sent as SNI (a relayed host picks its agent with
+    /// it); none: the portal's address, which sends no SNI.
+    sni: Option<ServerName<'static>>,
     connector: TlsConnector,
 }
 
 impl PortalClient {
-    /// A client for the portal at `portal` whose certificate has `pin`.
-    pub fn new(knocker: Knocker, portal: SocketAddr, pin: Fingerprint) -> Result<PortalClient, ClientError> {
+    /// A client for the portal at `portal` whose certificate has `pin`,
+    /// asking for `sni` (a DNS name) if given.
+    pub fn new(
+        knocker: Knocker,
+        portal: SocketAddr,
+        pin: Fingerprint,
+        sni: Option<ServerName<'static>>,
+    ) -> Result<PortalClient, ClientError> {
         Ok(PortalClient {
             knocker: Arc::new(knocker),
             portal,
+            sni,
             connector: TlsConnector::from(client_config(pin)?),
         })
     }
@@ -59,7 +69,10 @@ impl PortalClient {
                 .seal_with_nonce(&payload, &binding_nonce(record))
                 .map_err(io::Error::other)
         });
-        let name = ServerName::IpAddress(self.portal.ip().into());
+        let name = self
+            .sni
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(self.portal.ip().into()));
         self.connector
             .connect(name, Knocking::new(seal, tcp))
             .await

@@ -46,6 +46,7 @@ use crate::{
         wire::NONCE_LEN,
     },
     private_file,
+    relay::gateway::RelayGateway,
     store::config::PortalSettings,
 };
 
@@ -172,6 +173,9 @@ pub struct Portal {
     audit: Audit,
     sources: Sources,
     handshake_timeout: Duration,
+    /// Where an authorized session that asks for a relayed host (by SNI)
+    /// goes instead of the upstream.
+    relay: Option<RelayGateway>,
 }
 
 impl Portal {
@@ -185,6 +189,7 @@ impl Portal {
         public_addrs: &[IpAddr],
         ask: mpsc::Sender<Ask>,
         audit: Audit,
+        relay: Option<RelayGateway>,
     ) -> Result<(Portal, TcpListener), PortalError> {
         let identity = match &settings.cert_and_key {
             Some((cert, key)) => operator_identity(cert, key, public_addrs)?,
@@ -213,6 +218,7 @@ impl Portal {
                 per_sec: settings.new_sessions_per_sec,
             },
             handshake_timeout: settings.handshake_timeout,
+            relay,
         };
         Ok((portal, listener))
     }
@@ -311,9 +317,20 @@ impl Portal {
                     debug!(%peer, error = %e, "guidance page not delivered");
                 }
             }
-            Verdict::Upstream(upstream) => {
-                if let Err(e) = relay(tls, &upstream, peer).await {
-                    warn!(%peer, upstream, error = %e, "portal session to the upstream failed");
+            Verdict::Upstream { addr, client } => {
+                let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+                if let (Some(relay), Some(host)) = (&self.relay, sni)
+                    && relay.serves(&host)
+                {
+                    // The knock's audit line named the upstream; this one
+                    // says where the session went instead.
+                    self.audit.event(
+                        "portal_relayed",
+                        json!({"src": peer.ip().to_canonical(), "sport": peer.port(), "host": host}),
+                    );
+                    relay.visit(tls, peer, "https", vec![client]).await;
+                } else if let Err(e) = to_upstream(tls, &addr, peer).await {
+                    warn!(%peer, upstream = addr, error = %e, "portal session to the upstream failed");
                 }
             }
         }
@@ -334,7 +351,7 @@ impl Portal {
 /// without a word: the client sees the connection end, a stranger never gets
 /// this far. How the session ends is not an error: most clients close
 /// without a TLS close_notify.
-async fn relay<S>(mut tls: S, upstream: &str, peer: SocketAddr) -> io::Result<()>
+async fn to_upstream<S>(mut tls: S, upstream: &str, peer: SocketAddr) -> io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -32,7 +32,11 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 use thiserror::Error;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::oneshot,
+};
 use tracing::{debug, info, warn};
 use x25519_dalek::StaticSecret;
 
@@ -230,21 +234,37 @@ impl RelayGateway {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let shared = shared.clone();
+            let relay = self.clone();
             tokio::spawn(async move {
-                let owners: Arc<[u32]> = shared.owners_of(visitor).into();
-                let service = service_fn(move |req| {
-                    let (shared, owners) = (shared.clone(), owners.clone());
-                    async move { Ok::<_, Infallible>(shared.handle(req, visitor, &owners).await) }
-                });
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await
-                {
-                    debug!(error = %e, %visitor, "a relay visitor's connection ended");
-                }
+                let owners = relay.shared.owners_of(visitor);
+                relay.visit(stream, visitor, "http", owners).await;
             });
+        }
+    }
+
+    /// Whether a live relay publishes `host` (lower case).
+    pub fn serves(&self, host: &str) -> bool {
+        self.shared.lock().hosts.contains_key(host)
+    }
+
+    /// Serves one visitor's connection (plain from the relay's port, or
+    /// TLS from the portal, which says so in `proto`) until it ends;
+    /// `owners` are the clients it knocked as (see `owners_of`).
+    pub async fn visit<S>(&self, io: S, visitor: SocketAddr, proto: &'static str, owners: Vec<u32>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (shared, owners): (_, Arc<[u32]>) = (self.shared.clone(), owners.into());
+        let service = service_fn(move |req| {
+            let (shared, owners) = (shared.clone(), owners.clone());
+            async move { Ok::<_, Infallible>(shared.handle(req, visitor, proto, &owners).await) }
+        });
+        if let Err(e) = http1::Builder::new()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
+        {
+            debug!(error = %e, %visitor, "a relay visitor's connection ended");
         }
     }
 
@@ -692,6 +712,7 @@ impl Shared {
         self: Arc<Self>,
         mut req: Request<Incoming>,
         visitor: SocketAddr,
+        proto: &'static str,
         owners: &[u32],
     ) -> Response<RelayBody> {
         let Some(host) = host_of(&req) else {
@@ -777,7 +798,7 @@ impl Shared {
         let has_body = !req.body().is_end_stream();
         let upgrade = upgrade_of(req.headers());
         let upgrading = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let head = request_head(&req, &host, visitor, upgrade.as_ref());
+        let head = request_head(&req, &host, visitor, proto, upgrade.as_ref());
         let request = Message::Request {
             id,
             head,
@@ -901,7 +922,13 @@ fn connection_listed(headers: &hyper::HeaderMap) -> Vec<String> {
 /// The request as the agent replays it, with the visitor's address in
 /// `Forwarded` and `X-Forwarded-For`, and the upgrade it asks for (the one
 /// hop-by-hop header that must reach the service).
-fn request_head(req: &Request<Incoming>, host: &str, visitor: SocketAddr, upgrade: Option<&HeaderValue>) -> Head {
+fn request_head(
+    req: &Request<Incoming>,
+    host: &str,
+    visitor: SocketAddr,
+    proto: &str,
+    upgrade: Option<&HeaderValue>,
+) -> Head {
     let listed = connection_listed(req.headers());
     let mut headers: Vec<(String, Vec<u8>)> = req
         .headers()
@@ -927,7 +954,7 @@ fn request_head(req: &Request<Incoming>, host: &str, visitor: SocketAddr, upgrad
     headers.push(("x-forwarded-for".into(), xff.into_bytes()));
     headers.push((
         "forwarded".into(),
-        format!("for={node};host={host};proto=http").into_bytes(),
+        format!("for={node};host={host};proto={proto}").into_bytes(),
     ));
     Head {
         method: req.method().as_str().to_string(),

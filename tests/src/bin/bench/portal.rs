@@ -357,6 +357,7 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
         Knocker::new(credential)?,
         portal.parse()?,
         pin,
+        None,
     )?));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mtls_config = rustls::ClientConfig::builder_with_provider(provider)
