@@ -129,12 +129,15 @@ impl RelayLab {
 
     /// Knocks from the client for the relay's port (every node opens it).
     pub fn knock(&self) -> Result<()> {
+        self.knock_for(RELAY_PORT)
+    }
+
+    /// Knocks from the client for tcp/`port` on the shared address, and
+    /// waits until it opens.
+    pub fn knock_for(&self, port: u16) -> Result<()> {
         let req = Request {
             proto: Proto::Tcp,
-            ports: PortRange {
-                lo: RELAY_PORT,
-                hi: RELAY_PORT,
-            },
+            ports: PortRange { lo: port, hi: port },
             source_port: None,
         };
         self.lab.with_knocker(Role::Client, &self.client, move |k, _| {
@@ -144,9 +147,9 @@ impl RelayLab {
         ensure!(
             eventually(Duration::from_secs(3), || Ok(self
                 .lab
-                .tcp_connect(Role::Client, shared(RELAY_PORT), None, Duration::from_millis(200))?
+                .tcp_connect(Role::Client, shared(port), None, Duration::from_millis(200))?
                 .is_some()))?,
-            "the knock did not open the relay's port"
+            "the knock did not open tcp/{port}"
         );
         Ok(())
     }
@@ -240,6 +243,11 @@ pub fn serve_http(lab: &Lab, role: Role, port: u16, label: &str) -> Result<Child
 /// `HTTP <code>` is appended to stdout.
 pub fn curl(lab: &Lab, addr: IpAddr, host: &str, path: &str, args: &[&str]) -> Result<Output> {
     let url = format!("http://{}{path}", SocketAddr::new(addr, RELAY_PORT));
+    curl_url(lab, &url, host, args)
+}
+
+/// [`curl`] for any `url`.
+pub fn curl_url(lab: &Lab, url: &str, host: &str, args: &[&str]) -> Result<Output> {
     let host_header = format!("Host: {host}");
     let ns = lab.ns(Role::Client);
     let mut full = vec![
@@ -256,7 +264,7 @@ pub fn curl(lab: &Lab, addr: IpAddr, host: &str, path: &str, args: &[&str]) -> R
         "\nHTTP %{http_code}",
     ];
     full.extend_from_slice(args);
-    full.push(&url);
+    full.push(url);
     Ok(Command::new("ip").args(&full).stdin(Stdio::null()).output()?)
 }
 

@@ -18,7 +18,7 @@ use gatekeeper_tests::{
     cluster::shared,
     lab::{Role, SHARED_ADDR, eventually, rss_kib},
     redis::RedisServer,
-    relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, issue, status_of},
+    relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, curl_url, issue, status_of},
 };
 use sha2::{Digest, Sha256};
 
@@ -608,27 +608,12 @@ fn the_portal_hands_a_relayed_host_asked_for_by_sni_to_its_agent() -> Result<()>
                 .start_gatekeeper_on(Role::Client, &args, "carrying local connections")?,
         );
     }
-    let get = |port: u16| -> Result<Output> {
+    let get = |port: u16| {
         let url = format!("http://127.0.0.1:{port}/headers");
-        let host = format!("Host: {HOST}");
-        let ns = relay.lab.ns(Role::Client);
-        Ok(std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-H",
-                &host,
-                &url,
-            ])
-            .output()?)
+        curl_url(&relay.lab, &url, HOST, &["--max-time", "10"])
     };
     let out = get(18080)?;
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+    let seen: serde_json::Value = serde_json::from_str(&body(&out)).with_context(|| {
         let audit = relay.lab.audit_of(Role::Node(1)).unwrap_or_default();
         format!(
             "through the portal by SNI: {:?}",
@@ -644,7 +629,7 @@ fn the_portal_hands_a_relayed_host_asked_for_by_sni_to_its_agent() -> Result<()>
     );
     let out = get(18081)?;
     ensure!(
-        out.stdout.is_empty(),
+        body(&out).is_empty(),
         "without the relayed host's name the portal's upstream (nobody) gets the session: {out:?}"
     );
     Ok(())

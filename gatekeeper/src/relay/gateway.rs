@@ -149,6 +149,21 @@ struct AgentLink {
     sessions: Option<Sessions>,
     pending: Option<(Pending, &'static str)>,
     handshakes: u64,
+    /// A refused agent: when it was last told so.
+    told: Option<Instant>,
+}
+
+impl AgentLink {
+    fn new(instance: u64, now: Instant) -> AgentLink {
+        AgentLink {
+            instance,
+            heard: now,
+            sessions: None,
+            pending: None,
+            handshakes: 0,
+            told: None,
+        }
+    }
 }
 
 /// One request on its way through an agent.
@@ -443,28 +458,20 @@ impl Shared {
         };
         let now = Instant::now();
         if !record.live_at(unix_now()) {
-            let told = state
+            // Kept without a session, only to pace the telling.
+            let link = state
                 .agents
-                .get(agent)
-                .is_some_and(|l| now < l.heard + TELL_REFUSED_EVERY);
-            if !told {
+                .entry(agent.to_string())
+                .or_insert_with(|| AgentLink::new(instance, now));
+            link.heard = now;
+            if link.told.is_none_or(|t| now >= t + TELL_REFUSED_EVERY) {
+                link.told = Some(now);
                 let standing = if record.revoked {
                     Standing::Revoked
                 } else {
                     Standing::Expired
                 };
                 self.greet(state, &record, standing);
-                // Kept without a session, only to pace the telling.
-                state.agents.insert(
-                    agent.to_string(),
-                    AgentLink {
-                        instance,
-                        heard: now,
-                        sessions: None,
-                        pending: None,
-                        handshakes: 0,
-                    },
-                );
                 info!(relay = agent, standing = ?standing, "a refused relay agent said hello; told it");
                 self.audit.event(
                     "relay_refused",
@@ -473,13 +480,10 @@ impl Shared {
             }
             return;
         }
-        let link = state.agents.entry(agent.to_string()).or_insert(AgentLink {
-            instance,
-            heard: now,
-            sessions: None,
-            pending: None,
-            handshakes: 0,
-        });
+        let link = state
+            .agents
+            .entry(agent.to_string())
+            .or_insert_with(|| AgentLink::new(instance, now));
         let restarted = link.instance != instance;
         link.heard = now;
         if restarted {

@@ -12,7 +12,6 @@
 //! the same nginx.
 
 use std::{
-    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -188,7 +187,7 @@ fn peaks<T>(pids: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<u64>)
 
 /// Issues a tunnel to the intruder host's nginx, starts its agent there,
 /// knocks for its port; returns the agent and the port.
-fn tunnel(relay: &RelayLab, cred: &Path) -> Result<(ChildGuard, u16)> {
+fn tunnel(relay: &RelayLab) -> Result<(ChildGuard, u16)> {
     let token = relay.cli(&["tunnel", "issue", "bench", "--owner", "bench", "--allow", "laptop"])?;
     let file = relay.lab.scratch().join("bench.token");
     gatekeeper::private_file::write(&file, token.trim())?;
@@ -207,28 +206,14 @@ fn tunnel(relay: &RelayLab, cred: &Path) -> Result<(ChildGuard, u16)> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let knock = [
-        bin.to_str().context("utf-8")?,
-        "knock",
-        "--credential",
-        cred.to_str().context("utf-8")?,
-        "--proto",
-        "tcp",
-        "--port",
-        &port.to_string(),
-        "--via",
-        "udp",
-    ];
-    let open = eventually(Duration::from_secs(30), || {
-        relay.lab.exec(Role::Client, &knock)?;
-        Ok(relay
-            .lab
-            .tcp_connect(Role::Client, shared(port), None, Duration::from_millis(300))?
-            .is_some())
+    let connected = eventually(Duration::from_secs(30), || {
+        let listed: serde_json::Value = serde_json::from_str(&relay.cli(&["tunnel", "list", "--json"])?)?;
+        Ok(listed[0]["connected"] == true)
     })?;
-    if !open {
-        bail!("the tunnel's port {port} did not open");
+    if !connected {
+        bail!("the tunnel's agent did not connect");
     }
+    relay.knock_for(port)?;
     Ok((agent, port))
 }
 
@@ -239,7 +224,7 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     let _other_nginx = nginx(&relay.lab, Role::Intruder, "intruder")?;
     let agent = relay.start_agent(&relay.credential, NGINX_PORT)?;
     relay.knock()?;
-    let (_tunnel_agent, tunnel_port) = tunnel(&relay, &relay.client)?;
+    let (_tunnel_agent, tunnel_port) = tunnel(&relay)?;
     let direct_base = format!("http://{}:{NGINX_PORT}", Role::Intruder.addr());
     let tunnel_base = format!("http://{}", shared(tunnel_port));
     let relay_base = format!("http://{}", shared(RELAY_PORT));
