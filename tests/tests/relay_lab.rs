@@ -145,11 +145,9 @@ fn a_host_published_through_redis_answers_get_and_post() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn an_upgraded_connection_carries_bytes_both_ways_until_it_is_closed() -> Result<()> {
-    let relay = RelayLab::start(1, "")?;
-    let _agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
-    relay.knock()?;
+/// A connection through the relay switched to `Upgrade: websocket` (the
+/// service's `/echo` answers 101 and echoes).
+fn upgraded(relay: &RelayLab) -> Result<std::net::TcpStream> {
     let mut s = relay
         .lab
         .tcp_connect(Role::Client, shared(RELAY_PORT), None, Duration::from_secs(3))?
@@ -167,6 +165,23 @@ fn an_upgraded_connection_carries_bytes_both_ways_until_it_is_closed() -> Result
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     ensure!(head.starts_with("http/1.1 101"), "{head}");
     ensure!(head.contains("upgrade: websocket"), "{head}");
+    Ok(s)
+}
+
+#[test]
+fn upgraded_connections_carry_bytes_both_ways_and_idle_ones_keep_nobody_waiting() -> Result<()> {
+    let relay = RelayLab::start(1, "")?;
+    let _agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
+    relay.knock()?;
+    // Idle ones, more than the flow control's budget has windows for.
+    let idle: Vec<_> = (0..10).map(|_| upgraded(&relay)).collect::<Result<_>>()?;
+    let out = relay.curl(HOST, "/bytes/300000", &["-o", "/dev/null"])?;
+    ensure!(
+        status_of(&out) == Some(200),
+        "a request beside {} idle upgrades: {out:?}",
+        idle.len()
+    );
+    let mut s = upgraded(&relay)?;
     // 4 MiB each way at once, then our end closes and theirs follows.
     let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(7) % 251) as u8).collect();
     let (mut writer, payload) = (s.try_clone()?, sent.clone());

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::{
     RelayCredential,
     bus::{Heard, Publisher, listen},
-    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, WINDOW, carry, full, pump},
+    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, carry, full, pump},
     session::{Keys, Sessions},
     wire::{self, Envelope, Greeting, Head, Message, Standing},
 };
@@ -45,7 +45,7 @@ const GREETING_AGE: u64 = 60_000;
 pub enum AgentError {
     #[error(transparent)]
     Redis(#[from] StoreError),
-    #[error("the credential's keys: {0}")]
+    #[error("the credential's keys")]
     Keys(#[from] crate::knock::keys::KeyError),
     #[error(
         "the gateway refused relay agent {name:?}: it is {standing}. Ask the gateway's operator for a new credential (`gatekeeper relay issue`)"
@@ -84,7 +84,7 @@ struct Exchange {
     feed: Option<Feed>,
     /// What the node lets this agent send of the response body.
     credit: Credit,
-    task: Option<AbortHandle>,
+    task: AbortHandle,
 }
 
 impl Exchange {
@@ -93,9 +93,7 @@ impl Exchange {
             feed.fail(why);
         }
         self.credit.close();
-        if let Some(task) = self.task {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -159,11 +157,7 @@ pub async fn run(cred: RelayCredential, forward: String) -> Result<(), AgentErro
                 if let Some(standing) = *told.borrow() {
                     return Err(AgentError::Refused {
                         name: agent.name.clone(),
-                        standing: match standing {
-                            Standing::Revoked => "revoked",
-                            Standing::Expired => "expired",
-                            Standing::Serving => "serving",
-                        },
+                        standing: standing.name(),
                     });
                 }
             }
@@ -321,7 +315,7 @@ impl Agent {
                     Exchange {
                         feed: None,
                         credit,
-                        task: Some(task.abort_handle()),
+                        task: task.abort_handle(),
                     },
                 );
             }
@@ -359,7 +353,7 @@ impl Agent {
         });
         let key = (node.clone(), id);
         let body = if has_body {
-            match self.receive(&key, &out).await {
+            match self.receive(&key, &out) {
                 Some(body) => body.boxed(),
                 None => return,
             }
@@ -383,7 +377,7 @@ impl Agent {
                     head: response_head(&resp),
                 });
                 // After the switch, what the node sends is a body of its own.
-                if let Some(from_node) = self.receive(&key, &out).await {
+                if let Some(from_node) = self.receive(&key, &out) {
                     carry(upgrading, id, credit, out, from_node).await;
                 }
             }
@@ -402,15 +396,13 @@ impl Agent {
         self.lock().exchanges.remove(&key);
     }
 
-    /// A body the node is about to send for request `key`: a window of
-    /// this agent's budget, granted to the node. `None` if the request
-    /// ended meanwhile.
-    async fn receive(&self, key: &(String, u64), out: &Arc<dyn Outbox>) -> Option<Inflow> {
+    /// A body the node is about to send for request `key`, its first
+    /// window granted to the node. `None` if the request ended meanwhile.
+    fn receive(&self, key: &(String, u64), out: &Arc<dyn Outbox>) -> Option<Inflow> {
         let id = key.1;
-        let window = self.budget.window().await?;
-        let (feed, body) = Inflow::new(id, out.clone(), window, |_| {});
+        let (feed, body, window) = Inflow::new(id, out.clone(), &self.budget, |_| {});
         self.lock().exchanges.get_mut(key)?.feed = Some(feed);
-        out.send(Message::Credit { id, bytes: WINDOW });
+        out.send(Message::Credit { id, bytes: window });
         Some(body)
     }
 

@@ -4,9 +4,12 @@
 //!
 //! The receiver of a body grants credit: a window to start with, and more
 //! as the bytes are taken out (by hyper, writing them on). The sender
-//! never sends beyond its credit. Every window is taken from the
-//! receiver's [`Budget`] first, so all requests together never have more
-//! than the budget on their way to one subscriber.
+//! never sends beyond its credit. Every body may have [`BASE_WINDOW`] on
+//! its way; it grows to [`WINDOW`] while the receiver's [`Budget`] has
+//! room, which it gives back when the body ends. So a subscriber never has
+//! more than [`MAX_REQUESTS`] base windows and the budget on their way
+//! (5.5 MiB), and idle bodies (a WebSocket, a slow download) hold only
+//! their base: they never keep anyone else waiting.
 
 use std::{
     pin::Pin,
@@ -34,12 +37,18 @@ use tokio_util::io::ReaderStream;
 
 use super::wire::{CHUNK, Message};
 
-/// The window each body starts with: four chunks.
+/// What every body may have on its way, budget or not.
+pub const BASE_WINDOW: u32 = 16 * 1024;
+/// What a body's window grows to while the budget has room: four chunks.
 pub const WINDOW: u32 = 4 * CHUNK as u32;
-/// What all bodies on their way to one subscriber may hold together:
-/// well under the 8 MiB after which Redis's default
-/// `client-output-buffer-limit pubsub` cuts a subscriber off.
+/// What windows beyond the base may hold together (24 chunks, 1.5 MiB).
 pub const BUDGET: usize = 24 * CHUNK;
+/// Requests one node has in flight at once; more wait for a slot. With
+/// the budget, this keeps what is on its way to one subscriber (at most
+/// 4 MiB of base windows and 1.5 MiB of budget) under the 8 MiB after
+/// which Redis's default `client-output-buffer-limit pubsub` cuts a
+/// subscriber off.
+pub const MAX_REQUESTS: usize = 256;
 
 /// Why a relayed body ended early.
 #[derive(Debug, Error)]
@@ -71,9 +80,9 @@ impl Default for Budget {
 }
 
 impl Budget {
-    /// One window's worth, waiting while others hold the budget.
-    pub async fn window(&self) -> Option<OwnedSemaphorePermit> {
-        self.0.clone().acquire_many_owned(WINDOW).await.ok()
+    /// A window's growth beyond the base, if the budget has room now.
+    fn extra(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_many_owned(WINDOW - BASE_WINDOW).ok()
     }
 }
 
@@ -98,15 +107,20 @@ impl Credit {
         self.0.close();
     }
 
-    /// Waits for `bytes` of credit; `false` once the request is over.
-    async fn take(&self, bytes: usize) -> bool {
-        match self.0.acquire_many(bytes as u32).await {
+    /// Waits for some credit, then takes as much as there is, up to
+    /// `most` bytes (a window may be smaller than a chunk); `None` once
+    /// the request is over.
+    async fn take_up_to(&self, most: usize) -> Option<usize> {
+        self.0.acquire().await.ok()?.forget();
+        let more = self.0.available_permits().min(most - 1);
+        let more = match self.0.try_acquire_many(more as u32) {
             Ok(permit) => {
                 permit.forget();
-                true
+                more
             }
-            Err(_) => false,
-        }
+            Err(_) => 0,
+        };
+        Some(1 + more)
     }
 }
 
@@ -141,10 +155,10 @@ pub async fn pump<E: std::fmt::Display>(
             }
         };
         while !data.is_empty() {
-            let bytes = data.split_to(data.len().min(CHUNK));
-            if !credit.take(bytes.len()).await {
+            let Some(n) = credit.take_up_to(data.len().min(CHUNK)).await else {
                 return;
-            }
+            };
+            let bytes = data.split_to(n);
             let len = bytes.len() as u64;
             out.send(Message::Data { id, offset, bytes });
             offset += len;
@@ -246,23 +260,28 @@ pub struct Inflow {
     /// Taken but not yet given back as credit.
     owed: u32,
     done: bool,
-    /// This body's share of the budget, held until it ends.
-    _window: OwnedSemaphorePermit,
+    budget: Budget,
+    /// This body's share of the budget beyond its base, held until it
+    /// ends; asked for again at each credit while it has none.
+    extra: Option<OwnedSemaphorePermit>,
     /// Runs when the body is over, whichever way.
     on_end: Option<Box<dyn FnOnce(bool) + Send + Sync>>,
 }
 
 impl Inflow {
-    /// A body of request `id` whose window is `window`, and where to feed
-    /// it; `on_end(finished)` runs once when it ends or is dropped.
+    /// A body of request `id`, where to feed it, and the window to grant
+    /// the sender first; `on_end(finished)` runs once when it ends or is
+    /// dropped.
     pub fn new(
         id: u64,
         out: Arc<dyn Outbox>,
-        window: OwnedSemaphorePermit,
+        budget: &Budget,
         on_end: impl FnOnce(bool) + Send + Sync + 'static,
-    ) -> (Feed, Inflow) {
+    ) -> (Feed, Inflow, u32) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let extra = budget.extra();
+        let window = if extra.is_some() { WINDOW } else { BASE_WINDOW };
         let body = Inflow {
             id,
             rx,
@@ -270,17 +289,16 @@ impl Inflow {
             out,
             owed: 0,
             done: false,
-            _window: window,
+            budget: budget.clone(),
+            extra,
             on_end: Some(Box::new(on_end)),
         };
-        (
-            Feed {
-                tx,
-                queued,
-                received: 0,
-            },
-            body,
-        )
+        let feed = Feed {
+            tx,
+            queued,
+            received: 0,
+        };
+        (feed, body, window)
     }
 
     fn end(&mut self, finished: bool) {
@@ -303,9 +321,17 @@ impl Body for Inflow {
             Some(Inbound::Data(bytes)) => {
                 self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
                 self.owed += bytes.len() as u32;
-                // Credit goes back in batches of half a window.
-                if self.owed >= WINDOW / 2 {
-                    let bytes = std::mem::take(&mut self.owed);
+                // Credit goes back in batches of half a window, grown
+                // when the budget has room again.
+                let window = if self.extra.is_some() { WINDOW } else { BASE_WINDOW };
+                if self.owed >= window / 2 {
+                    let mut bytes = std::mem::take(&mut self.owed);
+                    if self.extra.is_none() {
+                        self.extra = self.budget.extra();
+                        if self.extra.is_some() {
+                            bytes += WINDOW - BASE_WINDOW;
+                        }
+                    }
                     self.out.send(Message::Credit { id: self.id, bytes });
                 }
                 Poll::Ready(Some(Ok(Frame::data(bytes))))

@@ -35,14 +35,14 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::oneshot,
+    sync::{Semaphore, oneshot},
 };
 use tracing::{debug, info, warn};
 use x25519_dalek::StaticSecret;
 
 use super::{
     bus::{Heard, Publisher, listen},
-    flow::{Budget, Credit, Feed, Inflow, Outbox, RelayBody, carry, full, pump},
+    flow::{Budget, Credit, Feed, Inflow, MAX_REQUESTS, Outbox, RelayBody, carry, full, pump},
     session::{Keys, Pending, SessionError, Sessions},
     wire::{self, Envelope, Greeting, Head, Message, Standing},
 };
@@ -123,6 +123,8 @@ struct Shared {
     settings: RelaySettings,
     publisher: Publisher,
     budget: Budget,
+    /// One per request in flight, at most [`MAX_REQUESTS`].
+    slots: Arc<Semaphore>,
     audit: Audit,
     state: Mutex<State>,
     dropped: Dropped,
@@ -212,6 +214,7 @@ impl RelayGateway {
                 secret,
                 settings,
                 budget: Budget::default(),
+                slots: Arc::new(Semaphore::new(MAX_REQUESTS)),
                 audit,
                 state: Mutex::default(),
                 dropped: Dropped::default(),
@@ -472,11 +475,13 @@ impl Shared {
                     Standing::Expired
                 };
                 self.greet(state, &record, standing);
-                info!(relay = agent, standing = ?standing, "a refused relay agent said hello; told it");
-                self.audit.event(
-                    "relay_refused",
-                    json!({"relay": agent, "standing": format!("{standing:?}").to_lowercase()}),
+                info!(
+                    relay = agent,
+                    standing = standing.name(),
+                    "a refused relay agent said hello; told it"
                 );
+                self.audit
+                    .event("relay_refused", json!({"relay": agent, "standing": standing.name()}));
             }
             return;
         }
@@ -759,8 +764,13 @@ impl Shared {
             }
             name
         };
-        let Some(window) = self.budget.window().await else {
-            return page(StatusCode::SERVICE_UNAVAILABLE, "Busy", "The relay is shutting down.");
+        let timeout = self.settings.response_timeout;
+        let Ok(Ok(slot)) = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                &format!("This gateway has {MAX_REQUESTS} requests in flight; try again shortly."),
+            );
         };
         let out: Arc<dyn Outbox> = Arc::new(ToAgent {
             shared: self.clone(),
@@ -768,12 +778,13 @@ impl Shared {
         });
         let (head_tx, head_rx) = oneshot::channel();
         let credit = Credit::new(0);
-        let (id, body) = {
+        let (id, body, window) = {
             let mut state = self.lock();
             state.next_id += 1;
             let id = state.next_id;
             let (ended, tell) = (Arc::downgrade(&self), out.clone());
-            let (feed, body) = Inflow::new(id, out.clone(), window, move |finished| {
+            let (feed, body, window) = Inflow::new(id, out.clone(), &self.budget, move |finished| {
+                drop(slot);
                 if let Some(shared) = ended.upgrade()
                     && let Some(ex) = shared.lock().exchanges.remove(&id)
                 {
@@ -797,7 +808,7 @@ impl Shared {
                     credit: credit.clone(),
                 },
             );
-            (id, body)
+            (id, body, window)
         };
         let has_body = !req.body().is_end_stream();
         let upgrade = upgrade_of(req.headers());
@@ -807,7 +818,7 @@ impl Shared {
             id,
             head,
             body: has_body,
-            window: super::flow::WINDOW,
+            window,
         };
         if request.encode().is_none() {
             return page(
@@ -826,7 +837,6 @@ impl Shared {
                 out.clone(),
             ));
         }
-        let timeout = self.settings.response_timeout;
         let head = match tokio::time::timeout(timeout, head_rx).await {
             Ok(Ok(Ok(head))) => head,
             Ok(Ok(Err(why))) => {

@@ -151,6 +151,17 @@ pub enum Standing {
     Expired,
 }
 
+impl Standing {
+    /// As logs, the audit trail and the agent's last words say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Standing::Serving => "serving",
+            Standing::Revoked => "revoked",
+            Standing::Expired => "expired",
+        }
+    }
+}
+
 impl Greeting {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(9);
