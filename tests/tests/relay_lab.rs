@@ -252,7 +252,9 @@ fn two_agents_share_one_port_by_host_and_two_hundred_requests_run_at_once() -> R
     let url = relay.redis.url();
     let shop = issue(&relay.lab, &url, "shop", "shop.lab.example", "laptop")?;
     // A third host on the same port, for another client only.
-    relay.cli(&["client", "add", "tablet", "--allow", "tcp/22"])?;
+    let tablet = relay.lab.scratch().join("tablet.credential.toml");
+    let tablet = tablet.to_string_lossy().into_owned();
+    relay.cli(&["client", "add", "tablet", "--allow", "tcp/22", "--out", &tablet])?;
     issue(&relay.lab, &url, "admin", "admin.lab.example", "tablet")?;
     relay.serve_http(Role::Agent, SERVICE_PORT + 1, "shop")?;
     let _shop = relay.start_agent(&shop, SERVICE_PORT + 1)?;

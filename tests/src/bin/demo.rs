@@ -382,8 +382,13 @@ fn relay() -> Result<()> {
         "A relay: an agent whose only route is to Redis publishes a web service, served by two gateways by its host name",
     );
     let relay = RelayLab::start(2, "")?;
-    show("gatekeeper relay list --cluster ...", &relay.cli(&["relay", "list"])?);
     let mut agent = relay.start_agent(&relay.credential, SERVICE_PORT)?;
+    // The node holds the session once the agent's answer reaches it.
+    eventually(Duration::from_secs(5), || {
+        let listed: serde_json::Value = serde_json::from_str(&relay.cli(&["relay", "list", "--json"])?)?;
+        Ok(listed[0]["connected"] == true)
+    })?;
+    show("gatekeeper relay list --cluster ...", &relay.cli(&["relay", "list"])?);
     let reach = relay
         .lab
         .tcp_connect(
