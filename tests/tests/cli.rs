@@ -202,3 +202,76 @@ fn enrollment_guards_keys_and_names() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn the_relay_refuses_what_it_cannot_use_and_says_why() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("gk-cli-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.to_str().expect("utf-8 path");
+    let cred = dir.join("bad.relay");
+    std::fs::write(
+        &cred,
+        "name = \"a:b\"\nhost = \"x.example\"\nsecret_key = \"AAAA\"\nrelay_public_key = \"AAAA\"\nredis = \"redis://127.0.0.1:9\"\n",
+    )?;
+    let cred = cred.to_str().expect("utf-8 path").to_string();
+    for (args, needle) in [
+        (
+            vec![
+                "relay",
+                "issue",
+                "web",
+                "--host",
+                "web.example",
+                "--owner",
+                "ops",
+                "--state-dir",
+                state,
+            ],
+            "--cluster",
+        ),
+        (
+            vec![
+                "relay-agent",
+                "--credential",
+                "/nonexistent/web.relay",
+                "--forward",
+                "127.0.0.1:80",
+            ],
+            "/nonexistent/web.relay",
+        ),
+        (
+            vec!["relay-agent", "--credential", &cred, "--forward", "127.0.0.1:80"],
+            "bad relay name \"a:b\"",
+        ),
+        (
+            vec!["relay-agent", "--credential", &cred, "--forward", "nowhere"],
+            "nowhere",
+        ),
+        (
+            vec![
+                "run",
+                "--iface",
+                "lo",
+                "--protect",
+                "tcp/22",
+                "--relay-http",
+                "127.0.0.1:8080",
+                "--state-dir",
+                state,
+            ],
+            "--cluster",
+        ),
+    ] {
+        let line = refused(&args)?;
+        assert!(
+            line.contains(needle),
+            "`{}` said {line:?}, expected it to mention {needle}",
+            args.join(" ")
+        );
+    }
+    let out = gatekeeper(&["relay", "issue", "--help"])?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--redis-user") && help.contains("Example"), "{help}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

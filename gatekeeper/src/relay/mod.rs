@@ -86,6 +86,12 @@ impl RelayCredential {
             path: shown.clone(),
             reason: e.message().to_string(),
         })?;
+        if !valid_name(&cred.name) {
+            return Err(CredentialError::Parse {
+                path: shown,
+                reason: format!("bad relay name {:?}", cred.name),
+            });
+        }
         cred.keys().map_err(|e| CredentialError::Parse {
             path: shown,
             reason: e.to_string(),
