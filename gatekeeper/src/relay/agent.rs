@@ -176,15 +176,11 @@ impl Agent {
 
     /// Seals `msg` under the node's current session and publishes it.
     fn send_locked(&self, state: &mut State, node: &str, msg: &Message) {
-        let Some(plain) = msg.encode() else {
-            return;
-        };
-        let Some(link) = state.nodes.get_mut(node) else {
-            return;
-        };
-        let mut out = wire::sealed(node, plain.len());
-        link.sessions.seal(&plain, &mut out);
-        self.publisher.publish(wire::up_channel(&self.name, node), out);
+        if let Some(link) = state.nodes.get_mut(node)
+            && let Some(out) = wire::seal(node, &mut link.sessions, msg)
+        {
+            self.publisher.publish(wire::up_channel(&self.name, node), out);
+        }
     }
 
     /// Ends a request whose body broke on the way, and tells its node.

@@ -16,7 +16,7 @@
 use bytes::{Buf, BufMut, Bytes};
 use thiserror::Error;
 
-use super::session::{MAX_MESSAGE, TAG};
+use super::session::{MAX_MESSAGE, Sessions, TAG};
 
 /// Session id and nonce in front of each sealed message.
 const SEALED_HEADER: usize = 16;
@@ -108,10 +108,13 @@ pub fn handshake(node: &str, id: u64, noise: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An envelope for a sealed message: the caller appends what
-/// [`super::session::Sessions::seal`] writes.
-pub fn sealed(node: &str, plaintext_len: usize) -> Vec<u8> {
-    envelope(b'S', node, SEALED_HEADER + plaintext_len + TAG)
+/// `msg` sealed under the current session of `sessions`, in an envelope
+/// naming `node`; `None` if it would not fit in one message.
+pub fn seal(node: &str, sessions: &mut Sessions, msg: &Message) -> Option<Vec<u8>> {
+    let plain = msg.encode()?;
+    let mut out = envelope(b'S', node, SEALED_HEADER + plain.len() + TAG);
+    sessions.seal(&plain, &mut out);
+    Some(out)
 }
 
 pub fn parse_envelope(mut msg: &[u8]) -> Result<Envelope<'_>, Malformed> {

@@ -376,15 +376,11 @@ impl Shared {
     /// Seals `msg` under the agent's current session and publishes it;
     /// dropped if there is none (the request fails on its own).
     fn send_locked(&self, state: &mut State, agent: &str, msg: &Message) {
-        let Some(plain) = msg.encode() else {
-            return;
-        };
-        let Some(sessions) = state.agents.get_mut(agent).and_then(|l| l.sessions.as_mut()) else {
-            return;
-        };
-        let mut out = wire::sealed(&self.node, plain.len());
-        sessions.seal(&plain, &mut out);
-        self.publisher.publish(wire::down_channel(agent), out);
+        if let Some(sessions) = state.agents.get_mut(agent).and_then(|l| l.sessions.as_mut())
+            && let Some(out) = wire::seal(&self.node, sessions, msg)
+        {
+            self.publisher.publish(wire::down_channel(agent), out);
+        }
     }
 
     /// Ends the requests in flight that `which` picks, telling their
