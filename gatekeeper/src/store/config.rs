@@ -624,7 +624,10 @@ impl Settings {
                 response_timeout: f.relay.response_timeout.unwrap_or(DEFAULT_RELAY_RESPONSE_TIMEOUT),
                 rotate_after: f.relay.rotate_after.unwrap_or(DEFAULT_RELAY_ROTATE_AFTER),
                 rotate_bytes: f.relay.rotate_bytes.unwrap_or(DEFAULT_RELAY_ROTATE_BYTES),
-                rotate_messages: f.relay.rotate_messages.unwrap_or(DEFAULT_RELAY_ROTATE_MESSAGES),
+                rotate_messages: match f.relay.rotate_messages.unwrap_or(DEFAULT_RELAY_ROTATE_MESSAGES) {
+                    0 => return Err(invalid("relay.rotate_messages", 0, "use at least 1")),
+                    n => n,
+                },
                 grace: f.relay.grace.unwrap_or(DEFAULT_RELAY_GRACE),
             }),
             None => None,
@@ -871,6 +874,26 @@ mod tests {
         let r = Settings::resolve(Path::new("/state"), None, &[&path], Overrides::default());
         std::fs::remove_file(&path).unwrap();
         r
+    }
+
+    #[test]
+    fn the_relay_needs_a_cluster_and_sane_limits() {
+        let base = "iface = \"eth0\"\nprotect = \"tcp/22\"\n";
+        let e = file(&format!("{base}[relay]\nlisten = \"0.0.0.0:8080\"\n")).unwrap_err();
+        assert!(e.to_string().contains("--cluster"), "{e}");
+        let cluster = "[cluster]\nurl = \"redis://10.0.0.5\"\nnode = \"a\"\n";
+        let s = file(&format!(
+            "{base}{cluster}[relay]\nlisten = \"0.0.0.0:8080\"\nrotate_after = \"1m\"\n"
+        ))
+        .unwrap();
+        let relay = s.relay.unwrap();
+        assert_eq!(relay.rotate_after, Duration::from_secs(60));
+        assert_eq!(relay.rotate_bytes, DEFAULT_RELAY_ROTATE_BYTES);
+        let e = file(&format!(
+            "{base}{cluster}[relay]\nlisten = \"0.0.0.0:8080\"\nrotate_messages = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("relay.rotate_messages"), "{e}");
     }
 
     #[test]
