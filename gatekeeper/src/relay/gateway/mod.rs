@@ -50,7 +50,7 @@ use crate::{
 };
 
 /// An agent not heard from for this long is taken for gone.
-pub const ABSENT_AFTER: Duration = Duration::from_secs(3);
+const ABSENT_AFTER: Duration = Duration::from_secs(3);
 /// A handshake not answered within this is started again.
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
 /// A refused agent is told again at most this often.
