@@ -20,6 +20,7 @@
 //! - [`private_file`]: files only their owner reads, written whole.
 
 pub mod audit;
+pub mod channel;
 pub mod clock;
 pub mod control;
 pub mod daemon;

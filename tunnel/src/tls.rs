@@ -6,10 +6,11 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, OtherError, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -69,15 +70,23 @@ impl std::str::FromStr for Fingerprint {
     }
 }
 
-/// The peer offered a certificate other than the pinned one: the wrong
-/// gateway, or someone in the middle. Retrying cannot help.
+/// The peer offered a certificate other than a pinned one: the wrong
+/// peer, or someone in the middle. Retrying cannot help.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error(
-    "the gateway's certificate fingerprint is {seen}, not the pinned {pinned}: wrong gateway, or a man in the middle"
-)]
+#[error("the peer's certificate fingerprint is {seen}, not {}: wrong peer, or a man in the middle", pinned_list(.pinned))]
 pub struct PinMismatch {
     pub seen: Fingerprint,
-    pub pinned: Fingerprint,
+    pub pinned: Vec<Fingerprint>,
+}
+
+fn pinned_list(pinned: &[Fingerprint]) -> String {
+    match pinned {
+        [one] => format!("the pinned {one}"),
+        many => {
+            let all: Vec<String> = many.iter().map(Fingerprint::to_string).collect();
+            format!("any of the pinned {}", all.join(", "))
+        }
+    }
 }
 
 impl PinMismatch {
@@ -170,22 +179,48 @@ pub fn client_config(pin: Fingerprint) -> Result<Arc<rustls::ClientConfig>, TlsE
     Ok(Arc::new(config))
 }
 
-/// Accepts exactly the server certificate with this fingerprint, and checks
-/// the handshake signature against it.
+/// Accepts exactly the certificates with these fingerprints, and checks
+/// the handshake signature against the one presented, with the
+/// algorithms of the provider the connection uses. Serves either side:
+/// a client pinning its server, or a server pinning its clients.
 #[derive(Debug)]
 pub struct Pinned {
-    pin: Fingerprint,
+    pins: Vec<Fingerprint>,
     provider: Arc<CryptoProvider>,
 }
 
 impl Pinned {
     pub fn new(pin: Fingerprint) -> Pinned {
-        Pinned {
-            pin,
-            provider: provider(),
+        Pinned::any_of(vec![pin], provider())
+    }
+
+    pub fn any_of(pins: Vec<Fingerprint>, provider: Arc<CryptoProvider>) -> Pinned {
+        Pinned { pins, provider }
+    }
+
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let seen = Fingerprint::of(end_entity);
+        if self.pins.contains(&seen) {
+            return Ok(());
         }
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(PinMismatch {
+                seen,
+                pinned: self.pins.clone(),
+            }),
+        ))))
+    }
+
+    fn tls12(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signature {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn tls13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signature {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 }
+
+type Signature = Result<HandshakeSignatureValid, rustls::Error>;
 
 impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
@@ -196,14 +231,7 @@ impl ServerCertVerifier for Pinned {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let seen = Fingerprint::of(end_entity);
-        if seen == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
-                Arc::new(PinMismatch { seen, pinned: self.pin }),
-            ))))
-        }
+        self.check(end_entity).map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -211,8 +239,8 @@ impl ServerCertVerifier for Pinned {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    ) -> Signature {
+        self.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -220,8 +248,45 @@ impl ServerCertVerifier for Pinned {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    ) -> Signature {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity).map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Signature {
+        self.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Signature {
+        self.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -300,8 +365,8 @@ mod tests {
             .unwrap_err();
         let mismatch = PinMismatch::behind(&e).expect("the verifier's refusal");
         assert_eq!(
-            (mismatch.seen, mismatch.pinned),
-            (impostor.fingerprint(), gateway.fingerprint())
+            (mismatch.seen, mismatch.pinned.clone()),
+            (impostor.fingerprint(), vec![gateway.fingerprint()])
         );
         assert!(PinMismatch::behind(&std::io::Error::other("elsewhere")).is_none());
         srv.abort();

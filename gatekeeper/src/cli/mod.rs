@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch: the binary's edge, where typed
 //! errors become one-line messages.
 
+mod channel;
 mod enroll;
 mod interfaces;
 mod knock;
@@ -66,6 +67,8 @@ enum Command {
     #[command(subcommand)]
     Relay(relay::Relay),
     RelayAgent(relay::RelayAgent),
+    #[command(subcommand)]
+    Channel(channel::Channel),
 }
 
 /// Log format on stderr, for the long-running commands.
@@ -134,6 +137,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Agent(a) => tunnel::agent(a),
         Command::Relay(r) => relay::relay(r),
         Command::RelayAgent(a) => relay::relay_agent(a),
+        Command::Channel(c) => channel::channel(c),
     }
 }
 

@@ -1,0 +1,154 @@
+//! An inbound channel: accepts channels from pinned peers under its
+//! policy, reads the original connection's header, and connects to the
+//! backend as the channel's `source` says. A peer that offers nothing of
+//! the policy, or presents a certificate that is not pinned, is refused
+//! and audited with what it offered or presented.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{CipherSuite, ServerConfig, server::Acceptor};
+use serde_json::json;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
+use tracing::{debug, warn};
+use tunnel::tls::{Fingerprint, PinMismatch};
+
+use super::{
+    config::{self, Source},
+    header::Origin,
+    policy::suite_name,
+    transparent,
+};
+use crate::{audit::Audit, error_chain};
+
+/// How long a peer may take to finish its handshake and send its header.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Inbound {
+    pub channel: config::Inbound,
+    pub tls: Arc<ServerConfig>,
+    /// Which paired peer each pinned certificate belongs to.
+    pub peers: HashMap<Fingerprint, String>,
+    pub audit: Audit,
+}
+
+impl Inbound {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, remote)) => {
+                    tokio::spawn(self.clone().carry(tcp, remote));
+                }
+                Err(e) => {
+                    warn!(channel = %self.channel.name, error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, remote: SocketAddr, reason: &str, offered: &[CipherSuite]) {
+        warn!(channel = %self.channel.name, %remote, reason, "channel refused");
+        let offered: Vec<String> = offered.iter().map(|s| suite_name(*s)).collect();
+        self.audit.event(
+            "channel_refused",
+            json!({"channel": self.channel.name, "remote": remote.to_string(), "policy": self.channel.policy.label(),
+                   "offered": offered, "reason": reason}),
+        );
+    }
+
+    async fn carry(self: Arc<Self>, tcp: TcpStream, remote: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept(tcp, remote)).await;
+        let Ok(Some((mut tls, origin))) = accepted else {
+            if accepted.is_err() {
+                self.refuse(remote, "no handshake and header within 10 s", &[]);
+            }
+            return;
+        };
+        let name = &self.channel.name;
+        let backend = match self.connect_backend(origin).await {
+            Ok(backend) => backend,
+            Err(e) => {
+                warn!(channel = %name, backend = %self.channel.backend, error = %e, "backend unreachable");
+                self.audit.event(
+                    "channel_failed",
+                    json!({"channel": name, "client": origin.client.to_string(), "backend": self.channel.backend.to_string(),
+                           "reason": format!("connecting to the backend: {e}")}),
+                );
+                return;
+            }
+        };
+        let mut backend = backend;
+        let carried = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+        let (up, down) = carried.unwrap_or_default();
+        self.audit.event(
+            "channel_closed",
+            json!({"channel": name, "direction": "inbound", "client": origin.client.to_string(), "up": up, "down": down}),
+        );
+    }
+
+    /// The handshake and the header; `None` once refused and audited.
+    async fn accept(&self, tcp: TcpStream, remote: SocketAddr) -> Option<(TlsStream<TcpStream>, Origin)> {
+        let start = match LazyConfigAcceptor::new(Acceptor::default(), tcp).await {
+            Ok(start) => start,
+            Err(e) => {
+                self.refuse(remote, &format!("not a TLS ClientHello: {e}"), &[]);
+                return None;
+            }
+        };
+        let offered = start.client_hello().cipher_suites().to_vec();
+        let admitted = self.channel.policy.admits_any(&offered);
+        // Even a peer outside the policy gets its handshake_failure alert
+        // from the handshake itself, so it learns why.
+        let handshake = start.into_stream(self.tls.clone()).await;
+        let mut tls = match (handshake, admitted) {
+            (Ok(tls), true) => tls,
+            (_, false) => {
+                let reason = format!("the peer offered no suite of policy {:?}", self.channel.policy.label());
+                self.refuse(remote, &reason, &offered);
+                return None;
+            }
+            (Err(e), true) => {
+                self.refuse(remote, &error_chain(&PinMismatch::explain(e)), &offered);
+                return None;
+            }
+        };
+        let origin = match Origin::read(&mut tls).await {
+            Ok(origin) => origin,
+            Err(e) => {
+                self.refuse(remote, &error_chain(&e), &[]);
+                return None;
+            }
+        };
+        let session = tls.get_ref().1;
+        let suite = session.negotiated_cipher_suite().map(|s| suite_name(s.suite()));
+        let peer = session
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| self.peers.get(&Fingerprint::of(cert)));
+        self.audit.event(
+            "channel_open",
+            json!({"channel": self.channel.name, "direction": "inbound", "peer": peer, "remote": remote.to_string(),
+                   "client": origin.client.to_string(), "destination": origin.destination.to_string(), "suite": suite}),
+        );
+        debug!(channel = %self.channel.name, ?origin, "channel open");
+        Some((tls, origin))
+    }
+
+    async fn connect_backend(&self, origin: Origin) -> std::io::Result<TcpStream> {
+        let backend = self.channel.backend;
+        match self.channel.source {
+            Source::Channel => TcpStream::connect(backend).await,
+            Source::Client => transparent::connect_from(origin.client, backend).await,
+            Source::ProxyV2 => {
+                let mut stream = TcpStream::connect(backend).await?;
+                stream.write_all(&origin.encode()).await?;
+                Ok(stream)
+            }
+        }
+    }
+}
