@@ -9,12 +9,15 @@
 //! - [`nmap`]: running nmap and reading what it found.
 //! - [`redis`]: Redis servers and Sentinels of the lab's own, in a lab
 //!   namespace.
+//! - [`channel`]: devices with paired channel identities, and the peers
+//!   channel tests meet: OpenSSH, Tongsuo, tshark.
 //! - [`cluster`]: gateway nodes started on the lab's Redis.
 //! - [`relay`]: a gateway serving relayed hosts, an agent host that
 //!   reaches only Redis, and the private HTTP service behind it.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
 
+pub mod channel;
 pub mod cluster;
 pub mod frames;
 pub mod lab;

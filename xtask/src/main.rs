@@ -139,6 +139,8 @@ fn test() -> Result<()> {
                 "cluster_lab",
                 "--test",
                 "relay_lab",
+                "--test",
+                "channel_lab",
             ],
         ),
     ];

@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "redis-sentinel",
     "wrk",
     "nginx-light",
+    "tshark",
+    "stunnel4",
 ];
 
 pub fn run() -> Result<()> {

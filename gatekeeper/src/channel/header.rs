@@ -51,7 +51,17 @@ impl Origin {
         }
         buf.resize(FIXED + len, 0);
         stream.read_exact(&mut buf[FIXED..]).await?;
-        let header = Header::try_from(buf.as_slice()).map_err(|_| HeaderError::Malformed)?;
+        Origin::decode(&buf)
+    }
+
+    /// The origin named by the header at the start of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<Origin, HeaderError> {
+        let len = match bytes.get(14..FIXED) {
+            Some(&[hi, lo]) => u16::from_be_bytes([hi, lo]) as usize,
+            _ => return Err(HeaderError::Malformed),
+        };
+        let whole = bytes.get(..FIXED + len).ok_or(HeaderError::Malformed)?;
+        let header = Header::try_from(whole).map_err(|_| HeaderError::Malformed)?;
         match header.addresses {
             Addresses::IPv4(a) => Ok(Origin {
                 client: (a.source_address, a.source_port).into(),
