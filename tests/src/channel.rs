@@ -37,7 +37,13 @@ impl ChannelLab {
     /// The bridged lab, each host with channel identities; alpha and beta
     /// paired with each other.
     pub fn new() -> Result<ChannelLab> {
-        let cl = ChannelLab { lab: Lab::new()? };
+        ChannelLab::on(Lab::new()?)
+    }
+
+    /// [`ChannelLab::new`] on a lab of the caller's (the benchmark's
+    /// direct link).
+    pub fn on(lab: Lab) -> Result<ChannelLab> {
+        let cl = ChannelLab { lab };
         for role in [Role::Client, Role::Gateway, Role::Intruder] {
             cl.gatekeeper(&["channel", "init", "--dir", &cl.dir(role), "--name", device(role)])?;
         }

@@ -275,3 +275,70 @@ fn the_relay_refuses_what_it_cannot_use_and_says_why() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn channel_commands_guard_keys_and_name_what_is_wrong() -> Result<()> {
+    let scratch = std::env::temp_dir().join(format!("gk-cli-channel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let path = |p: &str| scratch.join(p).display().to_string();
+    let made = gatekeeper(&["channel", "init", "--dir", &path("a"), "--name", "alpha", "--json"])?;
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout)?;
+    assert_eq!(made["sm2"].as_str().map(str::len), Some(64), "{made}");
+    let config = path("channels.toml");
+    let channel = |extra: &str| -> Result<()> {
+        let text = format!(
+            "credentials = \"a\"\n[[outbound]]\nname = \"ssh\"\nlisten = \"127.0.0.1:2222\"\npeer = \"beta\"\n\
+             connect = \"10.0.0.2:7440\"\npolicy = \"sm\"\n{extra}"
+        );
+        Ok(std::fs::write(&config, text)?)
+    };
+    channel("")?;
+    for (args, needle) in [
+        (
+            vec!["channel", "init", "--dir", &path("a"), "--name", "alpha"],
+            "--force",
+        ),
+        (vec!["channel", "init", "--dir", &path("b"), "--name", "a/b"], "\"a/b\""),
+        (
+            vec![
+                "channel",
+                "pair",
+                "--dir",
+                &path("a"),
+                "--name",
+                "beta",
+                &path("a/sm2.key"),
+            ],
+            "no certificate",
+        ),
+        (
+            vec![
+                "channel",
+                "pair",
+                "--dir",
+                &path("a"),
+                "--name",
+                "beta",
+                &path("none.pem"),
+            ],
+            "none.pem",
+        ),
+        (
+            vec!["channel", "run", "--config", &config],
+            "peer \"beta\" is not paired",
+        ),
+    ] {
+        let line = refused(&args)?;
+        assert!(
+            line.contains(needle),
+            "`{}` said {line:?}, expected {needle:?}",
+            args.join(" ")
+        );
+    }
+    channel("colour = \"blue\"\n")?;
+    assert!(refused(&["channel", "run", "--config", &config])?.contains("unknown field `colour`"));
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}

@@ -33,8 +33,9 @@ enum Task {
     /// (verification rate, knock-to-open latency vs fwknopd), `tunnel`
     /// (vs direct and rathole), `portal` (ClientHello knock vs mutual and
     /// plain TLS handshakes), `cluster` (grant propagation, knock-to-open
-    /// vs a lone gateway, shared replay claims per second, a failover) or
-    /// `relay` (HTTP through Redis vs the TLS tunnel and the direct path).
+    /// vs a lone gateway, shared replay claims per second, a failover),
+    /// `relay` (HTTP through Redis vs the TLS tunnel and the direct path)
+    /// or `channel` (each cipher policy vs stunnel4 and the direct path).
     Bench {
         #[arg(default_value = "gate")]
         suite: String,

@@ -83,8 +83,7 @@ impl Inbound {
             }
         };
         let mut backend = backend;
-        let carried = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
-        let (up, down) = carried.unwrap_or_default();
+        let (up, down) = super::carry(&mut tls, &mut backend).await;
         self.audit.event(
             "channel_closed",
             json!({"channel": name, "direction": "inbound", "client": origin.client.to_string(), "up": up, "down": down}),

@@ -97,8 +97,7 @@ impl Outbound {
             debug!(channel = %name, error = %e, "sending the header");
             return;
         }
-        let carried = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
-        let (up, down) = carried.unwrap_or_default();
+        let (up, down) = super::carry(&mut app, &mut tls).await;
         self.audit.event(
             "channel_closed",
             json!({"channel": name, "direction": "outbound", "client": client.to_string(), "up": up, "down": down}),

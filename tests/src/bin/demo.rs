@@ -20,6 +20,8 @@ use gatekeeper_tests::{
     relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, status_of},
 };
 
+use gatekeeper_tests::channel::{CHANNEL_PORT, ChannelLab, Sshd, on_the_wire};
+
 fn step(n: u32, text: &str) {
     println!("\n\x1b[1m[{n}] {text}\x1b[0m");
 }
@@ -316,8 +318,9 @@ fn main() -> Result<()> {
 
     cluster()?;
     relay()?;
+    channel()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
     );
     Ok(())
 }
@@ -429,5 +432,93 @@ fn relay() -> Result<()> {
     let log = agent.log();
     println!("  the agent: {}", log.lines().last().unwrap_or("").trim());
     ensure!(status_of(&out) == Some(404), "the revoked host is still served");
+    Ok(())
+}
+
+/// ssh between two devices, captured and carried under the SM suite.
+fn channel() -> Result<()> {
+    step(
+        19,
+        "Channels: alpha (10.77.0.2) runs plain `ssh 10.77.0.1`; it is captured and carried to beta under RFC 8998's SM suite",
+    );
+    let cl = ChannelLab::new()?;
+    let beta = Role::Gateway.addr();
+    let sshd = Sshd::start(&cl.lab, Role::Gateway)?;
+    let inbound = format!(
+        "[[inbound]]\nname = \"ssh\"\nlisten = \"0.0.0.0:{CHANNEL_PORT}\"\nbackend = \"127.0.0.1:22\"\npolicy = \"sm\"\npeers = [\"alpha\"]\nsource = \"client\"\n"
+    );
+    let outbound = |name: &str, listen: &str, policy: &str| {
+        format!(
+            "[[outbound]]\nname = \"{name}\"\n{listen}\npeer = \"beta\"\nconnect = \"{beta}:{CHANNEL_PORT}\"\npolicy = \"{policy}\"\n"
+        )
+    };
+    let alpha_toml = [
+        outbound("ssh", &format!("capture = \"{beta}:22/tcp\""), "sm"),
+        outbound("aes", "listen = \"127.0.0.1:6001\"", "tls13-aes"),
+    ]
+    .concat();
+    show("beta: channels.toml", &inbound);
+    show(
+        "alpha: channels.toml (first channel)",
+        &outbound("ssh", &format!("capture = \"{beta}:22/tcp\""), "sm"),
+    );
+    let _beta = cl.run(Role::Gateway, &inbound)?;
+    let _alpha = cl.run(Role::Client, &alpha_toml)?;
+    let lab = &cl.lab;
+    let mut said = String::new();
+    let suite = on_the_wire(
+        lab,
+        Role::Gateway,
+        CHANNEL_PORT,
+        "tls.handshake.type == 2",
+        &["tls.handshake.ciphersuite"],
+        || {
+            let out = sshd.ssh(lab, Role::Client, &beta.to_string(), "echo via the channel")?;
+            said = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+            Ok(())
+        },
+    )?;
+    println!("  ssh root@{beta} 'echo via the channel'  ->  {said:?}");
+    println!(
+        "  tshark on beta's link: the ServerHello chose cipher suite {} (TLS_SM4_GCM_SM3)",
+        suite.trim()
+    );
+    let accepted = sshd
+        .log()
+        .lines()
+        .find(|l| l.contains("Accepted publickey"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    println!("  beta's sshd (on 127.0.0.1): {accepted}");
+    ensure!(
+        said.contains("via the channel") && suite.trim() == "0x00c6",
+        "the ssh channel did not work"
+    );
+
+    step(
+        20,
+        "A channel outside beta's policy (tls13-aes) and a device beta never paired are refused, and say what they offered",
+    );
+    cl.pair(Role::Intruder, Role::Gateway)?;
+    let _mallory = cl.run(Role::Intruder, &outbound("sneak", "listen = \"127.0.0.1:6002\"", "sm"))?;
+    let aes = lab.tcp_echo_works(Role::Client, "127.0.0.1:6001".parse()?, None)?;
+    let sneak = lab.tcp_echo_works(Role::Intruder, "127.0.0.1:6002".parse()?, None)?;
+    println!(
+        "  alpha through its tls13-aes channel: {}; mallory through its unpinned one: {}",
+        ok(aes),
+        ok(sneak)
+    );
+    eventually(Duration::from_secs(5), || {
+        Ok(cl.events(Role::Gateway, "channel_refused")?.len() >= 2)
+    })?;
+    for line in cl.events(Role::Gateway, "channel_refused")? {
+        println!(
+            "  beta audits: offered {} -> {}",
+            line["offered"],
+            line["reason"].as_str().unwrap_or("")
+        );
+    }
+    ensure!(!aes && !sneak, "a refused channel got through");
     Ok(())
 }

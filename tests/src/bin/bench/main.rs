@@ -13,10 +13,14 @@
 //!   `cluster.rs`).
 //! - `portal`: handshakes per core-second and latency of the ClientHello
 //!   knock against mutual TLS and plain TLS (see `portal.rs`).
+//! - `channel`: channels under each cipher policy against stunnel4 and
+//!   the direct path: throughput and new-connection latency (see
+//!   `channel.rs`).
 //! - `relay`: HTTP through Redis against the TLS tunnel and the direct
 //!   path: small-request latency and rate with wrk, a 1 GiB download, and
 //!   memory (see `relay.rs`).
 
+mod channel;
 mod cluster;
 mod gate;
 mod knock;
@@ -53,9 +57,10 @@ fn main() -> Result<()> {
         "portal" => portal::run(&mut rows)?,
         "cluster" => cluster::run(&mut rows)?,
         "relay" => relay::run(&mut rows)?,
+        "channel" => channel::run(&mut rows)?,
         other => {
             bail!(
-                "unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel`, `portal`, `cluster` and `relay`"
+                "unknown benchmark suite {other:?}: the suites are `gate`, `knock`, `tunnel`, `portal`, `cluster`, `relay` and `channel`"
             )
         }
     }

@@ -27,7 +27,7 @@ const IPERF: u16 = 5201;
 const SAMPLES: usize = 200;
 const IDLE_TUNNELS: usize = 100;
 
-fn spawn_in(lab: &Lab, role: Role, args: &[&str]) -> Result<ChildGuard> {
+pub(crate) fn spawn_in(lab: &Lab, role: Role, args: &[&str]) -> Result<ChildGuard> {
     Ok(ChildGuard::new(
         Command::new("ip")
             .args(["netns", "exec", &lab.ns(role)])
@@ -45,7 +45,7 @@ fn gw(port: u16) -> SocketAddr {
 }
 
 /// iperf3 from the client to `to` for 5 s; Gbit/s.
-fn iperf(lab: &Lab, to: SocketAddr) -> Result<f64> {
+pub(crate) fn iperf(lab: &Lab, to: SocketAddr) -> Result<f64> {
     let out = lab.exec(
         Role::Client,
         &[
@@ -67,7 +67,7 @@ fn iperf(lab: &Lab, to: SocketAddr) -> Result<f64> {
 }
 
 /// p50 and p99, in ms, of connect + one echoed byte.
-fn connect_latency(lab: &Lab, to: SocketAddr) -> Result<(f64, f64)> {
+pub(crate) fn connect_latency(lab: &Lab, to: SocketAddr) -> Result<(f64, f64)> {
     let mut samples = lab.in_ns(Role::Client, move || -> Result<Vec<Duration>> {
         (0..SAMPLES)
             .map(|_| {
@@ -99,7 +99,7 @@ fn wait_open_any(lab: &Lab, to: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-fn wait_open(lab: &Lab, to: SocketAddr) -> Result<()> {
+pub(crate) fn wait_open(lab: &Lab, to: SocketAddr) -> Result<()> {
     let open = eventually(Duration::from_secs(30), || lab.tcp_echo_works(Role::Client, to, None))?;
     if !open {
         let audit = lab.audit()?;
