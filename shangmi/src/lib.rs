@@ -12,11 +12,11 @@
 
 mod aead;
 mod certificate;
+#[cfg(test)]
+mod handshake;
 mod hash;
 mod kx;
 mod sign;
-
-use std::sync::Arc;
 
 use rustls::{
     CipherSuite, SupportedCipherSuite, Tls13CipherSuite,
@@ -82,11 +82,6 @@ pub fn provider() -> CryptoProvider {
         secure_random: &OsRandom,
         key_provider: &sign::Sm2Keys,
     }
-}
-
-/// The signing key rustls should present for an SM2 private key.
-pub fn signing_key(key: Sm2Key) -> Arc<dyn rustls::sign::SigningKey> {
-    Arc::new(key)
 }
 
 #[derive(Debug)]

@@ -131,6 +131,9 @@ impl SigningKey for Sm2Key {
             .then(|| Box::new(self.clone()) as Box<dyn Signer>)
     }
 
+    /// TLS 1.2's algorithm registry has no SM2; an SM2 key is an EC key
+    /// (id-ecPublicKey), and rustls only asks this of TLS 1.2 suites,
+    /// which the SM provider has none of.
     fn algorithm(&self) -> SignatureAlgorithm {
         SignatureAlgorithm::ECDSA
     }

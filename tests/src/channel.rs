@@ -20,6 +20,23 @@ use crate::lab::{ChildGuard, Daemon, Lab, Role, output_within, sh};
 /// has 7443).
 pub const CHANNEL_PORT: u16 = 7440;
 
+/// An `[[inbound]]` table: `listen` on all addresses at `port`, on to
+/// `backend`, for `peers`; `extra` adds lines (`source = ...`).
+pub fn inbound(name: &str, port: u16, backend: &str, policy: &str, peers: &[&str], extra: &str) -> String {
+    format!(
+        "[[inbound]]\nname = \"{name}\"\nlisten = \"0.0.0.0:{port}\"\nbackend = \"{backend}\"\npolicy = \"{policy}\"\npeers = {peers:?}\n{extra}"
+    )
+}
+
+/// An `[[outbound]]` table to beta (the lab's gateway) at `port`; `entry`
+/// is its `listen = ...` or `capture = ...` line, `extra` adds lines.
+pub fn outbound(name: &str, entry: &str, peer: &str, port: u16, policy: &str, extra: &str) -> String {
+    let beta = Role::Gateway.addr();
+    format!(
+        "[[outbound]]\nname = \"{name}\"\n{entry}\npeer = \"{peer}\"\nconnect = \"{beta}:{port}\"\npolicy = \"{policy}\"\n{extra}"
+    )
+}
+
 pub struct ChannelLab {
     pub lab: Lab,
 }
@@ -94,6 +111,12 @@ impl ChannelLab {
     pub fn audit(&self, role: Role) -> Result<Vec<serde_json::Value>> {
         let text = std::fs::read_to_string(format!("{}/audit.log", self.dir(role))).unwrap_or_default();
         Ok(text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a role audited a channel opened with `peer` under `suite`.
+    pub fn opened(&self, role: Role, peer: &str, suite: &str) -> Result<bool> {
+        let open = self.events(role, "channel_open")?;
+        Ok(open.iter().any(|l| l["peer"] == peer && l["suite"] == suite))
     }
 
     /// The audit lines of `event`.

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use gatekeeper::channel::header::Origin;
 use gatekeeper_tests::{
-    channel::{CHANNEL_PORT, ChannelLab, Sshd, device, on_the_wire, tongsuo},
+    channel::{CHANNEL_PORT, ChannelLab, Sshd, device, inbound, on_the_wire, outbound, tongsuo},
     lab::{Lab, Role, eventually},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
@@ -45,20 +45,20 @@ fn ssh_to_the_real_address_is_captured_carried_under_sm_and_sshd_logs_the_origin
     let sshd = Sshd::start(lab, Role::Gateway)?;
     let _beta = cl.run(
         Role::Gateway,
-        &format!(
-            "[[inbound]]\nname = \"ssh\"\nlisten = \"0.0.0.0:{CHANNEL_PORT}\"\nbackend = \"127.0.0.1:22\"\n\
-             policy = \"sm\"\npeers = [\"alpha\"]\nsource = \"client\"\n"
+        &inbound(
+            "ssh",
+            CHANNEL_PORT,
+            "127.0.0.1:22",
+            "sm",
+            &["alpha"],
+            "source = \"client\"\n",
         ),
     )?;
+    let capture = format!("capture = \"{}:22/tcp\"", beta());
+    let knock = format!("knock = {:?}\n", credential.display().to_string());
     let _alpha = cl.run(
         Role::Client,
-        &format!(
-            "[[outbound]]\nname = \"ssh\"\ncapture = \"{}:22/tcp\"\npeer = \"beta\"\nconnect = \"{}:{CHANNEL_PORT}\"\n\
-             policy = \"sm\"\nknock = {:?}\n",
-            beta(),
-            beta(),
-            credential.display().to_string()
-        ),
+        &outbound("ssh", &capture, "beta", CHANNEL_PORT, "sm", &knock),
     )?;
 
     let suites = on_the_wire(
@@ -101,12 +101,10 @@ fn ssh_to_the_real_address_is_captured_carried_under_sm_and_sshd_logs_the_origin
         "sshd logged no {accepted:?}:\n{}",
         sshd.log()
     );
-    let inbound = cl.events(Role::Gateway, "channel_open")?;
     ensure!(
-        inbound
-            .iter()
-            .any(|l| l["peer"] == "alpha" && l["suite"] == "TLS_SM4_GCM_SM3"),
-        "{inbound:?}"
+        cl.opened(Role::Gateway, "alpha", "TLS_SM4_GCM_SM3")?,
+        "{:?}",
+        cl.audit(Role::Gateway)?
     );
     // Without a knock, the intruder reaches neither sshd nor the channel.
     for port in [22, CHANNEL_PORT] {
@@ -189,14 +187,8 @@ fn tongsuo_interoperates_as_server_and_as_client_under_sm() -> Result<()> {
             ],
             &server_log,
         )?;
-        let _alpha = cl.run(
-            Role::Client,
-            &format!(
-                "[[outbound]]\nname = \"to-tongsuo\"\nlisten = \"127.0.0.1:6000\"\npeer = \"tongsuo\"\n\
-                 connect = \"{}:{port}\"\npolicy = \"sm\"\n",
-                beta()
-            ),
-        )?;
+        let entry = "listen = \"127.0.0.1:6000\"";
+        let _alpha = cl.run(Role::Client, &outbound("to-tongsuo", entry, "tongsuo", port, "sm", ""))?;
         let printed = || Ok::<_, anyhow::Error>(String::from_utf8_lossy(&std::fs::read(&server_log)?).into_owned());
         let suites = on_the_wire(
             lab,
@@ -225,10 +217,7 @@ fn tongsuo_interoperates_as_server_and_as_client_under_sm() -> Result<()> {
     // certificate pinned on beta and the connection header ahead of its data.
     let _beta = cl.run(
         Role::Gateway,
-        &format!(
-            "[[inbound]]\nname = \"from-tongsuo\"\nlisten = \"0.0.0.0:{CHANNEL_PORT}\"\nbackend = \"127.0.0.1:9000\"\n\
-             policy = \"sm\"\npeers = [\"tongsuo\"]\n"
-        ),
+        &inbound("from-tongsuo", CHANNEL_PORT, "127.0.0.1:9000", "sm", &["tongsuo"], ""),
     )?;
     let mut input = Origin {
         client: "10.77.0.2:40000".parse()?,
@@ -265,12 +254,10 @@ fn tongsuo_interoperates_as_server_and_as_client_under_sm() -> Result<()> {
         said.contains("ping-from-tongsuo"),
         "no echo through beta's channel: {said}"
     );
-    let opened = cl.events(Role::Gateway, "channel_open")?;
     ensure!(
-        opened
-            .iter()
-            .any(|l| l["peer"] == "tongsuo" && l["suite"] == "TLS_SM4_GCM_SM3"),
-        "{opened:?}"
+        cl.opened(Role::Gateway, "tongsuo", "TLS_SM4_GCM_SM3")?,
+        "{:?}",
+        cl.audit(Role::Gateway)?
     );
     Ok(())
 }
@@ -284,17 +271,9 @@ fn a_policy_mismatch_or_an_unpinned_peer_is_refused_and_audited_and_other_traffi
     let lab = &cl.lab;
     let _beta = cl.run(
         Role::Gateway,
-        &format!(
-            "[[inbound]]\nname = \"echo\"\nlisten = \"0.0.0.0:{CHANNEL_PORT}\"\nbackend = \"127.0.0.1:9000\"\n\
-             policy = \"sm\"\npeers = [\"alpha\"]\n"
-        ),
+        &inbound("echo", CHANNEL_PORT, "127.0.0.1:9000", "sm", &["alpha"], ""),
     )?;
-    let outbound = |name: &str, entry: &str, policy: &str| {
-        format!(
-            "[[outbound]]\nname = \"{name}\"\n{entry}\npeer = \"beta\"\nconnect = \"{}:{CHANNEL_PORT}\"\npolicy = \"{policy}\"\n",
-            beta()
-        )
-    };
+    let outbound = |name: &str, entry: &str, policy: &str| outbound(name, entry, "beta", CHANNEL_PORT, policy, "");
     let _alpha = cl.run(
         Role::Client,
         &[
@@ -414,18 +393,26 @@ fn backends_see_the_channel_or_a_proxy_v2_header_as_the_inbound_channel_says() -
     let proxied = record(lab, Role::Gateway, 9101)?;
     let _beta = cl.run(
         Role::Gateway,
-        "[[inbound]]\nname = \"plain\"\nlisten = \"0.0.0.0:7440\"\nbackend = \"127.0.0.1:9100\"\npolicy = \"tls13-chacha\"\n\
-         peers = [\"alpha\"]\n\
-         [[inbound]]\nname = \"proxied\"\nlisten = \"0.0.0.0:7441\"\nbackend = \"127.0.0.1:9101\"\npolicy = \"tls13-aes\"\n\
-         peers = [\"alpha\"]\nsource = \"proxy-v2\"\n",
+        &[
+            inbound("plain", 7440, "127.0.0.1:9100", "tls13-chacha", &["alpha"], ""),
+            inbound(
+                "proxied",
+                7441,
+                "127.0.0.1:9101",
+                "tls13-aes",
+                &["alpha"],
+                "source = \"proxy-v2\"\n",
+            ),
+        ]
+        .concat(),
     )?;
     let _alpha = cl.run(
         Role::Client,
-        &format!(
-            "[[outbound]]\nname = \"plain\"\nlisten = \"127.0.0.1:6010\"\npeer = \"beta\"\nconnect = \"{b}:7440\"\npolicy = \"tls13-chacha\"\n\
-             [[outbound]]\nname = \"proxied\"\nlisten = \"127.0.0.1:6011\"\npeer = \"beta\"\nconnect = \"{b}:7441\"\npolicy = \"tls13-aes\"\n",
-            b = beta()
-        ),
+        &[
+            outbound("plain", "listen = \"127.0.0.1:6010\"", "beta", 7440, "tls13-chacha", ""),
+            outbound("proxied", "listen = \"127.0.0.1:6011\"", "beta", 7441, "tls13-aes", ""),
+        ]
+        .concat(),
     )?;
     let mut apps = Vec::new();
     for port in [6010, 6011] {

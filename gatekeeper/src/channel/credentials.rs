@@ -120,14 +120,8 @@ fn cert_file(kind: KeyKind) -> String {
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap_or_default())
-        .collect();
-    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    // Encoding a certificate's bytes as PEM cannot fail.
+    der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap_or_default()
 }
 
 /// The device's identity of `kind`.

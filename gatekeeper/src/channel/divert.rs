@@ -60,15 +60,13 @@ pub struct Diverted {
 
 /// Puts the rules for `captured` destinations and, if `reoriginate`, for
 /// re-originated connections in place, replacing any a crashed run left.
+/// Rules added before a failure are removed again.
 pub fn install(captured: &[Captured], reoriginate: bool) -> Result<Diverted, DivertError> {
     remove_all();
     let diverted = Diverted {
         capture: !captured.is_empty(),
         reoriginate,
     };
-    if captured.is_empty() && !reoriginate {
-        return Ok(diverted);
-    }
     if diverted.capture {
         let mut marks = String::new();
         let mut proxies = String::new();
@@ -83,47 +81,12 @@ pub fn install(captured: &[Captured], reoriginate: bool) -> Result<Diverted, Div
         let ruleset = format!(
             "table ip {TABLE} {{\n  chain output {{\n    type route hook output priority mangle; policy accept;\n{marks}  }}\n  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n{proxies}  }}\n}}\n"
         );
-        nft(&ruleset)?;
-        ip(&[
-            "rule",
-            "add",
-            "fwmark",
-            &format!("{CAPTURE_MARK:#x}"),
-            "lookup",
-            &CAPTURE_MARK.to_string(),
-        ])?;
-        ip(&[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &CAPTURE_MARK.to_string(),
-        ])?;
+        run("nft", &["-f", "-"], Some(&ruleset))?;
+        let mark = format!("{CAPTURE_MARK:#x}");
+        route_into_host(&["fwmark", &mark], CAPTURE_MARK)?;
     }
     if reoriginate {
-        ip(&[
-            "rule",
-            "add",
-            "from",
-            "127.0.0.0/8",
-            "iif",
-            "lo",
-            "lookup",
-            &RETURN_TABLE.to_string(),
-        ])?;
-        ip(&[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &RETURN_TABLE.to_string(),
-        ])?;
+        route_into_host(&["from", "127.0.0.0/8", "iif", "lo"], RETURN_TABLE)?;
     }
     Ok(diverted)
 }
@@ -164,43 +127,43 @@ fn remove_all() {
     }
 }
 
-fn nft(ruleset: &str) -> Result<(), DivertError> {
-    let command = "nft -f -".to_string();
+/// A policy rule sending what `selector` matches to `table`, whose one
+/// route delivers every address inside the host.
+fn route_into_host(selector: &[&str], table: u32) -> Result<(), DivertError> {
+    let table = table.to_string();
+    let rule: Vec<&str> = ["rule", "add"]
+        .into_iter()
+        .chain(selector.iter().copied())
+        .chain(["lookup", table.as_str()])
+        .collect();
+    run("ip", &rule, None)?;
+    run(
+        "ip",
+        &["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", &table],
+        None,
+    )
+}
+
+/// Runs `program args`, with `input` on its standard input.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<(), DivertError> {
+    let command = format!("{program} {}", args.join(" "));
     let spawn = |source| DivertError::Spawn {
         command: command.clone(),
         source,
     };
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(ruleset.as_bytes()).map_err(spawn)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(spawn)?;
     }
     let out = child.wait_with_output().map_err(spawn)?;
     if !out.status.success() {
-        warn!(ruleset, "nft refused the capture rules");
-        return Err(DivertError::Failed {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<(), DivertError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| DivertError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
+        warn!(command, input, "the kernel refused a channel rule");
         return Err(DivertError::Failed {
             command,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),

@@ -68,14 +68,6 @@ impl Policy {
         Arc::new(provider)
     }
 
-    /// Whether a peer offering `offered` has anything this policy takes.
-    pub fn admits_any(self, offered: &[CipherSuite]) -> bool {
-        let ours = self.provider();
-        offered
-            .iter()
-            .any(|o| ours.cipher_suites.iter().any(|s| s.suite() == *o))
-    }
-
     /// The client side: present `identity`, accept a server whose
     /// certificate is one of `pins`.
     pub fn client_config(
@@ -138,13 +130,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_policy_admits_its_own_suites_only() {
-        let sm = [shangmi::SM4_GCM_SM3];
-        let aes = [CipherSuite::TLS13_AES_128_GCM_SHA256];
-        let chacha = [CipherSuite::TLS13_CHACHA20_POLY1305_SHA256];
-        assert!(Policy::Sm.admits_any(&sm) && !Policy::Sm.admits_any(&aes));
-        assert!(Policy::Tls13Aes.admits_any(&aes) && !Policy::Tls13Aes.admits_any(&chacha));
-        assert!(Policy::Tls13Chacha.admits_any(&chacha) && !Policy::Tls13Chacha.admits_any(&sm));
+    fn each_policy_holds_its_own_suites_only() {
+        let suites = |p: Policy| -> Vec<String> {
+            p.provider()
+                .cipher_suites
+                .iter()
+                .map(|s| suite_name(s.suite()))
+                .collect()
+        };
+        assert_eq!(suites(Policy::Sm), ["TLS_SM4_GCM_SM3", "TLS_SM4_CCM_SM3"]);
+        assert_eq!(
+            suites(Policy::Tls13Aes),
+            ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
+        );
+        assert_eq!(suites(Policy::Tls13Chacha), ["TLS_CHACHA20_POLY1305_SHA256"]);
+        assert_eq!(
+            Policy::Sm
+                .provider()
+                .kx_groups
+                .iter()
+                .map(|g| g.name())
+                .collect::<Vec<_>>(),
+            [shangmi::CURVE_SM2]
+        );
     }
 
     #[test]

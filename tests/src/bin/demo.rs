@@ -20,7 +20,7 @@ use gatekeeper_tests::{
     relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, status_of},
 };
 
-use gatekeeper_tests::channel::{CHANNEL_PORT, ChannelLab, Sshd, on_the_wire};
+use gatekeeper_tests::channel::{CHANNEL_PORT, ChannelLab, Sshd, inbound, on_the_wire, outbound};
 
 fn step(n: u32, text: &str) {
     println!("\n\x1b[1m[{n}] {text}\x1b[0m");
@@ -444,24 +444,23 @@ fn channel() -> Result<()> {
     let cl = ChannelLab::new()?;
     let beta = Role::Gateway.addr();
     let sshd = Sshd::start(&cl.lab, Role::Gateway)?;
-    let inbound = format!(
-        "[[inbound]]\nname = \"ssh\"\nlisten = \"0.0.0.0:{CHANNEL_PORT}\"\nbackend = \"127.0.0.1:22\"\npolicy = \"sm\"\npeers = [\"alpha\"]\nsource = \"client\"\n"
+    let inbound = inbound(
+        "ssh",
+        CHANNEL_PORT,
+        "127.0.0.1:22",
+        "sm",
+        &["alpha"],
+        "source = \"client\"\n",
     );
-    let outbound = |name: &str, listen: &str, policy: &str| {
-        format!(
-            "[[outbound]]\nname = \"{name}\"\n{listen}\npeer = \"beta\"\nconnect = \"{beta}:{CHANNEL_PORT}\"\npolicy = \"{policy}\"\n"
-        )
-    };
+    let outbound = |name: &str, entry: &str, policy: &str| outbound(name, entry, "beta", CHANNEL_PORT, policy, "");
+    let capture = format!("capture = \"{beta}:22/tcp\"");
     let alpha_toml = [
-        outbound("ssh", &format!("capture = \"{beta}:22/tcp\""), "sm"),
+        outbound("ssh", &capture, "sm"),
         outbound("aes", "listen = \"127.0.0.1:6001\"", "tls13-aes"),
     ]
     .concat();
     show("beta: channels.toml", &inbound);
-    show(
-        "alpha: channels.toml (first channel)",
-        &outbound("ssh", &format!("capture = \"{beta}:22/tcp\""), "sm"),
-    );
+    show("alpha: channels.toml (first channel)", &outbound("ssh", &capture, "sm"));
     let _beta = cl.run(Role::Gateway, &inbound)?;
     let _alpha = cl.run(Role::Client, &alpha_toml)?;
     let lab = &cl.lab;

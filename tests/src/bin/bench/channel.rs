@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use gatekeeper_tests::{
-    channel::{ChannelLab, tongsuo},
+    channel::{ChannelLab, inbound, outbound, tongsuo},
     lab::{ChildGuard, Lab, Role},
 };
 
@@ -44,18 +44,17 @@ fn local(port: u16) -> SocketAddr {
 /// The channels config of each side: per policy, one channel to iperf3
 /// and one to the echo service.
 fn configs() -> (String, String) {
-    let beta = Role::Gateway.addr();
     let (mut alpha_toml, mut beta_toml) = (String::new(), String::new());
     for (i, policy) in ["sm", "tls13-aes", "tls13-chacha"].into_iter().enumerate() {
         for (j, backend) in [IPERF, ECHO].into_iter().enumerate() {
             let n = i * 2 + j;
-            let (entry, listen) = (6000 + n, 7440 + n);
-            alpha_toml += &format!(
-                "[[outbound]]\nname = \"c{n}\"\nlisten = \"127.0.0.1:{entry}\"\npeer = \"beta\"\nconnect = \"{beta}:{listen}\"\npolicy = \"{policy}\"\n"
+            let (name, entry, port) = (
+                format!("c{n}"),
+                format!("listen = \"127.0.0.1:{}\"", 6000 + n),
+                7440 + n as u16,
             );
-            beta_toml += &format!(
-                "[[inbound]]\nname = \"c{n}\"\nlisten = \"0.0.0.0:{listen}\"\nbackend = \"127.0.0.1:{backend}\"\npolicy = \"{policy}\"\npeers = [\"alpha\"]\n"
-            );
+            alpha_toml += &outbound(&name, &entry, "beta", port, policy, "");
+            beta_toml += &inbound(&name, port, &format!("127.0.0.1:{backend}"), policy, &["alpha"], "");
         }
     }
     (alpha_toml, beta_toml)

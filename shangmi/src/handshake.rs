@@ -56,8 +56,8 @@ impl ServerCertVerifier for Exactly {
     }
 }
 
-fn certificate(key: &shangmi::Sm2Key) -> CertificateDer<'static> {
-    shangmi::self_signed(key, "server", Duration::from_secs(3600)).unwrap()
+fn certificate(key: &crate::Sm2Key) -> CertificateDer<'static> {
+    crate::self_signed(key, "server", Duration::from_secs(3600)).unwrap()
 }
 
 /// A client that pins `pinned`, and a server presenting `cert` while
@@ -65,9 +65,9 @@ fn certificate(key: &shangmi::Sm2Key) -> CertificateDer<'static> {
 fn configs(
     pinned: CertificateDer<'static>,
     cert: CertificateDer<'static>,
-    key: &shangmi::Sm2Key,
+    key: &crate::Sm2Key,
 ) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
-    let provider = Arc::new(shangmi::provider());
+    let provider = Arc::new(crate::provider());
     let key = PrivateKeyDer::from_pem_slice(key.to_pkcs8_pem().as_bytes()).unwrap();
     let server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&TLS13])
@@ -127,16 +127,13 @@ fn pump(client: &mut ClientConnection, server: &mut ServerConnection) -> Result<
 #[test]
 fn negotiates_sm4_gcm_sm3_over_curve_sm2_and_carries_data() {
     use std::io::{Read, Write};
-    let key = shangmi::Sm2Key::generate();
+    let key = crate::Sm2Key::generate();
     let cert = certificate(&key);
     let (mut client, mut server) = connect(configs(cert.clone(), cert, &key));
     pump(&mut client, &mut server).unwrap();
     assert!(!client.is_handshaking() && !server.is_handshaking());
-    assert_eq!(client.negotiated_cipher_suite().unwrap().suite(), shangmi::SM4_GCM_SM3);
-    assert_eq!(
-        server.negotiated_key_exchange_group().unwrap().name(),
-        shangmi::CURVE_SM2
-    );
+    assert_eq!(client.negotiated_cipher_suite().unwrap().suite(), crate::SM4_GCM_SM3);
+    assert_eq!(server.negotiated_key_exchange_group().unwrap().name(), crate::CURVE_SM2);
 
     client.writer().write_all(b"ping").unwrap();
     server.writer().write_all(&[7u8; 12_000]).unwrap();
@@ -151,9 +148,9 @@ fn negotiates_sm4_gcm_sm3_over_curve_sm2_and_carries_data() {
 
 #[test]
 fn a_server_signing_with_another_key_than_its_certificate_is_refused() {
-    let real = shangmi::Sm2Key::generate();
+    let real = crate::Sm2Key::generate();
     let cert = certificate(&real);
-    let (mut client, mut server) = connect(configs(cert.clone(), cert, &shangmi::Sm2Key::generate()));
+    let (mut client, mut server) = connect(configs(cert.clone(), cert, &crate::Sm2Key::generate()));
     let err = pump(&mut client, &mut server).unwrap_err();
     assert!(
         matches!(
