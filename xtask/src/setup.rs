@@ -36,6 +36,9 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "tshark",
     "stunnel4",
+    // Perl and make build Tongsuo, the channel tests' SM peer.
+    "perl",
+    "make",
 ];
 
 pub fn run() -> Result<()> {
