@@ -330,9 +330,10 @@ fn a_policy_mismatch_or_an_unpinned_peer_is_refused_and_audited_and_other_traffi
         "{by_policy}"
     );
     ensure!(
-        by_policy["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("no suite of policy \"sm\"")),
+        by_policy["reason"] == "policy"
+            && by_policy["detail"]
+                .as_str()
+                .is_some_and(|r| r.contains("no suite of policy \"sm\"")),
         "{by_policy}"
     );
     let failed = eventually(Duration::from_secs(5), || {
@@ -353,7 +354,7 @@ fn a_policy_mismatch_or_an_unpinned_peer_is_refused_and_audited_and_other_traffi
         })
         .context("no refusal of mallory")?;
     ensure!(
-        unpinned["reason"].as_str().is_some_and(|r| r.contains(&mallory)),
+        unpinned["reason"] == "unpinned" && unpinned["detail"].as_str().is_some_and(|r| r.contains(&mallory)),
         "the refusal does not name mallory's certificate {mallory}: {unpinned}"
     );
     ensure!(device(Role::Intruder) == "mallory");
@@ -452,4 +453,72 @@ fn round_trip_ok(app: &mut std::net::TcpStream) -> Result<bool> {
     app.write_all(b"hello")?;
     let mut got = [0u8; 2];
     Ok(app.read_exact(&mut got).is_ok() && &got == b"ok")
+}
+
+#[test]
+fn garbage_truncated_tls_and_strangers_on_a_channel_port_harm_no_channel() -> Result<()> {
+    let mut cl = ChannelLab::new()?;
+    cl.lab.serve_tcp_echo(Role::Gateway, 9000)?;
+    let lab = &cl.lab;
+    let mut beta = cl.run(
+        Role::Gateway,
+        &inbound("echo", CHANNEL_PORT, "127.0.0.1:9000", "sm", &["alpha"], ""),
+    )?;
+    let _alpha = cl.run(
+        Role::Client,
+        &outbound("echo", "listen = \"127.0.0.1:6000\"", "beta", CHANNEL_PORT, "sm", ""),
+    )?;
+    let port = SocketAddr::new(Role::Gateway.addr().into(), CHANNEL_PORT);
+    // A real ClientHello (rustls, TLS 1.3), cut short.
+    let hello = {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), "beta".try_into()?)?;
+        let mut bytes = Vec::new();
+        conn.write_tls(&mut bytes)?;
+        bytes
+    };
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for payload in [noise.clone(), hello[..hello.len() / 2].to_vec(), hello.clone()] {
+        let mut s = lab
+            .tcp_connect(Role::Intruder, port, None, Duration::from_secs(2))?
+            .context("the channel port")?;
+        let _ = s.write_all(&payload);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // TLS clients outside the policy: curl, and one offering TLS 1.2 only.
+    let curl = lab.exec(
+        Role::Intruder,
+        &["sh", "-c", &format!("curl -sk -m 3 https://{port}/ || true")],
+    )?;
+    ensure!(curl.stdout.is_empty(), "curl got an answer: {:?}", curl.stdout);
+    let tls12 = lab.exec(
+        Role::Intruder,
+        &[
+            "sh",
+            "-c",
+            &format!("openssl s_client -connect {port} -tls1_2 </dev/null 2>&1 || true"),
+        ],
+    )?;
+    ensure!(
+        !String::from_utf8_lossy(&tls12.stdout).contains("Cipher is TLS"),
+        "TLS 1.2 got through"
+    );
+
+    ensure!(beta.running(), "beta's channels died: {}", beta.log());
+    ensure!(
+        echoes(lab, Role::Client, "127.0.0.1:6000")?,
+        "alpha's channel stopped working"
+    );
+    let reasons = eventually(Duration::from_secs(5), || {
+        let refused = cl.events(Role::Gateway, "channel_refused")?;
+        let has = |r: &str| refused.iter().any(|l| l["reason"] == r);
+        Ok(has("not_tls") && has("policy"))
+    })?;
+    ensure!(reasons, "{:?}", cl.events(Role::Gateway, "channel_refused")?);
+    Ok(())
 }

@@ -50,13 +50,18 @@ impl Inbound {
         }
     }
 
-    fn refuse(&self, remote: SocketAddr, reason: &str, offered: &[CipherSuite]) {
-        warn!(channel = %self.channel.name, %remote, reason, "channel refused");
+    /// Audits a refusal: `reason` a short code, `detail` the words. The
+    /// sender is not proven, so a flood of refusals is summarized by the
+    /// audit writer rather than written a line each.
+    fn refuse(&self, remote: SocketAddr, reason: &'static str, detail: &str, offered: &[CipherSuite]) {
+        debug!(channel = %self.channel.name, %remote, reason, detail, "channel refused");
         let offered: Vec<String> = offered.iter().map(|s| suite_name(*s)).collect();
-        self.audit.event(
+        self.audit.refused(
             "channel_refused",
+            reason,
+            remote.ip(),
             json!({"channel": self.channel.name, "remote": remote.to_string(), "policy": self.channel.policy.label(),
-                   "offered": offered, "reason": reason}),
+                   "offered": offered, "detail": detail}),
         );
     }
 
@@ -65,12 +70,13 @@ impl Inbound {
         let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept(tcp, remote)).await;
         let Ok(Some((mut tls, origin))) = accepted else {
             if accepted.is_err() {
-                self.refuse(remote, "no handshake and header within 10 s", &[]);
+                let detail = format!("no handshake and header within {HANDSHAKE_TIMEOUT:?}");
+                self.refuse(remote, "timeout", &detail, &[]);
             }
             return;
         };
         let name = &self.channel.name;
-        let backend = match self.connect_backend(origin).await {
+        let mut backend = match self.connect_backend(origin).await {
             Ok(backend) => backend,
             Err(e) => {
                 warn!(channel = %name, backend = %self.channel.backend, error = %e, "backend unreachable");
@@ -82,7 +88,6 @@ impl Inbound {
                 return;
             }
         };
-        let mut backend = backend;
         let (up, down) = super::carry(&mut tls, &mut backend).await;
         self.audit.event(
             "channel_closed",
@@ -95,7 +100,7 @@ impl Inbound {
         let start = match LazyConfigAcceptor::new(Acceptor::default(), tcp).await {
             Ok(start) => start,
             Err(e) => {
-                self.refuse(remote, &format!("not a TLS ClientHello: {e}"), &[]);
+                self.refuse(remote, "not_tls", &format!("not a TLS ClientHello: {e}"), &[]);
                 return None;
             }
         };
@@ -108,19 +113,25 @@ impl Inbound {
         let mut tls = match (handshake, admitted) {
             (Ok(tls), true) => tls,
             (_, false) => {
-                let reason = format!("the peer offered no suite of policy {:?}", self.channel.policy.label());
-                self.refuse(remote, &reason, &offered);
+                let detail = format!("the peer offered no suite of policy {:?}", self.channel.policy.label());
+                self.refuse(remote, "policy", &detail, &offered);
                 return None;
             }
             (Err(e), true) => {
-                self.refuse(remote, &error_chain(&PinMismatch::explain(e)), &offered);
+                let reason = if PinMismatch::behind(&e).is_some() {
+                    "unpinned"
+                } else {
+                    "handshake"
+                };
+                let e = PinMismatch::explain(e);
+                self.refuse(remote, reason, &error_chain(&e), &offered);
                 return None;
             }
         };
         let origin = match Origin::read(&mut tls).await {
             Ok(origin) => origin,
             Err(e) => {
-                self.refuse(remote, &error_chain(&e), &[]);
+                self.refuse(remote, "header", &error_chain(&e), &[]);
                 return None;
             }
         };

@@ -120,8 +120,10 @@ pub fn suite_name(suite: CipherSuite) -> String {
     match suite {
         shangmi::SM4_GCM_SM3 => "TLS_SM4_GCM_SM3".into(),
         shangmi::SM4_CCM_SM3 => "TLS_SM4_CCM_SM3".into(),
-        CipherSuite::Unknown(n) => format!("0x{n:04x}"),
-        known => format!("{known:?}").replace("TLS13_", "TLS_"),
+        other => match format!("{other:?}") {
+            named if named.starts_with("TLS") => named.replace("TLS13_", "TLS_"),
+            _ => format!("0x{:04x}", u16::from(other)),
+        },
     }
 }
 
@@ -163,5 +165,6 @@ mod tests {
             "TLS_AES_128_GCM_SHA256"
         );
         assert_eq!(suite_name(CipherSuite::Unknown(0x1234)), "0x1234");
+        assert_eq!(suite_name(CipherSuite::from(0x009f)), "0x009f");
     }
 }

@@ -515,7 +515,7 @@ fn channel() -> Result<()> {
         println!(
             "  beta audits: offered {} -> {}",
             line["offered"],
-            line["reason"].as_str().unwrap_or("")
+            line["detail"].as_str().unwrap_or("")
         );
     }
     ensure!(!aes && !sneak, "a refused channel got through");
