@@ -163,11 +163,22 @@ impl Channels {
                 return Err(ChannelConfigError::File(format!("two channels are named {name:?}")));
             }
         }
-        let outbound = file
+        let outbound: Vec<Outbound> = file
             .outbound
             .into_iter()
             .map(|o| outbound(o, base))
             .collect::<Result<_, _>>()?;
+        for o in &outbound {
+            if let Some(looped) = outbound.iter().find(|other| o.entry == Entry::Capture(other.connect)) {
+                return Err(invalid(
+                    &o.name,
+                    format!(
+                        "`capture` is channel {:?}'s own peer address {}: its connections would be captured into themselves",
+                        looped.name, looped.connect
+                    ),
+                ));
+            }
+        }
         let inbound = file.inbound.into_iter().map(inbound).collect::<Result<_, _>>()?;
         let credentials = base.join(file.credentials);
         Ok(Channels {
@@ -318,6 +329,10 @@ mod tests {
                 "unknown field `colour`",
             ),
             ("credentials = \"c\"".to_string(), "no channels"),
+            (
+                GOOD.replace("10.0.0.2:22/tcp", "10.0.0.2:7443/tcp"),
+                "captured into themselves",
+            ),
         ];
         for (text, expected) in cases {
             let e = parse(&text).unwrap_err().to_string();
