@@ -28,7 +28,7 @@ use rustls::{
 
 pub use certificate::{CertificateError, self_signed};
 pub use kx::CURVE_SM2;
-pub use sign::{CERTIFICATE_ID, SM2_WITH_SM3, SM2SIG_SM3, Sm2Key, TLS13_ID};
+pub use sign::{CERTIFICATE_ID, SM2SIG_SM3, Sm2Key, TLS13_ID};
 
 /// TLS_SM4_GCM_SM3 in the TLS Cipher Suites registry.
 pub const SM4_GCM_SM3: CipherSuite = CipherSuite::Unknown(0x00c6);
