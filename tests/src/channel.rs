@@ -353,16 +353,9 @@ pub struct Tongsuo {
 }
 
 impl Tongsuo {
-    /// `openssl ARGS` run in a role's namespace (or outside with `None`),
-    /// fed `input`; killed past `limit`.
-    pub fn run(
-        &self,
-        lab: &Lab,
-        role: Option<Role>,
-        args: &[&str],
-        input: &[u8],
-        limit: Duration,
-    ) -> Result<std::process::Output> {
+    /// `openssl ARGS` in a role's namespace (or outside with `None`), with
+    /// Tongsuo's configuration, in the lab's scratch directory.
+    fn command(&self, lab: &Lab, role: Option<Role>, args: &[&str]) -> Command {
         let mut cmd = match role {
             Some(role) => {
                 let mut c = Command::new("ip");
@@ -371,11 +364,24 @@ impl Tongsuo {
             }
             None => Command::new(&self.bin),
         };
-        let mut child = cmd
-            .args(args)
+        cmd.args(args)
             .env("OPENSSL_CONF", &self.conf)
             .current_dir(lab.scratch())
-            .stdin(Stdio::piped())
+            .stdin(Stdio::piped());
+        cmd
+    }
+
+    /// Runs `openssl ARGS` fed `input`; killed past `limit`.
+    pub fn run(
+        &self,
+        lab: &Lab,
+        role: Option<Role>,
+        args: &[&str],
+        input: &[u8],
+        limit: Duration,
+    ) -> Result<std::process::Output> {
+        let mut child = self
+            .command(lab, role, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -391,15 +397,11 @@ impl Tongsuo {
         output_within(child, limit)
     }
 
-    /// Spawns `openssl ARGS` in a role's namespace, killed when dropped.
+    /// Spawns `openssl ARGS` in a role's namespace, its output in `log`,
+    /// killed when dropped.
     pub fn spawn(&self, lab: &Lab, role: Role, args: &[&str], log: &Path) -> Result<ChildGuard> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(role)])
-            .arg(&self.bin)
-            .args(args)
-            .env("OPENSSL_CONF", &self.conf)
-            .current_dir(lab.scratch())
-            .stdin(Stdio::piped())
+        let child = self
+            .command(lab, Some(role), args)
             .stdout(std::fs::File::create(log)?)
             .stderr(Stdio::null())
             .spawn()

@@ -37,17 +37,8 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, remote)) => {
-                    tokio::spawn(self.clone().carry(tcp, remote));
-                }
-                Err(e) => {
-                    warn!(channel = %self.channel.name, error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let name = self.channel.name.clone();
+        super::accept_each(&name, listener, |tcp, remote| self.clone().carry(tcp, remote)).await
     }
 
     /// Audits a refusal: `reason` a short code, `detail` the words. The

@@ -96,6 +96,27 @@ where
         .unwrap_or_default()
 }
 
+/// Accepts connections on `listener` for ever, each carried by a task of
+/// its own; a failed accept (out of descriptors) is logged and retried
+/// after a pause rather than spun on.
+async fn accept_each<F, Fut>(channel: &str, listener: TcpListener, mut carry: F)
+where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, from)) => {
+                tokio::spawn(carry(tcp, from));
+            }
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "accepting a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Where each channel listens, once all are up.
 #[derive(Debug)]
 pub struct Running {

@@ -44,17 +44,8 @@ pub struct Outbound {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((app, client)) => {
-                    tokio::spawn(self.clone().carry(app, client));
-                }
-                Err(e) => {
-                    warn!(channel = %self.channel.name, error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let name = self.channel.name.clone();
+        super::accept_each(&name, listener, |app, client| self.clone().carry(app, client)).await
     }
 
     async fn carry(self: Arc<Self>, mut app: TcpStream, client: SocketAddr) {
