@@ -28,6 +28,12 @@ fn main() {
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
+        // bpf-linker's default defers memcpy to the BPF expander and leaves
+        // every memset and memmove a call to a byte-at-a-time loop; without
+        // it LLVM writes them inline as word moves.
+        "-Clink-arg=--disable-expand-memcpy-in-order".into(),
+        // v3 (kernel 5.1+): 32-bit jumps and ALU, fewer instructions.
+        "-Ctarget-cpu=v3".into(),
     ]
     .join("\x1f");
 

@@ -205,6 +205,9 @@ pub trait Tables {
     /// One 64-bit word of the PROTECTED bitmap.
     fn protected_word(&self, index: u32) -> u64;
     fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue>;
+    /// Whether some whitelist entry may have source `addr`: false means
+    /// none has, so the entry lookups can be skipped. May err towards true.
+    fn may_be_whitelisted(&self, addr: &[u8; 16]) -> bool;
     /// Longest-prefix match of `addr` in the operator allowlist.
     fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue>;
     /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
@@ -287,18 +290,22 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Confi
     if is_reply(cfg, key_proto, new_tcp, dport) {
         return pass(Reason::Reply);
     }
-    let idle = cfg.idle_timeout_ns;
-    // Exact tuple first, then the any-port entry. Echo has no source port,
-    // so for it the two keys are the same.
-    if sport != ANY_PORT {
-        let exact = WhitelistKey::new(pkt.src, sport, key_proto);
-        if let Some(d) = whitelisted(t, &exact, Touch::Exact, dport, idle, new_tcp) {
+    // A stranger's source has no entry at all: one cheap check instead of
+    // two lookups.
+    if t.may_be_whitelisted(&pkt.src) {
+        let idle = cfg.idle_timeout_ns;
+        // Exact tuple first, then the any-port entry. Echo has no source
+        // port, so for it the two keys are the same.
+        if sport != ANY_PORT {
+            let exact = WhitelistKey::new(pkt.src, sport, key_proto);
+            if let Some(d) = whitelisted(t, &exact, Touch::Exact, dport, idle, new_tcp) {
+                return d;
+            }
+        }
+        let any = WhitelistKey::new(pkt.src, ANY_PORT, key_proto);
+        if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
             return d;
         }
-    }
-    let any = WhitelistKey::new(pkt.src, ANY_PORT, key_proto);
-    if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
-        return d;
     }
     if allowlisted(t, cfg, &pkt.src) {
         return pass(Reason::Allowlisted);
@@ -414,7 +421,8 @@ fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     if !gated {
         return pass(Reason::Unprotected);
     }
-    if let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto(pkt)))
+    if t.may_be_whitelisted(&pkt.src)
+        && let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto(pkt)))
         && entry_is_live(&v, t.now(), cfg.idle_timeout_ns)
     {
         return pass(Reason::Whitelisted);

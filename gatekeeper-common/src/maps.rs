@@ -32,8 +32,17 @@ pub const KNOCK_BUDGET: &str = "KNOCK_BUDGET";
 /// read by userspace only.
 pub const IFACES: &str = "IFACES";
 
+/// A counter per slot of source addresses: how many whitelist entries
+/// have a source that hashes there ([`presence_slot`]). A stranger's slot
+/// is almost always zero, so its packet is refused after one array read
+/// instead of two hash lookups. Counts only ever err high (an entry the
+/// kernel's LRU evicted is still counted), which costs a lookup, never a
+/// wrong verdict. Userspace changes the counters with atomic operations on
+/// the mapped array, so several processes may write the whitelist at once.
+pub const PRESENCE: &str = "PRESENCE";
+
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     WHITELIST,
     ALLOWLIST,
     PROTECTED,
@@ -45,6 +54,7 @@ pub const ALL: [&str; 11] = [
     KNOCK_KEYS,
     KNOCK_BUDGET,
     IFACES,
+    PRESENCE,
 ];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
@@ -61,6 +71,25 @@ pub const MAX_IFACES: u32 = 32;
 /// An interface's name as the kernel limits it (IFNAMSIZ), NUL-padded.
 pub const IFACE_NAME_LEN: usize = 16;
 pub const KEY_ID_LEN: usize = 16;
+/// Slots in PRESENCE: with the default whitelist of 65,536 entries full,
+/// about one stranger in five still shares a slot with someone.
+pub const PRESENCE_SLOTS: u32 = 1 << 18;
+/// `BPF_F_MMAPABLE`: PRESENCE can be mapped into userspace.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// The PRESENCE slot of a source address: a multiplicative hash over both
+/// halves, cheap enough to run on every packet. It is not keyed: someone
+/// who knows a whitelisted address can pick sources that share its slot,
+/// and their packets then cost the two lookups every packet cost before.
+#[inline(always)]
+pub fn presence_slot(addr: &[u8; 16]) -> u32 {
+    let hi = u64::from_le_bytes([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7]]);
+    let lo = u64::from_le_bytes([
+        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+    ]);
+    let h = (hi.rotate_left(29) ^ lo).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> (64 - PRESENCE_SLOTS.trailing_zeros())) as u32
+}
 
 /// `src_port` value of an entry that matches any source port.
 pub const ANY_PORT: u16 = 0;

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -15,9 +15,9 @@ use gatekeeper_common::{
     decide::{Action, Decision, Reason, STATS_LEN, Tables, counter_index, decide},
     knock,
     maps::{
-        ALLOWLIST_MAX, AllowValue, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event, IFACE_NAME_LEN,
-        KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX,
-        WHITELIST_MAX, WhitelistKey, WhitelistValue,
+        ALLOWLIST_MAX, AllowValue, BPF_F_MMAPABLE, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event,
+        IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PRESENCE_SLOTS,
+        PROTECTED_WORDS, REPLAY_MAX, WHITELIST_MAX, WhitelistKey, WhitelistValue, presence_slot,
     },
     parse::{Frame, Kind, MAX_FRAME, Packet, parse, parse_ip},
     ratelimit,
@@ -44,6 +44,9 @@ static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_
 static KNOCK_KEYS: HashMap<[u8; KEY_ID_LEN], KnockBucket> = HashMap::with_max_entries(KNOCK_KEYS_MAX, 0);
 #[map]
 static KNOCK_BUDGET: PerCpuArray<KnockBucket> = PerCpuArray::with_max_entries(1, 0);
+/// How many whitelist entries each source slot holds; userspace keeps it.
+#[map]
+static PRESENCE: Array<u64> = Array::with_max_entries(PRESENCE_SLOTS, BPF_F_MMAPABLE);
 /// Declared here only so it is created and pinned with the gate's maps.
 #[map]
 static IFACES: Array<[u8; IFACE_NAME_LEN]> = Array::with_max_entries(MAX_IFACES, 0);
@@ -57,14 +60,12 @@ static IFACE_SLOT: u32 = 0;
 #[unsafe(no_mangle)]
 static BARE_IP: u8 = 0;
 
-/// Packet bytes between `data` and `data_end`, and the frame's whole length.
+/// Packet bytes between `data` and `data_end`. The program is loaded
+/// without multi-buffer support, so the kernel always hands it the whole
+/// frame in one linear buffer (generic XDP linearises GSO packets first).
 struct XdpFrame {
     start: usize,
     end: usize,
-    /// Length as the kernel reports it, a plain number: comparing it needs
-    /// no pointer arithmetic, so lengths up to 64 KiB (generic XDP's GSO
-    /// packets) pass the verifier.
-    len: usize,
 }
 
 impl XdpFrame {
@@ -81,7 +82,9 @@ impl XdpFrame {
 impl Frame for XdpFrame {
     #[inline(always)]
     fn covers(&self, len: usize) -> bool {
-        len <= self.len
+        // IP lengths stay below 64 KiB plus headers; the explicit bound
+        // keeps the pointer sum within what the verifier accepts.
+        len <= MAX_COVER && self.start + len <= self.end()
     }
 
     /// Callers use N >= 2: LLVM turns a one-byte check into `ptr >= end`,
@@ -98,6 +101,10 @@ impl Frame for XdpFrame {
     }
 }
 
+/// The longest length [`XdpFrame::covers`] is asked about: an IPv6
+/// payload length after two VLAN tags and the fixed header.
+const MAX_COVER: usize = 0x1_0000 + 64;
+
 struct Maps;
 
 impl Tables for Maps {
@@ -111,6 +118,11 @@ impl Tables for Maps {
         // SAFETY: the value is copied out at once; concurrent writers only
         // ever store whole timestamps.
         unsafe { WHITELIST.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn may_be_whitelisted(&self, addr: &[u8; 16]) -> bool {
+        PRESENCE.get(presence_slot(addr)).is_some_and(|n| *n != 0)
     }
 
     #[inline(always)]
@@ -186,8 +198,6 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let frame = XdpFrame {
         start: ctx.data(),
         end: ctx.data_end(),
-        // SAFETY: `ctx.ctx` is the program's own context.
-        len: unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize,
     };
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_DROP;

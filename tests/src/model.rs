@@ -133,6 +133,10 @@ impl Tables for Model {
         self.whitelist.borrow().get(key).copied()
     }
 
+    fn may_be_whitelisted(&self, addr: &[u8; 16]) -> bool {
+        self.whitelist.borrow().keys().any(|k| k.addr == *addr)
+    }
+
     fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue> {
         self.allowlist
             .iter()

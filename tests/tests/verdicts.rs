@@ -1030,6 +1030,31 @@ fn a_full_replay_cache_says_it_is_full() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn presence_counts_each_entry_once_whoever_writes_it() -> Result<()> {
+    let pins = Pins::new()?;
+    let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
+    let (one, other) = (Gate::open(pins.dir())?, Gate::open(pins.dir())?);
+    let src = addr("198.51.100.4");
+    let exact = WhitelistKey::new(src, 40000, proto::TCP);
+    let any = WhitelistKey::new(src, 0, proto::TCP);
+    let value = WhitelistValue::new(u64::MAX, 22, 22, 0, 0);
+    one.whitelist_insert(&exact, &value)?;
+    // An update through another handle, as the CLI beside the daemon.
+    other.whitelist_insert(&exact, &value)?;
+    one.whitelist_insert(&any, &value)?;
+    assert_eq!(one.presence()?.count(&src), 2, "two entries, one count each");
+    other.whitelist_del(&gatekeeper::gate::key_tuple(&exact).context("a tcp key")?)?;
+    assert_eq!(one.presence()?.count(&src), 1);
+    assert_eq!(one.whitelist_flush()?, 1);
+    assert_eq!(
+        one.presence()?.count(&src),
+        0,
+        "nothing left to look up for this source"
+    );
+    Ok(())
+}
+
 /// Creates a map by hand and pins it at `path`, as an older release left
 /// its maps: `map_type` is the kernel's BPF_MAP_TYPE_* number.
 fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32) -> Result<()> {
@@ -1092,15 +1117,22 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
         let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
         Gate::open(pins.dir())?.whitelist_insert(&entry, &WhitelistValue::new(u64::MAX, 22, 22, 0, 0))?;
     }
-    // What the previous release pinned: a 40-byte config, 15 counters.
+    // What the previous release pinned: a 40-byte config, 15 counters, and
+    // no PRESENCE counters at all.
     for (name, map_type, value, entries) in [("CONFIG", ARRAY, 40, 1), ("STATS", PERCPU_ARRAY, 8, 15)] {
         std::fs::remove_file(pins.dir().join(name))?;
         pin_raw_map(&pins.dir().join(name), map_type, 4, value, entries)?;
     }
+    std::fs::remove_file(pins.dir().join("PRESENCE"))?;
     {
         let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
         let gate = Gate::open(pins.dir())?;
         assert!(gate.whitelist_get(&entry)?.is_some(), "the entries were carried over");
+        assert_eq!(
+            gate.presence()?.count(&entry.addr),
+            1,
+            "the carried-over entry is counted, so its source is no stranger"
+        );
         gate.set_config(&standard_model(0).config())?;
         assert_eq!(gate.stats()?.len(), Reason::COUNT, "every counter exists again");
     }

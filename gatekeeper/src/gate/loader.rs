@@ -13,7 +13,10 @@ use gatekeeper_common::maps::{self as names};
 use thiserror::Error;
 use tracing::warn;
 
-use super::pins;
+use super::{
+    maps::{Gate, GateError},
+    pins,
+};
 
 /// The XDP object built from `gatekeeper-ebpf` by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper.bpf.o"));
@@ -45,6 +48,8 @@ pub enum LoaderError {
         found: String,
         needed: String,
     },
+    #[error("counting the whitelist into a new PRESENCE map")]
+    Seed(#[source] Box<GateError>),
     #[error("reading the pinned map {path}")]
     Pinned {
         path: String,
@@ -77,15 +82,15 @@ impl Layout {
     }
 }
 
-const LAYOUTS: [Layout; 11] = {
+const LAYOUTS: [Layout; 12] = {
     use std::mem::size_of;
 
     use gatekeeper_common::{
         decide::STATS_LEN,
         maps::{
             ALLOWLIST_MAX, AllowValue, Config, EVENTS_BYTES, IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX,
-            KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, REPLAY_MAX, WhitelistKey,
-            WhitelistValue,
+            KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PRESENCE_SLOTS, PROTECTED_WORDS, REPLAY_MAX,
+            WhitelistKey, WhitelistValue,
         },
     };
     const fn layout(name: &'static str, key: usize, value: usize, entries: Option<u32>, keeps_state: bool) -> Layout {
@@ -134,6 +139,8 @@ const LAYOUTS: [Layout; 11] = {
         ),
         layout(names::KNOCK_BUDGET, 4, size_of::<KnockBucket>(), Some(1), false),
         layout(names::IFACES, 4, IFACE_NAME_LEN, Some(MAX_IFACES), false),
+        // Rebuilt from the whitelist when replaced (see `load_pinned`).
+        layout(names::PRESENCE, 4, 8, Some(PRESENCE_SLOTS), false),
     ]
 };
 
@@ -234,8 +241,23 @@ pub fn load_pinned(pin_dir: &Path, whitelist_capacity: u32, instance: Instance) 
     for name in names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }
+    let counted = pin_dir.join(names::PRESENCE).exists();
     let mut ebpf = loader.load(OBJECT)?;
     program(&mut ebpf)?.load().map_err(LoaderError::Program)?;
+    if !counted {
+        // A fresh PRESENCE beside an older whitelist: count its entries
+        // before the program is attached, or their sources would be
+        // taken for strangers.
+        let seeded = Gate::open(pin_dir)
+            .and_then(|g| g.presence_seed())
+            .map_err(|e| LoaderError::Seed(Box::new(e)))?;
+        if seeded > 0 {
+            warn!(
+                entries = seeded,
+                "counted the existing whitelist entries into a new PRESENCE map"
+            );
+        }
+    }
     Ok(ebpf)
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::Duration,
 };
 
@@ -19,7 +19,10 @@ use gatekeeper_common::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::pins::PinError;
+use super::{
+    pins::PinError,
+    presence::{Presence, PresenceError},
+};
 use crate::{
     clock,
     spec::{PortRange, PortSet, Prefix, Proto, Tuple, map_addr},
@@ -27,6 +30,12 @@ use crate::{
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only if the key is present.
+const BPF_EXIST: u64 = 2;
+/// Rounds of create-or-update before a whitelist write gives up: each
+/// lost round means another process removed or created the same entry
+/// in between.
+const WRITE_ROUNDS: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum GateError {
@@ -39,6 +48,14 @@ pub enum GateError {
         #[source]
         source: MapError,
     },
+    #[error("the PRESENCE counters at {dir}")]
+    Presence {
+        dir: PathBuf,
+        #[source]
+        source: PresenceError,
+    },
+    #[error("another process kept creating and removing the whitelist entry for {0}; try again")]
+    Contended(String),
     #[error("no whitelist entry for {0}")]
     NoSuchEntry(String),
     #[error("no allowlist entry for {0}")]
@@ -65,6 +82,8 @@ pub struct Gate {
     /// The replay cache, opened on first use and kept: the daemon touches
     /// it for every authentic knock, and reopening the pin costs syscalls.
     replay: Mutex<Option<HashMap<MapData, [u8; NONCE_LEN], u64>>>,
+    /// The PRESENCE counters, mapped on first whitelist write.
+    presence: OnceLock<Presence>,
 }
 
 /// One whitelist entry as the CLI shows it.
@@ -83,6 +102,7 @@ impl Gate {
         Ok(Gate {
             dir: dir.to_path_buf(),
             replay: Mutex::new(None),
+            presence: OnceLock::new(),
         })
     }
 
@@ -233,27 +253,93 @@ impl Gate {
             if owner == 0 || e.value.flags & FLAG_OPERATOR != 0 || keep(owner) {
                 continue;
             }
-            match map.remove(&e.key) {
-                Ok(()) => *closed.entry(owner).or_insert(0) += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(err) if errno(&err, libc::ENOENT) => {}
-                Err(err) => return Err(self.err(names::WHITELIST)(err)),
+            if self.whitelist_remove(&mut map, &e.key)? {
+                *closed.entry(owner).or_insert(0) += 1;
             }
         }
         Ok(closed)
     }
 
-    /// Writes one entry exactly as given.
+    /// The PRESENCE counters, mapped once per handle.
+    pub fn presence(&self) -> Result<&Presence, GateError> {
+        if let Some(p) = self.presence.get() {
+            return Ok(p);
+        }
+        let p = Presence::open(&self.dir.join(names::PRESENCE)).map_err(|source| GateError::Presence {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        Ok(self.presence.get_or_init(|| p))
+    }
+
+    /// Writes one entry exactly as given. A new entry is counted in
+    /// PRESENCE before it exists; an existing one was counted by whoever
+    /// created it, so it is updated in place, never re-created uncounted.
     pub fn whitelist_insert(&self, key: &WhitelistKey, value: &WhitelistValue) -> Result<(), GateError> {
-        self.whitelist_map()?
-            .insert(key, value, 0)
-            .map_err(self.err(names::WHITELIST))
+        let presence = self.presence()?;
+        let mut map = self.whitelist_map()?;
+        presence.count_up(&key.addr);
+        for _ in 0..WRITE_ROUNDS {
+            match map.insert(key, value, BPF_NOEXIST) {
+                Ok(()) => return Ok(()),
+                Err(e) if errno(&e, libc::EEXIST) => {}
+                Err(e) => {
+                    presence.count_down(&key.addr);
+                    return Err(self.err(names::WHITELIST)(e));
+                }
+            }
+            match map.insert(key, value, BPF_EXIST) {
+                Ok(()) => {
+                    presence.count_down(&key.addr);
+                    return Ok(());
+                }
+                // Removed since: create it after all.
+                Err(e) if errno(&e, libc::ENOENT) => {}
+                Err(e) => {
+                    presence.count_down(&key.addr);
+                    return Err(self.err(names::WHITELIST)(e));
+                }
+            }
+        }
+        presence.count_down(&key.addr);
+        Err(GateError::Contended(
+            key_tuple(key).map_or_else(|| format!("{key:?}"), |t| t.to_string()),
+        ))
+    }
+
+    /// Removes `key`'s entry, then uncounts it; false when it was not there.
+    fn whitelist_remove(
+        &self,
+        map: &mut HashMap<MapData, WhitelistKey, WhitelistValue>,
+        key: &WhitelistKey,
+    ) -> Result<bool, GateError> {
+        match map.remove(key) {
+            Ok(()) => {
+                self.presence()?.count_down(&key.addr);
+                Ok(true)
+            }
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err(names::WHITELIST)(e)),
+        }
+    }
+
+    /// Counts every entry in PRESENCE, for a PRESENCE map created beside a
+    /// whitelist that already has entries (an upgrade).
+    pub fn presence_seed(&self) -> Result<usize, GateError> {
+        let presence = self.presence()?;
+        let entries = self.whitelist()?;
+        for e in &entries {
+            presence.count_up(&e.key.addr);
+        }
+        Ok(entries.len())
     }
 
     pub fn whitelist_del(&self, tuple: &Tuple) -> Result<(), GateError> {
-        match self.whitelist_map()?.remove(&tuple_key(tuple)) {
-            Err(MapError::KeyNotFound) => Err(GateError::NoSuchEntry(tuple.to_string())),
-            other => other.map_err(self.err(names::WHITELIST)),
+        if self.whitelist_remove(&mut self.whitelist_map()?, &tuple_key(tuple))? {
+            Ok(())
+        } else {
+            Err(GateError::NoSuchEntry(tuple.to_string()))
         }
     }
 
@@ -263,10 +349,8 @@ impl Gate {
         let keys: Vec<WhitelistKey> = map.keys().filter_map(Result::ok).collect();
         let mut removed = 0;
         for key in keys {
-            match map.remove(&key) {
-                Ok(()) => removed += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(self.err(names::WHITELIST)(e)),
+            if self.whitelist_remove(&mut map, &key)? {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -281,7 +365,7 @@ impl Gate {
             let Ok(fresh) = map.get(&entry.key, 0) else {
                 continue;
             };
-            if !entry_is_live(&fresh, now, idle_ns) && map.remove(&entry.key).is_ok() {
+            if !entry_is_live(&fresh, now, idle_ns) && self.whitelist_remove(&mut map, &entry.key)? {
                 gone.push(WhitelistEntry {
                     key: entry.key,
                     value: fresh,

@@ -5,6 +5,8 @@
 //! - [`pins`]: where a gate's objects live on bpffs, and the daemon locks.
 //! - [`loader`]: loading the embedded XDP object, attaching, adopting.
 //! - [`maps`]: typed access to the pinned maps (CLI and daemon).
+//! - [`presence`]: the per-source counters that let strangers skip the
+//!   whitelist lookups, kept by every writer of the whitelist.
 //! - [`ring`]: the records the program puts in the EVENTS ring.
 //! - [`interfaces`]: the namespace's interfaces, to find the ungated ones.
 //! - [`sweeper`]: removing expired, idle entries.
@@ -13,6 +15,7 @@ pub mod interfaces;
 pub mod loader;
 pub mod maps;
 pub mod pins;
+pub mod presence;
 pub mod ring;
 pub mod sweeper;
 
