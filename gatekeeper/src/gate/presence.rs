@@ -20,7 +20,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum PresenceError {
-    #[error("opening the pinned map")]
+    #[error("opening the pinned map (a gate loaded by an older release has none: restart the daemon to upgrade it)")]
     Open(#[source] aya::maps::MapError),
     #[error(
         "the pinned map holds {found} slots of {value} bytes where {PRESENCE_SLOTS} of 8 are needed: restart the daemon to replace it"
