@@ -144,12 +144,23 @@ pub fn tcp_request(port: u16) -> Request {
 
 /// A process's resident memory in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The anonymous part of a process's resident memory (heap, stacks), in
+/// KiB: what it allocated, without the pages of its program file or of
+/// kernel memory (BPF maps) it has mapped.
+pub fn anon_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// CPU time (user and system) a process has used so far.

@@ -1,8 +1,10 @@
-//! Frames inside the agent's TLS session. Each is a 9-byte header (type,
+//! Frames inside the agent's session. Each is a 9-byte header (type,
 //! stream id, payload length, big-endian) and up to [`MAX_PAYLOAD`] bytes.
+//! The handshake's frames travel in TLS records; a running session's in
+//! [`crate::record`]s, several to a record.
 //! Stream 0 is the session itself; public connections get ids from 1.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -116,6 +118,9 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// Bytes before a frame's payload.
+pub const HEADER: usize = 9;
+
 impl Frame {
     pub fn new(kind: Kind, stream: u32, payload: impl Into<Bytes>) -> Frame {
         Frame {
@@ -125,15 +130,56 @@ impl Frame {
         }
     }
 
-    pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), FrameError> {
+    /// Bytes this frame takes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        HEADER + self.payload.len()
+    }
+
+    fn header(&self) -> Result<[u8; HEADER], FrameError> {
         if self.payload.len() > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(self.payload.len()));
         }
-        let mut header = [0u8; 9];
+        let mut header = [0u8; HEADER];
         header[0] = self.kind as u8;
         header[1..5].copy_from_slice(&self.stream.to_be_bytes());
         header[5..9].copy_from_slice(&(self.payload.len() as u32).to_be_bytes());
-        w.write_all(&header).await?;
+        Ok(header)
+    }
+
+    /// The kind, stream and payload length a header announces.
+    fn parse_header(header: &[u8; HEADER]) -> Result<(Kind, u32, usize), FrameError> {
+        let kind = Kind::from_u8(header[0]).ok_or(FrameError::Kind(header[0]))?;
+        let stream = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let len = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(len));
+        }
+        Ok((kind, stream, len))
+    }
+
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        out.extend_from_slice(&self.header()?);
+        out.extend_from_slice(&self.payload);
+        Ok(())
+    }
+
+    /// Takes the frame at the start of `buf` off it, its payload sharing
+    /// `buf`'s memory; `Ok(None)` when `buf` ends inside it.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some(header) = buf.first_chunk::<HEADER>() else {
+            return Ok(None);
+        };
+        let (kind, stream, len) = Frame::parse_header(header)?;
+        if buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        buf.advance(HEADER);
+        Ok(Some(Frame::new(kind, stream, buf.split_to(len).freeze())))
+    }
+
+    pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), FrameError> {
+        w.write_all(&self.header()?).await?;
         w.write_all(&self.payload).await?;
         Ok(())
     }
@@ -142,7 +188,7 @@ impl Frame {
     /// An end anywhere inside a frame, header or payload, is
     /// [`FrameError::Truncated`].
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
-        let mut header = [0u8; 9];
+        let mut header = [0u8; HEADER];
         let mut got = 0;
         while got < header.len() {
             match r.read(&mut header[got..]).await? {
@@ -151,23 +197,14 @@ impl Frame {
                 n => got += n,
             }
         }
-        let kind = Kind::from_u8(header[0]).ok_or(FrameError::Kind(header[0]))?;
-        let stream = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        let len = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
-        }
+        let (kind, stream, len) = Frame::parse_header(&header)?;
         let mut payload = vec![0u8; len];
         match r.read_exact(&mut payload).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Truncated),
             Err(e) => return Err(e.into()),
         }
-        Ok(Some(Frame {
-            kind,
-            stream,
-            payload: payload.into(),
-        }))
+        Ok(Some(Frame::new(kind, stream, payload)))
     }
 }
 

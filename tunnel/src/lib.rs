@@ -4,13 +4,16 @@
 //!
 //! - [`tls`]: the gateway's self-generated certificate and the agent's
 //!   pinning of it by SHA-256 fingerprint (no CA involved).
-//! - [`frame`]: the frames both sides exchange inside the TLS session.
+//! - [`frame`]: the frames both sides exchange inside the session.
+//! - [`record`]: the session's own record layer once TLS has agreed a
+//!   secret: independent halves, many frames per record.
 //! - [`mux`]: many streams over one session, each with its own window.
 //! - [`splice`]: copying between a TCP connection and a stream.
 //! - [`session`]: the agent handshake, and both ends relaying.
 
 pub mod frame;
 pub mod mux;
+pub mod record;
 pub mod session;
 pub mod splice;
 pub mod tls;

@@ -1,4 +1,4 @@
-//! Many streams inside one TLS session. Each stream has its own window: a
+//! Many streams inside one agent session. Each stream has its own window: a
 //! sender may have at most [`WINDOW`] unacknowledged bytes in flight, so a
 //! stream whose consumer is slow stops only itself, never the session.
 //!
@@ -6,6 +6,12 @@
 //! [`Mux::opener`]); the other accepts them ([`Mux::acceptor`]). A stream
 //! opened toward the opener is a protocol error: nothing there would ever
 //! read it. Both sides answer pings.
+//!
+//! The session runs over [`crate::record`]'s halves: a reader task and a
+//! writer task, so the two directions never wait on each other. The
+//! acceptor (the agent) speaks first on the record layer; the opener writes
+//! nothing until it has heard it, so no record of ours can reach the agent
+//! while its TLS layer might still read it.
 
 use std::{
     collections::HashMap,
@@ -19,15 +25,19 @@ use std::{
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
-    sync::{Semaphore, mpsc},
+    io::{AsyncRead, AsyncWrite},
+    sync::{Semaphore, mpsc, oneshot},
     task::JoinHandle,
 };
 
-use crate::frame::{Farewell, Frame, FrameError, Kind, MAX_PAYLOAD};
+use crate::{
+    frame::{Farewell, Frame, Kind, MAX_PAYLOAD},
+    record::{RecordError, RecordReader, RecordWriter},
+};
 
-/// Bytes a sender may have in flight per stream.
-pub const WINDOW: u32 = 256 * 1024;
+/// Bytes a sender may have in flight per stream: enough to keep a
+/// gigabit-class path full, and the most a stalled stream holds in memory.
+pub const WINDOW: u32 = 1024 * 1024;
 
 /// Pings a peer may send per second before the session is cut.
 pub const MAX_PINGS_PER_SEC: u32 = 50;
@@ -35,7 +45,7 @@ pub const MAX_PINGS_PER_SEC: u32 = 50;
 #[derive(Debug, Error)]
 pub enum MuxError {
     #[error(transparent)]
-    Frame(#[from] FrameError),
+    Record(#[from] RecordError),
     #[error("the peer broke the protocol: {0}")]
     Protocol(String),
     #[error("the peer ended the session: {0}")]
@@ -113,34 +123,48 @@ pub struct StreamWriter {
 }
 
 impl Mux {
-    /// Runs the opening side of a session over `io`: the handle to open
-    /// streams with, and the session's task, which ends with why the
-    /// session ended.
-    pub fn opener<T>(io: T) -> (Mux, SessionTask)
+    /// Runs the opening side of a session over a record layer's halves:
+    /// the handle to open streams with, and the session's task, which ends
+    /// with why the session ended.
+    pub fn opener<R, W>(rd: RecordReader<R>, wr: RecordWriter<W>) -> (Mux, SessionTask)
     where
-        T: AsyncRead + AsyncWrite + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (mux, task) = Mux::start(io, None);
-        (mux, task)
+        Mux::start(rd, wr, None)
     }
 
-    /// Runs the accepting side of a session over `io`: also gives the
-    /// streams the peer opens, with the payload of their `Open`.
-    pub fn acceptor<T>(io: T) -> (Mux, Incoming, SessionTask)
+    /// Runs the accepting side of a session: also gives the streams the
+    /// peer opens, with the payload of their `Open`.
+    pub fn acceptor<R, W>(rd: RecordReader<R>, wr: RecordWriter<W>) -> (Mux, Incoming, SessionTask)
     where
-        T: AsyncRead + AsyncWrite + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
         let (accepted_tx, accepted) = mpsc::channel(64);
-        let (mux, task) = Mux::start(io, Some(accepted_tx));
+        let (mux, task) = Mux::start(rd, wr, Some(accepted_tx));
         (mux, accepted, task)
     }
 
-    fn start<T>(io: T, accepted: Option<mpsc::Sender<(MuxStream, Bytes)>>) -> (Mux, SessionTask)
+    fn start<R, W>(
+        mut rd: RecordReader<R>,
+        mut wr: RecordWriter<W>,
+        accepted: Option<mpsc::Sender<(MuxStream, Bytes)>>,
+    ) -> (Mux, SessionTask)
     where
-        T: AsyncRead + AsyncWrite + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, wr) = tokio::io::split(io);
         let (out, mut outbox) = mpsc::channel::<Frame>(1024);
+        // The acceptor speaks first; the opener waits to hear it.
+        let (heard_tx, heard) = oneshot::channel::<()>();
+        let (mut heard_tx, heard) = match accepted {
+            Some(_) => {
+                let _ = out.try_send(Frame::new(Kind::Pong, 0, Bytes::new()));
+                (None, None)
+            }
+            None => (Some(heard_tx), Some(heard)),
+        };
         let shared = Arc::new(Shared {
             out,
             streams: Mutex::new(HashMap::new()),
@@ -148,19 +172,24 @@ impl Mux {
             last_heard: Mutex::new(Instant::now()),
         });
         let writer = tokio::spawn(async move {
-            let mut wr = BufWriter::new(wr);
-            while let Some(frame) = outbox.recv().await {
-                frame.write(&mut wr).await?;
-                if outbox.is_empty() {
-                    wr.flush().await.map_err(FrameError::from)?;
-                }
+            if let Some(heard) = heard
+                && heard.await.is_err()
+            {
+                return Ok(());
             }
-            wr.shutdown().await.map_err(FrameError::from)?;
-            Ok::<(), FrameError>(())
+            // Every frame queued meanwhile goes into the same record.
+            while let Some(frame) = outbox.recv().await {
+                wr.push(&frame).await?;
+                while let Ok(frame) = outbox.try_recv() {
+                    wr.push(&frame).await?;
+                }
+                wr.flush().await?;
+            }
+            wr.shutdown().await
         });
         let reader_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let result = read_loop(&mut rd, &reader_shared, accepted.as_ref()).await;
+            let result = read_loop(&mut rd, &reader_shared, accepted.as_ref(), &mut heard_tx).await;
             // Wake every stream: their peer is gone.
             reader_shared.slots().clear();
             // Tell a peer that broke the protocol why it is cut off, giving
@@ -248,12 +277,16 @@ fn new_stream(shared: &Arc<Shared>, id: u32) -> MuxStream {
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
-    rd: &mut R,
+    rd: &mut RecordReader<R>,
     shared: &Arc<Shared>,
     accepted: Option<&mpsc::Sender<(MuxStream, Bytes)>>,
+    heard: &mut Option<oneshot::Sender<()>>,
 ) -> Result<(), MuxError> {
     let (mut ping_window, mut pings) = (Instant::now(), 0u32);
-    while let Some(frame) = Frame::read(rd).await? {
+    while let Some(frame) = rd.frame().await? {
+        if let Some(heard) = heard.take() {
+            let _ = heard.send(());
+        }
         *shared.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         match frame.kind {
             Kind::Ping => {
@@ -340,7 +373,7 @@ impl MuxStream {
         (self.reader, self.writer)
     }
 
-    pub async fn send(&self, data: &[u8]) -> Result<(), MuxError> {
+    pub async fn send(&self, data: Bytes) -> Result<(), MuxError> {
         self.writer.send(data).await
     }
 
@@ -355,9 +388,10 @@ impl MuxStream {
 
 impl StreamWriter {
     /// Sends `data`, waiting for window as needed.
-    pub async fn send(&self, data: &[u8]) -> Result<(), MuxError> {
+    pub async fn send(&self, mut data: Bytes) -> Result<(), MuxError> {
         let reg = &self.reg;
-        for chunk in data.chunks(MAX_PAYLOAD.min(WINDOW as usize)) {
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(MAX_PAYLOAD).min(WINDOW as usize));
             let permits = self
                 .send_credit
                 .acquire_many(chunk.len() as u32)
@@ -366,7 +400,7 @@ impl StreamWriter {
             permits.forget();
             reg.shared
                 .out
-                .send(Frame::new(Kind::Data, reg.id, Bytes::copy_from_slice(chunk)))
+                .send(Frame::new(Kind::Data, reg.id, chunk))
                 .await
                 .map_err(|_| MuxError::Closed)?;
         }
@@ -424,28 +458,73 @@ mod tests {
     use std::time::Duration;
 
     use sha2::{Digest, Sha256};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf},
+        net::{TcpListener, TcpStream},
+    };
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::tls::{Identity, client_config};
+    use crate::{
+        record::{SessionSecret, Side},
+        tls::{Identity, client_config},
+    };
 
-    /// Two ends of a real TLS session on loopback, each running a mux.
+    type Ends = (
+        RecordReader<ReadHalf<DuplexStream>>,
+        RecordWriter<WriteHalf<DuplexStream>>,
+    );
+
+    /// The gateway's and the agent's record layers over an in-memory pipe.
+    fn ends() -> (Ends, Ends) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let secret = SessionSecret::from_bytes(&[1u8; 32]);
+        let ((ar, aw), (br, bw)) = (tokio::io::split(a), tokio::io::split(b));
+        (
+            (
+                RecordReader::new(ar, &secret, Side::Gateway),
+                RecordWriter::new(aw, &secret, Side::Gateway),
+            ),
+            (
+                RecordReader::new(br, &secret, Side::Agent),
+                RecordWriter::new(bw, &secret, Side::Agent),
+            ),
+        )
+    }
+
+    /// Sends one frame as a peer that ignores the protocol would.
+    async fn send_raw(wr: &mut RecordWriter<WriteHalf<DuplexStream>>, frame: Frame) -> Result<(), RecordError> {
+        wr.push(&frame).await?;
+        wr.flush().await
+    }
+
+    /// Two ends of a real TLS session on loopback, each running a mux. One
+    /// byte from the gateway stands for the welcome: the turn that lets
+    /// both ends leave TLS with nothing of the other's in flight.
     async fn pair() -> (Mux, (Mux, Incoming)) {
         let id = Identity::generate(&["gateway".into()]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(id.server_config().unwrap());
-        let server = tokio::spawn(async move { acceptor.accept(listener.accept().await.unwrap().0).await.unwrap() });
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(listener.accept().await.unwrap().0).await.unwrap();
+            tls.write_all(b"w").await.unwrap();
+            tls.flush().await.unwrap();
+            tls
+        });
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("gateway").unwrap();
-        let client = TlsConnector::from(client_config(id.fingerprint()).unwrap())
+        let mut client = TlsConnector::from(client_config(id.fingerprint()).unwrap())
             .connect(name, tcp)
             .await
             .unwrap();
-        let server = server.await.unwrap();
-        let (g, _) = Mux::opener(server);
-        let (a, a_in, _) = Mux::acceptor(client);
+        client.read_exact(&mut [0u8; 1]).await.unwrap();
+        let (tcp, mut tls) = server.await.unwrap().into_inner();
+        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Gateway);
+        let (g, _) = Mux::opener(rd, wr);
+        let (tcp, mut tls) = client.into_inner();
+        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Agent);
+        let (a, a_in, _) = Mux::acceptor(rd, wr);
         (g, (a, a_in))
     }
 
@@ -470,7 +549,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (mut rd, mut wr) = s.split();
                     while let Some(chunk) = rd.recv().await {
-                        if wr.send(&chunk).await.is_err() {
+                        if wr.send(chunk).await.is_err() {
                             return;
                         }
                     }
@@ -492,7 +571,7 @@ mod tests {
         let (mut rd, mut wr) = mux.open(Bytes::from_static(meta)).await.unwrap().split();
         let len = data.len();
         let send = async move {
-            wr.send(&data).await.unwrap();
+            wr.send(Bytes::from(data)).await.unwrap();
             wr.close().await;
             wr
         };
@@ -537,7 +616,7 @@ mod tests {
         let (gw, (_agent, a_in)) = pair().await;
         let _echo = echo_all(a_in, Some(Bytes::from_static(b"stalled")));
         let stalled = gw.open(Bytes::from_static(b"stalled")).await.unwrap();
-        let blocked = tokio::spawn(async move { stalled.send(&vec![0u8; 4 << 20]).await });
+        let blocked = tokio::spawn(async move { stalled.send(Bytes::from(vec![0u8; 4 << 20])).await });
         for i in 0..20 {
             let data = payload(i, 512 << 10);
             let want: [u8; 32] = Sha256::digest(&data).into();
@@ -555,9 +634,9 @@ mod tests {
 
     #[tokio::test]
     async fn goodbye_ends_the_session_with_its_reason() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let (left, _) = Mux::opener(a);
-        let (_right, _, task) = Mux::acceptor(b);
+        let ((grd, gwr), (ard, awr)) = ends();
+        let (left, _) = Mux::opener(grd, gwr);
+        let (_right, _, task) = Mux::acceptor(ard, awr);
         left.farewell(&Farewell::Revoked("tunnel web".into())).await.unwrap();
         let ended = ended(task).await;
         assert!(matches!(ended, Err(MuxError::Goodbye(Farewell::Revoked(w))) if w == "tunnel web"));
@@ -565,11 +644,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_opened_toward_the_gateway_is_refused_not_parked() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (_gw, task) = Mux::opener(b);
-        let mut raw = a;
+        let ((grd, gwr), (mut raw_rd, mut raw_wr)) = ends();
+        let (_gw, task) = Mux::opener(grd, gwr);
         for id in 1..=100u32 {
-            if Frame::new(Kind::Open, id, Bytes::new()).write(&mut raw).await.is_err() {
+            if send_raw(&mut raw_wr, Frame::new(Kind::Open, id, Bytes::new()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -578,18 +659,19 @@ mod tests {
             matches!(&ended, Err(MuxError::Protocol(why)) if why.contains("gateway only")),
             "{ended:?}"
         );
-        let told = Frame::read(&mut raw).await.unwrap().expect("a goodbye first");
+        let told = raw_rd.frame().await.unwrap().expect("a goodbye first");
         assert_eq!(told.kind, Kind::Goodbye);
         assert!(matches!(Farewell::from_payload(&told.payload), Farewell::Broken(w) if w.contains("gateway only")));
     }
 
     #[tokio::test]
     async fn a_peer_that_pings_too_fast_is_cut_off() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (_mux, _incoming, task) = Mux::acceptor(b);
-        let mut raw = a;
+        let ((_raw_rd, mut raw_wr), (ard, awr)) = ends();
+        let (_mux, _incoming, task) = Mux::acceptor(ard, awr);
         for _ in 0..=MAX_PINGS_PER_SEC {
-            Frame::new(Kind::Ping, 0, Bytes::new()).write(&mut raw).await.unwrap();
+            send_raw(&mut raw_wr, Frame::new(Kind::Ping, 0, Bytes::new()))
+                .await
+                .unwrap();
         }
         let ended = ended(task).await;
         assert!(
@@ -600,14 +682,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_sending_past_its_window_is_cut_off() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (_mux, mut incoming, task) = Mux::acceptor(b);
-        let mut raw = a;
-        Frame::new(Kind::Open, 1, Bytes::new()).write(&mut raw).await.unwrap();
+        let ((_raw_rd, mut raw_wr), (ard, awr)) = ends();
+        let (_mux, mut incoming, task) = Mux::acceptor(ard, awr);
+        send_raw(&mut raw_wr, Frame::new(Kind::Open, 1, Bytes::new()))
+            .await
+            .unwrap();
         let (_stream, _) = incoming.recv().await.unwrap();
         for _ in 0..(WINDOW as usize / MAX_PAYLOAD + 1) {
-            Frame::new(Kind::Data, 1, vec![0u8; MAX_PAYLOAD])
-                .write(&mut raw)
+            send_raw(&mut raw_wr, Frame::new(Kind::Data, 1, vec![0u8; MAX_PAYLOAD]))
                 .await
                 .unwrap();
         }

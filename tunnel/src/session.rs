@@ -170,7 +170,10 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::tls::{Identity, client_config};
+    use crate::{
+        record::{SessionSecret, Side},
+        tls::{Identity, client_config},
+    };
 
     struct OneToken;
 
@@ -230,7 +233,12 @@ mod tests {
                 if answer(&mut tls, Ok(info.public_port)).await.is_err() {
                     continue;
                 }
-                let (mux, _task) = Mux::opener(tls);
+                let (tcp, mut tls) = tls.into_inner();
+                let Ok(secret) = SessionSecret::of_tls(&mut tls) else {
+                    continue;
+                };
+                let (rd, wr) = secret.split(tcp, Side::Gateway);
+                let (mux, _task) = Mux::opener(rd, wr);
                 let (_stop_tx, stop) = watch::channel(false);
                 let seen = seen.clone();
                 if let Some(public) = public.take() {
@@ -258,7 +266,9 @@ mod tests {
             .await
             .unwrap();
         let port = hello(&mut tls, token, secret).await?;
-        let (_mux, incoming, _task) = Mux::acceptor(tls);
+        let (tcp, mut tls) = tls.into_inner();
+        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Agent);
+        let (_mux, incoming, _task) = Mux::acceptor(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {
             let _keep = stop_tx;

@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -37,15 +38,17 @@ pub async fn splice(tcp: TcpStream, stream: MuxStream, mut cancel: watch::Receiv
     // Counted as bytes move, so a cancelled relay still reports them.
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let upward = async {
-        let mut buf = vec![0u8; crate::frame::MAX_PAYLOAD];
+        // Each read lands in memory the frame then carries: no copy.
+        let mut buf = BytesMut::new();
         loop {
-            match tcp_rd.read(&mut buf).await {
+            buf.reserve(crate::frame::MAX_PAYLOAD);
+            match tcp_rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => {
                     wr.close().await;
                     return true;
                 }
                 Ok(n) => {
-                    if wr.send(&buf[..n]).await.is_err() {
+                    if wr.send(buf.split().freeze()).await.is_err() {
                         return false;
                     }
                     up.fetch_add(n as u64, Ordering::Relaxed);

@@ -194,7 +194,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         file,
     });
     let settings = Settings::resolve(&args.state_dir, state, &local, overrides)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: a tunnel's encryption and its public side's copying run
+    // on both cores instead of taking turns on one.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use tunnel::{
     frame::Kind,
     mux::{Mux, MuxError},
+    record::{SessionSecret, Side},
     session::{SessionError, hello, serve_private},
     tls::{PinMismatch, client_config},
 };
@@ -155,7 +156,12 @@ async fn attempt(
     };
     published(SocketAddr::new(target.ip(), port));
     info!(public = %SocketAddr::new(target.ip(), port), %forward, "published");
-    let (mux, incoming, task) = Mux::acceptor(tls);
+    let (tcp, mut tls) = tls.into_inner();
+    let (rd, wr) = match SessionSecret::of_tls(&mut tls) {
+        Ok(secret) => secret.split(tcp, Side::Agent),
+        Err(e) => return (Ended::Retry(e.to_string()), true),
+    };
+    let (mux, incoming, task) = Mux::acceptor(rd, wr);
     let (_stop_tx, stop) = watch::channel(false);
     let serving = tokio::spawn(serve_private(incoming, forward, stop));
     // Heartbeats both ways: ping the gateway, and give up on a gateway

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use tunnel::{
     frame::{Farewell, Kind},
     mux::Mux,
+    record::{SessionSecret, Side},
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
     splice::Spliced,
     tls::{Identity, TlsError},
@@ -224,7 +225,12 @@ impl Gateway {
         if let Err(e) = answer(&mut tls, Ok(info.public_port)).await {
             return self.refused(agent, format!("welcoming the agent: {e}"));
         }
-        let (mux, task) = Mux::opener(tls);
+        let (tcp, mut tls) = tls.into_inner();
+        let (rd, wr) = match SessionSecret::of_tls(&mut tls) {
+            Ok(secret) => secret.split(tcp, Side::Gateway),
+            Err(e) => return self.refused(agent, e.to_string()),
+        };
+        let (mux, task) = Mux::opener(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
         let (connections, up, down) = (
             Arc::new(AtomicU64::new(0)),

@@ -151,9 +151,31 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
             .ok_or(TunnelError::NoFreePort(range))?,
     };
     let fingerprint = store.identity()?.fingerprint();
+    let agent_client = format!("tunnel-{}", new.name);
+    if existing.client(&agent_client).is_some() {
+        return Err(StoreError::DuplicateClient(agent_client).into());
+    }
+    let secret = random_bytes(32);
+    let rec = TunnelRecord {
+        name: new.name.clone(),
+        owner: new.owner.clone(),
+        token_id: format!("t{}", hex(&random_bytes(8))),
+        secret_sha256: hex(&Sha256::digest(&secret)),
+        allow: new.allow.clone(),
+        public_port,
+        agent_client: agent_client.clone(),
+        revoked: false,
+        expires: new.expires_in.map(|d| unix_now() + d.as_secs()),
+        created: unix_now(),
+    };
+    // The record goes in before the agent's credential. A daemon that reads
+    // the state between the two writes then drops the agent's knock, which
+    // the agent retries; the other order would have it refuse the token,
+    // which the agent takes as final.
+    store.put_tunnel(&rec, Put::Create)?;
     // Agents sit in private networks, usually behind NAT.
-    let (_, credential) = store.add_client(&NewClient {
-        name: format!("tunnel-{}", new.name),
+    let added = store.add_client(&NewClient {
+        name: agent_client,
         allow: PortSet {
             ranges: vec![(
                 Proto::Tcp,
@@ -167,21 +189,19 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         expires_in: new.expires_in,
         nat: true,
         portal_upstream: None,
-    })?;
-    let secret = random_bytes(32);
-    let rec = TunnelRecord {
-        name: new.name.clone(),
-        owner: new.owner.clone(),
-        token_id: format!("t{}", hex(&random_bytes(8))),
-        secret_sha256: hex(&Sha256::digest(&secret)),
-        allow: new.allow.clone(),
-        public_port,
-        agent_client: credential.name.clone(),
-        revoked: false,
-        expires: new.expires_in.map(|d| unix_now() + d.as_secs()),
-        created: unix_now(),
+    });
+    let credential = match added {
+        Ok((_, credential)) => credential,
+        Err(e) => {
+            // Without its agent's credential the tunnel is of no use.
+            let withdrawn = TunnelRecord {
+                revoked: true,
+                ..rec.clone()
+            };
+            let _ = store.put_tunnel(&withdrawn, Put::Replace);
+            return Err(e.into());
+        }
     };
-    store.put_tunnel(&rec, Put::Create)?;
     let token = Token {
         name: new.name.clone(),
         token_id: rec.token_id.clone(),
@@ -236,6 +256,86 @@ mod tests {
             expires_in: None,
             nodes: Vec::new(),
         }
+    }
+
+    /// A file store that records, at each client written, which tunnels a
+    /// daemon reading the state at that moment would see.
+    struct Watched {
+        inner: FileStore,
+        seen: std::sync::Mutex<Vec<(String, Vec<String>)>>,
+    }
+
+    impl Store for Watched {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn initialised(&self) -> bool {
+            self.inner.initialised()
+        }
+        fn init(&self, addrs: &[IpAddr], force: bool) -> Result<x25519_dalek::PublicKey, StoreError> {
+            self.inner.init(addrs, force)
+        }
+        fn server_secret(&self) -> Result<x25519_dalek::StaticSecret, StoreError> {
+            self.inner.server_secret()
+        }
+        fn identity(&self) -> Result<tunnel::tls::Identity, StoreError> {
+            self.inner.identity()
+        }
+        fn config(&self) -> Result<crate::store::config::ConfigFile, StoreError> {
+            self.inner.config()
+        }
+        fn version(&self) -> Result<crate::store::Version, StoreError> {
+            self.inner.version()
+        }
+        fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.snapshot()
+        }
+        fn client(&self, name: &str) -> Result<crate::store::ClientRecord, StoreError> {
+            self.inner.client(name)
+        }
+        fn put_client(&self, rec: &crate::store::ClientRecord, put: Put) -> Result<(), StoreError> {
+            let tunnels = self.inner.snapshot()?.tunnels.into_iter().map(|t| t.name).collect();
+            self.seen.lock().unwrap().push((rec.name.clone(), tunnels));
+            self.inner.put_client(rec, put)
+        }
+        fn tunnel(&self, name: &str) -> Result<TunnelRecord, StoreError> {
+            self.inner.tunnel(name)
+        }
+        fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError> {
+            self.inner.put_tunnel(rec, put)
+        }
+        fn relay(&self, name: &str) -> Result<crate::store::RelayRecord, StoreError> {
+            self.inner.relay(name)
+        }
+        fn put_relay(&self, rec: &crate::store::RelayRecord, put: Put) -> Result<(), StoreError> {
+            self.inner.put_relay(rec, put)
+        }
+    }
+
+    #[test]
+    fn an_agent_credential_is_never_in_the_state_before_its_tunnel() {
+        let (inner, dir) = store("order");
+        let watched = Watched {
+            inner,
+            seen: Default::default(),
+        };
+        issue(&watched, &new("web", &["laptop"], None)).unwrap();
+        let seen = watched.seen.lock().unwrap().clone();
+        assert_eq!(seen, vec![("tunnel-web".to_string(), vec!["web".to_string()])]);
+
+        let s = &watched.inner;
+        s.add_client(&NewClient {
+            name: "tunnel-db".into(),
+            allow: "tcp/22".parse().unwrap(),
+            expires_in: None,
+            nat: false,
+            portal_upstream: None,
+        })
+        .unwrap();
+        let clash = issue(s, &new("db", &[], None)).unwrap_err();
+        assert!(clash.to_string().contains("tunnel-db"), "{clash}");
+        assert!(s.tunnel("db").is_err(), "a refused issue writes no tunnel");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
