@@ -12,8 +12,9 @@
 //! On the wire a record is a 4-byte big-endian length and that many bytes
 //! of AES-256-GCM ciphertext and tag; the length is the associated data.
 //! Each direction has its own key, and a fresh one every [`EPOCH`] records
-//! (derived, never sent), which keeps each key far inside AES-GCM's usage
-//! limits; the nonce is the record's number. A record that is dropped,
+//! (derived, never sent): at most 64 GiB under one key, a sixth of the
+//! limit RFC 8446 (section 5.5) sets for AES-GCM; the nonce is the record's
+//! number. A record that is dropped,
 //! repeated, reordered, cut or altered fails to open and ends the session.
 
 use bytes::{Buf, BytesMut};
@@ -36,8 +37,9 @@ use crate::frame::{Frame, FrameError};
 /// Most frame bytes in one record.
 pub const MAX_PLAINTEXT: usize = 256 * 1024;
 
-/// Records sealed under one key before the next is derived.
-pub const EPOCH: u64 = 1 << 20;
+/// Records sealed under one key before the next is derived: with
+/// [`MAX_PLAINTEXT`], 64 GiB.
+pub const EPOCH: u64 = 1 << 18;
 
 const LENGTH: usize = 4;
 const TAG: usize = 16;
@@ -122,7 +124,7 @@ impl SessionSecret {
         Ok(SessionSecret::from_bytes(&secret))
     }
 
-    /// A secret from raw bytes: for tests that run a session without TLS.
+    /// A secret from raw bytes: what TLS exported, or a test's own.
     pub fn from_bytes(secret: &[u8; 32]) -> SessionSecret {
         SessionSecret(hkdf::Salt::new(hkdf::HKDF_SHA256, b"gatekeeper tunnel records").extract(secret))
     }
