@@ -157,13 +157,12 @@ impl Mux {
     {
         let (out, mut outbox) = mpsc::channel::<Frame>(1024);
         // The acceptor speaks first; the opener waits to hear it.
-        let (heard_tx, heard) = oneshot::channel::<()>();
-        let (mut heard_tx, heard) = match accepted {
-            Some(_) => {
-                let _ = out.try_send(Frame::new(Kind::Pong, 0, Bytes::new()));
-                (None, None)
-            }
-            None => (Some(heard_tx), Some(heard)),
+        let (mut heard_tx, heard) = if accepted.is_some() {
+            let _ = out.try_send(Frame::new(Kind::Pong, 0, Bytes::new()));
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel::<()>();
+            (Some(tx), Some(rx))
         };
         let shared = Arc::new(Shared {
             out,
@@ -466,7 +465,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        record::{SessionSecret, Side},
+        record::{SessionSecret, Side, leave_tls},
         tls::{Identity, client_config},
     };
 
@@ -519,11 +518,9 @@ mod tests {
             .await
             .unwrap();
         client.read_exact(&mut [0u8; 1]).await.unwrap();
-        let (tcp, mut tls) = server.await.unwrap().into_inner();
-        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Gateway);
+        let (rd, wr) = leave_tls(server.await.unwrap().into_inner(), Side::Gateway).unwrap();
         let (g, _) = Mux::opener(rd, wr);
-        let (tcp, mut tls) = client.into_inner();
-        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Agent);
+        let (rd, wr) = leave_tls(client.into_inner(), Side::Agent).unwrap();
         let (a, a_in, _) = Mux::acceptor(rd, wr);
         (g, (a, a_in))
     }

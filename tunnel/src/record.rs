@@ -17,6 +17,8 @@
 //! number. A record that is dropped,
 //! repeated, reordered, cut or altered fails to open and ends the session.
 
+use std::ops::DerefMut;
+
 use bytes::{Buf, BytesMut};
 use ring::{
     aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
@@ -130,11 +132,23 @@ impl SessionSecret {
     }
 
     /// Both halves of `side`'s record layer over `tcp`.
-    pub fn split(&self, tcp: TcpStream, side: Side) -> (RecordReader<OwnedReadHalf>, RecordWriter<OwnedWriteHalf>) {
+    pub fn split(&self, tcp: TcpStream, side: Side) -> Records {
         let (rd, wr) = tcp.into_split();
         (RecordReader::new(rd, self, side), RecordWriter::new(wr, self, side))
     }
 }
+
+/// Leaves TLS for `side`'s record layer: takes what a TLS stream's
+/// `into_inner` gives, its socket and its finished connection.
+pub fn leave_tls<C, D>((tcp, mut tls): (TcpStream, C), side: Side) -> Result<Records, RecordError>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
+    Ok(SessionSecret::of_tls(&mut tls)?.split(tcp, side))
+}
+
+/// Both halves of a session's record layer over TCP.
+pub type Records = (RecordReader<OwnedReadHalf>, RecordWriter<OwnedWriteHalf>);
 
 /// One direction's keys: the current epoch's, and the count of records so
 /// far, which is the next nonce.

@@ -171,7 +171,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        record::{SessionSecret, Side},
+        record::{Side, leave_tls},
         tls::{Identity, client_config},
     };
 
@@ -233,11 +233,9 @@ mod tests {
                 if answer(&mut tls, Ok(info.public_port)).await.is_err() {
                     continue;
                 }
-                let (tcp, mut tls) = tls.into_inner();
-                let Ok(secret) = SessionSecret::of_tls(&mut tls) else {
+                let Ok((rd, wr)) = leave_tls(tls.into_inner(), Side::Gateway) else {
                     continue;
                 };
-                let (rd, wr) = secret.split(tcp, Side::Gateway);
                 let (mux, _task) = Mux::opener(rd, wr);
                 let (_stop_tx, stop) = watch::channel(false);
                 let seen = seen.clone();
@@ -266,8 +264,7 @@ mod tests {
             .await
             .unwrap();
         let port = hello(&mut tls, token, secret).await?;
-        let (tcp, mut tls) = tls.into_inner();
-        let (rd, wr) = SessionSecret::of_tls(&mut tls).unwrap().split(tcp, Side::Agent);
+        let (rd, wr) = leave_tls(tls.into_inner(), Side::Agent).unwrap();
         let (_mux, incoming, _task) = Mux::acceptor(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {

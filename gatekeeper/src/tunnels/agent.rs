@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use tunnel::{
     frame::Kind,
     mux::{Mux, MuxError},
-    record::{SessionSecret, Side},
+    record::{Side, leave_tls},
     session::{SessionError, hello, serve_private},
     tls::{PinMismatch, client_config},
 };
@@ -156,9 +156,8 @@ async fn attempt(
     };
     published(SocketAddr::new(target.ip(), port));
     info!(public = %SocketAddr::new(target.ip(), port), %forward, "published");
-    let (tcp, mut tls) = tls.into_inner();
-    let (rd, wr) = match SessionSecret::of_tls(&mut tls) {
-        Ok(secret) => secret.split(tcp, Side::Agent),
+    let (rd, wr) = match leave_tls(tls.into_inner(), Side::Agent) {
+        Ok(records) => records,
         Err(e) => return (Ended::Retry(e.to_string()), true),
     };
     let (mux, incoming, task) = Mux::acceptor(rd, wr);

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use tunnel::{
     frame::{Farewell, Kind},
     mux::Mux,
-    record::{SessionSecret, Side},
+    record::{Side, leave_tls},
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
     splice::Spliced,
     tls::{Identity, TlsError},
@@ -225,9 +225,8 @@ impl Gateway {
         if let Err(e) = answer(&mut tls, Ok(info.public_port)).await {
             return self.refused(agent, format!("welcoming the agent: {e}"));
         }
-        let (tcp, mut tls) = tls.into_inner();
-        let (rd, wr) = match SessionSecret::of_tls(&mut tls) {
-            Ok(secret) => secret.split(tcp, Side::Gateway),
+        let (rd, wr) = match leave_tls(tls.into_inner(), Side::Gateway) {
+            Ok(records) => records,
             Err(e) => return self.refused(agent, e.to_string()),
         };
         let (mux, task) = Mux::opener(rd, wr);
