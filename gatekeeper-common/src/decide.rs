@@ -11,7 +11,7 @@ use crate::{
         ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config,
         KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, WhitelistKey, WhitelistValue, protected_slot,
     },
-    parse::{Frame, Kind, Packet, TCP_ACK, TCP_SYN},
+    parse::{Addr, Frame, Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
 };
 
@@ -132,14 +132,14 @@ pub enum Touch {
 }
 
 impl Touch {
-    /// The key of the entry to refresh for `pkt`.
-    pub fn key(self, pkt: &Packet) -> Option<WhitelistKey> {
+    /// The key of the entry to refresh for `pkt`, read from `frame`.
+    pub fn key<F: Frame + ?Sized>(self, frame: &F, pkt: &Packet) -> Option<WhitelistKey> {
         let sport = match self {
             Touch::None => return None,
             Touch::Exact => pkt.sport,
             Touch::AnyPort => ANY_PORT,
         };
-        Some(WhitelistKey::new(pkt.src, sport, key_proto(pkt)))
+        Some(WhitelistKey::new(pkt.src(frame).bytes(), sport, key_proto(pkt)))
     }
 }
 
@@ -202,16 +202,18 @@ impl Reason {
 /// The map lookups the decision needs. The XDP program implements this over
 /// BPF maps; tests implement it over collections.
 pub trait Tables {
+    /// The CONFIG entry.
+    fn config(&self) -> &Config;
     /// One 64-bit word of the PROTECTED bitmap.
     fn protected_word(&self, index: u32) -> u64;
     fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue>;
     /// Whether some whitelist entry may have source `addr`: false means
     /// none has, so the entry lookups can be skipped. May err towards true.
-    fn may_be_whitelisted(&self, addr: &[u8; 16]) -> bool;
+    fn may_be_whitelisted(&self, addr: Addr) -> bool;
     /// Longest-prefix match of `addr` in the operator allowlist.
-    fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue>;
+    fn allowlist(&self, addr: Addr) -> Option<AllowValue>;
     /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
-    fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool;
+    fn admit_knock(&self, src: Addr, cfg: &Config) -> bool;
     /// Whether `key_id` belongs to an enrolled client (KNOCK_KEYS).
     fn known_key(&self, key_id: &[u8; KEY_ID_LEN]) -> bool;
     /// Takes a token from the bucket of the enrolled key `key_id`.
@@ -266,14 +268,20 @@ fn deny(cfg: &Config, reason: Reason) -> Decision {
 /// Decides one frame, parsed into `pkt`. The frame itself is read again
 /// only for a knock (its key id and nonce).
 #[inline(always)]
-pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> Decision {
     match pkt.kind {
         Kind::NotIp => return pass(Reason::NotIp),
-        Kind::Malformed => return deny(cfg, Reason::Malformed),
         Kind::IcmpControl => return pass(Reason::IcmpControl),
         Kind::Other => return pass(Reason::OtherProtocol),
-        Kind::Fragment => return fragment(pkt, cfg, t),
-        Kind::Tcp | Kind::Udp | Kind::Echo => {}
+        Kind::Malformed | Kind::Fragment | Kind::Tcp | Kind::Udp | Kind::Echo => {}
+    }
+    // Read only here: what passes above needs no configuration, and ARP
+    // is much of a LAN's traffic.
+    let cfg = t.config();
+    match pkt.kind {
+        Kind::Malformed => return deny(cfg, Reason::Malformed),
+        Kind::Fragment => return fragment(frame, pkt, cfg, t),
+        _ => {}
     }
     // Echo has neither port: its entries are any-port entries.
     let (key_proto, sport, dport) = (key_proto(pkt), pkt.sport, pkt.dport);
@@ -290,24 +298,25 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Confi
     if is_reply(cfg, key_proto, new_tcp, dport) {
         return pass(Reason::Reply);
     }
+    let src = pkt.src(frame);
     // A stranger's source has no entry at all: one cheap check instead of
     // two lookups.
-    if t.may_be_whitelisted(&pkt.src) {
+    if t.may_be_whitelisted(src) {
         let idle = cfg.idle_timeout_ns;
         // Exact tuple first, then the any-port entry. Echo has no source
         // port, so for it the two keys are the same.
         if sport != ANY_PORT {
-            let exact = WhitelistKey::new(pkt.src, sport, key_proto);
+            let exact = WhitelistKey::new(src.bytes(), sport, key_proto);
             if let Some(d) = whitelisted(t, &exact, Touch::Exact, dport, idle, new_tcp) {
                 return d;
             }
         }
-        let any = WhitelistKey::new(pkt.src, ANY_PORT, key_proto);
+        let any = WhitelistKey::new(src.bytes(), ANY_PORT, key_proto);
         if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
             return d;
         }
     }
-    if allowlisted(t, cfg, &pkt.src) {
+    if allowlisted(t, cfg, src) {
         return pass(Reason::Allowlisted);
     }
     deny(cfg, Reason::NotAllowed)
@@ -341,7 +350,7 @@ fn knock<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t:
     if t.replayed(&nonce) {
         return deny(cfg, Reason::KnockReplayed);
     }
-    if !t.admit_knock(&pkt.src, cfg) {
+    if !t.admit_knock(pkt.src(frame), cfg) {
         return deny(cfg, Reason::KnockRateLimited);
     }
     if keys && !t.admit_key(&key_id, cfg) {
@@ -401,7 +410,7 @@ fn is_reply(cfg: &Config, key_proto: u8, new_tcp: bool, dport: u16) -> bool {
 }
 
 #[inline(always)]
-fn allowlisted<T: Tables>(t: &T, cfg: &Config, src: &[u8; 16]) -> bool {
+fn allowlisted<T: Tables>(t: &T, cfg: &Config, src: Addr) -> bool {
     cfg.flags & CFG_ALLOWLIST != 0 && matches!(t.allowlist(src), Some(v) if t.now() < v.expires_ns)
 }
 
@@ -410,7 +419,7 @@ fn allowlisted<T: Tables>(t: &T, cfg: &Config, src: &[u8; 16]) -> bool {
 /// allowlist prefix; the first fragment, which carries the ports, was
 /// checked in full, and the stack cannot reassemble without it.
 #[inline(always)]
-fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+fn fragment<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     let l4 = pkt.proto;
     let gated = match l4 {
         proto::TCP => cfg.flags & CFG_ANY_TCP != 0,
@@ -421,13 +430,14 @@ fn fragment<T: Tables>(pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     if !gated {
         return pass(Reason::Unprotected);
     }
-    if t.may_be_whitelisted(&pkt.src)
-        && let Some(v) = t.whitelist(&WhitelistKey::new(pkt.src, ANY_PORT, key_proto(pkt)))
+    let src = pkt.src(frame);
+    if t.may_be_whitelisted(src)
+        && let Some(v) = t.whitelist(&WhitelistKey::new(src.bytes(), ANY_PORT, key_proto(pkt)))
         && entry_is_live(&v, t.now(), cfg.idle_timeout_ns)
     {
         return pass(Reason::Whitelisted);
     }
-    if allowlisted(t, cfg, &pkt.src) {
+    if allowlisted(t, cfg, src) {
         return pass(Reason::Allowlisted);
     }
     deny(cfg, Reason::FragmentUnmatched)

@@ -5,7 +5,7 @@
 //! are host byte order; times are CLOCK_MONOTONIC nanoseconds, the clock of
 //! `bpf_ktime_get_ns`.
 
-use crate::proto;
+use crate::{parse::Addr, proto};
 
 pub const WHITELIST: &str = "WHITELIST";
 pub const ALLOWLIST: &str = "ALLOWLIST";
@@ -82,11 +82,8 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// who knows a whitelisted address can pick sources that share its slot,
 /// and their packets then cost the two lookups every packet cost before.
 #[inline(always)]
-pub fn presence_slot(addr: &[u8; 16]) -> u32 {
-    let hi = u64::from_le_bytes([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7]]);
-    let lo = u64::from_le_bytes([
-        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
-    ]);
+pub fn presence_slot(addr: Addr) -> u32 {
+    let [hi, lo] = addr.words();
     let h = (hi.rotate_left(29) ^ lo).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> (64 - PRESENCE_SLOTS.trailing_zeros())) as u32
 }

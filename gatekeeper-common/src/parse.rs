@@ -80,9 +80,8 @@ pub enum Kind {
 
 /// A parsed frame. Flat and always fully initialised: the verifier rejects
 /// programs that copy enum payloads with uninitialised bytes through the
-/// stack, which is what LLVM makes of data-carrying enums. Aligned so the
-/// addresses are zeroed and copied with word moves (see `WhitelistKey`).
-#[repr(C, align(4))]
+/// stack, which is what LLVM makes of data-carrying enums.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Packet {
     pub kind: Kind,
@@ -98,19 +97,33 @@ pub struct Packet {
     /// Where the L4 payload sits in the frame (TCP, UDP, echo).
     pub payload_off: u16,
     pub payload_len: u16,
-    /// Source and destination, IPv4 as IPv4-mapped IPv6.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// The IP header the addresses are read from: its version (0 when
+    /// the frame had no valid one) and where it starts. The addresses stay
+    /// in the frame until a decision needs one: carried through the parser
+    /// they took four more registers, which LLVM spilled to the stack at
+    /// every early return.
+    pub ip: Ip,
+}
+
+/// Where a packet's IP header sits, once the parser accepted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ip {
+    pub version: u8,
+    pub off: u16,
+}
+
+impl Ip {
+    const NONE: Ip = Ip { version: 0, off: 0 };
 }
 
 impl Packet {
     /// A frame with no addresses to report (not IP, or broken before them).
     const fn of(kind: Kind) -> Packet {
-        Packet::ip(kind, 0, [0; 16], [0; 16])
+        Packet::ip(kind, 0, Ip::NONE)
     }
 
     /// An IP packet without ports or payload.
-    const fn ip(kind: Kind, proto: u8, src: [u8; 16], dst: [u8; 16]) -> Packet {
+    const fn ip(kind: Kind, proto: u8, ip: Ip) -> Packet {
         Packet {
             kind,
             proto,
@@ -120,9 +133,35 @@ impl Packet {
             dport: 0,
             payload_off: 0,
             payload_len: 0,
-            src,
-            dst,
+            ip,
         }
+    }
+
+    /// The source address, IPv4 as IPv4-mapped IPv6; all zeros for a frame
+    /// without an IP header.
+    #[inline(always)]
+    pub fn src<F: Frame + ?Sized>(&self, f: &F) -> Addr {
+        self.addr(f, 12, 8)
+    }
+
+    /// The destination address, like [`Packet::src`].
+    #[inline(always)]
+    pub fn dst<F: Frame + ?Sized>(&self, f: &F) -> Addr {
+        self.addr(f, 16, 24)
+    }
+
+    /// The address at `v4_at` or `v6_at` bytes into the IP header. The
+    /// parser checked that the header is inside `f`, so only a frame other
+    /// than the parsed one could make the reads fail.
+    #[inline(always)]
+    fn addr<F: Frame + ?Sized>(&self, f: &F, v4_at: usize, v6_at: usize) -> Addr {
+        let off = self.ip.off as usize;
+        let addr = match self.ip.version {
+            4 => f.load::<4>(off + v4_at).map(Addr::v4),
+            6 => f.load::<16>(off + v6_at).map(Addr::from_bytes),
+            _ => None,
+        };
+        addr.unwrap_or_default()
     }
 }
 
@@ -134,7 +173,46 @@ fn be16(b: [u8; 2]) -> u16 {
 /// IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub const fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    Addr::v4(a).bytes()
+}
+
+/// A source or destination as the decision handles it: the 16 bytes of an
+/// IPv6 address (IPv4 as IPv4-mapped IPv6), held as two words in memory
+/// order. Words, because from byte arrays LLVM's BPF backend extracts,
+/// stores and reassembles every byte on its own, which was most of the
+/// cost of parsing a packet.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct Addr([u64; 2]);
+
+impl Addr {
+    #[inline(always)]
+    pub const fn from_bytes(b: [u8; 16]) -> Addr {
+        Addr([
+            u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        ])
+    }
+
+    /// `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub const fn v4(a: [u8; 4]) -> Addr {
+        Addr([0, u64::from_le_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]])])
+    }
+
+    #[inline(always)]
+    pub const fn bytes(self) -> [u8; 16] {
+        let (h, l) = (self.0[0].to_le_bytes(), self.0[1].to_le_bytes());
+        [
+            h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7],
+        ]
+    }
+
+    /// The first and the last eight bytes, each read as a little-endian word.
+    #[inline(always)]
+    pub const fn words(self) -> [u64; 2] {
+        self.0
+    }
 }
 
 /// Parses one bare IP packet, as devices without a link layer hand them
@@ -184,13 +262,15 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
     if h[0] >> 4 != 4 || ihl < 20 || total < ihl || !f.covers(off + total) {
         return Packet::of(Kind::Malformed);
     }
-    let src = mapped_v4([h[12], h[13], h[14], h[15]]);
-    let dst = mapped_v4([h[16], h[17], h[18], h[19]]);
+    let ip = Ip {
+        version: 4,
+        off: off as u16,
+    };
     let frag_offset = be16([h[6], h[7]]) & 0x1fff;
     if frag_offset != 0 {
-        return Packet::ip(Kind::Fragment, h[9], src, dst);
+        return Packet::ip(Kind::Fragment, h[9], ip);
     }
-    parse_l4(f, h[9], src, dst, false, off + ihl, total - ihl)
+    parse_l4(f, h[9], ip, off + ihl, total - ihl)
 }
 
 #[inline(always)]
@@ -202,10 +282,10 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
     if h[0] >> 4 != 6 || !f.covers(off + 40 + payload_len) {
         return Packet::of(Kind::Malformed);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    dst.copy_from_slice(&h[24..40]);
+    let ip = Ip {
+        version: 6,
+        off: off as u16,
+    };
 
     let end = off + 40 + payload_len;
     let mut next = h[6];
@@ -219,7 +299,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
             },
             // Fragment header: fixed 8 bytes; non-first fragments end the walk.
             44 => match f.load::<4>(at) {
-                Some(e) if be16([e[2], e[3]]) >> 3 != 0 => return Packet::ip(Kind::Fragment, e[0], src, dst),
+                Some(e) if be16([e[2], e[3]]) >> 3 != 0 => return Packet::ip(Kind::Fragment, e[0], ip),
                 Some(_) => 8,
                 None => return Packet::of(Kind::Malformed),
             },
@@ -228,7 +308,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
                 Some(e) => (e[1] as usize + 2) * 4,
                 None => return Packet::of(Kind::Malformed),
             },
-            l4 => return parse_l4(f, l4, src, dst, true, at, end - at),
+            l4 => return parse_l4(f, l4, ip, at, end - at),
         };
         let Some(e) = f.load::<2>(at) else {
             return Packet::of(Kind::Malformed);
@@ -247,49 +327,42 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, off: usize) -> Packet {
 /// Every packet with ports is built whole from what was read: zeroing a
 /// struct first makes LLVM's BPF backend call a byte-at-a-time memset.
 #[inline(always)]
-fn parse_l4<F: Frame + ?Sized>(
-    f: &F,
-    proto: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-    v6: bool,
-    off: usize,
-    len: usize,
-) -> Packet {
+fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, ip: Ip, off: usize, len: usize) -> Packet {
+    let v6 = ip.version == 6;
     let (kind, sport, dport, tcp_flags, header) = match proto {
         proto::TCP => {
             let Some(h) = f.load::<20>(off) else {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             };
             let doff = ((h[12] >> 4) as usize) * 4;
             if doff < 20 || doff > len {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             }
             (Kind::Tcp, be16([h[0], h[1]]), be16([h[2], h[3]]), h[13], doff)
         }
         proto::UDP => {
             let Some(h) = f.load::<8>(off) else {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             };
             if len < 8 {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             }
             (Kind::Udp, be16([h[0], h[1]]), be16([h[2], h[3]]), 0, 8)
         }
         proto::ICMP | proto::ICMPV6 if v6 == (proto == proto::ICMPV6) => {
             let Some(h) = f.load::<2>(off) else {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             };
             if len < 8 {
-                return Packet::ip(Kind::Malformed, proto, src, dst);
+                return Packet::ip(Kind::Malformed, proto, ip);
             }
             let echo_request = if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
             if h[0] != echo_request {
-                return Packet::ip(Kind::IcmpControl, proto, src, dst);
+                return Packet::ip(Kind::IcmpControl, proto, ip);
             }
             (Kind::Echo, 0, 0, 0, 8)
         }
-        _ => return Packet::ip(Kind::Other, proto, src, dst),
+        _ => return Packet::ip(Kind::Other, proto, ip),
     };
     let payload_len = len - header;
     Packet {
@@ -301,7 +374,6 @@ fn parse_l4<F: Frame + ?Sized>(
         dport,
         payload_off: (off + header) as u16,
         payload_len: payload_len as u16,
-        src,
-        dst,
+        ip,
     }
 }

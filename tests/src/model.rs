@@ -15,7 +15,7 @@ use gatekeeper::{
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
     maps::{AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, WhitelistKey, WhitelistValue},
-    parse::{Packet, parse, parse_ip},
+    parse::{Addr, Packet, parse, parse_ip},
     ratelimit,
 };
 
@@ -24,7 +24,7 @@ pub struct Model {
     pub protect: PortSet,
     protected: Vec<u64>,
     pub whitelist: RefCell<HashMap<WhitelistKey, WhitelistValue>>,
-    pub allowlist: Vec<(Prefix, AllowValue)>,
+    allowlist: Vec<(Prefix, AllowValue)>,
     buckets: RefCell<HashMap<[u8; 16], KnockBucket>>,
     /// Enrolled key ids and their buckets (KNOCK_KEYS).
     pub knock_keys: RefCell<HashMap<[u8; KEY_ID_LEN], KnockBucket>>,
@@ -60,20 +60,16 @@ impl Model {
             .insert(key_id, ratelimit::full(self.config.knock_key_burst, 0));
     }
 
-    /// The CONFIG entry as userspace keeps it: the allowlist flag follows
-    /// the allowlist's contents.
-    pub fn config(&self) -> Config {
-        let mut c = self.config;
-        c.flags &= !CFG_ALLOWLIST;
-        if !self.allowlist.is_empty() {
-            c.flags |= CFG_ALLOWLIST;
-        }
-        c
+    /// Adds an allowlist prefix; like userspace, raises the CONFIG flag
+    /// that makes the program look the allowlist up.
+    pub fn allow(&mut self, prefix: Prefix, value: AllowValue) {
+        self.allowlist.push((prefix, value));
+        self.config.flags |= CFG_ALLOWLIST;
     }
 
     /// Writes the model's contents into a real gate's maps.
     pub fn install(&self, gate: &Gate) -> Result<()> {
-        gate.set_config(&self.config())?;
+        gate.set_config(&self.config)?;
         gate.set_protected(&self.protect)?;
         for (k, v) in self.whitelist.borrow().iter() {
             gate.whitelist_insert(k, v)?;
@@ -104,8 +100,8 @@ impl Model {
 
     fn decide_parsed(&self, frame: &[u8], pkt: Packet, now: u64) -> Decision {
         self.now.set(now);
-        let d = decide(frame, &pkt, &self.config(), self);
-        if let Some(key) = d.touch.key(&pkt)
+        let d = decide(frame, &pkt, self);
+        if let Some(key) = d.touch.key(frame, &pkt)
             && let Some(v) = self.whitelist.borrow_mut().get_mut(&key)
         {
             v.last_seen_ns = now;
@@ -125,6 +121,10 @@ fn contains(p: &Prefix, addr: &[u8; 16]) -> bool {
 }
 
 impl Tables for Model {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
     fn protected_word(&self, index: u32) -> u64 {
         self.protected.get(index as usize).copied().unwrap_or(0)
     }
@@ -133,27 +133,28 @@ impl Tables for Model {
         self.whitelist.borrow().get(key).copied()
     }
 
-    fn may_be_whitelisted(&self, addr: &[u8; 16]) -> bool {
-        self.whitelist.borrow().keys().any(|k| k.addr == *addr)
+    fn may_be_whitelisted(&self, addr: Addr) -> bool {
+        self.whitelist.borrow().keys().any(|k| k.addr == addr.bytes())
     }
 
-    fn allowlist(&self, addr: &[u8; 16]) -> Option<AllowValue> {
+    fn allowlist(&self, addr: Addr) -> Option<AllowValue> {
         self.allowlist
             .iter()
-            .filter(|(p, _)| contains(p, addr))
+            .filter(|(p, _)| contains(p, &addr.bytes()))
             .max_by_key(|(p, _)| p.mapped_len())
             .map(|(_, v)| *v)
     }
 
-    fn admit_knock(&self, src: &[u8; 16], cfg: &Config) -> bool {
+    fn admit_knock(&self, src: Addr, cfg: &Config) -> bool {
+        let src = src.bytes();
         let mut buckets = self.buckets.borrow_mut();
         let (b, ok) = ratelimit::take(
-            buckets.get(src).copied(),
+            buckets.get(&src).copied(),
             self.now.get(),
             cfg.knock_rate_per_sec,
             cfg.knock_burst,
         );
-        buckets.insert(*src, b);
+        buckets.insert(src, b);
         ok
     }
 

@@ -129,14 +129,14 @@ fn standard_model(mode: u32) -> Model {
     }
     m.enroll(knock_key_id());
     m.replay.insert(knock_nonce(REPLAYED_LEN));
-    m.allowlist.push((
+    m.allow(
         "192.168.50.0/24".parse::<Prefix>().expect("prefix"),
         AllowValue { expires_ns: now + HOUR },
-    ));
-    m.allowlist.push((
+    );
+    m.allow(
         "172.16.0.0/12".parse::<Prefix>().expect("prefix"),
         AllowValue { expires_ns: 1 },
-    ));
+    );
     m
 }
 
@@ -1133,7 +1133,7 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
             1,
             "the carried-over entry is counted, so its source is no stranger"
         );
-        gate.set_config(&standard_model(0).config())?;
+        gate.set_config(&standard_model(0).config)?;
         assert_eq!(gate.stats()?.len(), Reason::COUNT, "every counter exists again");
     }
     // A whitelist of another layout cannot be carried over: refused, by name.

@@ -15,7 +15,10 @@ use std::{
 };
 
 use aya::maps::MapData;
-use gatekeeper_common::maps::{PRESENCE_SLOTS, presence_slot};
+use gatekeeper_common::{
+    maps::{PRESENCE_SLOTS, presence_slot},
+    parse::Addr,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -80,7 +83,7 @@ impl Presence {
     fn slot(&self, addr: &[u8; 16]) -> &AtomicU64 {
         // SAFETY: presence_slot is below PRESENCE_SLOTS, so the slot lies
         // inside the mapping, which is 8-byte aligned (page aligned).
-        unsafe { &*self.slots.add(presence_slot(addr) as usize) }
+        unsafe { &*self.slots.add(presence_slot(Addr::from_bytes(*addr)) as usize) }
     }
 
     /// Counts one more entry with source `addr`; call before creating it.
