@@ -266,7 +266,8 @@ fn deny(cfg: &Config, reason: Reason) -> Decision {
 }
 
 /// Decides one frame, parsed into `pkt`. The frame itself is read again
-/// only for a knock (its key id and nonce).
+/// for the source address, once the packet is known to need it, and for a
+/// knock's key id and nonce.
 #[inline(always)]
 pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> Decision {
     match pkt.kind {

@@ -179,8 +179,7 @@ pub const fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
 /// A source or destination as the decision handles it: the 16 bytes of an
 /// IPv6 address (IPv4 as IPv4-mapped IPv6), held as two words in memory
 /// order. Words, because from byte arrays LLVM's BPF backend extracts,
-/// stores and reassembles every byte on its own, which was most of the
-/// cost of parsing a packet.
+/// stores and reassembles every byte on its own.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct Addr([u64; 2]);

@@ -113,7 +113,8 @@ impl Frame for XdpFrame {
 /// sit at any alignment (IPv4 after Ethernet starts at 2 mod 4), and LLVM,
 /// told the address may be misaligned, splits every load into bytes and
 /// shifts. The verifier and the JITs of architectures with cheap unaligned
-/// access accept misaligned packet loads, so they are written out here.
+/// access accept misaligned packet loads, so they are written out here,
+/// each into a 64-bit register (loads zero-extend), which needs no ALU32.
 ///
 /// # Safety
 /// The `N` bytes at `at` must lie inside the packet.
@@ -132,21 +133,21 @@ unsafe fn load_words<const N: usize>(at: usize) -> [u8; N] {
         i += 8;
     }
     if N % 8 >= 4 {
-        let w: u32;
-        unsafe { asm!("{0} = *(u32 *)({1} + 0)", lateout(wreg) w, in(reg) at + i, options(pure, readonly, nostack)) };
-        out[i..i + 4].copy_from_slice(&w.to_le_bytes());
+        let w: u64;
+        unsafe { asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) w, in(reg) at + i, options(pure, readonly, nostack)) };
+        out[i..i + 4].copy_from_slice(&(w as u32).to_le_bytes());
         i += 4;
     }
     if N % 4 >= 2 {
-        let w: u16;
-        unsafe { asm!("{0} = *(u16 *)({1} + 0)", lateout(wreg) w, in(reg) at + i, options(pure, readonly, nostack)) };
-        out[i..i + 2].copy_from_slice(&w.to_le_bytes());
+        let w: u64;
+        unsafe { asm!("{0} = *(u16 *)({1} + 0)", lateout(reg) w, in(reg) at + i, options(pure, readonly, nostack)) };
+        out[i..i + 2].copy_from_slice(&(w as u16).to_le_bytes());
         i += 2;
     }
     if N % 2 == 1 {
-        let w: u8;
-        unsafe { asm!("{0} = *(u8 *)({1} + 0)", lateout(wreg) w, in(reg) at + i, options(pure, readonly, nostack)) };
-        out[i] = w;
+        let w: u64;
+        unsafe { asm!("{0} = *(u8 *)({1} + 0)", lateout(reg) w, in(reg) at + i, options(pure, readonly, nostack)) };
+        out[i] = w as u8;
     }
     out
 }
@@ -192,12 +193,12 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn admit_knock(&self, src: Addr, cfg: &Config) -> bool {
+        let src = src.bytes();
         // SAFETY: copied out at once; a racing CPU can at worst let one
         // extra knock through, which the daemon's own checks absorb.
-        let src = src.bytes();
-        let bucket = unsafe { KNOCK_RATE.get(&src) }.copied();
+        let bucket = unsafe { KNOCK_RATE.get(src) }.copied();
         let (bucket, allowed) = ratelimit::take(bucket, now(), cfg.knock_rate_per_sec, cfg.knock_burst);
-        let _ = KNOCK_RATE.insert(&src, &bucket, 0);
+        let _ = KNOCK_RATE.insert(src, bucket, 0);
         allowed
     }
 
@@ -271,7 +272,7 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let mut decision = decide(&frame, &pkt, &Maps);
 
     if let Some(key) = decision.touch.key(&frame, &pkt)
-        && let Some(v) = WHITELIST.get_ptr_mut(&key)
+        && let Some(v) = WHITELIST.get_ptr_mut(key)
     {
         // SAFETY: a map value pointer from a successful lookup.
         unsafe { (*v).last_seen_ns = now() };
