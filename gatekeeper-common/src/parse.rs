@@ -181,7 +181,7 @@ pub const fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
 /// order. Words, because from byte arrays LLVM's BPF backend extracts,
 /// stores and reassembles every byte on its own.
 #[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Addr([u64; 2]);
 
 impl Addr {
