@@ -9,7 +9,7 @@ use crate::{
     knock,
     maps::{
         ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config,
-        KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, WhitelistKey, WhitelistValue, protected_slot,
+        KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, PresenceCount, WhitelistKey, WhitelistValue, protected_slot,
     },
     parse::{Addr, Frame, Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
@@ -207,9 +207,9 @@ pub trait Tables {
     /// One 64-bit word of the PROTECTED bitmap.
     fn protected_word(&self, index: u32) -> u64;
     fn whitelist(&self, key: &WhitelistKey) -> Option<WhitelistValue>;
-    /// Whether some whitelist entry may have source `addr`: false means
-    /// none has, so the entry lookups can be skipped. May err towards true.
-    fn may_be_whitelisted(&self, addr: Addr) -> bool;
+    /// Which kinds of whitelist entry may have source `addr`: a kind
+    /// counted zero has none, so its lookup can be skipped. May err high.
+    fn presence(&self, addr: Addr) -> PresenceCount;
     /// Longest-prefix match of `addr` in the operator allowlist.
     fn allowlist(&self, addr: Addr) -> Option<AllowValue>;
     /// Takes a token from `src`'s knock bucket (see [`crate::ratelimit`]).
@@ -222,7 +222,7 @@ pub trait Tables {
     fn replayed(&self, nonce: &[u8; NONCE_LEN]) -> bool;
     /// Takes a token from this CPU's knock budget.
     fn admit_budget(&self, cfg: &Config) -> bool;
-    /// The current CLOCK_MONOTONIC time in ns. Asked for only when an entry
+    /// The current CLOCK_MONOTONIC_COARSE time in ns. Asked for only when an entry
     /// was found, so dropping a stranger never reads the clock.
     fn now(&self) -> u64;
 }
@@ -301,20 +301,24 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> D
     }
     let src = pkt.src(frame);
     // A stranger's source has no entry at all: one cheap check instead of
-    // two lookups.
-    if t.may_be_whitelisted(src) {
+    // two lookups, which also skips the lookup of a kind of entry the
+    // source does not have.
+    let seen = t.presence(src);
+    if !seen.is_empty() {
         let idle = cfg.idle_timeout_ns;
         // Exact tuple first, then the any-port entry. Echo has no source
         // port, so for it the two keys are the same.
-        if sport != ANY_PORT {
+        if sport != ANY_PORT && seen.exact() {
             let exact = WhitelistKey::new(src.bytes(), sport, key_proto);
             if let Some(d) = whitelisted(t, &exact, Touch::Exact, dport, idle, new_tcp) {
                 return d;
             }
         }
-        let any = WhitelistKey::new(src.bytes(), ANY_PORT, key_proto);
-        if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
-            return d;
+        if seen.any_port() {
+            let any = WhitelistKey::new(src.bytes(), ANY_PORT, key_proto);
+            if let Some(d) = whitelisted(t, &any, Touch::AnyPort, dport, idle, new_tcp) {
+                return d;
+            }
         }
     }
     if allowlisted(t, cfg, src) {
@@ -432,7 +436,7 @@ fn fragment<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config,
         return pass(Reason::Unprotected);
     }
     let src = pkt.src(frame);
-    if t.may_be_whitelisted(src)
+    if t.presence(src).any_port()
         && let Some(v) = t.whitelist(&WhitelistKey::new(src.bytes(), ANY_PORT, key_proto(pkt)))
         && entry_is_live(&v, t.now(), cfg.idle_timeout_ns)
     {

@@ -2,8 +2,8 @@
 //! array maps. Every type here crosses the kernel boundary: `#[repr(C)]`,
 //! explicit padding, no bool/enum/Option, and a size check at compile time.
 //! Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`); ports and times
-//! are host byte order; times are CLOCK_MONOTONIC nanoseconds, the clock of
-//! `bpf_ktime_get_ns`.
+//! are host byte order; times are CLOCK_MONOTONIC_COARSE nanoseconds, the
+//! clock of `bpf_ktime_get_coarse_ns`.
 
 use crate::{parse::Addr, proto};
 
@@ -32,13 +32,16 @@ pub const KNOCK_BUDGET: &str = "KNOCK_BUDGET";
 /// read by userspace only.
 pub const IFACES: &str = "IFACES";
 
-/// A counter per slot of source addresses: how many whitelist entries
+/// Two counters per slot of source addresses ([`PresenceCount`]): how many
+/// whitelist entries with a source port, and how many any-port entries,
 /// have a source that hashes there ([`presence_slot`]). A stranger's slot
 /// is almost always zero, so its packet is refused after one array read
-/// instead of two hash lookups. Counts only ever err high (an entry the
-/// kernel's LRU evicted is still counted), which costs a lookup, never a
-/// wrong verdict. Userspace changes the counters with atomic operations on
-/// the mapped array, so several processes may write the whitelist at once.
+/// instead of two hash lookups, and a client's packet skips the lookup of
+/// the kind of entry its source does not have. Counts only ever err high
+/// (an entry the kernel's LRU evicted is still counted), which costs a
+/// lookup, never a wrong verdict. Userspace changes the counters with
+/// atomic operations on the mapped array, so several processes may write
+/// the whitelist at once.
 pub const PRESENCE: &str = "PRESENCE";
 
 /// Every map the daemon pins, in a fixed order.
@@ -72,10 +75,47 @@ pub const MAX_IFACES: u32 = 32;
 pub const IFACE_NAME_LEN: usize = 16;
 pub const KEY_ID_LEN: usize = 16;
 /// Slots in PRESENCE: with the default whitelist of 65,536 entries full,
-/// about one stranger in five still shares a slot with someone.
-pub const PRESENCE_SLOTS: u32 = 1 << 18;
+/// about one stranger in nine still shares a slot with someone. (Releases
+/// that kept one count per slot had 2^18 slots: the loader tells their map
+/// by its size, replaces it and counts the whitelist again.)
+pub const PRESENCE_SLOTS: u32 = 1 << 19;
 /// `BPF_F_MMAPABLE`: PRESENCE can be mapped into userspace.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// One PRESENCE slot: entries with a source port counted in the low 32
+/// bits, any-port entries in the high 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PresenceCount(pub u64);
+
+impl PresenceCount {
+    pub const fn new(exact: u32, any_port: u32) -> PresenceCount {
+        PresenceCount((any_port as u64) << 32 | exact as u64)
+    }
+
+    /// What an entry with `src_port` adds to its source's slot.
+    pub const fn unit(src_port: u16) -> u64 {
+        if src_port == ANY_PORT { 1 << 32 } else { 1 }
+    }
+
+    /// Entries with a source port, and any-port entries.
+    pub const fn counts(self) -> (u32, u32) {
+        (self.0 as u32, (self.0 >> 32) as u32)
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Some entry with a source port may have this source.
+    pub const fn exact(self) -> bool {
+        self.0 as u32 != 0
+    }
+
+    /// Some any-port entry may have this source.
+    pub const fn any_port(self) -> bool {
+        self.0 >> 32 != 0
+    }
+}
 
 /// The PRESENCE slot of a source address: a multiplicative hash over both
 /// halves, cheap enough to run on every packet. It is not keyed: someone

@@ -9,7 +9,7 @@ use core::arch::asm;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -20,7 +20,7 @@ use gatekeeper_common::{
     maps::{
         ALLOWLIST_MAX, AllowValue, BPF_F_MMAPABLE, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event,
         IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PRESENCE_SLOTS,
-        PROTECTED_WORDS, REPLAY_MAX, WHITELIST_MAX, WhitelistKey, WhitelistValue, presence_slot,
+        PROTECTED_WORDS, PresenceCount, REPLAY_MAX, WHITELIST_MAX, WhitelistKey, WhitelistValue, presence_slot,
     },
     parse::{Addr, Frame, Kind, MAX_FRAME, Packet, parse, parse_ip},
     ratelimit,
@@ -47,7 +47,8 @@ static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_
 static KNOCK_KEYS: HashMap<[u8; KEY_ID_LEN], KnockBucket> = HashMap::with_max_entries(KNOCK_KEYS_MAX, 0);
 #[map]
 static KNOCK_BUDGET: PerCpuArray<KnockBucket> = PerCpuArray::with_max_entries(1, 0);
-/// How many whitelist entries each source slot holds; userspace keeps it.
+/// How many whitelist entries of each kind each source slot holds;
+/// userspace keeps it, the program only reads it.
 #[map]
 static PRESENCE: Array<u64> = Array::with_max_entries(PRESENCE_SLOTS, BPF_F_MMAPABLE);
 /// Declared here only so it is created and pinned with the gate's maps.
@@ -182,8 +183,8 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn may_be_whitelisted(&self, addr: Addr) -> bool {
-        PRESENCE.get(presence_slot(addr)).is_some_and(|n| *n != 0)
+    fn presence(&self, addr: Addr) -> PresenceCount {
+        PresenceCount(PRESENCE.get(presence_slot(addr)).copied().unwrap_or(0))
     }
 
     #[inline(always)]
@@ -249,10 +250,13 @@ impl Tables for Maps {
     }
 }
 
+/// CLOCK_MONOTONIC_COARSE, as userspace writes expiries in: a tick-old
+/// time is exact enough for expiries and rate limits, and here it costs
+/// about 30 ns per whitelisted packet less than `bpf_ktime_get_ns`.
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[xdp]

@@ -14,7 +14,10 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
-    maps::{AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, WhitelistKey, WhitelistValue},
+    maps::{
+        ANY_PORT, AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, PresenceCount, WhitelistKey,
+        WhitelistValue,
+    },
     parse::{Addr, Packet, parse, parse_ip},
     ratelimit,
 };
@@ -133,8 +136,15 @@ impl Tables for Model {
         self.whitelist.borrow().get(key).copied()
     }
 
-    fn may_be_whitelisted(&self, addr: Addr) -> bool {
-        self.whitelist.borrow().keys().any(|k| k.addr == addr.bytes())
+    fn presence(&self, addr: Addr) -> PresenceCount {
+        let whitelist = self.whitelist.borrow();
+        let of = |any_port: bool| {
+            let kind = whitelist
+                .keys()
+                .filter(|k| k.addr == addr.bytes() && (k.src_port == ANY_PORT) == any_port);
+            kind.count() as u32
+        };
+        PresenceCount::new(of(false), of(true))
     }
 
     fn allowlist(&self, addr: Addr) -> Option<AllowValue> {

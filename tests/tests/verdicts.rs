@@ -22,8 +22,8 @@ use gatekeeper_common::{
     decide::{Action, Decision, Reason},
     knock,
     maps::{
-        AllowValue, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT, WhitelistKey,
-        WhitelistValue,
+        AllowValue, BPF_F_MMAPABLE, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT,
+        PresenceCount, WhitelistKey, WhitelistValue,
     },
     proto,
 };
@@ -1043,13 +1043,17 @@ fn presence_counts_each_entry_once_whoever_writes_it() -> Result<()> {
     // An update through another handle, as the CLI beside the daemon.
     other.whitelist_insert(&exact, &value)?;
     one.whitelist_insert(&any, &value)?;
-    assert_eq!(one.presence()?.count(&src), 2, "two entries, one count each");
+    assert_eq!(
+        one.presence()?.count(&src),
+        PresenceCount::new(1, 1),
+        "two entries, one count each, by kind"
+    );
     other.whitelist_del(&gatekeeper::gate::key_tuple(&exact).context("a tcp key")?)?;
-    assert_eq!(one.presence()?.count(&src), 1);
+    assert_eq!(one.presence()?.count(&src), PresenceCount::new(0, 1));
     assert_eq!(one.whitelist_flush()?, 1);
     assert_eq!(
         one.presence()?.count(&src),
-        0,
+        PresenceCount::default(),
         "nothing left to look up for this source"
     );
     Ok(())
@@ -1057,7 +1061,7 @@ fn presence_counts_each_entry_once_whoever_writes_it() -> Result<()> {
 
 /// Creates a map by hand and pins it at `path`, as an older release left
 /// its maps: `map_type` is the kernel's BPF_MAP_TYPE_* number.
-fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32) -> Result<()> {
+fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32, flags: u32) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     // The leading fields of `union bpf_attr` for BPF_MAP_CREATE and BPF_OBJ_PIN.
     #[repr(C)]
@@ -1079,7 +1083,7 @@ fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entr
         key_size: key,
         value_size: value,
         max_entries: entries,
-        map_flags: 0,
+        map_flags: flags,
     };
     // SAFETY: the bpf syscall reads `size` bytes of a valid attr.
     let fd = unsafe {
@@ -1113,15 +1117,20 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
     const LRU_HASH: u32 = 9;
     let pins = Pins::new()?;
     let entry = WhitelistKey::new(addr("10.0.0.9"), 0, proto::TCP);
+    let exact = WhitelistKey::new(entry.addr, 40000, proto::TCP);
     {
         let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
-        Gate::open(pins.dir())?.whitelist_insert(&entry, &WhitelistValue::new(u64::MAX, 22, 22, 0, 0))?;
+        let gate = Gate::open(pins.dir())?;
+        for key in [&entry, &exact] {
+            gate.whitelist_insert(key, &WhitelistValue::new(u64::MAX, 22, 22, 0, 0))?;
+        }
     }
+    let one_of_each = PresenceCount::new(1, 1);
     // What the previous release pinned: a 40-byte config, 15 counters, and
     // no PRESENCE counters at all.
     for (name, map_type, value, entries) in [("CONFIG", ARRAY, 40, 1), ("STATS", PERCPU_ARRAY, 8, 15)] {
         std::fs::remove_file(pins.dir().join(name))?;
-        pin_raw_map(&pins.dir().join(name), map_type, 4, value, entries)?;
+        pin_raw_map(&pins.dir().join(name), map_type, 4, value, entries, 0)?;
     }
     std::fs::remove_file(pins.dir().join("PRESENCE"))?;
     {
@@ -1130,15 +1139,27 @@ fn a_gate_pinned_by_an_older_release_is_adopted_or_refused_by_name() -> Result<(
         assert!(gate.whitelist_get(&entry)?.is_some(), "the entries were carried over");
         assert_eq!(
             gate.presence()?.count(&entry.addr),
-            1,
-            "the carried-over entry is counted, so its source is no stranger"
+            one_of_each,
+            "the carried-over entries are counted, so their source is no stranger"
         );
         gate.set_config(&standard_model(0).config)?;
         assert_eq!(gate.stats()?.len(), Reason::COUNT, "every counter exists again");
     }
+    // The release before counted every entry in one number, in 2^18
+    // slots: replaced, and the entries counted by kind.
+    std::fs::remove_file(pins.dir().join("PRESENCE"))?;
+    pin_raw_map(&pins.dir().join("PRESENCE"), ARRAY, 4, 8, 1 << 18, BPF_F_MMAPABLE)?;
+    {
+        let _ebpf = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())?;
+        assert_eq!(
+            Gate::open(pins.dir())?.presence()?.count(&entry.addr),
+            one_of_each,
+            "the single-count PRESENCE was replaced and the entries counted by kind"
+        );
+    }
     // A whitelist of another layout cannot be carried over: refused, by name.
     std::fs::remove_file(pins.dir().join("WHITELIST"))?;
-    pin_raw_map(&pins.dir().join("WHITELIST"), LRU_HASH, 20, 32, 65536)?;
+    pin_raw_map(&pins.dir().join("WHITELIST"), LRU_HASH, 20, 32, 65536, 0)?;
     let e = loader::load_pinned(pins.dir(), 65536, loader::Instance::default())
         .err()
         .context("must be refused")?;

@@ -168,7 +168,7 @@ struct Daemon {
 struct Node {
     store: Arc<ClusterStore>,
     report: NodeReport,
-    /// When the last report went out (CLOCK_MONOTONIC ns); none: never.
+    /// When the last report went out (CLOCK_MONOTONIC_COARSE ns); none: never.
     reported_ns: Option<u64>,
 }
 

@@ -278,30 +278,30 @@ impl Gate {
     pub fn whitelist_insert(&self, key: &WhitelistKey, value: &WhitelistValue) -> Result<(), GateError> {
         let presence = self.presence()?;
         let mut map = self.whitelist_map()?;
-        presence.count_up(&key.addr);
+        presence.count_up(key);
         for _ in 0..WRITE_ROUNDS {
             match map.insert(key, value, BPF_NOEXIST) {
                 Ok(()) => return Ok(()),
                 Err(e) if errno(&e, libc::EEXIST) => {}
                 Err(e) => {
-                    presence.count_down(&key.addr);
+                    presence.count_down(key);
                     return Err(self.err(names::WHITELIST)(e));
                 }
             }
             match map.insert(key, value, BPF_EXIST) {
                 Ok(()) => {
-                    presence.count_down(&key.addr);
+                    presence.count_down(key);
                     return Ok(());
                 }
                 // Removed since: create it after all.
                 Err(e) if errno(&e, libc::ENOENT) => {}
                 Err(e) => {
-                    presence.count_down(&key.addr);
+                    presence.count_down(key);
                     return Err(self.err(names::WHITELIST)(e));
                 }
             }
         }
-        presence.count_down(&key.addr);
+        presence.count_down(key);
         Err(GateError::Contended(
             key_tuple(key).map_or_else(|| format!("{key:?}"), |t| t.to_string()),
         ))
@@ -315,7 +315,7 @@ impl Gate {
     ) -> Result<bool, GateError> {
         match map.remove(key) {
             Ok(()) => {
-                self.presence()?.count_down(&key.addr);
+                self.presence()?.count_down(key);
                 Ok(true)
             }
             Err(MapError::KeyNotFound) => Ok(false),
@@ -330,7 +330,7 @@ impl Gate {
         let presence = self.presence()?;
         let entries = self.whitelist()?;
         for e in &entries {
-            presence.count_up(&e.key.addr);
+            presence.count_up(&e.key);
         }
         Ok(entries.len())
     }
@@ -669,7 +669,7 @@ pub struct EntryView {
 }
 
 impl WhitelistEntry {
-    /// The entry as it reads at `now` (CLOCK_MONOTONIC ns).
+    /// The entry as it reads at `now` (CLOCK_MONOTONIC_COARSE ns).
     pub fn view(&self, now: u64) -> EntryView {
         let tuple = key_tuple(&self.key);
         EntryView {

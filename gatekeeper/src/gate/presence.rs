@@ -1,5 +1,6 @@
 //! The PRESENCE counters, mapped into this process: how many whitelist
-//! entries each source slot holds (see `gatekeeper_common::maps::PRESENCE`).
+//! entries of each kind each source slot holds (see
+//! `gatekeeper_common::maps::PRESENCE`).
 //!
 //! The CLI and the daemon may change the whitelist at the same moment, so
 //! the counters are changed with atomic operations on shared memory rather
@@ -16,7 +17,7 @@ use std::{
 
 use aya::maps::MapData;
 use gatekeeper_common::{
-    maps::{PRESENCE_SLOTS, presence_slot},
+    maps::{ANY_PORT, PRESENCE_SLOTS, PresenceCount, WhitelistKey, presence_slot},
     parse::Addr,
 };
 use thiserror::Error;
@@ -26,7 +27,7 @@ pub enum PresenceError {
     #[error("opening the pinned map (a gate loaded by an older release has none: restart the daemon to upgrade it)")]
     Open(#[source] aya::maps::MapError),
     #[error(
-        "the pinned map holds {found} slots of {value} bytes where {PRESENCE_SLOTS} of 8 are needed: restart the daemon to replace it"
+        "the pinned map holds {found} slots of {value} bytes where {PRESENCE_SLOTS} of 8 are needed (an older release's layout): restart the daemon to replace it"
     )]
     Layout { found: u32, value: u32 },
     #[error("mapping it into memory")]
@@ -86,21 +87,27 @@ impl Presence {
         unsafe { &*self.slots.add(presence_slot(Addr::from_bytes(*addr)) as usize) }
     }
 
-    /// Counts one more entry with source `addr`; call before creating it.
-    pub fn count_up(&self, addr: &[u8; 16]) {
-        self.slot(addr).fetch_add(1, Ordering::SeqCst);
+    /// Counts the entry `key` in; call before creating it.
+    pub fn count_up(&self, key: &WhitelistKey) {
+        self.slot(&key.addr)
+            .fetch_add(PresenceCount::unit(key.src_port), Ordering::SeqCst);
     }
 
-    /// Counts one entry with source `addr` less; call after removing it.
-    pub fn count_down(&self, addr: &[u8; 16]) {
+    /// Counts the entry `key` out; call after removing it. A count already
+    /// at zero stays there rather than borrow from the other kind's.
+    pub fn count_down(&self, key: &WhitelistKey) {
         let _ = self
-            .slot(addr)
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            .slot(&key.addr)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                let (exact, any_port) = PresenceCount(n).counts();
+                let left = if key.src_port == ANY_PORT { any_port } else { exact };
+                (left != 0).then(|| n - PresenceCount::unit(key.src_port))
+            });
     }
 
-    /// The count of `addr`'s slot.
-    pub fn count(&self, addr: &[u8; 16]) -> u64 {
-        self.slot(addr).load(Ordering::SeqCst)
+    /// The counts of `addr`'s slot.
+    pub fn count(&self, addr: &[u8; 16]) -> PresenceCount {
+        PresenceCount(self.slot(addr).load(Ordering::SeqCst))
     }
 }
 
