@@ -75,7 +75,7 @@ pub const MAX_IFACES: u32 = 32;
 pub const IFACE_NAME_LEN: usize = 16;
 pub const KEY_ID_LEN: usize = 16;
 /// Slots in PRESENCE: with the default whitelist of 65,536 entries full,
-/// about one stranger in nine still shares a slot with someone. (Releases
+/// about one stranger in eight still shares a slot with someone. (Releases
 /// that kept one count per slot had 2^18 slots: the loader tells their map
 /// by its size, replaces it and counts the whitelist again.)
 pub const PRESENCE_SLOTS: u32 = 1 << 19;
