@@ -97,11 +97,6 @@ impl PresenceCount {
         if src_port == ANY_PORT { 1 << 32 } else { 1 }
     }
 
-    /// Entries with a source port, and any-port entries.
-    pub const fn counts(self) -> (u32, u32) {
-        (self.0 as u32, (self.0 >> 32) as u32)
-    }
-
     pub const fn is_empty(self) -> bool {
         self.0 == 0
     }

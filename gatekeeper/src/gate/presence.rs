@@ -17,7 +17,7 @@ use std::{
 
 use aya::maps::MapData;
 use gatekeeper_common::{
-    maps::{ANY_PORT, PRESENCE_SLOTS, PresenceCount, WhitelistKey, presence_slot},
+    maps::{PRESENCE_SLOTS, PresenceCount, WhitelistKey, presence_slot},
     parse::Addr,
 };
 use thiserror::Error;
@@ -96,12 +96,13 @@ impl Presence {
     /// Counts the entry `key` out; call after removing it. A count already
     /// at zero stays there rather than borrow from the other kind's.
     pub fn count_down(&self, key: &WhitelistKey) {
+        let unit = PresenceCount::unit(key.src_port);
+        // The 32 bits that count this entry's kind.
+        let kind = unit * u64::from(u32::MAX);
         let _ = self
             .slot(&key.addr)
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                let (exact, any_port) = PresenceCount(n).counts();
-                let left = if key.src_port == ANY_PORT { any_port } else { exact };
-                (left != 0).then(|| n - PresenceCount::unit(key.src_port))
+                (n & kind != 0).then(|| n - unit)
             });
     }
 
