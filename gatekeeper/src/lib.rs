@@ -18,12 +18,14 @@
 //! - [`control`]: the daemon's control socket, and the CLI's side of it.
 //! - [`clock`]: monotonic nanoseconds for the gate, unix seconds for people.
 //! - [`private_file`]: files only their owner reads, written whole.
+//! - [`encrypted_file`]: device files encrypted at rest with a passphrase.
 
 pub mod audit;
 pub mod channel;
 pub mod clock;
 pub mod control;
 pub mod daemon;
+pub mod encrypted_file;
 pub mod gate;
 pub mod knock;
 pub mod portal;
@@ -63,7 +65,7 @@ mod tests {
                 path: PathBuf::from("/etc/gk.toml"),
                 source: io(),
             }),
-            Box::new(crate::knock::credential::CredentialError::Read {
+            Box::new(crate::encrypted_file::EncryptedError::Read {
                 path: PathBuf::from("laptop.toml"),
                 source: io(),
             }),

@@ -280,6 +280,9 @@ fn lab_pid(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
 }
 
+/// Where `ip netns exec NS` finds files to bind over /etc's (`hosts`).
+const NETNS_ETC: &str = "/etc/netns";
+
 /// Removes namespaces and pins left by labs whose process has died.
 fn remove_stale() {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
@@ -287,6 +290,14 @@ fn remove_stale() {
             let name = line.split_whitespace().next().unwrap_or("");
             if lab_pid(name).is_some_and(|pid| !pid_alive(pid)) {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(NETNS_ETC) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if lab_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
@@ -607,6 +618,16 @@ impl Lab {
             scratch,
             env: Vec::new(),
         })
+    }
+
+    /// Gives a role's host its own /etc/hosts, which programs started with
+    /// [`Lab::exec`] (`ip netns exec`) see in place of the machine's: a
+    /// name resolver private to this lab. Removed with the lab.
+    pub fn set_hosts(&self, role: Role, hosts: &str) -> Result<()> {
+        let dir = Path::new(NETNS_ETC).join(self.ns(role));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), hosts)?;
+        Ok(())
     }
 
     /// Sets `key` to `path` in the environment of every gatekeeper process
@@ -1038,7 +1059,10 @@ impl Drop for Lab {
         }
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(&ns));
         }
+        // Only if no other lab's files are in it.
+        let _ = std::fs::remove_dir(NETNS_ETC);
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use gatekeeper::knock::send::Request;
+use gatekeeper::knock::{Carrier, send::Request};
 use gatekeeper::spec::{PortRange, Proto};
 use gatekeeper_tests::{
     frames::{FrameSpec, Rng, udp},
@@ -84,7 +84,7 @@ fn a_spoofed_flood_of_garbage_and_replays_crowds_out_no_real_client() -> Result<
         let mut connected = 0;
         for _ in 0..5 {
             let ok = lab.with_knocker(Role::Client, &cred, move |k, server| {
-                let stream = k.knock_and_connect(SocketAddr::new(server, 22), Duration::from_secs(3))?;
+                let stream = k.knock_and_connect(SocketAddr::new(server, 22), Duration::from_secs(3), Carrier::Syn)?;
                 Ok(match stream {
                     Some(mut s) => {
                         s.set_read_timeout(Some(Duration::from_secs(3)))?;

@@ -173,6 +173,10 @@ impl Audit {
     /// refused knock.
     pub fn knock(&self, knock: &Knock, checked: &Checked, opened: Option<Opened>) {
         let mut line = Audit::knock_line("knock", knock, Some(checked));
+        if checked.previous_key {
+            // Who still knocks with the key a rotation replaced.
+            line["server_key"] = json!("previous");
+        }
         match &opened {
             Some(Opened::Entry {
                 src_port,

@@ -16,7 +16,11 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tracing::{debug, warn};
 
 use super::{config, header::Origin, policy::suite_name};
-use crate::{audit::Audit, error_chain, knock::send::Knocker};
+use crate::{
+    audit::Audit,
+    error_chain,
+    knock::{Carrier, send::Knocker},
+};
 
 /// How long dialing, knocking and the handshake may take together.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,10 +107,11 @@ impl Outbound {
                 .map_err(|e| OpenError::Connect(target, e))?,
             Some(knocker) => {
                 let knocker = knocker.clone();
-                let knocked =
-                    tokio::task::spawn_blocking(move || knocker.knock_and_connect(target, Duration::from_secs(3)))
-                        .await
-                        .map_err(|e| OpenError::Connect(target, std::io::Error::other(e)))?;
+                let knocked = tokio::task::spawn_blocking(move || {
+                    knocker.knock_and_connect(target, Duration::from_secs(3), Carrier::Syn)
+                })
+                .await
+                .map_err(|e| OpenError::Connect(target, std::io::Error::other(e)))?;
                 let std = knocked
                     .map_err(|e| OpenError::Knock(target, e))?
                     .ok_or(OpenError::Unanswered(target))?;

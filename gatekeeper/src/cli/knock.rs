@@ -131,7 +131,7 @@ pub fn connect(args: Connect) -> Result<()> {
         .with_context(|| format!("resolving {:?} (expected HOST:PORT)", args.target))?
         .next()
         .with_context(|| format!("{:?} resolves to no address", args.target))?;
-    let stream = k.knock_and_connect(target, args.timeout)?.with_context(|| {
+    let stream = k.knock_and_connect(target, args.timeout, Carrier::Syn)?.with_context(|| {
         format!("{target} did not answer after two knocks: is the credential enrolled and enabled, and the port in its policy?")
     })?;
     relay(stream)

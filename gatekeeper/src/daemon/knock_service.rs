@@ -16,7 +16,6 @@ use super::cluster::{Claimed, Link, Outage, SharedGrant};
 
 use gatekeeper_common::maps::{FLAG_OPERATOR, KEY_ID_LEN};
 use tracing::warn;
-use x25519_dalek::StaticSecret;
 
 use crate::{
     audit::{Audit, Opened},
@@ -24,6 +23,7 @@ use crate::{
     gate::{Gate, GateError},
     knock::{
         ask::{Ask, Verdict},
+        keys::ServerKeys,
         verify::{Checked, Client, ClientKeys, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
         wire::NONCE_LEN,
     },
@@ -39,7 +39,8 @@ use crate::{
 type Expiry = BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>;
 
 pub struct KnockService {
-    server: StaticSecret,
+    /// The knock keys the `derived` keys were derived from.
+    server: Option<ServerKeys>,
     /// Keys derived for each enrolled public key, so a change to one record
     /// does not cost an agreement per client.
     derived: HashMap<String, ClientKeys>,
@@ -54,6 +55,9 @@ pub struct KnockService {
     portal_upstream: Option<String>,
     /// The relay's HTTP port, where this node serves relayed hosts.
     relay_port: Option<u16>,
+    /// The tunnel listener's port, where every enrolled device may come
+    /// to learn the gateway's knock key (see `tunnels::key_note`).
+    tunnel_port: u16,
     cluster: Option<Cluster>,
 }
 
@@ -81,20 +85,22 @@ fn record(gate: &Gate, expiry: &mut Option<Expiry>, nonce: &[u8; NONCE_LEN], unt
 }
 
 impl KnockService {
-    pub fn new(settings: &Settings, server: StaticSecret, audit: Audit) -> KnockService {
+    pub fn new(settings: &Settings, audit: Audit) -> KnockService {
         KnockService {
-            server,
+            server: None,
             derived: HashMap::new(),
             expiry: None,
             verifier: Verifier {
                 registry: Registry::default(),
                 server_addrs: server_addrs(settings),
                 window_secs: settings.knock_window.as_secs(),
+                previous_key_until: None,
             },
             audit,
             open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
             portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
             relay_port: settings.relay.as_ref().map(|r| r.listen.port()),
+            tunnel_port: settings.tunnel_port,
             cluster: None,
         }
     }
@@ -110,19 +116,33 @@ impl KnockService {
         });
     }
 
-    /// Rebuilds the registry from `snapshot`. A live tunnel lets the
-    /// clients it names knock for its published port, a live relay for
-    /// the relay's HTTP port. Returns every
+    /// Rebuilds the registry from `snapshot`, with its knock keys. Every
+    /// client may knock for the tunnel listener, to learn the knock key;
+    /// a live tunnel lets the clients it names knock for its published
+    /// port, a live relay for the relay's HTTP port. Returns every
     /// enrolled key id (for the XDP program's KNOCK_KEYS) and the records
     /// that could not be used.
     pub fn set_clients(&mut self, snapshot: &Snapshot) -> (BTreeSet<[u8; KEY_ID_LEN]>, Vec<Problem>) {
         let now = unix_now();
         let mut registry = Registry::default();
         let mut problems = Vec::new();
+        if snapshot.server_keys.is_some() && snapshot.server_keys != self.server {
+            self.server = snapshot.server_keys.clone();
+            self.derived.clear();
+        }
+        let Some(server) = &self.server else {
+            return (BTreeSet::new(), problems);
+        };
+        self.verifier.previous_key_until = server.previous.as_ref().map(|p| p.accepted_until);
         self.derived
             .retain(|public, _| snapshot.clients.iter().any(|c| &c.public_key == public));
         for rec in &snapshot.clients {
             let mut policy = rec.policy();
+            let note = PortRange {
+                lo: self.tunnel_port,
+                hi: self.tunnel_port,
+            };
+            policy.ranges.push((Proto::Tcp, note));
             for t in snapshot
                 .tunnels
                 .iter()
@@ -157,7 +177,7 @@ impl KnockService {
                 Some(keys) => Ok(keys.clone()),
                 None => rec
                     .public()
-                    .and_then(|public| ClientKeys::derive(&self.server, &public))
+                    .and_then(|public| ClientKeys::derive(server, &public))
                     .inspect(|keys| {
                         self.derived.insert(rec.public_key.clone(), keys.clone());
                     }),

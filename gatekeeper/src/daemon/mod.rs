@@ -53,7 +53,7 @@ use crate::{
         ring::{self, Record},
         sweeper,
     },
-    knock::ask::Ask,
+    knock::{ask::Ask, note::KeyNote},
     portal::listener::{Portal, PortalError},
     relay::gateway::{RelayError, RelayGateway},
     spec::{PortRange, PortSet, Proto},
@@ -295,7 +295,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             source,
         })?;
         let (watcher, change) = Watcher::start(store.clone(), unix_now())?;
-        let mut service = KnockService::new(&settings, store.server_secret()?, audit.clone());
+        let mut service = KnockService::new(&settings, audit.clone());
         if let (Some(c), Some(node)) = (&settings.cluster, &cluster) {
             let (link, events) =
                 Link::start(node.store.target().clone(), &c.node)
@@ -638,6 +638,9 @@ impl Daemon {
             }
             self.keys_pending = Some(keys);
             k.gateway.set_records(snapshot.tunnels.clone());
+            if let Some(keys) = &snapshot.server_keys {
+                k.gateway.set_note(KeyNote::of(keys));
+            }
             if let Some(relay) = &k.relay {
                 relay.set_records(snapshot);
             }

@@ -79,3 +79,146 @@ pub fn decode_secret(s: &str) -> Result<StaticSecret, KeyError> {
 pub fn decode_public(s: &str) -> Result<PublicKey, KeyError> {
     decode(s).map(PublicKey::from)
 }
+
+/// The gateway's knock keys: the current one, and the one it replaced,
+/// still accepted until `accepted_until` so that devices have time to
+/// learn the new one (`gatekeeper rotate-key`).
+///
+/// As text (the state directory's `server.key`, the cluster's
+/// `gatekeeper:server_key`): the current secret in base64 on the first
+/// line, then optionally `previous BASE64 until UNIX_SECONDS`. A file of
+/// one line, as written before rotation existed, has no previous key.
+#[derive(Clone)]
+pub struct ServerKeys {
+    pub current: StaticSecret,
+    pub previous: Option<Retiring>,
+}
+
+/// A replaced server key and when it stops being accepted. It is kept
+/// after that, so that a knock sealed for it is recognised and audited
+/// as such until the next rotation replaces it.
+#[derive(Clone)]
+pub struct Retiring {
+    pub secret: StaticSecret,
+    /// Unix seconds.
+    pub accepted_until: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ServerKeysError {
+    #[error("no key on the first line")]
+    Empty,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("line {0}: expected `previous BASE64 until UNIX_SECONDS`")]
+    Previous(usize),
+}
+
+impl ServerKeys {
+    pub fn new(current: StaticSecret) -> ServerKeys {
+        ServerKeys {
+            current,
+            previous: None,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<ServerKeys, ServerKeysError> {
+        let mut lines = text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty());
+        let (_, first) = lines.next().ok_or(ServerKeysError::Empty)?;
+        let mut keys = ServerKeys::new(decode_secret(first)?);
+        for (i, line) in lines {
+            let bad = || ServerKeysError::Previous(i + 1);
+            match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["previous", key, "until", until] if keys.previous.is_none() => {
+                    keys.previous = Some(Retiring {
+                        secret: decode_secret(key)?,
+                        accepted_until: until.parse().map_err(|_| bad())?,
+                    });
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(keys)
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut text = format!("{}\n", encode(&self.current.to_bytes()));
+        if let Some(p) = &self.previous {
+            text += &format!("previous {} until {}\n", encode(&p.secret.to_bytes()), p.accepted_until);
+        }
+        text
+    }
+
+    /// A new current key; this one accepted for `overlap` seconds more
+    /// from `unix_now`. A key retired earlier is forgotten.
+    pub fn rotate(&self, unix_now: u64, overlap: u64) -> ServerKeys {
+        ServerKeys {
+            current: generate(),
+            previous: Some(Retiring {
+                secret: self.current.clone(),
+                accepted_until: unix_now.saturating_add(overlap),
+            }),
+        }
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey::from(&self.current)
+    }
+}
+
+impl PartialEq for ServerKeys {
+    fn eq(&self, other: &ServerKeys) -> bool {
+        self.to_text() == other.to_text()
+    }
+}
+
+impl Eq for ServerKeys {}
+
+/// Never the secrets.
+impl std::fmt::Debug for ServerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerKeys")
+            .field("current", &encode(self.public().as_bytes()))
+            .field("previous_until", &self.previous.as_ref().map(|p| p.accepted_until))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_keys_read_back_what_they_write_and_the_one_line_form() {
+        let one = ServerKeys::new(generate());
+        assert_eq!(ServerKeys::parse(&one.to_text()).unwrap(), one);
+        assert!(
+            ServerKeys::parse(&encode(&one.current.to_bytes()))
+                .unwrap()
+                .previous
+                .is_none()
+        );
+        let rotated = one.rotate(1000, 60);
+        let back = ServerKeys::parse(&rotated.to_text()).unwrap();
+        assert_eq!(back, rotated);
+        let previous = back.previous.unwrap();
+        assert_eq!(previous.accepted_until, 1060);
+        assert_eq!(previous.secret.to_bytes(), one.current.to_bytes());
+        assert_ne!(back.current.to_bytes(), one.current.to_bytes());
+    }
+
+    #[test]
+    fn broken_server_keys_name_the_line() {
+        assert_eq!(ServerKeys::parse("\n \n"), Err(ServerKeysError::Empty));
+        let key = encode(&[7; 32]);
+        assert_eq!(
+            ServerKeys::parse(&format!("{key}\nprevious {key} until soon\n")),
+            Err(ServerKeysError::Previous(2))
+        );
+        assert_eq!(
+            ServerKeys::parse(&format!("{key}\nnext {key}\n")),
+            Err(ServerKeysError::Previous(2))
+        );
+        assert!(matches!(ServerKeys::parse("short"), Err(ServerKeysError::Key(_))));
+    }
+}

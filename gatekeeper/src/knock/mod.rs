@@ -4,7 +4,9 @@
 //! - [`wire`]: the packet layout (see `docs/knock-v1.md`): sealing on the
 //!   client, opening on the gateway.
 //! - [`payload`]: the JSON a knock carries.
-//! - [`credential`]: what a device imports to knock.
+//! - [`credential`]: what a device keeps to knock: its credential and key file.
+//! - [`enrollment`]: the one-line request a device sends and the credential it gets back.
+//! - [`note`]: how a device learns the gateway's knock key after a rotation.
 //! - [`verify`]: every check a knock must pass, and what it opens.
 //! - [`ask`]: the question a listener that finds knocks outside the XDP
 //!   ring (the portal) puts to the daemon's knock service, and its answer.
@@ -12,7 +14,9 @@
 
 pub mod ask;
 pub mod credential;
+pub mod enrollment;
 pub mod keys;
+pub mod note;
 pub mod payload;
 pub mod send;
 pub mod verify;

@@ -16,7 +16,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
     Carrier,
-    keys::{self, KeyError, KeyId, SessionKey},
+    keys::{self, KeyError, KeyId, ServerKeys, SessionKey},
     payload::Payload,
     wire::{self, WireError},
 };
@@ -34,13 +34,12 @@ pub struct Knock {
     pub payload: Vec<u8>,
 }
 
-/// One enrolled client, ready to verify: its session key is derived once.
+/// One enrolled client, ready to verify: its session keys are derived once.
 #[derive(Clone)]
 pub struct Client {
     pub name: String,
     pub id: u32,
-    key_id: KeyId,
-    key: SessionKey,
+    keys: ClientKeys,
     pub policy: PortSet,
     pub enabled: bool,
     pub nat: bool,
@@ -61,21 +60,26 @@ pub struct Standing {
     pub portal_upstream: Option<String>,
 }
 
-/// A client's key id and the session key it shares with the gateway:
-/// one X25519 agreement and a HKDF, so worth keeping across registry
-/// rebuilds.
+/// A client's key id and the session keys it shares with the gateway's
+/// current knock key and, after a rotation, the previous one: an X25519
+/// agreement and a HKDF each, so worth keeping across registry rebuilds.
 #[derive(Clone)]
 pub struct ClientKeys {
     key_id: KeyId,
-    key: SessionKey,
+    current: SessionKey,
+    previous: Option<SessionKey>,
 }
 
 impl ClientKeys {
-    /// Derives what the client key `public` shares with the gateway's `server` key.
-    pub fn derive(server: &StaticSecret, public: &PublicKey) -> Result<ClientKeys, KeyError> {
+    /// Derives what the client key `public` shares with the gateway's keys.
+    pub fn derive(server: &ServerKeys, public: &PublicKey) -> Result<ClientKeys, KeyError> {
         let key_id = keys::key_id(public);
-        let key = keys::session_key(server, public, &key_id, &PublicKey::from(server))?;
-        Ok(ClientKeys { key_id, key })
+        let shared = |secret: &StaticSecret| keys::session_key(secret, public, &key_id, &PublicKey::from(secret));
+        Ok(ClientKeys {
+            key_id,
+            current: shared(&server.current)?,
+            previous: server.previous.as_ref().map(|p| shared(&p.secret)).transpose()?,
+        })
     }
 }
 
@@ -84,8 +88,7 @@ impl Client {
         Client {
             name: standing.name,
             id: standing.id,
-            key_id: keys.key_id,
-            key: keys.key,
+            keys,
             policy: standing.policy,
             enabled: standing.enabled,
             nat: standing.nat,
@@ -95,7 +98,7 @@ impl Client {
     }
 
     pub fn key_id(&self) -> &KeyId {
-        &self.key_id
+        &self.keys.key_id
     }
 }
 
@@ -107,7 +110,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn insert(&mut self, client: Client) {
-        self.by_key.insert(client.key_id, client);
+        self.by_key.insert(client.keys.key_id, client);
     }
 
     /// Whether client `id` may open `ports` of `proto` at `unix_now`: what a
@@ -166,6 +169,11 @@ pub enum Rejection {
         local_port: u16,
         seen: u16,
     },
+    /// Sealed for the gateway's previous knock key after its overlap ended:
+    /// the device never learned the new key.
+    RetiredServerKey {
+        until: u64,
+    },
 }
 
 impl Rejection {
@@ -189,6 +197,7 @@ impl Rejection {
             Rejection::NatNotAllowed { .. } => "nat_not_allowed",
             Rejection::Unbound => "unbound",
             Rejection::SourcePortMismatch { .. } => "source_port_mismatch",
+            Rejection::RetiredServerKey { .. } => "retired_server_key",
         }
     }
 
@@ -237,6 +246,11 @@ impl fmt::Display for Rejection {
                 f,
                 "sealed for source port {local_port} but arrived from {seen}: behind NAT, and the client is not allowed to be"
             ),
+            Rejection::RetiredServerKey { until } => write!(
+                f,
+                "sealed for the gateway's previous knock key, accepted until {}: the device must learn the new one (`gatekeeper client refresh`)",
+                crate::clock::rfc3339(*until)
+            ),
         }
     }
 }
@@ -256,6 +270,8 @@ pub struct Checked {
     pub knock_id: Option<[u8; NONCE_LEN]>,
     pub client: Option<String>,
     pub payload: Option<Payload>,
+    /// The knock was sealed for the previous knock key, not the current one.
+    pub previous_key: bool,
     pub outcome: Result<Grant, Rejection>,
 }
 
@@ -265,6 +281,9 @@ pub struct Verifier {
     /// destination address.
     pub server_addrs: Vec<IpAddr>,
     pub window_secs: u64,
+    /// Until when (unix seconds) knocks sealed for the previous knock key
+    /// are accepted; none: no rotation has happened.
+    pub previous_key_until: Option<u64>,
 }
 
 impl Verifier {
@@ -290,6 +309,7 @@ impl Verifier {
             knock_id: None,
             client: None,
             payload: None,
+            previous_key: false,
             outcome: Err(Rejection::UnknownKey),
         };
         let (outcome, client) = match self.run(knock, unix_now, record, &mut checked) {
@@ -323,6 +343,7 @@ impl Verifier {
                 knock_id: Some(sealed.nonce),
                 client: None,
                 payload: None,
+                previous_key: false,
                 outcome: Err(Rejection::Unbound),
             };
             return (unbound, None);
@@ -363,7 +384,11 @@ impl Verifier {
         seen.knock_id = Some(sealed.nonce);
         let client = self.registry.by_key.get(&sealed.key_id).ok_or(Rejection::UnknownKey)?;
         seen.client = Some(client.name.clone());
-        let payload = sealed.open(&client.key).map_err(|e| match e {
+        let opened = match (sealed.open(&client.keys.current), &client.keys.previous) {
+            (Err(WireError::Tag), Some(previous)) => sealed.open(previous).inspect(|_| seen.previous_key = true),
+            (outcome, _) => outcome,
+        };
+        let payload = opened.map_err(|e| match e {
             WireError::Tag => Rejection::BadTag,
             other => Rejection::BadPayload(other.to_string()),
         })?;
@@ -386,6 +411,11 @@ impl Verifier {
         }
         if !client.enabled {
             return Err(Rejection::Revoked);
+        }
+        if let (true, Some(until)) = (seen.previous_key, self.previous_key_until)
+            && unix_now >= until
+        {
+            return Err(Rejection::RetiredServerKey { until });
         }
         if client.expires.is_some_and(|e| unix_now >= e) {
             return Err(Rejection::Expired);
@@ -449,7 +479,33 @@ mod tests {
 
     /// A verifier knowing one client `dev` allowed `allow`, and its knocker.
     fn setup(allow: &str, expires: Option<u64>, nat: bool) -> (Verifier, Knocker) {
-        let server = keys::generate();
+        let (v, device, server) = setup_with(&ServerKeys::new(keys::generate()), allow, expires, nat);
+        (v, knocker(&device, &server))
+    }
+
+    /// The knocker of `device`, which knows `server` as the gateway's key.
+    fn knocker(device: &StaticSecret, server: &StaticSecret) -> Knocker {
+        let cred = Credential {
+            name: "dev".into(),
+            secret_key: Some(keys::encode(&device.to_bytes())),
+            key_file: None,
+            server_public_key: keys::encode(PublicKey::from(server).as_bytes()),
+            servers: vec![GW.into()],
+            knock_port: 62201,
+            tunnel_port: None,
+            tls_fingerprint: None,
+        };
+        Knocker::new(cred).unwrap()
+    }
+
+    /// A verifier for `server`'s keys knowing one client `dev`; the
+    /// device's secret, and the server's current secret.
+    fn setup_with(
+        server: &ServerKeys,
+        allow: &str,
+        expires: Option<u64>,
+        nat: bool,
+    ) -> (Verifier, StaticSecret, StaticSecret) {
         let device = keys::generate();
         let standing = Standing {
             name: "dev".into(),
@@ -462,23 +518,46 @@ mod tests {
         };
         let mut registry = Registry::default();
         registry.insert(Client::new(
-            ClientKeys::derive(&server, &PublicKey::from(&device)).unwrap(),
+            ClientKeys::derive(server, &PublicKey::from(&device)).unwrap(),
             standing,
         ));
         let v = Verifier {
             registry,
             server_addrs: vec![GW.parse().unwrap()],
             window_secs: 120,
+            previous_key_until: server.previous.as_ref().map(|p| p.accepted_until),
         };
-        let cred = Credential {
-            name: "dev".into(),
-            secret_key: keys::encode(&device.to_bytes()),
-            server_public_key: keys::encode(PublicKey::from(&server).as_bytes()),
-            servers: vec![GW.parse().unwrap()],
-            knock_port: 62201,
-            tls_fingerprint: None,
+        (v, device, server.current.clone())
+    }
+
+    #[test]
+    fn the_previous_key_holds_for_the_overlap_then_is_refused_by_name() {
+        let before = ServerKeys::new(keys::generate());
+        let now = unix_now();
+        let after = before.rotate(now, 60);
+        let (mut v, device, current) = setup_with(&after, "tcp/22", None, true);
+        let old = knocker(&device, &before.current);
+        let new = knocker(&device, &current);
+        let gw: IpAddr = GW.parse().unwrap();
+        let mut seen = HashSet::new();
+        let mut knock_with = |v: &Verifier, k: &Knocker, at: u64| {
+            let packet = k.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+            v.check(&knock(packet, "10.0.0.2", 40000, Carrier::Udp), at, |n, _| {
+                Ok(seen.insert(*n))
+            })
         };
-        (v, Knocker::new(cred).unwrap())
+        let during = knock_with(&v, &old, now);
+        assert!(during.outcome.is_ok() && during.previous_key, "{:?}", during.outcome);
+        let fresh = knock_with(&v, &new, now);
+        assert!(fresh.outcome.is_ok() && !fresh.previous_key);
+        let late = knock_with(&v, &old, now + 60);
+        assert_eq!(late.outcome, Err(Rejection::RetiredServerKey { until: now + 60 }));
+        assert!(
+            !late.outcome.unwrap_err().unproven(),
+            "audited one by one, with the client named"
+        );
+        v.previous_key_until = None;
+        assert!(knock_with(&v, &new, now + 60).outcome.is_ok());
     }
 
     fn knock(payload: Vec<u8>, src: &str, sport: u16, carrier: Carrier) -> Knock {

@@ -1,7 +1,7 @@
 //! The cluster backend: the records several gateways share, kept in Redis.
 //!
 //! ```text
-//! gatekeeper:server_key    the gateways' X25519 secret (base64)
+//! gatekeeper:server_key    the gateways' knock keys (see `keys::ServerKeys`)
 //! gatekeeper:identity      hash: cert, key (PEM), the TLS identity all nodes present
 //! gatekeeper:config        the shared config (TOML, the same keys as gatekeeper.toml)
 //! gatekeeper:clients       hash: NAME -> client record (TOML)
@@ -34,13 +34,13 @@ use std::{net::IpAddr, sync::Mutex, time::Duration};
 use redis::{Connection, RedisError};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tunnel::tls::Identity;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::PublicKey;
 
 use super::{
     ClientRecord, Kind, Problem, Put, RelayRecord, Snapshot, Store, StoreError, TunnelRecord, Version,
     config::ConfigFile, redis_target::RedisTarget, valid_name,
 };
-use crate::knock::keys;
+use crate::knock::keys::{self, ServerKeys};
 
 const SERVER_KEY: &str = "gatekeeper:server_key";
 const IDENTITY: &str = "gatekeeper:identity";
@@ -100,6 +100,16 @@ impl ClusterStore {
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The knock keys in `text`, as read from Redis; kept to be written back.
+    fn parse_server_keys(&self, text: String) -> Result<ServerKeys, StoreError> {
+        let keys = ServerKeys::parse(&text).map_err(|e| StoreError::Invalid {
+            path: format!("{SERVER_KEY} at {}", self.location),
+            reason: e.to_string(),
+        })?;
+        self.seen().server_key = Some(text);
+        Ok(keys)
     }
 
     /// Writes back what this store has read and Redis no longer holds.
@@ -405,8 +415,8 @@ impl Store for ClusterStore {
     }
 
     fn init(&self, public_addrs: &[IpAddr], force: bool) -> Result<PublicKey, StoreError> {
-        let secret = keys::generate();
-        let encoded = keys::encode(&secret.to_bytes());
+        let keys = ServerKeys::new(keys::generate());
+        let encoded = keys.to_text();
         let config = ConfigFile::starter(public_addrs, &format!("gatekeeper run --cluster {}", self.location));
         let set: bool = self.with(|c| {
             let mut set = redis::cmd("SET");
@@ -431,18 +441,31 @@ impl Store for ClusterStore {
         if force {
             self.with(|c| redis::cmd("SET").arg(CONFIG).arg(&config).query::<()>(c))?;
         }
-        Ok(PublicKey::from(&secret))
+        Ok(keys.public())
     }
 
-    fn server_secret(&self) -> Result<StaticSecret, StoreError> {
+    fn server_keys(&self) -> Result<ServerKeys, StoreError> {
         let text: Option<String> = self.with(|c| redis::cmd("GET").arg(SERVER_KEY).query(c))?;
         let text = text.ok_or_else(|| StoreError::ClusterNotInitialised(self.location.clone()))?;
-        let secret = keys::decode_secret(&text).map_err(|e| StoreError::Invalid {
-            path: format!("{SERVER_KEY} at {}", self.location),
-            reason: e.to_string(),
+        self.parse_server_keys(text)
+    }
+
+    fn put_server_keys(&self, keys: &ServerKeys) -> Result<(), StoreError> {
+        let text = keys.to_text();
+        self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(SERVER_KEY)
+                .arg(&text)
+                .ignore()
+                .cmd("INCR")
+                .arg(VERSION)
+                .ignore()
+                .query::<()>(c)
         })?;
         self.seen().server_key = Some(text);
-        Ok(secret)
+        Ok(())
     }
 
     fn identity(&self) -> Result<Identity, StoreError> {
@@ -515,10 +538,10 @@ impl Store for ClusterStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (initialised, clients, tunnels, relays): (bool, Raw, Raw, Raw) = self.with(|c| {
+        let (server_key, clients, tunnels, relays): (Option<String>, Raw, Raw, Raw) = self.with(|c| {
             redis::pipe()
                 .atomic()
-                .cmd("EXISTS")
+                .cmd("GET")
                 .arg(SERVER_KEY)
                 .cmd("HGETALL")
                 .arg(hash(Kind::Client))
@@ -529,9 +552,10 @@ impl Store for ClusterStore {
                 .query(c)
         })?;
         // Without the server key the records are not gone: Redis is.
-        if !initialised {
+        let Some(server_key) = server_key else {
             return Err(StoreError::ClusterEmptied(self.location.clone()));
-        }
+        };
+        let server_keys = self.parse_server_keys(server_key)?;
         let (client_records, mut problems) = parse_all::<ClientRecord>(Kind::Client, &clients);
         let (tunnel_records, more) = parse_all::<TunnelRecord>(Kind::Tunnel, &tunnels);
         problems.extend(more);
@@ -540,6 +564,7 @@ impl Store for ClusterStore {
         self.seen().records = [clients, tunnels, relays];
         let mut snap = Snapshot {
             problems,
+            server_keys: Some(server_keys),
             ..Snapshot::default()
         };
         snap.admit(client_records, tunnel_records, relay_records);

@@ -2,7 +2,7 @@
 //! `/var/lib/gatekeeper`), all it needs to run alone.
 //!
 //! ```text
-//! server.key              the gateway's X25519 secret (0600, base64)
+//! server.key              the gateway's knock keys (0600; see `keys::ServerKeys`)
 //! gatekeeper.toml         the config (`gatekeeper init` writes a starter)
 //! gateway.crt, .key       the TLS identity of the tunnel listener and portal
 //! clients/NAME.toml       one enrolled device: public key and policy
@@ -26,14 +26,17 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 use tunnel::tls::Identity;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::PublicKey;
 
 use super::{
     ClientRecord, Kind, Loaded, Problem, Put, RelayRecord, Snapshot, Store, StoreError, TunnelRecord, Version,
     config::{AUDIT_LOG, ConfigFile},
     valid_name,
 };
-use crate::{knock::keys, private_file};
+use crate::{
+    knock::keys::{self, ServerKeys},
+    private_file,
+};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gatekeeper";
 const SERVER_KEY: &str = "server.key";
@@ -212,9 +215,8 @@ impl Store for FileStore {
         for kind in Kind::ALL {
             self.ensure_dir(&self.root.join(kind.plural()))?;
         }
-        let secret = keys::generate();
-        private_file::write(&key_path, &format!("{}\n", keys::encode(&secret.to_bytes())))
-            .map_err(io_err(&key_path))?;
+        let keys = ServerKeys::new(keys::generate());
+        self.put_server_keys(&keys)?;
         let config = self.config_path();
         if !config.exists() || force {
             private_file::write(
@@ -226,19 +228,24 @@ impl Store for FileStore {
             )
             .map_err(io_err(&config))?;
         }
-        Ok(PublicKey::from(&secret))
+        Ok(keys.public())
     }
 
-    fn server_secret(&self) -> Result<StaticSecret, StoreError> {
+    fn server_keys(&self) -> Result<ServerKeys, StoreError> {
         let path = self.root.join(SERVER_KEY);
         if !path.exists() {
             return Err(StoreError::NotInitialised(self.location()));
         }
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        keys::decode_secret(&text).map_err(|e| StoreError::Invalid {
+        ServerKeys::parse(&text).map_err(|e| StoreError::Invalid {
             path: path.display().to_string(),
             reason: e.to_string(),
         })
+    }
+
+    fn put_server_keys(&self, keys: &ServerKeys) -> Result<(), StoreError> {
+        let path = self.root.join(SERVER_KEY);
+        private_file::write(&path, &keys.to_text()).map_err(io_err(&path))
     }
 
     fn identity(&self) -> Result<Identity, StoreError> {
@@ -312,6 +319,7 @@ impl Store for FileStore {
         problems.extend(more);
         let mut snap = Snapshot {
             problems,
+            server_keys: self.initialised().then(|| self.server_keys()).transpose()?,
             ..Snapshot::default()
         };
         snap.admit(clients, tunnels, relays);
@@ -368,6 +376,8 @@ mod tests {
             expires_in: None,
             nat: false,
             portal_upstream: None,
+            public_key: None,
+            gateway: None,
         }
     }
 
@@ -434,7 +444,7 @@ mod tests {
     fn credentials_carry_the_shared_config_and_the_identity_pin() {
         let (s, dir) = fresh("cred");
         let (_, cred) = s.add_client(&new("alice")).unwrap();
-        assert_eq!(cred.servers, ["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(cred.servers, ["192.0.2.1"]);
         assert_eq!(cred.knock_port, crate::store::config::DEFAULT_KNOCK_UDP_PORT);
         assert_eq!(
             cred.tls_fingerprint,

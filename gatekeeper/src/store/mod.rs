@@ -34,7 +34,10 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::{
     clock::unix_now,
-    knock::{credential::Credential, keys},
+    knock::{
+        credential::Credential,
+        keys::{self, ServerKeys},
+    },
     spec::PortSet,
 };
 use config::{ConfigError, ConfigFile};
@@ -48,7 +51,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error(
-        "{0} already exists: pass --force to replace the server key (every enrolled client then needs a new credential)"
+        "{0} already exists: `gatekeeper rotate-key` changes the knock key without re-enrolling anyone; --force replaces it outright (every enrolled client then needs a new credential)"
     )]
     Exists(String),
     #[error("{0} is not initialised: run `gatekeeper init --state-dir {0} --public-addr ADDR` first")]
@@ -65,6 +68,10 @@ pub enum StoreError {
     Name { kind: &'static str, name: String },
     #[error("a client named {0:?} is already enrolled: pick another name, one per device")]
     DuplicateClient(String),
+    #[error(
+        "this public key is already enrolled, as client {0:?}: one key per device (make another with `gatekeeper keygen`)"
+    )]
+    KeyEnrolled(String),
     #[error("no client named {0:?}: see `gatekeeper client list`")]
     NoSuchClient(String),
     #[error("a tunnel named {0:?} exists already: pick another name or revoke it first")]
@@ -366,6 +373,10 @@ pub struct Snapshot {
     pub relays: Vec<RelayRecord>,
     /// In path order.
     pub problems: Vec<Problem>,
+    /// The knock keys clients' knocks are sealed for; read with the
+    /// records, so that a rotation takes effect like any other change.
+    /// `None` only in a snapshot made by hand.
+    pub server_keys: Option<ServerKeys>,
 }
 
 impl Snapshot {
@@ -448,7 +459,11 @@ pub trait Store: Send + Sync {
     /// Creates the server key and a starter config. Refuses to replace an
     /// existing key unless `force`.
     fn init(&self, public_addrs: &[IpAddr], force: bool) -> Result<PublicKey, StoreError>;
-    fn server_secret(&self) -> Result<StaticSecret, StoreError>;
+    /// The gateway's knock keys: the current one, and the one a rotation
+    /// replaced.
+    fn server_keys(&self) -> Result<ServerKeys, StoreError>;
+    /// Replaces the knock keys whole.
+    fn put_server_keys(&self, keys: &ServerKeys) -> Result<(), StoreError>;
     /// The gateway's TLS identity: the tunnel listener's certificate and
     /// the portal's default one, which credentials pin. Created on first use.
     fn identity(&self) -> Result<Identity, StoreError>;
@@ -466,9 +481,23 @@ pub trait Store: Send + Sync {
     fn relay(&self, name: &str) -> Result<RelayRecord, StoreError>;
     fn put_relay(&self, rec: &RelayRecord, put: Put) -> Result<(), StoreError>;
 
-    /// Enrolls a device: a new key pair, the public half and the policy
-    /// kept here, the whole credential (with the secret) returned for the
-    /// device.
+    /// The current knock key: what new credentials name, and the relay's key.
+    fn server_secret(&self) -> Result<StaticSecret, StoreError> {
+        Ok(self.server_keys()?.current)
+    }
+
+    /// Makes a new current knock key; the replaced one stays accepted for
+    /// `overlap`, then is refused.
+    fn rotate_server_key(&self, overlap: Duration) -> Result<ServerKeys, StoreError> {
+        let rotated = self.server_keys()?.rotate(unix_now(), overlap.as_secs());
+        self.put_server_keys(&rotated)?;
+        Ok(rotated)
+    }
+
+    /// Enrolls a device. With a public key the device made its own key
+    /// pair and the credential holds no secret; without one, the gateway
+    /// makes the pair and the credential carries the secret to the device.
+    /// Either way only the public half is kept here.
     fn add_client(&self, new: &NewClient) -> Result<(ClientRecord, Credential), StoreError> {
         if !valid_name(&new.name) {
             return Err(StoreError::Name {
@@ -480,12 +509,23 @@ pub trait Store: Send + Sync {
         let config = self.config()?;
         let fingerprint = self.identity()?.fingerprint().to_string();
         let existing = self.snapshot()?;
-        let secret = keys::generate();
+        if let Some(public) = &new.public_key
+            && let Some(same) = existing.clients.iter().find(|c| c.public().as_ref() == Ok(public))
+        {
+            return Err(StoreError::KeyEnrolled(same.name.clone()));
+        }
+        let (public, secret) = match new.public_key {
+            Some(public) => (public, None),
+            None => {
+                let secret = keys::generate();
+                (PublicKey::from(&secret), Some(secret))
+            }
+        };
         let now = unix_now();
         let rec = ClientRecord {
             name: new.name.clone(),
             id: existing.clients.iter().map(|c| c.id).max().unwrap_or(0) + 1,
-            public_key: keys::encode(PublicKey::from(&secret).as_bytes()),
+            public_key: keys::encode(public.as_bytes()),
             allow: new.allow.to_string(),
             enabled: true,
             nat: new.nat,
@@ -494,12 +534,18 @@ pub trait Store: Send + Sync {
             portal_upstream: new.portal_upstream.clone(),
         };
         self.put_client(&rec, Put::Create)?;
+        let servers = match &new.gateway {
+            Some(host) => vec![host.clone()],
+            None => config.public_addrs().iter().map(ToString::to_string).collect(),
+        };
         let cred = Credential {
             name: new.name.clone(),
-            secret_key: keys::encode(&secret.to_bytes()),
+            secret_key: secret.map(|s| keys::encode(&s.to_bytes())),
+            key_file: None,
             server_public_key: keys::encode(server.as_bytes()),
-            servers: config.public_addrs(),
+            servers,
             knock_port: config.knock_udp_port(),
+            tunnel_port: Some(config.tunnel_port()),
             tls_fingerprint: Some(fingerprint),
         };
         Ok((rec, cred))
@@ -522,6 +568,12 @@ pub struct NewClient {
     pub expires_in: Option<Duration>,
     pub nat: bool,
     pub portal_upstream: Option<String>,
+    /// The device's own public key (`gatekeeper keygen`); none: the
+    /// gateway makes the key pair.
+    pub public_key: Option<PublicKey>,
+    /// How the device names the gateway (an address or a DNS name);
+    /// none: the config's `public_addrs`.
+    pub gateway: Option<String>,
 }
 
 /// 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit

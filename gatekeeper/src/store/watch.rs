@@ -218,6 +218,8 @@ mod tests {
             expires_in,
             nat: false,
             portal_upstream: None,
+            public_key: None,
+            gateway: None,
         }
     }
 

@@ -24,7 +24,10 @@ use tunnel::{
 };
 
 use super::{Token, TunnelError};
-use crate::knock::send::{ClientError, Knocker};
+use crate::knock::{
+    Carrier,
+    send::{ClientError, Knocker},
+};
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -117,12 +120,15 @@ async fn attempt(
     published: &impl Fn(SocketAddr),
 ) -> (Ended, bool) {
     let k = knocker.clone();
-    let tcp = match tokio::task::spawn_blocking(move || k.knock_and_connect(target, Duration::from_secs(3))).await {
-        Ok(Ok(Some(tcp))) => tcp,
-        Ok(Ok(None)) => return (Ended::Retry(format!("{target} did not answer after knocking")), false),
-        Ok(Err(e)) => return (Ended::Retry(e.to_string()), false),
-        Err(e) => return (Ended::Retry(e.to_string()), false),
-    };
+    let tcp =
+        match tokio::task::spawn_blocking(move || k.knock_and_connect(target, Duration::from_secs(3), Carrier::Syn))
+            .await
+        {
+            Ok(Ok(Some(tcp))) => tcp,
+            Ok(Ok(None)) => return (Ended::Retry(format!("{target} did not answer after knocking")), false),
+            Ok(Err(e)) => return (Ended::Retry(e.to_string()), false),
+            Err(e) => return (Ended::Retry(e.to_string()), false),
+        };
     let tcp = match tcp
         .set_nodelay(true)
         .and_then(|()| tcp.set_nonblocking(true))

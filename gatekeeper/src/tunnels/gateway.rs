@@ -4,6 +4,10 @@
 //! line per agent session and per public connection. The daemon's store
 //! watcher hands it the tunnel records ([`Gateway::set_records`]) and tells
 //! it which tunnels to close ([`Gateway::close`]).
+//!
+//! The same listener tells enrolled devices the gateway's knock key
+//! (`knock::note`): a TLS connection that asks for its ALPN name gets the
+//! note and is closed.
 
 use std::{
     collections::HashMap,
@@ -18,6 +22,7 @@ use std::{
 use serde_json::json;
 use thiserror::Error;
 use tokio::{
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -32,7 +37,13 @@ use tunnel::{
     tls::{Identity, TlsError},
 };
 
-use crate::{audit::Audit, clock::unix_now, control::TunnelStatus, store::TunnelRecord};
+use crate::{
+    audit::Audit,
+    clock::unix_now,
+    control::TunnelStatus,
+    knock::note::{self, KeyNote},
+    store::TunnelRecord,
+};
 
 /// How long an agent may take for its TLS handshake, and then its hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,6 +80,9 @@ pub struct Gateway {
     sessions: AtomicU64,
     acceptor: TlsAcceptor,
     port: u16,
+    /// What a device asking for the key note is told; none until the
+    /// daemon has read the state.
+    note: RwLock<Option<KeyNote>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -106,7 +120,9 @@ impl Gateway {
         heartbeat: Duration,
         audit: Audit,
     ) -> Result<(Arc<Gateway>, TcpListener), GatewayError> {
-        let acceptor = TlsAcceptor::from(identity.server_config()?);
+        let mut config = (*identity.server_config()?).clone();
+        config.alpn_protocols = vec![note::ALPN.to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
             .await
             .map_err(|source| GatewayError::Bind { port, source })?;
@@ -119,12 +135,40 @@ impl Gateway {
             sessions: AtomicU64::new(0),
             acceptor,
             port,
+            note: RwLock::new(None),
         });
         Ok((gw, listener))
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The knock keys devices are told of, as the store has them now.
+    pub fn set_note(&self, note: KeyNote) {
+        *self.note.write().unwrap_or_else(|e| e.into_inner()) = Some(note);
+    }
+
+    /// Tells a device the knock keys, and closes.
+    async fn tell_note(&self, mut tls: tokio_rustls::server::TlsStream<TcpStream>, device: SocketAddr) {
+        let note = self.note.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(note) = note else {
+            return self.refused(device, "asked for the key note before the state was read".into());
+        };
+        // Plain strings and a number: always serializable.
+        let text = serde_json::to_vec(&note).expect("a key note serializes");
+        let sent = async {
+            tls.write_all(&text).await?;
+            tls.shutdown().await
+        };
+        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await {
+            Ok(Ok(())) => "sent",
+            Ok(Err(_)) | Err(_) => "failed",
+        };
+        self.audit.event(
+            "key_note",
+            json!({"device": device, "result": result, "server_public_key": note.server_public_key}),
+        );
     }
 
     /// The records agents are checked against, as the store has them now.
@@ -198,6 +242,9 @@ impl Gateway {
             Ok(Err(e)) => return self.refused(agent, format!("TLS: {e}")),
             Err(_) => return self.refused(agent, "TLS handshake timed out".into()),
         };
+        if tls.get_ref().1.alpn_protocol() == Some(note::ALPN) {
+            return self.tell_note(tls, agent).await;
+        }
         let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hear_hello(&mut tls, &*self)).await {
             Ok(Ok(info)) => info,
             Ok(Err(SessionError::Refused(why))) => return self.refused(agent, why.to_string()),

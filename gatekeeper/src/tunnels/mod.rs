@@ -189,6 +189,8 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         expires_in: new.expires_in,
         nat: true,
         portal_upstream: None,
+        public_key: None,
+        gateway: None,
     });
     let credential = match added {
         Ok((_, credential)) => credential,
@@ -206,7 +208,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         name: new.name.clone(),
         token_id: rec.token_id.clone(),
         secret: hex(&secret),
-        gateway: credential.servers.clone(),
+        gateway: config.public_addrs(),
         nodes: new.nodes.clone(),
         tunnel_port,
         fingerprint: fingerprint.to_string(),
@@ -242,6 +244,8 @@ mod tests {
             expires_in: None,
             nat: false,
             portal_upstream: None,
+            public_key: None,
+            gateway: None,
         })
         .unwrap();
         (s, dir)
@@ -275,8 +279,11 @@ mod tests {
         fn init(&self, addrs: &[IpAddr], force: bool) -> Result<x25519_dalek::PublicKey, StoreError> {
             self.inner.init(addrs, force)
         }
-        fn server_secret(&self) -> Result<x25519_dalek::StaticSecret, StoreError> {
-            self.inner.server_secret()
+        fn server_keys(&self) -> Result<crate::knock::keys::ServerKeys, StoreError> {
+            self.inner.server_keys()
+        }
+        fn put_server_keys(&self, keys: &crate::knock::keys::ServerKeys) -> Result<(), StoreError> {
+            self.inner.put_server_keys(keys)
         }
         fn identity(&self) -> Result<tunnel::tls::Identity, StoreError> {
             self.inner.identity()
@@ -330,6 +337,8 @@ mod tests {
             expires_in: None,
             nat: false,
             portal_upstream: None,
+            public_key: None,
+            gateway: None,
         })
         .unwrap();
         let clash = issue(s, &new("db", &[], None)).unwrap_err();

@@ -14,7 +14,7 @@ use gatekeeper::{
 use gatekeeper_tests::{
     cluster::{knock_and_connect, start_nodes},
     frames::Rng,
-    lab::{Lab, Role, SHARED_ADDR, eventually, output_within},
+    lab::{Lab, Role, SHARED_ADDR, eventually, gatekeeper_bin, output_within},
     nmap,
     redis::RedisServer,
     relay::{HOST, RELAY_PORT, RelayLab, SERVICE_PORT, curl, status_of},
@@ -294,6 +294,12 @@ fn main() -> Result<()> {
 
     step(
         12,
+        "A phone enrolls with a key it made itself; the gateway rotates its knock key and the phone follows",
+    );
+    key_lifecycle(&lab)?;
+
+    step(
+        13,
         "A broken file in the state, then a revocation the running daemon confirms",
     );
     std::fs::write(
@@ -307,11 +313,11 @@ fn main() -> Result<()> {
     );
     show("gatekeeper status", &lab.state_cli(&["status"])?);
 
-    step(13, "What the gate holds and what it did");
+    step(14, "What the gate holds and what it did");
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
     show("gatekeeper stats", &lab.cli_ok(&["stats"])?);
 
-    step(14, "Cleaning up: stopping the daemon, detaching, removing the lab");
+    step(15, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
@@ -320,8 +326,78 @@ fn main() -> Result<()> {
     relay()?;
     channel()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a phone enrolled with a key it made itself and followed a rotation of the gateway's knock key; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
     );
+    Ok(())
+}
+
+/// `gatekeeper ARGS` on the client's host; its stdout.
+fn on_client(lab: &Lab, args: &[&str]) -> Result<String> {
+    let bin = gatekeeper_bin()?;
+    let mut full = vec![bin.to_str().context("utf-8 path")?];
+    full.extend_from_slice(args);
+    Ok(String::from_utf8(lab.exec(Role::Client, &full)?.stdout)?)
+}
+
+/// A one-line code cut short for the screen.
+fn short(line: &str) -> String {
+    format!("{}...", &line[..line.len().min(28)])
+}
+
+/// Enrollment by request and approval, then a knock key rotation the
+/// device learns of from the gateway.
+fn key_lifecycle(lab: &Lab) -> Result<()> {
+    let key = lab.scratch().join("phone.key");
+    let cred = lab.scratch().join("phone.credential.toml");
+    let (key, cred) = (key.to_str().context("utf-8")?, cred.to_str().context("utf-8")?);
+    let asked: serde_json::Value = serde_json::from_str(&on_client(
+        lab,
+        &["client", "request", "--key", key, "--gateway", "10.77.0.1", "--name", "phone", "--json"],
+    )?)?;
+    let (request, fingerprint) = (
+        asked["request"].as_str().context("request")?,
+        asked["fingerprint"].as_str().context("fingerprint")?,
+    );
+    println!("$ gatekeeper client request --key phone.key --gateway 10.77.0.1 --name phone   (on the client)");
+    println!("  {}   fingerprint {fingerprint}; the secret stays in phone.key", short(request));
+    let approve = ["client", "approve", request, "--allow", "tcp/22", "--fingerprint", fingerprint];
+    let approved = lab.state_cli(&approve)?;
+    let line = approved
+        .lines()
+        .find(|l| l.starts_with("gk-credential-1:"))
+        .context("no credential line")?;
+    println!(
+        "$ gatekeeper client approve {} --allow tcp/22 --fingerprint {fingerprint}",
+        short(request)
+    );
+    println!("  {}", approved.lines().next().unwrap_or(""));
+    println!("  {}   (no secret in it)", short(line));
+    on_client(lab, &["client", "install", line, "--key", key, "--out", cred])?;
+    println!("$ gatekeeper client install {} --key phone.key   (on the client)", short(line));
+    show(
+        "gatekeeper rotate-key --overlap 1h",
+        &lab.state_cli(&["rotate-key", "--overlap", "1h"])?,
+    );
+    show(
+        "gatekeeper client refresh --credential phone.credential.toml   (on the client)",
+        &on_client(lab, &["client", "refresh", "--credential", cred])?,
+    );
+    on_client(
+        lab,
+        &["knock", "--credential", cred, "--proto", "tcp", "--port", "22", "--via", "udp"],
+    )?;
+    let mut knocked = None;
+    eventually(Duration::from_secs(5), || {
+        knocked = lab.audit()?.into_iter().rfind(|l| l["client"] == "phone");
+        Ok(knocked.is_some())
+    })?;
+    let knocked = knocked.context("no audit line for the phone's knock")?;
+    ensure!(
+        knocked["result"] == "accepted" && knocked.get("server_key").is_none(),
+        "the phone's knock with the new key: {knocked}"
+    );
+    println!("$ gatekeeper knock --credential phone.credential.toml --proto tcp --port 22 --via udp");
+    println!("  audit: \"phone\" accepted, sealed for the new key (the old one is accepted for an hour, then refused)");
     Ok(())
 }
 

@@ -5,7 +5,11 @@
 
 pub mod raw;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::{
+    net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use rand_core::{OsRng, RngCore};
 use thiserror::Error;
@@ -29,6 +33,14 @@ pub enum ClientError {
     Key(#[from] KeyError),
     #[error("the credential names no server: pass --server ADDR")]
     NoServer,
+    #[error("the credential holds no secret key: load it with its key file")]
+    NoSecret,
+    #[error("resolving the gateway's name {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("TLS setup")]
@@ -64,9 +76,16 @@ pub struct Knocker {
     key: SessionKey,
     /// Read once: the portal client seals a knock per connection.
     hostname: String,
+    /// The gateway's address as last resolved, and when: a long-running
+    /// client resolves its name again after [`RESOLVED_FOR`].
+    resolved: Mutex<Option<(Instant, IpAddr)>>,
 }
 
-fn hostname() -> String {
+/// How long a resolved gateway name is used before it is resolved again.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+
+/// This host's name, for the audit log and enrollment requests.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -90,7 +109,7 @@ pub fn local_addr_for(server: IpAddr) -> Result<IpAddr, ClientError> {
 
 impl Knocker {
     pub fn new(cred: Credential) -> Result<Knocker, ClientError> {
-        let secret = keys::decode_secret(&cred.secret_key)?;
+        let secret = keys::decode_secret(cred.secret_key.as_deref().ok_or(ClientError::NoSecret)?)?;
         let server = keys::decode_public(&cred.server_public_key)?;
         let key_id = keys::key_id(&PublicKey::from(&secret));
         let key = keys::session_key(&secret, &server, &key_id, &server)?;
@@ -99,6 +118,7 @@ impl Knocker {
             key_id,
             key,
             hostname: hostname(),
+            resolved: Mutex::new(None),
         })
     }
 
@@ -110,11 +130,46 @@ impl Knocker {
         self.cred.knock_port
     }
 
-    /// `--server` if given, else the credential's first address.
+    /// The gateway's tunnel listener, where `client refresh` asks for its keys.
+    pub fn tunnel_port(&self) -> u16 {
+        self.cred
+            .tunnel_port
+            .unwrap_or(crate::store::config::DEFAULT_TUNNEL_PORT)
+    }
+
+    pub fn credential(&self) -> &Credential {
+        &self.cred
+    }
+
+    /// `--server` if given, else the credential's first server: an
+    /// address, or a name resolved now (or within the last
+    /// [`RESOLVED_FOR`]).
     pub fn server(&self, given: Option<IpAddr>) -> Result<IpAddr, ClientError> {
-        given
-            .or_else(|| self.cred.servers.first().copied())
-            .ok_or(ClientError::NoServer)
+        if let Some(ip) = given {
+            return Ok(ip);
+        }
+        let host = self.cred.servers.first().ok_or(ClientError::NoServer)?;
+        if let Ok(ip) = host.parse() {
+            return Ok(ip);
+        }
+        let mut resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, ip)) = *resolved
+            && at.elapsed() < RESOLVED_FOR
+        {
+            return Ok(ip);
+        }
+        let resolve = |source| ClientError::Resolve {
+            host: host.clone(),
+            source,
+        };
+        let ip = (host.as_str(), 0)
+            .to_socket_addrs()
+            .map_err(resolve)?
+            .next()
+            .map(|a| a.ip())
+            .ok_or_else(|| resolve(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
+        *resolved = Some((Instant::now(), ip));
+        Ok(ip)
     }
 
     /// The payload a knock for `req` to `server` from `local_port` carries.
@@ -199,11 +254,7 @@ impl Knocker {
 }
 
 /// Connects from `sport`; `None` when it does not come up in time.
-fn connect_from(
-    target: SocketAddr,
-    sport: u16,
-    timeout: std::time::Duration,
-) -> Result<Option<std::net::TcpStream>, ClientError> {
+fn connect_from(target: SocketAddr, sport: u16, timeout: Duration) -> Result<Option<std::net::TcpStream>, ClientError> {
     let io = |what: String| move |source| ClientError::Io { what, source };
     let domain = if target.is_ipv4() {
         socket2::Domain::IPV4
@@ -232,13 +283,15 @@ fn connect_from(
 }
 
 impl Knocker {
-    /// Knocks with a TCP SYN for `target`'s port, then connects from the
-    /// same source port; knocks once more if the connection does not come
-    /// up within `timeout`.
+    /// Knocks for `target`'s TCP port (with a SYN, or a UDP knock that
+    /// binds the source port: no raw socket needed), then connects from
+    /// the same source port; knocks once more if the connection does not
+    /// come up within `timeout`.
     pub fn knock_and_connect(
         &self,
         target: SocketAddr,
-        timeout: std::time::Duration,
+        timeout: Duration,
+        via: Carrier,
     ) -> Result<Option<std::net::TcpStream>, ClientError> {
         for _attempt in 0..2 {
             let sport = raw::ephemeral_port();
@@ -250,9 +303,9 @@ impl Knocker {
                 },
                 source_port: Some(sport),
             };
-            self.send(target.ip(), &req, Carrier::Syn)?;
+            self.send(target.ip(), &req, via)?;
             // The gateway opens within a few milliseconds of the knock.
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
             if let Some(s) = connect_from(target, sport, timeout)? {
                 return Ok(Some(s));
             }

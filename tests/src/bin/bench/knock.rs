@@ -96,10 +96,12 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
         expires_in: None,
         nat: false,
         portal_upstream: None,
+        public_key: None,
+        gateway: None,
     })?;
     let mut registry = Registry::default();
     registry.insert(Client::new(
-        ClientKeys::derive(&store.server_secret()?, &rec.public()?)?,
+        ClientKeys::derive(&store.server_keys()?, &rec.public()?)?,
         Standing {
             name: rec.name.clone(),
             id: rec.id,
@@ -114,6 +116,7 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
         registry,
         server_addrs: vec![gw],
         window_secs: 120,
+        previous_key_until: None,
     };
     let k = Knocker::new(cred)?;
     let src: IpAddr = "10.0.0.2".parse()?;
