@@ -125,6 +125,8 @@ fn test() -> Result<()> {
                 "--test",
                 "knock_lab",
                 "--test",
+                "lifecycle_lab",
+                "--test",
                 "tunnel_lab",
                 "--test",
                 "portal_lab",
