@@ -419,3 +419,162 @@ fn the_portal_can_front_a_published_tunnel() -> Result<()> {
     );
     Ok(())
 }
+
+/// The newest audit line of `event` for tunnel `web` that `pick` accepts (bounded wait).
+fn audited(lab: &Lab, event: &str, pick: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    let mut found = None;
+    eventually(Duration::from_secs(8), || {
+        found = lab.audit()?.into_iter().rfind(|l| l["event"] == event && pick(l));
+        Ok(found.is_some())
+    })?;
+    found.with_context(|| format!("no {event} line: {:?}", lab.audit()))
+}
+
+/// A connection from the client to the published port that echoes.
+fn live_connection(lab: &Lab) -> Result<std::net::TcpStream> {
+    let mut s = lab
+        .tcp_connect(Role::Client, public(), None, Duration::from_secs(3))?
+        .context("the published port did not answer")?;
+    anyhow::ensure!(gatekeeper_tests::lab::round_trip(&mut s, b"before\n")?);
+    Ok(s)
+}
+
+/// Whether a live connection still echoes (a cut one errs or closes).
+fn still_echoes(s: &mut std::net::TcpStream) -> bool {
+    gatekeeper_tests::lab::round_trip(s, b"still?\n").unwrap_or(false)
+}
+
+#[test]
+fn pause_resume_update_and_reissue_act_on_live_sessions() -> Result<()> {
+    let (lab, _daemon, cred, token) = setup()?;
+    let agent = start_agent(&lab, &token)?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+    let mut before = live_connection(&lab)?;
+
+    // Pause: the live connection is cut, the port closed, the agent stays and is told.
+    lab.state_cli(&["tunnel", "pause", "web"])?;
+    audited(&lab, "tunnel_paused", |l| l["tunnel"] == "web")?;
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || Ok(!still_echoes(&mut before)))?,
+        "a paused tunnel's live connection is cut"
+    );
+    anyhow::ensure!(!lab.tcp_echo_works(Role::Client, public(), None)?, "its port is closed");
+    let listed = tunnels(&lab)?;
+    anyhow::ensure!(
+        listed[0]["paused"] == true && listed[0]["connected"] == true,
+        "the agent stays connected: {listed:?}"
+    );
+
+    // Resume: the port opens again for the same agent session.
+    lab.state_cli(&["tunnel", "resume", "web"])?;
+    audited(&lab, "tunnel_resumed", |l| l["tunnel"] == "web")?;
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+            Role::Client,
+            public(),
+            None
+        ))?,
+        "resumed, the port answers again"
+    );
+    let sessions = lab
+        .audit()?
+        .iter()
+        .filter(|l| l["event"] == "agent_session" && l["result"] == "connected")
+        .count();
+    anyhow::ensure!(sessions == 1, "one agent session all along, not {sessions}");
+
+    // Update, live: a transfer in progress goes on; the new owner is audited;
+    // the client no longer allowed is refused a new knock.
+    let mut during = live_connection(&lab)?;
+    lab.enroll("phone", &["--allow", "tcp/22"])?;
+    lab.state_cli(&["tunnel", "update", "web", "--allow", "phone", "--owner", "web-team"])?;
+    let updated = audited(&lab, "tunnel_updated", |l| l["tunnel"] == "web")?;
+    anyhow::ensure!(
+        updated["owner"] == "web-team" && updated["was"]["owner"] == "ops",
+        "{updated}"
+    );
+    anyhow::ensure!(still_echoes(&mut during), "an update does not cut live connections");
+    drop(during);
+    audited(&lab, "tunnel_connection", |l| l["owner"] == "web-team")?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+    let refused = audited(&lab, "knock", |l| l["client"] == "laptop" && l["result"] == "rejected")?;
+    anyhow::ensure!(refused["reason"] == "outside_policy", "{refused}");
+
+    // Reissue with no overlap: the old token's session ends, and its agent
+    // stops, saying so; the new token publishes again.
+    let mut cut = live_connection(&lab)?;
+    let new_token = lab.state_cli(&["tunnel", "reissue", "web"])?;
+    audited(&lab, "tunnel_reissued", |l| l["tunnel"] == "web")?;
+    let ended = agent.output_within(Duration::from_secs(15))?;
+    let said = String::from_utf8_lossy(&ended.stderr);
+    anyhow::ensure!(
+        !ended.status.success() && said.contains("re-issued"),
+        "the old agent stops and says why: {said}"
+    );
+    anyhow::ensure!(!still_echoes(&mut cut), "the old session's connections are cut");
+    let new_file = lab.scratch().join("web-2.token");
+    gatekeeper::private_file::write(&new_file, new_token.trim())?;
+    let _agent = start_agent(&lab, &new_file)?;
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+            Role::Client,
+            public(),
+            None
+        ))?,
+        "the new token publishes the same port"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_agent_stopped_by_its_operator_says_goodbye_and_is_audited_so() -> Result<()> {
+    let (lab, _daemon, _cred, token) = setup()?;
+    let token_arg = token.to_str().context("utf-8 path")?;
+
+    // SIGTERM: the agent tells the gateway, and exits cleanly.
+    let agent = start_agent(&lab, &token)?;
+    let pid = agent.id().context("agent pid")?;
+    gatekeeper_tests::lab::sh(&["kill", "-TERM", &pid.to_string()])?;
+    let ended = agent.output_within(Duration::from_secs(10))?;
+    anyhow::ensure!(
+        ended.status.success(),
+        "SIGTERM ends the agent cleanly: {}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    let line = audited(&lab, "agent_session", |l| l["result"] == "stopped")?;
+    anyhow::ensure!(
+        line["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("agent disconnected by its operator")),
+        "{line}"
+    );
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || Ok(!connected(&lab)?))?,
+        "the gateway closed the session"
+    );
+    anyhow::ensure!(!lab.tcp_echo_works(Role::Client, public(), None)?, "and its port");
+
+    // agent --stop, from another process with the token.
+    let agent = start_agent(&lab, &token)?;
+    let stopped = lab.gatekeeper_with_input(
+        Role::NatA,
+        &["agent", "--stop", "--token-file", token_arg],
+        b"",
+        Duration::from_secs(20),
+    )?;
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    anyhow::ensure!(stopped.status.success() && said.contains("is ended"), "{said}");
+    let ended = agent.output_within(Duration::from_secs(10))?;
+    anyhow::ensure!(
+        ended.status.success(),
+        "the running agent hears it and exits cleanly: {}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    let stops = lab
+        .audit()?
+        .iter()
+        .filter(|l| l["event"] == "agent_session" && l["result"] == "stopped")
+        .count();
+    anyhow::ensure!(stops == 2, "both stops audited as the operator's: {stops}");
+    Ok(())
+}

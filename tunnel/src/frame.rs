@@ -30,12 +30,15 @@ pub enum Kind {
     Close = 7,
     Ping = 8,
     Pong = 9,
+    /// Gateway to agent, stream 0: something the agent's operator should
+    /// know that does not end the session (the tunnel paused or resumed).
+    Notice = 10,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        [Hello, Welcome, Goodbye, Open, Data, Window, Close, Ping, Pong]
+        [Hello, Welcome, Goodbye, Open, Data, Window, Close, Ping, Pong, Notice]
             .into_iter()
             .find(|k| *k as u8 == v)
     }
@@ -54,6 +57,8 @@ pub enum Farewell {
     Busy(String),
     /// The peer broke the protocol and is cut off.
     Broken(String),
+    /// The agent's operator ended the session on purpose: do not retry.
+    Stopped(String),
 }
 
 impl Farewell {
@@ -63,6 +68,7 @@ impl Farewell {
             Farewell::Refused(w) => ("refused", w),
             Farewell::Busy(w) => ("busy", w),
             Farewell::Broken(w) => ("broken", w),
+            Farewell::Stopped(w) => ("stopped", w),
         }
     }
 
@@ -82,6 +88,7 @@ impl Farewell {
             "refused" => Farewell::Refused(words),
             "busy" => Farewell::Busy(words),
             "broken" => Farewell::Broken(words),
+            "stopped" => Farewell::Stopped(words),
             _ => Farewell::Broken(if code.is_empty() { words } else { text.into_owned() }),
         }
     }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
@@ -67,6 +67,8 @@ struct Shared {
     streams: Mutex<HashMap<u32, Slot>>,
     next_id: AtomicU32,
     last_heard: Mutex<Instant>,
+    /// The last notice the peer sent.
+    notice: watch::Sender<Bytes>,
 }
 
 impl Shared {
@@ -169,6 +171,7 @@ impl Mux {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             last_heard: Mutex::new(Instant::now()),
+            notice: watch::channel(Bytes::new()).0,
         });
         let writer = tokio::spawn(async move {
             if let Some(heard) = heard
@@ -234,6 +237,11 @@ impl Mux {
     }
 
     /// When the peer last sent anything.
+    /// The notices the peer sends (`Kind::Notice`), latest first seen.
+    pub fn notices(&self) -> watch::Receiver<Bytes> {
+        self.shared.notice.subscribe()
+    }
+
     pub fn last_heard(&self) -> Instant {
         *self.shared.last_heard.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -308,6 +316,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     .map_err(|_| MuxError::Closed)?
             }
             Kind::Pong => {}
+            Kind::Notice => {
+                shared.notice.send_replace(frame.payload);
+            }
             Kind::Goodbye => return Err(MuxError::Goodbye(Farewell::from_payload(&frame.payload))),
             Kind::Open => {
                 let Some(accepted) = accepted else {

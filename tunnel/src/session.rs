@@ -37,6 +37,8 @@ pub struct TunnelInfo {
     pub name: String,
     pub owner: String,
     pub public_port: u16,
+    /// The token the agent proved itself with.
+    pub token_id: String,
 }
 
 /// Checks an agent's token; `Err` is what the agent is told.
@@ -184,6 +186,7 @@ mod tests {
                     name: "web".into(),
                     owner: "ops".into(),
                     public_port: 4321,
+                    token_id: "t1".into(),
                 }),
                 ("t1", _) => Err(Farewell::Refused("wrong secret for token t1".into())),
                 _ => Err(Farewell::Refused(format!("unknown token {token_id}"))),

@@ -64,13 +64,58 @@ pub enum Tunnel {
         #[command(flatten)]
         state: StateArg,
     },
+    /// Pause a tunnel: the running daemon closes its public port and cuts
+    /// its connections; the agent stays connected, is told, and keeps the port.
+    ///
+    /// Example: gatekeeper tunnel pause web
+    Pause {
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Resume a paused tunnel: its port opens again.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Change who may knock for a tunnel's port, or who answers for it;
+    /// applied to knocks and connections from now on.
+    ///
+    /// Example: gatekeeper tunnel update web --allow laptop,tablet --owner web-team
+    Update {
+        name: String,
+        /// The enrolled clients that may knock for the published port (replaces the list).
+        #[arg(long, value_delimiter = ',')]
+        allow: Option<Vec<String>>,
+        #[arg(long)]
+        owner: Option<String>,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Give a tunnel a new token (and its agent a new knock key). The old
+    /// token is accepted for --overlap, then its session is ended; with no
+    /// overlap, at once.
+    ///
+    /// Example: gatekeeper tunnel reissue web --overlap 1h > web.token
+    Reissue {
+        name: String,
+        /// How long the old token (and its agent's knock key) stay accepted [default: not at all].
+        #[arg(long, value_name = "DURATION", value_parser = spec::duration)]
+        overlap: Option<Duration>,
+        #[command(flatten)]
+        state: StateArg,
+    },
 }
 
 /// Run inside the private network: publish HOST:PORT through the gateway.
 ///
 /// Knocks, dials the gateway over TLS (pinning the certificate from the
 /// token), proves itself with the token and relays public connections to
-/// --forward. Reconnects by itself; exits only when the tunnel is revoked.
+/// --forward. Reconnects by itself; exits when the tunnel is revoked, or
+/// when stopped: on SIGTERM or Ctrl-C it says goodbye to the gateway first,
+/// and `agent --stop` ends the session from anywhere that has the token.
+/// The gateway audits either as "agent disconnected by its operator".
 ///
 /// Example: gatekeeper agent --token-file web.token --forward 127.0.0.1:8080
 #[derive(Args, Debug)]
@@ -82,8 +127,12 @@ pub struct Agent {
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// The private service: HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    forward: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "stop")]
+    forward: Option<String>,
+    /// End the tunnel's running session instead (wherever its agent runs),
+    /// through the gateway: knocks and proves the token like the agent.
+    #[arg(long)]
+    stop: bool,
 }
 
 pub fn tunnel(cmd: Tunnel) -> Result<()> {
@@ -97,22 +146,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             state,
         } => {
             let store = state.store()?;
-            // In a cluster, the agent keeps a session to every node that
-            // says where it can be reached on its own.
-            let nodes = match state.cluster()? {
-                Some(cluster) => {
-                    let mut addrs: Vec<IpAddr> = cluster.nodes()?.into_iter().filter_map(|n| n.advertise).collect();
-                    addrs.sort();
-                    addrs.dedup();
-                    if addrs.is_empty() {
-                        eprintln!(
-                            "note: no node advertises an address of its own (run --advertise ADDR): the agent holds one session, through the shared address, and only the node it lands on serves the tunnel"
-                        );
-                    }
-                    addrs
-                }
-                None => Vec::new(),
-            };
+            let nodes = advertised_nodes(&state)?;
             let (rec, token) = tunnels::issue(
                 &*store,
                 &NewTunnel {
@@ -169,7 +203,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                     let s = live.iter().find(|t| t.name == r.name);
                     let on = serving(&r.name);
                     let connected = s.is_some() || on.as_ref().is_some_and(|n| !n.is_empty());
-                    let mut row = json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now),
+                    let mut row = json!({"name": r.name, "owner": r.owner, "port": r.public_port, "allow": r.allow, "revoked": r.revoked, "live": r.live_at(now), "paused": r.paused,
                            "connected": connected, "since": s.and_then(|s| s.since), "connections": s.map_or(0, |s| s.connections),
                            "bytes_in": s.map_or(0, |s| s.bytes_in), "bytes_out": s.map_or(0, |s| s.bytes_out)});
                     if let Some(on) = on {
@@ -193,6 +227,8 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                 for r in &rows {
                     let state = if r["revoked"] == true {
                         "revoked"
+                    } else if r["live"] == true && r["paused"] == true {
+                        "paused"
                     } else if r["live"] == true {
                         "live"
                     } else {
@@ -219,6 +255,52 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
                     );
                 }
             }
+        }
+        Tunnel::Pause { name, state } => {
+            tunnels::set_paused(&*state.store()?, &name, true)?;
+            say_applied(
+                &state,
+                &format!("paused tunnel {name}: its port is closed and its connections cut; the agent stays connected"),
+            );
+        }
+        Tunnel::Resume { name, state } => {
+            tunnels::set_paused(&*state.store()?, &name, false)?;
+            say_applied(&state, &format!("resumed tunnel {name}: its port is open again"));
+        }
+        Tunnel::Update {
+            name,
+            allow,
+            owner,
+            state,
+        } => {
+            if allow.is_none() && owner.is_none() {
+                bail!("nothing to change: pass --allow CLIENT[,CLIENT...] and/or --owner WHO");
+            }
+            let rec = tunnels::update(&*state.store()?, &name, allow, owner)?;
+            say_applied(
+                &state,
+                &format!(
+                    "updated tunnel {name}: owner {}, allowed {}",
+                    rec.owner,
+                    if rec.allow.is_empty() {
+                        "nobody".into()
+                    } else {
+                        rec.allow.join(", ")
+                    }
+                ),
+            );
+        }
+        Tunnel::Reissue { name, overlap, state } => {
+            let nodes = advertised_nodes(&state)?;
+            let (rec, token) = tunnels::reissue(&*state.store()?, &name, overlap.unwrap_or_default(), &nodes)?;
+            let old = match &rec.previous_token {
+                Some(p) => format!("the old token is accepted until {}", rfc3339(p.until)),
+                None => "the old token is refused from now on".into(),
+            };
+            eprintln!("re-issued tunnel {name}: {old}");
+            eprintln!("give this token to the private network's operator, privately:");
+            println!("{}", token.encode());
+            confirm(&state);
         }
         Tunnel::Revoke { name, state } => {
             let store = state.store()?;
@@ -251,6 +333,35 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
     Ok(())
 }
 
+/// In a cluster, the nodes that say where they can be reached on their
+/// own: the agent keeps a session to each.
+fn advertised_nodes(state: &StateArg) -> Result<Vec<IpAddr>> {
+    let Some(cluster) = state.cluster()? else {
+        return Ok(Vec::new());
+    };
+    let mut addrs: Vec<IpAddr> = cluster.nodes()?.into_iter().filter_map(|n| n.advertise).collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        eprintln!(
+            "note: no node advertises an address of its own (run --advertise ADDR): the agent holds one session, through the shared address, and only the node it lands on serves the tunnel"
+        );
+    }
+    Ok(addrs)
+}
+
+/// `done`, and whether the running daemon (or every node) applied it.
+fn say_applied(state: &StateArg, done: &str) {
+    match confirm(state) {
+        Confirmed::Applied(_) => println!("{done} (applied by the running daemon)"),
+        Confirmed::Nodes(nodes) => println!("{done} (applied by every running node: {})", nodes.join(", ")),
+        Confirmed::NoDaemon => println!("{done} (no daemon is running for this state)"),
+        Confirmed::Unconfirmed(why) => {
+            println!("{done}; the running daemon did not confirm it ({why}) and applies it within a second")
+        }
+    }
+}
+
 pub fn agent(args: Agent) -> Result<()> {
     let text = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
@@ -260,20 +371,42 @@ pub fn agent(args: Agent) -> Result<()> {
         (None, None) => bail!("pass --token TOKEN or --token-file FILE"),
     };
     let token = Token::decode(&text)?;
-    let forward: SocketAddr = args
-        .forward
-        .to_socket_addrs()
-        .with_context(|| format!("resolving --forward {:?} (expected HOST:PORT)", args.forward))?
-        .next()
-        .with_context(|| format!("--forward {:?} resolves to no address", args.forward))?;
-    super::init_logging(super::LogFormat::Text);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(agent::run(token, forward, |public| {
-        eprintln!("gatekeeper agent: {forward} is published at {public}")
-    }))?;
-    Ok(())
+    let Some(forward) = args.forward.filter(|_| !args.stop) else {
+        for said in runtime.block_on(agent::stop(&token))? {
+            println!("{said}");
+        }
+        return Ok(());
+    };
+    let forward: SocketAddr = forward
+        .to_socket_addrs()
+        .with_context(|| format!("resolving --forward {forward:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("--forward {forward:?} resolves to no address"))?;
+    super::init_logging(super::LogFormat::Text);
+    runtime.block_on(async {
+        let (leave_tx, leave) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
+        let running = agent::run(token, forward, leave, |public| {
+            eprintln!("gatekeeper agent: {forward} is published at {public}")
+        });
+        tokio::pin!(running);
+        tokio::select! {
+            ended = &mut running => return Ok(ended?),
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("gatekeeper agent: stopping; telling the gateway");
+        let _ = leave_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(3), running).await {
+            Ok(ended) => ended?,
+            Err(_) => eprintln!("gatekeeper agent: the gateway did not hear the goodbye in time"),
+        }
+        anyhow::Ok(())
+    })
 }

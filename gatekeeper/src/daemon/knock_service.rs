@@ -23,7 +23,7 @@ use crate::{
     gate::{Gate, GateError},
     knock::{
         ask::{Ask, Verdict},
-        keys::ServerKeys,
+        keys::{self, ServerKeys},
         verify::{Checked, Client, ClientKeys, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
         wire::NONCE_LEN,
     },
@@ -134,8 +134,12 @@ impl KnockService {
             return (BTreeSet::new(), problems);
         };
         self.verifier.previous_key_until = server.previous.as_ref().map(|p| p.accepted_until);
-        self.derived
-            .retain(|public, _| snapshot.clients.iter().any(|c| &c.public_key == public));
+        self.derived.retain(|public, _| {
+            snapshot
+                .clients
+                .iter()
+                .any(|c| &c.public_key == public || c.previous_public_key.as_ref() == Some(public))
+        });
         for rec in &snapshot.clients {
             let mut policy = rec.policy();
             let note = PortRange {
@@ -173,16 +177,25 @@ impl KnockService {
                 expires: rec.expires,
                 portal_upstream: rec.portal_upstream.clone(),
             };
-            let keys = match self.derived.get(&rec.public_key) {
+            let mut derive = |public: &str| match self.derived.get(public) {
                 Some(keys) => Ok(keys.clone()),
-                None => rec
-                    .public()
-                    .and_then(|public| ClientKeys::derive(server, &public))
+                None => keys::decode_public(public)
+                    .and_then(|key| ClientKeys::derive(server, &key))
                     .inspect(|keys| {
-                        self.derived.insert(rec.public_key.clone(), keys.clone());
+                        self.derived.insert(public.to_string(), keys.clone());
                     }),
             };
-            match keys {
+            // A re-issued agent's old key, until its overlap ends.
+            if let (Some((_, until)), Some(previous)) = (rec.previous_public(now), &rec.previous_public_key)
+                && let Ok(keys) = derive(previous)
+            {
+                let standing = Standing {
+                    expires: Some(rec.expires.map_or(until, |e| e.min(until))),
+                    ..standing.clone()
+                };
+                registry.insert(Client::new(keys, standing));
+            }
+            match derive(&rec.public_key) {
                 Ok(keys) => registry.insert(Client::new(keys, standing)),
                 Err(e) => problems.push(Problem {
                     path: format!("client {}", rec.name),

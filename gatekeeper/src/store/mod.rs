@@ -170,6 +170,12 @@ pub struct ClientRecord {
     /// `HOST:PORT` the portal relays this client to; none: the portal's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub portal_upstream: Option<String>,
+    /// The key this client had before its last re-issue, accepted until
+    /// `previous_key_until` (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_until: Option<u64>,
 }
 
 impl ClientRecord {
@@ -180,6 +186,14 @@ impl ClientRecord {
 
     pub fn public(&self) -> Result<PublicKey, keys::KeyError> {
         keys::decode_public(&self.public_key)
+    }
+
+    /// The key the client had before its last re-issue, while it is
+    /// still accepted at `unix_now`.
+    pub fn previous_public(&self, unix_now: u64) -> Option<(PublicKey, u64)> {
+        let until = self.previous_key_until.filter(|u| unix_now < *u)?;
+        let key = keys::decode_public(self.previous_public_key.as_deref()?).ok()?;
+        Some((key, until))
     }
 
     pub fn expired_at(&self, unix_now: u64) -> bool {
@@ -214,6 +228,9 @@ impl ClientRecord {
             return Err(format!("bad client name {:?}", self.name));
         }
         self.public().map_err(|e| format!("public_key: {e}"))?;
+        if let Some(previous) = &self.previous_public_key {
+            keys::decode_public(previous).map_err(|e| format!("previous_public_key: {e}"))?;
+        }
         self.allow
             .parse::<PortSet>()
             .map_err(|e| format!("allow = {:?}: {e}", self.allow))?;
@@ -242,19 +259,56 @@ pub struct TunnelRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
     pub created: u64,
+    /// Paused: the public port is closed and its connections cut; the
+    /// agent stays connected and keeps its lease.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The token a re-issue replaced, still accepted until its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<PreviousToken>,
+}
+
+/// A tunnel token replaced by `tunnel reissue`, accepted for an overlap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousToken {
+    pub token_id: String,
+    pub secret_sha256: String,
+    /// Unix seconds.
+    pub until: u64,
+}
+
+/// Whether `secret` hashes to `sha256` (hex), compared without an early exit.
+fn hashes_to(secret: &[u8], sha256: &str) -> bool {
+    let digest = hex(&Sha256::digest(secret));
+    digest.len() == sha256.len()
+        && digest
+            .bytes()
+            .zip(sha256.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 impl TunnelRecord {
-    /// Whether `secret` is this tunnel's secret.
-    pub fn secret_matches(&self, secret: &[u8]) -> bool {
-        let digest = hex(&Sha256::digest(secret));
-        // Both sides are fixed-length hex of a hash: compare without an early exit.
-        digest.len() == self.secret_sha256.len()
-            && digest
-                .bytes()
-                .zip(self.secret_sha256.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+    /// Whether `token_id` and `secret` are this tunnel's token at
+    /// `unix_now`: the current one, or the one a re-issue replaced during
+    /// its overlap.
+    pub fn token_matches(&self, token_id: &str, secret: &[u8], unix_now: u64) -> bool {
+        if token_id == self.token_id {
+            return hashes_to(secret, &self.secret_sha256);
+        }
+        self.previous_token
+            .as_ref()
+            .is_some_and(|p| p.token_id == token_id && unix_now < p.until && hashes_to(secret, &p.secret_sha256))
+    }
+
+    /// Whether a session that proved itself with `token_id` may go on at `unix_now`.
+    pub fn accepts_token(&self, token_id: &str, unix_now: u64) -> bool {
+        token_id == self.token_id
+            || self
+                .previous_token
+                .as_ref()
+                .is_some_and(|p| p.token_id == token_id && unix_now < p.until)
     }
 
     pub fn live_at(&self, unix_now: u64) -> bool {
@@ -505,9 +559,6 @@ pub trait Store: Send + Sync {
                 name: new.name.clone(),
             });
         }
-        let server = PublicKey::from(&self.server_secret()?);
-        let config = self.config()?;
-        let fingerprint = self.identity()?.fingerprint().to_string();
         let existing = self.snapshot()?;
         if let Some(public) = &new.public_key
             && let Some(same) = existing.clients.iter().find(|c| c.public().as_ref() == Ok(public))
@@ -532,23 +583,52 @@ pub trait Store: Send + Sync {
             expires: new.expires_in.map(|d| now + d.as_secs()),
             created: now,
             portal_upstream: new.portal_upstream.clone(),
+            previous_public_key: None,
+            previous_key_until: None,
         };
+        // Everything the credential needs is read before anything is written.
+        let cred = self.credential(&new.name, secret.as_ref(), new.gateway.as_deref())?;
         self.put_client(&rec, Put::Create)?;
-        let servers = match &new.gateway {
-            Some(host) => vec![host.clone()],
+        Ok((rec, cred))
+    }
+
+    /// The credential of client `name`: with `secret` when the gateway
+    /// made the key pair, naming the gateway as `gateway` or by the
+    /// config's addresses.
+    fn credential(
+        &self,
+        name: &str,
+        secret: Option<&StaticSecret>,
+        gateway: Option<&str>,
+    ) -> Result<Credential, StoreError> {
+        let config = self.config()?;
+        let servers = match gateway {
+            Some(host) => vec![host.to_string()],
             None => config.public_addrs().iter().map(ToString::to_string).collect(),
         };
-        let cred = Credential {
-            name: new.name.clone(),
+        Ok(Credential {
+            name: name.to_string(),
             secret_key: secret.map(|s| keys::encode(&s.to_bytes())),
             key_file: None,
-            server_public_key: keys::encode(server.as_bytes()),
+            server_public_key: keys::encode(PublicKey::from(&self.server_secret()?).as_bytes()),
             servers,
             knock_port: config.knock_udp_port(),
             tunnel_port: Some(config.tunnel_port()),
-            tls_fingerprint: Some(fingerprint),
-        };
-        Ok((rec, cred))
+            tls_fingerprint: Some(self.identity()?.fingerprint().to_string()),
+        })
+    }
+
+    /// Gives client `name` a new key pair made here, keeping its old key
+    /// accepted until `until` (unix seconds; none: refused at once).
+    /// Returns the credential with the new secret.
+    fn rekey_client(&self, name: &str, until: Option<u64>) -> Result<Credential, StoreError> {
+        let mut rec = self.client(name)?;
+        let secret = keys::generate();
+        rec.previous_public_key = until.map(|_| rec.public_key.clone());
+        rec.previous_key_until = until;
+        rec.public_key = keys::encode(PublicKey::from(&secret).as_bytes());
+        self.put_client(&rec, Put::Replace)?;
+        self.credential(name, Some(&secret), None)
     }
 
     /// Enables or disables (revokes) a client; touches no other record.

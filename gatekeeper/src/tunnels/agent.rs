@@ -4,8 +4,16 @@
 //! capped, jittered backoff, unless told it is revoked. A token issued in
 //! a cluster names every node: the agent keeps a session to each, each
 //! reconnecting on its own, so the node a visitor lands on serves them.
+//!
+//! Its operator ends it on purpose either way: the agent told to leave
+//! (SIGTERM) says goodbye to every gateway before it exits, and [`stop`]
+//! (`agent --stop`, from anywhere with the token) asks each gateway to end
+//! the session; either is audited as the operator's doing.
 
 use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
@@ -16,14 +24,14 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 use tunnel::{
-    frame::Kind,
+    frame::{Farewell, Kind},
     mux::{Mux, MuxError},
     record::{Side, leave_tls},
     session::{SessionError, hello, serve_private},
     tls::{PinMismatch, client_config},
 };
 
-use super::{Token, TunnelError};
+use super::{Token, TunnelError, gateway::STOP_ALPN};
 use crate::knock::{
     Carrier,
     send::{ClientError, Knocker},
@@ -48,6 +56,8 @@ enum Ended {
     /// Retrying cannot help: revoked, a token the gateway does not accept,
     /// or a certificate other than the pinned one.
     Fatal(String),
+    /// The agent's operator ended it (here, or through the gateway).
+    Stopped,
 }
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -56,10 +66,9 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const GATEWAY_SILENT: Duration = Duration::from_secs(35);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
-/// Runs until revoked. `published` hears the public port on every
-/// successful session.
-pub async fn run(token: Token, forward: SocketAddr, published: impl Fn(SocketAddr)) -> Result<(), AgentError> {
-    let targets: Vec<SocketAddr> = if token.nodes.is_empty() {
+/// The gateways an agent with `token` keeps a session with.
+fn targets(token: &Token) -> Result<Vec<SocketAddr>, AgentError> {
+    Ok(if token.nodes.is_empty() {
         vec![SocketAddr::new(
             *token.gateway.first().ok_or(AgentError::NoGateway)?,
             token.tunnel_port,
@@ -70,16 +79,52 @@ pub async fn run(token: Token, forward: SocketAddr, published: impl Fn(SocketAdd
             .iter()
             .map(|ip| SocketAddr::new(*ip, token.tunnel_port))
             .collect()
-    };
+    })
+}
+
+/// Runs until revoked, or until its operator stops it: `leave` turning
+/// true (a signal), or the gateways saying so (`agent --stop`).
+/// `published` hears the public port on every successful session.
+pub async fn run(
+    token: Token,
+    forward: SocketAddr,
+    leave: watch::Receiver<bool>,
+    published: impl Fn(SocketAddr),
+) -> Result<(), AgentError> {
     let knocker = std::sync::Arc::new(Knocker::new(token.credential.clone())?);
     // Each session on its own; the first that cannot go on ends them all.
     try_join_all(
-        targets
+        targets(&token)?
             .into_iter()
-            .map(|target| keep_session(&token, &knocker, target, forward, &published)),
+            .map(|target| keep_session(&token, &knocker, target, forward, leave.clone(), &published)),
     )
     .await?;
     Ok(())
+}
+
+/// Asks every gateway the token names to end this tunnel's session on
+/// its operator's behalf; what each said.
+pub async fn stop(token: &Token) -> Result<Vec<String>, AgentError> {
+    let knocker = std::sync::Arc::new(Knocker::new(token.credential.clone())?);
+    let mut said = Vec::new();
+    for target in targets(token)? {
+        let mut tls = match connect(token, &knocker, target, Some(STOP_ALPN)).await {
+            Ok(tls) => tls,
+            Err(Ended::Retry(why) | Ended::Fatal(why)) => {
+                said.push(format!("{target}: {why}"));
+                continue;
+            }
+            Err(Ended::Stopped) => continue,
+        };
+        let secret = token.secret_bytes()?;
+        let answer = match hello(&mut tls, &token.token_id, &secret).await {
+            Err(SessionError::Refused(Farewell::Stopped(words))) => words,
+            Err(e) => format!("did not stop it: {e}"),
+            Ok(_) => "did not stop it: the gateway welcomed a session instead (is it older than this agent?)".into(),
+        };
+        said.push(format!("{target}: {answer}"));
+    }
+    Ok(said)
 }
 
 /// The session with one gateway, made again after every end that
@@ -89,13 +134,18 @@ async fn keep_session(
     knocker: &std::sync::Arc<Knocker>,
     target: SocketAddr,
     forward: SocketAddr,
+    mut leave: watch::Receiver<bool>,
     published: &impl Fn(SocketAddr),
 ) -> Result<(), AgentError> {
     let mut backoff = BACKOFF_START;
     loop {
-        let (ended, connected) = attempt(token, knocker, target, forward, published).await;
+        let (ended, connected) = attempt(token, knocker, target, forward, leave.clone(), published).await;
         match ended {
             Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
+            Ended::Stopped => {
+                info!(gateway = %target, "session ended by the agent's operator");
+                return Ok(());
+            }
             Ended::Retry(why) => {
                 if connected {
                     backoff = BACKOFF_START;
@@ -104,11 +154,51 @@ async fn keep_session(
                 let jitter = 0.75 + (OsRng.next_u32() % 1000) as f64 / 2000.0;
                 let wait = backoff.mul_f64(jitter);
                 warn!(gateway = %target, %why, retry_in = ?wait, "tunnel session ended");
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = leave.wait_for(|l| *l) => return Ok(()),
+                }
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }
         }
     }
+}
+
+/// Knocks, connects and does TLS with the gateway at `target`, pinning its
+/// certificate; asks for `alpn` if given.
+async fn connect(
+    token: &Token,
+    knocker: &std::sync::Arc<Knocker>,
+    target: SocketAddr,
+    alpn: Option<&[u8]>,
+) -> Result<TlsStream<TcpStream>, Ended> {
+    let k = knocker.clone();
+    let tcp =
+        match tokio::task::spawn_blocking(move || k.knock_and_connect(target, Duration::from_secs(3), Carrier::Syn))
+            .await
+        {
+            Ok(Ok(Some(tcp))) => tcp,
+            Ok(Ok(None)) => return Err(Ended::Retry(format!("{target} did not answer after knocking"))),
+            Ok(Err(e)) => return Err(Ended::Retry(e.to_string())),
+            Err(e) => return Err(Ended::Retry(e.to_string())),
+        };
+    let tcp = tcp
+        .set_nodelay(true)
+        .and_then(|()| tcp.set_nonblocking(true))
+        .and_then(|()| TcpStream::from_std(tcp))
+        .map_err(|e| Ended::Retry(e.to_string()))?;
+    let pin = token.fingerprint().map_err(|e| Ended::Fatal(e.to_string()))?;
+    let mut config = (*client_config(pin).map_err(|e| Ended::Retry(e.to_string()))?).clone();
+    config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
+    let name = ServerName::try_from("gatekeeper").expect("a valid DNS name");
+    TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        // Another certificate than the pinned one: no retry makes it ours.
+        .map_err(|e| match PinMismatch::behind(&e) {
+            Some(mismatch) => Ended::Fatal(format!("TLS: {mismatch}")),
+            None => Ended::Retry(format!("TLS with the gateway failed: {e}")),
+        })
 }
 
 /// One session; the bool says whether it got as far as being published.
@@ -117,42 +207,16 @@ async fn attempt(
     knocker: &std::sync::Arc<Knocker>,
     target: SocketAddr,
     forward: SocketAddr,
+    mut leave: watch::Receiver<bool>,
     published: &impl Fn(SocketAddr),
 ) -> (Ended, bool) {
-    let k = knocker.clone();
-    let tcp =
-        match tokio::task::spawn_blocking(move || k.knock_and_connect(target, Duration::from_secs(3), Carrier::Syn))
-            .await
-        {
-            Ok(Ok(Some(tcp))) => tcp,
-            Ok(Ok(None)) => return (Ended::Retry(format!("{target} did not answer after knocking")), false),
-            Ok(Err(e)) => return (Ended::Retry(e.to_string()), false),
-            Err(e) => return (Ended::Retry(e.to_string()), false),
-        };
-    let tcp = match tcp
-        .set_nodelay(true)
-        .and_then(|()| tcp.set_nonblocking(true))
-        .and_then(|()| tokio::net::TcpStream::from_std(tcp))
-    {
-        Ok(t) => t,
-        Err(e) => return (Ended::Retry(e.to_string()), false),
+    let secret = match token.secret_bytes() {
+        Ok(s) => s,
+        Err(e) => return (Ended::Fatal(e.to_string()), false),
     };
-    let (pin, secret) = match (token.fingerprint(), token.secret_bytes()) {
-        (Ok(p), Ok(s)) => (p, s),
-        (Err(e), _) | (_, Err(e)) => return (Ended::Fatal(e.to_string()), false),
-    };
-    let config = match client_config(pin) {
-        Ok(c) => c,
-        Err(e) => return (Ended::Retry(e.to_string()), false),
-    };
-    let name = ServerName::try_from("gatekeeper").expect("a valid DNS name");
-    let mut tls = match TlsConnector::from(config).connect(name, tcp).await {
-        Ok(t) => t,
-        // Another certificate than the pinned one: no retry makes it ours.
-        Err(e) => match PinMismatch::behind(&e) {
-            Some(mismatch) => return (Ended::Fatal(format!("TLS: {mismatch}")), false),
-            None => return (Ended::Retry(format!("TLS with the gateway failed: {e}")), false),
-        },
+    let mut tls = match connect(token, knocker, target, None).await {
+        Ok(tls) => tls,
+        Err(ended) => return (ended, false),
     };
     let port = match hello(&mut tls, &token.token_id, &secret).await {
         Ok(p) => p,
@@ -169,6 +233,14 @@ async fn attempt(
     let (mux, incoming, task) = Mux::acceptor(rd, wr);
     let (_stop_tx, stop) = watch::channel(false);
     let serving = tokio::spawn(serve_private(incoming, forward, stop));
+    // What the gateway says without ending the session (a pause, a resume).
+    let mut notices = mux.notices();
+    let told = tokio::spawn(async move {
+        while notices.changed().await.is_ok() {
+            let notice = notices.borrow_and_update().clone();
+            info!(gateway = %target, "the gateway says: {}", String::from_utf8_lossy(&notice));
+        }
+    });
     // Heartbeats both ways: ping the gateway, and give up on a gateway
     // that has said nothing (not even its own pings) for too long.
     let heartbeat = {
@@ -186,14 +258,22 @@ async fn attempt(
     let mut task = task;
     let ended = tokio::select! {
         ended = &mut task => match ended {
+            Ok(Err(MuxError::Goodbye(Farewell::Stopped(_)))) => Ended::Stopped,
             Ok(Err(MuxError::Goodbye(why))) if !why.retry_helps() => Ended::Fatal(why.to_string()),
             Ok(Err(e)) => Ended::Retry(e.to_string()),
             Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
             Err(e) => Ended::Retry(e.to_string()),
         },
         () = heartbeat => Ended::Retry(format!("the gateway was silent for {GATEWAY_SILENT:?}")),
+        _ = leave.wait_for(|l| *l) => {
+            let _ = mux.farewell(&Farewell::Stopped("the agent's operator stopped it".into())).await;
+            // Give the goodbye a moment to leave before the session is torn down.
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut task).await;
+            Ended::Stopped
+        }
     };
     task.abort();
     serving.abort();
+    told.abort();
     (ended, true)
 }

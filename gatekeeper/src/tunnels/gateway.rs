@@ -5,9 +5,16 @@
 //! watcher hands it the tunnel records ([`Gateway::set_records`]) and tells
 //! it which tunnels to close ([`Gateway::close`]).
 //!
+//! A paused tunnel's public port is closed and its connections cut while
+//! its agent stays connected (and is told, with a notice); a re-issued
+//! token's sessions end when its overlap does; an agent's operator may
+//! end its session on purpose (`agent --stop`, or SIGTERM), which is
+//! audited as such.
+//!
 //! The same listener tells enrolled devices the gateway's knock key
 //! (`knock::note`): a TLS connection that asks for its ALPN name gets the
-//! note and is closed.
+//! note and is closed. One that asks for [`STOP_ALPN`] proves a tunnel's
+//! token and ends that tunnel's session.
 
 use std::{
     collections::HashMap,
@@ -30,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use tunnel::{
     frame::{Farewell, Kind},
-    mux::Mux,
+    mux::{Mux, MuxError},
     record::{Side, leave_tls},
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
     splice::Spliced,
@@ -60,11 +67,25 @@ pub enum GatewayError {
     Tls(#[from] TlsError),
 }
 
+/// The ALPN name of a connection that ends its tunnel's session on the
+/// agent operator's behalf (`gatekeeper agent --stop`).
+pub const STOP_ALPN: &[u8] = b"gatekeeper-agent-stop/1";
+
+/// What an agent session ended by its operator is audited as.
+const BY_OPERATOR: &str = "agent disconnected by its operator";
+
 /// A connected tunnel.
 struct Live {
     /// Tells this session apart from the one that may replace it.
     session: u64,
     stop: watch::Sender<bool>,
+    /// Whether the tunnel is paused, as its record says.
+    paused: watch::Sender<bool>,
+    /// Who answers for it, as its record says, for the audit lines.
+    owner: Arc<Mutex<String>>,
+    /// Who ended the session from outside, and why: the audit's `result`
+    /// and `reason`.
+    ended: Arc<Mutex<Option<(&'static str, String)>>>,
     mux: Mux,
     since: u64,
     connections: Arc<AtomicU64>,
@@ -85,6 +106,14 @@ pub struct Gateway {
     note: RwLock<Option<KeyNote>>,
 }
 
+impl Live {
+    /// Ends the session from outside: the port closes, connections are cut.
+    fn end(&self, result: &'static str, why: String) {
+        *lock(&self.ended) = Some((result, why));
+        let _ = self.stop.send(true);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Nothing here leaves a half-updated value behind on panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -93,20 +122,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Authority for Gateway {
     fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, Farewell> {
         let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        let now = unix_now();
         let rec = records
             .iter()
-            .find(|t| t.token_id == token_id)
+            .find(|t| t.accepts_token(token_id, now))
             .ok_or_else(|| Farewell::Refused(format!("unknown token {token_id}")))?;
-        if !rec.secret_matches(secret) {
+        if !rec.token_matches(token_id, secret, now) {
             return Err(Farewell::Refused(format!("wrong secret for token {token_id}")));
         }
-        if !rec.live_at(unix_now()) {
+        if !rec.live_at(now) {
             return Err(Farewell::Revoked(format!("tunnel {} is revoked or expired", rec.name)));
         }
         Ok(TunnelInfo {
             name: rec.name.clone(),
             owner: rec.owner.clone(),
             public_port: rec.public_port,
+            token_id: token_id.to_string(),
         })
     }
 }
@@ -121,7 +152,7 @@ impl Gateway {
         audit: Audit,
     ) -> Result<(Arc<Gateway>, TcpListener), GatewayError> {
         let mut config = (*identity.server_config()?).clone();
-        config.alpn_protocols = vec![note::ALPN.to_vec()];
+        config.alpn_protocols = vec![note::ALPN.to_vec(), STOP_ALPN.to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
             .await
@@ -171,9 +202,75 @@ impl Gateway {
         );
     }
 
-    /// The records agents are checked against, as the store has them now.
+    /// The records agents are checked against, as the store has them now:
+    /// pauses, resumes and new owners take effect on live sessions, and
+    /// every change to a tunnel is audited.
     pub fn set_records(&self, records: Vec<TunnelRecord>) {
-        *self.records.write().unwrap_or_else(|e| e.into_inner()) = records;
+        let old = std::mem::replace(
+            &mut *self.records.write().unwrap_or_else(|e| e.into_inner()),
+            records.clone(),
+        );
+        for rec in &records {
+            if let Some(was) = old.iter().find(|o| o.name == rec.name) {
+                self.audit_change(was, rec);
+            }
+        }
+        for (name, live) in lock(&self.live).iter() {
+            if let Some(rec) = records.iter().find(|r| &r.name == name) {
+                live.paused
+                    .send_if_modified(|p| std::mem::replace(p, rec.paused) != rec.paused);
+                *lock(&live.owner) = rec.owner.clone();
+            }
+        }
+    }
+
+    /// Audits what an operator changed in a tunnel's record.
+    fn audit_change(&self, was: &TunnelRecord, now: &TunnelRecord) {
+        if was.paused != now.paused {
+            let event = if now.paused { "tunnel_paused" } else { "tunnel_resumed" };
+            self.audit.event(event, json!({"tunnel": now.name, "owner": now.owner}));
+        }
+        if was.allow != now.allow || was.owner != now.owner {
+            self.audit.event(
+                "tunnel_updated",
+                json!({"tunnel": now.name, "owner": now.owner, "allow": now.allow, "was": {"owner": was.owner, "allow": was.allow}}),
+            );
+        }
+        if was.token_id != now.token_id {
+            self.audit.event(
+                "tunnel_reissued",
+                json!({"tunnel": now.name, "owner": now.owner, "previous_accepted_until": now.previous_token.as_ref().map(|p| p.until)}),
+            );
+        }
+    }
+
+    /// Whether the record of tunnel `name` still accepts `token_id`.
+    fn token_accepted(&self, name: &str, token_id: &str) -> bool {
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        records
+            .iter()
+            .any(|r| r.name == name && r.accepts_token(token_id, unix_now()))
+    }
+
+    /// Ends the live session of the tunnel whose token `stopper` proves,
+    /// on its agent operator's behalf (`agent --stop`).
+    async fn stop_for_operator(&self, mut tls: tokio_rustls::server::TlsStream<TcpStream>, stopper: SocketAddr) {
+        let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hear_hello(&mut tls, self)).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => return self.refused(stopper, format!("stopping an agent: {e}")),
+            Err(_) => return self.refused(stopper, "stopping an agent: no hello in time".into()),
+        };
+        let live = lock(&self.live).remove(&info.name);
+        let said = match &live {
+            Some(_) => format!("the session of tunnel {} is ended", info.name),
+            None => format!("tunnel {} has no agent connected", info.name),
+        };
+        if let Some(live) = live {
+            let _ = live.mux.farewell(&Farewell::Stopped(BY_OPERATOR.into())).await;
+            live.end("stopped", format!("{BY_OPERATOR} (agent --stop from {stopper})"));
+        }
+        let _ = answer(&mut tls, Err(&Farewell::Stopped(said))).await;
+        let _ = tls.shutdown().await;
     }
 
     /// Ends the session of tunnel `name`, if its agent is connected, telling
@@ -188,7 +285,7 @@ impl Gateway {
         tokio::spawn(async move {
             let _ = mux.farewell(&farewell).await;
         });
-        let _ = live.stop.send(true);
+        live.end("disconnected", format!("the tunnel is {why}"));
         self.audit.event("tunnel_closed", json!({"tunnel": name, "why": why}));
         true
     }
@@ -242,8 +339,10 @@ impl Gateway {
             Ok(Err(e)) => return self.refused(agent, format!("TLS: {e}")),
             Err(_) => return self.refused(agent, "TLS handshake timed out".into()),
         };
-        if tls.get_ref().1.alpn_protocol() == Some(note::ALPN) {
-            return self.tell_note(tls, agent).await;
+        match tls.get_ref().1.alpn_protocol() {
+            Some(note::ALPN) => return self.tell_note(tls, agent).await,
+            Some(STOP_ALPN) => return self.stop_for_operator(tls, agent).await,
+            _ => {}
         }
         let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hear_hello(&mut tls, &*self)).await {
             Ok(Ok(info)) => info,
@@ -253,20 +352,26 @@ impl Gateway {
         };
         // A returning agent replaces its previous session and gets its port back.
         if let Some(old) = lock(&self.live).remove(&info.name) {
-            let _ = old.stop.send(true);
+            old.end("disconnected", "replaced by a new session of its agent".into());
         }
-        // Bound before the agent hears it is published: a welcome always
-        // means the port is open.
-        let public = match bind_public(info.public_port).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                let busy = Farewell::Busy(format!("the public port {} cannot be bound: {e}", info.public_port));
-                let _ = answer(&mut tls, Err(&busy)).await;
-                self.audit.event(
-                    "agent_session",
-                    json!({"tunnel": info.name, "agent": agent, "result": "failed", "reason": busy.to_string()}),
-                );
-                return;
+        // Bound before the agent hears it is published: a welcome means the
+        // port is open, unless the tunnel is paused, which the agent hears
+        // next.
+        let paused = self.is_paused(&info.name);
+        let public = if paused {
+            None
+        } else {
+            match bind_public(info.public_port).await {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    let busy = Farewell::Busy(format!("the public port {} cannot be bound: {e}", info.public_port));
+                    let _ = answer(&mut tls, Err(&busy)).await;
+                    self.audit.event(
+                        "agent_session",
+                        json!({"tunnel": info.name, "agent": agent, "result": "failed", "reason": busy.to_string()}),
+                    );
+                    return;
+                }
             }
         };
         if let Err(e) = answer(&mut tls, Ok(info.public_port)).await {
@@ -278,6 +383,9 @@ impl Gateway {
         };
         let (mux, task) = Mux::opener(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
+        let ended = Arc::new(Mutex::new(None));
+        let (paused_tx, paused) = watch::channel(paused);
+        let owner = Arc::new(Mutex::new(info.owner.clone()));
         let (connections, up, down) = (
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
@@ -289,6 +397,9 @@ impl Gateway {
             Live {
                 session,
                 stop: stop_tx,
+                paused: paused_tx,
+                owner: owner.clone(),
+                ended: ended.clone(),
                 mux: mux.clone(),
                 since: unix_now(),
                 connections: connections.clone(),
@@ -300,59 +411,156 @@ impl Gateway {
         info!(tunnel = %info.name, port = info.public_port, %agent, "agent connected; publishing");
 
         let audit = self.audit.clone();
-        let (tunnel_name, owner) = (info.name.clone(), info.owner.clone());
+        let tunnel_name = info.name.clone();
         let done = move |visitor: SocketAddr, r: Spliced| {
             connections.fetch_add(1, Ordering::Relaxed);
             up.fetch_add(r.up, Ordering::Relaxed);
             down.fetch_add(r.down, Ordering::Relaxed);
             let now = unix_now();
+            let owner = lock(&owner).clone();
             audit.event(
                 "tunnel_connection",
                 json!({"tunnel": tunnel_name, "owner": owner, "visitor": visitor, "start": now.saturating_sub(r.duration.as_secs()), "end": now,
                        "duration_ms": r.duration.as_millis() as u64, "bytes_in": r.up, "bytes_out": r.down, "closed": r.why}),
             );
         };
-        let serving = tokio::spawn(serve_public(mux.clone(), public, stop.clone(), done));
-        let why = self.watch(&mux, task, stop).await;
-        serving.abort();
+        let publishing = Publishing {
+            mux: mux.clone(),
+            port: info.public_port,
+            paused,
+            stop: stop.clone(),
+        };
+        let serving = tokio::spawn(publishing.run(public, done));
+        let (result, why) = self.watch(&mux, task, stop, &info, &ended).await;
         // Unless a newer session or a revocation already took the entry over.
-        let mut live = lock(&self.live);
-        if live.get(&info.name).is_some_and(|l| l.session == session)
-            && let Some(l) = live.remove(&info.name)
-        {
+        let ours = {
+            let mut live = lock(&self.live);
+            match live.get(&info.name) {
+                Some(l) if l.session == session => live.remove(&info.name),
+                _ => None,
+            }
+        };
+        if let Some(l) = ours {
             let _ = l.stop.send(true);
         }
-        drop(live);
+        // The stop is sent by now, whoever sent it: the port closes and the
+        // connections are cut.
+        if tokio::time::timeout(Duration::from_secs(1), serving).await.is_err() {
+            warn!(tunnel = %info.name, "the published port did not close in time");
+        }
         self.audit.event(
             "agent_session",
-            json!({"tunnel": info.name, "agent": agent, "result": "disconnected", "reason": why}),
+            json!({"tunnel": info.name, "agent": agent, "result": result, "reason": why}),
         );
         info!(tunnel = %info.name, reason = why, "agent session ended");
     }
 
-    /// Waits until the session ends: the agent left, went silent, or was
-    /// stopped (revoked or replaced). Sends heartbeats meanwhile.
-    async fn watch(&self, mux: &Mux, task: tunnel::mux::SessionTask, mut stop: watch::Receiver<bool>) -> String {
+    /// Whether tunnel `name` is paused, as its record says.
+    fn is_paused(&self, name: &str) -> bool {
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        records.iter().any(|r| r.name == name && r.paused)
+    }
+
+    /// Waits until the session ends: the agent left (on purpose or not),
+    /// went silent, or was stopped (revoked, replaced, or its token
+    /// re-issued and the overlap over). Sends heartbeats meanwhile.
+    /// Returns the audit's `result` and `reason`.
+    async fn watch(
+        &self,
+        mux: &Mux,
+        task: tunnel::mux::SessionTask,
+        mut stop: watch::Receiver<bool>,
+        info: &TunnelInfo,
+        ended: &Mutex<Option<(&'static str, String)>>,
+    ) -> (&'static str, String) {
         let mut beat = tokio::time::interval((self.heartbeat / 3).max(Duration::from_millis(100)));
         tokio::pin!(task);
         loop {
             tokio::select! {
                 ended = &mut task => {
                     return match ended {
-                        Ok(Ok(())) => "agent closed the session".into(),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(e) => format!("session task failed: {e}"),
+                        Ok(Err(MuxError::Goodbye(Farewell::Stopped(_)))) => ("stopped", BY_OPERATOR.into()),
+                        Ok(Ok(())) => ("disconnected", "agent closed the session".into()),
+                        Ok(Err(e)) => ("disconnected", e.to_string()),
+                        Err(e) => ("disconnected", format!("session task failed: {e}")),
                     };
                 }
-                _ = stop.changed() => return "stopped: revoked, or replaced by a new session of its agent".into(),
+                _ = stop.changed() => {
+                    return lock(ended).take().unwrap_or(("disconnected", "stopped".into()));
+                }
                 _ = beat.tick() => {
                     if mux.last_heard().elapsed() > self.heartbeat {
-                        return "agent silent past the heartbeat timeout".into();
+                        return ("disconnected", "agent silent past the heartbeat timeout".into());
+                    }
+                    if !self.token_accepted(&info.name, &info.token_id) {
+                        let why = format!("the token {} was re-issued and its overlap is over", info.token_id);
+                        let _ = mux.farewell(&Farewell::Refused(format!("{why}: use the new token"))).await;
+                        return ("disconnected", why);
                     }
                     let _ = mux.control(Kind::Ping, bytes::Bytes::new()).await;
                 }
             }
         }
+    }
+}
+
+/// The public side of one session: the port served while the tunnel is
+/// not paused. A pause closes the port and cuts its connections, a resume
+/// binds it again, and the agent hears of each.
+struct Publishing {
+    mux: Mux,
+    port: u16,
+    paused: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Publishing {
+    async fn run(
+        mut self,
+        mut bound: Option<TcpListener>,
+        done: impl Fn(SocketAddr, Spliced) + Send + Sync + Clone + 'static,
+    ) {
+        loop {
+            if *self.paused.borrow_and_update() {
+                self.notice("paused: the gateway's operator closed the public port; this session stays up")
+                    .await;
+                tokio::select! {
+                    r = self.paused.wait_for(|p| !*p) => if r.is_err() { return },
+                    _ = self.stop.wait_for(|s| *s) => return,
+                }
+                self.notice("resumed: the public port is open again").await;
+            }
+            let listener = match bound.take() {
+                Some(l) => l,
+                None => match bind_public(self.port).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.notice(&format!("the public port {} cannot be bound again: {e}", self.port))
+                            .await;
+                        return;
+                    }
+                },
+            };
+            let (cut_tx, cut) = watch::channel(false);
+            let serving = serve_public(self.mux.clone(), listener, cut, done.clone());
+            let ended = tokio::select! {
+                () = serving => true,
+                _ = self.paused.wait_for(|p| *p) => false,
+                _ = self.stop.wait_for(|s| *s) => true,
+            };
+            // Dropping the serving future closed the port; this cuts its connections.
+            let _ = cut_tx.send(true);
+            if ended {
+                return;
+            }
+        }
+    }
+
+    async fn notice(&self, words: &str) {
+        let _ = self
+            .mux
+            .control(Kind::Notice, bytes::Bytes::from(words.to_string()))
+            .await;
     }
 }
 

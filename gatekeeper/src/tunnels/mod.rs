@@ -24,7 +24,7 @@ use crate::{
     clock::unix_now,
     knock::credential::Credential,
     spec::{PortRange, PortSet, Proto},
-    store::{NewClient, Put, Store, StoreError, TunnelRecord, hex, valid_name},
+    store::{NewClient, PreviousToken, Put, Store, StoreError, TunnelRecord, hex, valid_name},
 };
 
 const TOKEN_PREFIX: &str = "gkt1.";
@@ -41,6 +41,8 @@ pub enum TunnelError {
     PortTaken(u16, String),
     #[error("every port in {0} is leased: widen [tunnel] ports in gatekeeper.toml")]
     NoFreePort(PortRange),
+    #[error("tunnel {0:?} is revoked or expired: issue a new one")]
+    NotLive(String),
     #[error("bad token: {0}. A token starts with {TOKEN_PREFIX}; copy it whole from `gatekeeper tunnel issue`")]
     BadToken(String),
 }
@@ -167,6 +169,8 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         revoked: false,
         expires: new.expires_in.map(|d| unix_now() + d.as_secs()),
         created: unix_now(),
+        paused: false,
+        previous_token: None,
     };
     // The record goes in before the agent's credential. A daemon that reads
     // the state between the two writes then drops the agent's knock, which
@@ -211,6 +215,79 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         gateway: config.public_addrs(),
         nodes: new.nodes.clone(),
         tunnel_port,
+        fingerprint: fingerprint.to_string(),
+        credential,
+    };
+    Ok((rec, token))
+}
+
+/// Pauses a tunnel (its public port closes, its connections are cut, its
+/// agent stays connected and keeps the port) or resumes it.
+pub fn set_paused(store: &dyn Store, name: &str, paused: bool) -> Result<TunnelRecord, TunnelError> {
+    let mut rec = store.tunnel(name)?;
+    rec.paused = paused;
+    store.put_tunnel(&rec, Put::Replace)?;
+    Ok(rec)
+}
+
+/// Changes who may knock for a tunnel's port and who answers for it; a
+/// running daemon applies it to knocks and connections from then on.
+pub fn update(
+    store: &dyn Store,
+    name: &str,
+    allow: Option<Vec<String>>,
+    owner: Option<String>,
+) -> Result<TunnelRecord, TunnelError> {
+    let mut rec = store.tunnel(name)?;
+    if let Some(allow) = allow {
+        let existing = store.snapshot()?;
+        if let Some(missing) = allow.iter().find(|a| existing.client(a).is_none()) {
+            return Err(TunnelError::NoSuchClient(missing.clone()));
+        }
+        rec.allow = allow;
+    }
+    if let Some(owner) = owner {
+        rec.owner = owner;
+    }
+    store.put_tunnel(&rec, Put::Replace)?;
+    Ok(rec)
+}
+
+/// Gives a tunnel a new token: a new secret and a new knock key for its
+/// agent. The old token (and its knock key) stay accepted for `overlap`,
+/// then a session proved with it is ended.
+pub fn reissue(
+    store: &dyn Store,
+    name: &str,
+    overlap: Duration,
+    nodes: &[IpAddr],
+) -> Result<(TunnelRecord, Token), TunnelError> {
+    let mut rec = store.tunnel(name)?;
+    if !rec.live_at(unix_now()) {
+        return Err(TunnelError::NotLive(name.to_string()));
+    }
+    let config = store.config()?;
+    let fingerprint = store.identity()?.fingerprint();
+    let until = (!overlap.is_zero()).then(|| unix_now() + overlap.as_secs());
+    let secret = random_bytes(32);
+    rec.previous_token = until.map(|until| PreviousToken {
+        token_id: rec.token_id.clone(),
+        secret_sha256: rec.secret_sha256.clone(),
+        until,
+    });
+    rec.token_id = format!("t{}", hex(&random_bytes(8)));
+    rec.secret_sha256 = hex(&Sha256::digest(&secret));
+    // The knock key first: a daemon reading in between sees the old token
+    // and both keys, all of which work.
+    let credential = store.rekey_client(&rec.agent_client, until)?;
+    store.put_tunnel(&rec, Put::Replace)?;
+    let token = Token {
+        name: rec.name.clone(),
+        token_id: rec.token_id.clone(),
+        secret: hex(&secret),
+        gateway: config.public_addrs(),
+        nodes: nodes.to_vec(),
+        tunnel_port: config.tunnel_port(),
         fingerprint: fingerprint.to_string(),
         credential,
     };
@@ -348,6 +425,39 @@ mod tests {
     }
 
     #[test]
+    fn a_reissued_token_holds_for_its_overlap_and_the_agent_gets_a_new_key() {
+        let (s, dir) = store("reissue");
+        let (_, old) = issue(&s, &new("web", &[], None)).unwrap();
+        let old_key = s.client("tunnel-web").unwrap().public_key;
+        let (rec, fresh) = reissue(&s, "web", Duration::from_secs(60), &[]).unwrap();
+        let now = unix_now();
+        let (old_secret, new_secret) = (old.secret_bytes().unwrap(), fresh.secret_bytes().unwrap());
+        assert!(rec.token_matches(&fresh.token_id, &new_secret, now));
+        assert!(rec.token_matches(&old.token_id, &old_secret, now), "during the overlap");
+        assert!(!rec.token_matches(&old.token_id, &old_secret, now + 60), "after it");
+        assert!(
+            !rec.token_matches(&old.token_id, &new_secret, now),
+            "each token its own secret"
+        );
+        assert!(rec.accepts_token(&old.token_id, now) && !rec.accepts_token(&old.token_id, now + 60));
+        let agent = s.client("tunnel-web").unwrap();
+        assert_ne!(agent.public_key, old_key, "a new knock key");
+        assert_eq!(agent.previous_public(now).map(|(_, until)| until), Some(now + 60));
+        assert!(agent.previous_public(now + 60).is_none());
+        assert_ne!(fresh.credential.secret_key, old.credential.secret_key);
+
+        let (rec, _) = reissue(&s, "web", Duration::ZERO, &[]).unwrap();
+        assert!(rec.previous_token.is_none() && !rec.accepts_token(&fresh.token_id, now));
+        assert!(s.client("tunnel-web").unwrap().previous_public(now).is_none());
+        revoke(&s, "web").unwrap();
+        assert!(matches!(
+            reissue(&s, "web", Duration::ZERO, &[]),
+            Err(TunnelError::NotLive(_))
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn issue_leases_ports_keeps_only_a_hash_and_tokens_round_trip() {
         let (s, dir) = store("issue");
         let (rec, token) = issue(&s, &new("web", &["laptop"], None)).unwrap();
@@ -372,8 +482,8 @@ mod tests {
             !text.contains(&token.secret),
             "the gateway stores only the secret's hash"
         );
-        assert!(rec.secret_matches(&token.secret_bytes().unwrap()));
-        assert!(!rec.secret_matches(b"guess"));
+        assert!(rec.token_matches(&token.token_id, &token.secret_bytes().unwrap(), unix_now()));
+        assert!(!rec.token_matches(&token.token_id, b"guess", unix_now()));
 
         let back = Token::decode(&token.encode()).unwrap();
         assert_eq!(back, token);

@@ -352,15 +352,36 @@ fn key_lifecycle(lab: &Lab) -> Result<()> {
     let (key, cred) = (key.to_str().context("utf-8")?, cred.to_str().context("utf-8")?);
     let asked: serde_json::Value = serde_json::from_str(&on_client(
         lab,
-        &["client", "request", "--key", key, "--gateway", "10.77.0.1", "--name", "phone", "--json"],
+        &[
+            "client",
+            "request",
+            "--key",
+            key,
+            "--gateway",
+            "10.77.0.1",
+            "--name",
+            "phone",
+            "--json",
+        ],
     )?)?;
     let (request, fingerprint) = (
         asked["request"].as_str().context("request")?,
         asked["fingerprint"].as_str().context("fingerprint")?,
     );
     println!("$ gatekeeper client request --key phone.key --gateway 10.77.0.1 --name phone   (on the client)");
-    println!("  {}   fingerprint {fingerprint}; the secret stays in phone.key", short(request));
-    let approve = ["client", "approve", request, "--allow", "tcp/22", "--fingerprint", fingerprint];
+    println!(
+        "  {}   fingerprint {fingerprint}; the secret stays in phone.key",
+        short(request)
+    );
+    let approve = [
+        "client",
+        "approve",
+        request,
+        "--allow",
+        "tcp/22",
+        "--fingerprint",
+        fingerprint,
+    ];
     let approved = lab.state_cli(&approve)?;
     let line = approved
         .lines()
@@ -373,7 +394,10 @@ fn key_lifecycle(lab: &Lab) -> Result<()> {
     println!("  {}", approved.lines().next().unwrap_or(""));
     println!("  {}   (no secret in it)", short(line));
     on_client(lab, &["client", "install", line, "--key", key, "--out", cred])?;
-    println!("$ gatekeeper client install {} --key phone.key   (on the client)", short(line));
+    println!(
+        "$ gatekeeper client install {} --key phone.key   (on the client)",
+        short(line)
+    );
     show(
         "gatekeeper rotate-key --overlap 1h",
         &lab.state_cli(&["rotate-key", "--overlap", "1h"])?,
@@ -384,7 +408,17 @@ fn key_lifecycle(lab: &Lab) -> Result<()> {
     );
     on_client(
         lab,
-        &["knock", "--credential", cred, "--proto", "tcp", "--port", "22", "--via", "udp"],
+        &[
+            "knock",
+            "--credential",
+            cred,
+            "--proto",
+            "tcp",
+            "--port",
+            "22",
+            "--via",
+            "udp",
+        ],
     )?;
     let mut knocked = None;
     eventually(Duration::from_secs(5), || {
