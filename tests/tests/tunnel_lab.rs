@@ -578,3 +578,75 @@ fn an_agent_stopped_by_its_operator_says_goodbye_and_is_audited_so() -> Result<(
     anyhow::ensure!(stops == 2, "both stops audited as the operator's: {stops}");
     Ok(())
 }
+
+/// Sends `len` pseudo-random bytes through `s` while reading back what the
+/// echo service returns; the SHA-256 of what went and of what came back.
+fn hashed_echo(s: std::net::TcpStream, len: u64) -> Result<([u8; 32], [u8; 32], u64)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut writer = s.try_clone()?;
+    let send = std::thread::spawn(move || -> std::io::Result<[u8; 32]> {
+        let mut rng = gatekeeper_tests::frames::Rng::new(0x5eed);
+        let (mut hash, mut chunk, mut left) = (Sha256::new(), vec![0u8; 1 << 20], len);
+        while left > 0 {
+            let n = chunk.len().min(left as usize);
+            for word in chunk[..n].chunks_mut(8) {
+                word.copy_from_slice(&rng.next_u64().to_le_bytes()[..word.len()]);
+            }
+            hash.update(&chunk[..n]);
+            writer.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        Ok(hash.finalize().into())
+    });
+    let (mut hash, mut buf, mut got) = (Sha256::new(), vec![0u8; 1 << 20], 0u64);
+    let mut reader = &s;
+    while got < len {
+        match reader.read(&mut buf)? {
+            0 => break,
+            n => {
+                hash.update(&buf[..n]);
+                got += n as u64;
+            }
+        }
+    }
+    let sent = send.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    Ok((sent, hash.finalize().into(), got))
+}
+
+#[test]
+fn a_gigabyte_crosses_a_tunnel_intact_while_its_keys_are_refreshed() -> Result<()> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    let config = lab.scratch().join("rekey.toml");
+    std::fs::write(&config, "[tunnel]\nheartbeat = \"3s\"\nrekey_bytes = \"64MiB\"\n")?;
+    let config = config.to_str().context("utf-8 path")?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", config])?;
+    let _agent = start_agent(&lab, &token_file)?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+    let s = lab
+        .tcp_connect(Role::Client, public(), None, Duration::from_secs(3))?
+        .context("the published port did not answer")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    const GIB: u64 = 1 << 30;
+    let (sent, came_back, got) = hashed_echo(s, GIB)?;
+    anyhow::ensure!(
+        got == GIB && sent == came_back,
+        "{got} bytes back, intact: {}",
+        sent == came_back
+    );
+
+    // Each direction moved to a new key about every 64 MiB, the agent's
+    // following the gateway's requests.
+    for direction in ["gateway_to_agent", "agent_to_gateway"] {
+        let line = audited(&lab, "tunnel_key_update", |l| {
+            l["direction"] == direction && l["updates"].as_u64().is_some_and(|u| u >= 15)
+        })?;
+        anyhow::ensure!(line["tunnel"] == "web", "{line}");
+    }
+    Ok(())
+}

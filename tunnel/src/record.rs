@@ -11,13 +11,28 @@
 //!
 //! On the wire a record is a 4-byte big-endian length and that many bytes
 //! of AES-256-GCM ciphertext and tag; the length is the associated data.
-//! Each direction has its own key, and a fresh one every [`EPOCH`] records
-//! (derived, never sent): at most 64 GiB under one key, a sixth of the
-//! limit RFC 8446 (section 5.5) sets for AES-GCM; the nonce is the record's
-//! number. A record that is dropped,
-//! repeated, reordered, cut or altered fails to open and ends the session.
+//! Each direction has its own traffic secret and key, and the nonce is the
+//! record's number. A record that is dropped, repeated, reordered, cut or
+//! altered fails to open and ends the session.
+//!
+//! Keys are refreshed in long sessions, as TLS 1.3's KeyUpdate does: the
+//! sender marks a record [`UPDATE`] once its key has sealed [`Rekey`]'s
+//! bytes or time (and at most [`EPOCH`] records, 64 GiB, a sixth of the
+//! limit RFC 8446 section 5.5 sets for AES-GCM), and both ends move that
+//! direction to the next secret, derived from the current one, which is
+//! then forgotten: a key taken from a running session opens nothing sent
+//! before its update. A sender that also marks [`REQUESTED`] asks the
+//! peer to update its own direction, which it does with its next record.
+//! Both marks ride in the length word, which is authenticated.
 
-use std::ops::DerefMut;
+use std::{
+    ops::DerefMut,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::{Buf, BytesMut};
 use ring::{
@@ -45,6 +60,36 @@ pub const EPOCH: u64 = 1 << 18;
 
 const LENGTH: usize = 4;
 const TAG: usize = 16;
+/// In a record's length word: the sender's key changes after this record.
+pub const UPDATE: u32 = 1 << 31;
+/// In a record's length word: the sender asks the peer to update its key too.
+pub const REQUESTED: u32 = 1 << 30;
+
+/// When a sender refreshes its key: after this many bytes sealed under it,
+/// or this long, whichever comes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rekey {
+    pub bytes: u64,
+    pub after: std::time::Duration,
+}
+
+impl Default for Rekey {
+    /// 16 GiB or an hour.
+    fn default() -> Rekey {
+        Rekey {
+            bytes: 16 << 30,
+            after: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How many key updates one direction has made, and how many plaintext
+/// bytes it has carried: shared with whoever reports on the session.
+#[derive(Debug, Default)]
+pub struct KeyEpochs {
+    pub updates: AtomicU64,
+    pub bytes: AtomicU64,
+}
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-gatekeeper-tunnel-records";
 
 /// How a TLS 1.3 record starts; as a length it would be far over the limit,
@@ -131,10 +176,13 @@ impl SessionSecret {
         SessionSecret(hkdf::Salt::new(hkdf::HKDF_SHA256, b"gatekeeper tunnel records").extract(secret))
     }
 
-    /// Both halves of `side`'s record layer over `tcp`.
+    /// Both halves of `side`'s record layer over `tcp`, linked so that
+    /// the writer answers the peer's requests to update.
     pub fn split(&self, tcp: TcpStream, side: Side) -> Records {
         let (rd, wr) = tcp.into_split();
-        (RecordReader::new(rd, self, side), RecordWriter::new(wr, self, side))
+        let (rd, mut wr) = (RecordReader::new(rd, self, side), RecordWriter::new(wr, self, side));
+        wr.requested = rd.requested.clone();
+        (rd, wr)
     }
 }
 
@@ -150,43 +198,74 @@ where
 /// Both halves of a session's record layer over TCP.
 pub type Records = (RecordReader<OwnedReadHalf>, RecordWriter<OwnedWriteHalf>);
 
-/// One direction's keys: the current epoch's, and the count of records so
-/// far, which is the next nonce.
+/// One direction's keys: the current traffic secret and its key, the
+/// count of records so far (the next nonce), and what the current key has
+/// sealed since it took over.
 struct Keys {
-    prk: hkdf::Prk,
+    secret: hkdf::Prk,
     direction: &'static [u8],
     key: LessSafeKey,
     sealed: u64,
+    since: Instant,
+    records: u64,
+    bytes: u64,
+    epochs: Arc<KeyEpochs>,
 }
 
 impl Keys {
     fn new(secret: &SessionSecret, direction: &'static [u8]) -> Keys {
+        let first = next_secret(&secret.0, direction);
         Keys {
-            prk: secret.0.clone(),
+            key: key_of(&first),
+            secret: first,
             direction,
-            key: epoch_key(&secret.0, direction, 0),
             sealed: 0,
+            since: Instant::now(),
+            records: 0,
+            bytes: 0,
+            epochs: Arc::new(KeyEpochs::default()),
         }
     }
 
-    /// The next record's nonce, moving to the next epoch's key first when
-    /// this one's records are used up.
-    fn next_nonce(&mut self) -> Nonce {
-        if self.sealed > 0 && self.sealed.is_multiple_of(EPOCH) {
-            self.key = epoch_key(&self.prk, self.direction, self.sealed / EPOCH);
-        }
+    /// The next record's nonce, counting a record of `plain` bytes.
+    fn next_nonce(&mut self, plain: usize) -> Nonce {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[NONCE_LEN - 8..].copy_from_slice(&self.sealed.to_be_bytes());
         self.sealed += 1;
+        self.records += 1;
+        self.bytes += plain as u64;
+        self.epochs.bytes.fetch_add(plain as u64, Ordering::Relaxed);
         Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Whether the record about to be sealed must be this key's last.
+    fn due(&self, rekey: &Rekey) -> bool {
+        self.records + 1 >= EPOCH || self.bytes >= rekey.bytes || self.since.elapsed() >= rekey.after
+    }
+
+    /// Moves to the next secret and key; the current ones are dropped.
+    fn update(&mut self) {
+        self.secret = next_secret(&self.secret, self.direction);
+        self.key = key_of(&self.secret);
+        (self.since, self.records, self.bytes) = (Instant::now(), 0, 0);
+        self.epochs.updates.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-fn epoch_key(prk: &hkdf::Prk, direction: &[u8], epoch: u64) -> LessSafeKey {
-    let epoch = epoch.to_be_bytes();
-    let info = [direction, &epoch[..]];
-    let okm = prk
-        .expand(&info, &AES_256_GCM)
+/// The traffic secret after `secret`, for `direction`.
+fn next_secret(secret: &hkdf::Prk, direction: &[u8]) -> hkdf::Prk {
+    let mut next = [0u8; 32];
+    secret
+        .expand(&[b"traffic upd ", direction], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut next))
+        .expect("32 bytes are within HKDF's output limit");
+    hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &next)
+}
+
+/// The AEAD key of a traffic secret.
+fn key_of(secret: &hkdf::Prk) -> LessSafeKey {
+    let okm = secret
+        .expand(&[b"key"], &AES_256_GCM)
         .expect("a 32-byte key is within HKDF's output limit");
     LessSafeKey::new(UnboundKey::from(okm))
 }
@@ -195,6 +274,9 @@ fn epoch_key(prk: &hkdf::Prk, direction: &[u8], epoch: u64) -> LessSafeKey {
 pub struct RecordWriter<W> {
     io: W,
     keys: Keys,
+    rekey: Rekey,
+    /// Set by this side's reader when the peer asked for an update.
+    requested: Arc<AtomicBool>,
     /// The record being filled: its length's place, then frames.
     buf: Vec<u8>,
 }
@@ -204,8 +286,20 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         RecordWriter {
             io,
             keys: Keys::new(secret, side.sends()),
+            rekey: Rekey::default(),
+            requested: Arc::new(AtomicBool::new(false)),
             buf: vec![0u8; LENGTH],
         }
+    }
+
+    /// Refreshes this direction's key after `rekey`'s bytes or time.
+    pub fn rekey_after(&mut self, rekey: Rekey) {
+        self.rekey = rekey;
+    }
+
+    /// This direction's key updates and bytes, as they happen.
+    pub fn epochs(&self) -> Arc<KeyEpochs> {
+        self.keys.epochs.clone()
     }
 
     /// Adds `frame` to the record being filled, first sending that record
@@ -223,8 +317,20 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         if self.buf.len() == LENGTH {
             return Ok(());
         }
-        let length = ((self.buf.len() - LENGTH + TAG) as u32).to_be_bytes();
-        let nonce = self.keys.next_nonce();
+        // Answering the peer's request, or this key's time is up; the first
+        // asks nothing back, the second asks the peer to follow.
+        let (answering, due) = (
+            self.requested.swap(false, Ordering::Relaxed),
+            self.keys.due(&self.rekey),
+        );
+        let marks = match (answering, due) {
+            (_, true) => UPDATE | REQUESTED,
+            (true, false) => UPDATE,
+            (false, false) => 0,
+        };
+        let plain = self.buf.len() - LENGTH;
+        let length = ((plain + TAG) as u32 | marks).to_be_bytes();
+        let nonce = self.keys.next_nonce(plain);
         let tag = self
             .keys
             .key
@@ -232,6 +338,9 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             .map_err(|_| RecordError::Size(self.buf.len()))?;
         self.buf[..LENGTH].copy_from_slice(&length);
         self.buf.extend_from_slice(tag.as_ref());
+        if marks != 0 {
+            self.keys.update();
+        }
         self.io.write_all(&self.buf).await?;
         self.buf.truncate(LENGTH);
         Ok(())
@@ -251,6 +360,8 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
 pub struct RecordReader<R> {
     io: R,
     keys: Keys,
+    /// Tells this side's writer the peer asked for an update.
+    requested: Arc<AtomicBool>,
     /// Received and not yet opened.
     unread: BytesMut,
     /// An opened record's frames not yet handed out.
@@ -262,9 +373,15 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         RecordReader {
             io,
             keys: Keys::new(secret, side.receives()),
+            requested: Arc::new(AtomicBool::new(false)),
             unread: BytesMut::new(),
             plain: BytesMut::new(),
         }
+    }
+
+    /// The peer's key updates and bytes, as they arrive.
+    pub fn epochs(&self) -> Arc<KeyEpochs> {
+        self.keys.epochs.clone()
     }
 
     /// The next frame; `Ok(None)` when the peer closed the connection
@@ -283,7 +400,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         loop {
             let wanted = match self.unread.first_chunk::<LENGTH>() {
                 Some(length) => {
-                    let len = u32::from_be_bytes(*length) as usize;
+                    let len = (u32::from_be_bytes(*length) & !(UPDATE | REQUESTED)) as usize;
                     if length[..3] == TLS_APPLICATION_DATA {
                         return Err(RecordError::StillTls);
                     }
@@ -313,7 +430,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         length.copy_from_slice(&self.unread[..LENGTH]);
         self.unread.advance(LENGTH);
         let mut record = self.unread.split_to(len);
-        let nonce = self.keys.next_nonce();
+        let nonce = self.keys.next_nonce(len - TAG);
         let plain = self
             .keys
             .key
@@ -322,6 +439,14 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             .len();
         record.truncate(plain);
         self.plain = record;
+        // Authenticated with the record, so trusted from here.
+        let marks = u32::from_be_bytes(length);
+        if marks & UPDATE != 0 {
+            self.keys.update();
+        }
+        if marks & REQUESTED != 0 {
+            self.requested.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -425,18 +550,75 @@ mod tests {
         data
     }
 
+    /// Frames sealed by a writer that updates after every `bytes`, each
+    /// record flushed on its own.
+    async fn sealed_updating(frames: &[Frame], bytes: u64) -> (Vec<u8>, u64) {
+        let mut wire = Vec::new();
+        let mut w = RecordWriter::new(&mut wire, &secret(), Side::Gateway);
+        w.rekey_after(Rekey {
+            bytes,
+            after: std::time::Duration::from_secs(3600),
+        });
+        let epochs = w.epochs();
+        for f in frames {
+            w.push(f).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        (wire, epochs.updates.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn keys_update_by_bytes_and_the_reader_follows() {
+        let (wire, updates) = sealed_updating(&frames(), 20_000).await;
+        assert!(updates >= 3, "{updates} updates");
+        let mut r = RecordReader::new(&wire[..], &secret(), Side::Agent);
+        let epochs = r.epochs();
+        let mut got = Vec::new();
+        while let Some(f) = r.frame().await.unwrap() {
+            got.push(f);
+        }
+        assert_eq!(got, frames());
+        assert_eq!(
+            epochs.updates.load(Ordering::Relaxed),
+            updates,
+            "the reader moved with each"
+        );
+        assert!(
+            r.requested.load(Ordering::Relaxed),
+            "and was asked to update its own key"
+        );
+        let (plain, _) = sealed_updating(&frames(), u64::MAX).await;
+        assert_ne!(
+            plain[plain.len() - 64..],
+            wire[wire.len() - 64..],
+            "later records under other keys"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_update_mark_cannot_be_added_or_removed() {
+        let (wire, _) = sealed_updating(&frames()[..2], 0).await;
+        let mut stripped = wire.clone();
+        stripped[0] &= 0x3f;
+        assert!(matches!(opened(&stripped).await, Err(RecordError::Forged)));
+        let plain = sealed(&frames()[..2], true).await;
+        let mut marked = plain.clone();
+        marked[0] |= 0x80;
+        assert!(matches!(opened(&marked).await, Err(RecordError::Forged)));
+    }
+
     #[test]
-    fn the_key_changes_at_each_epoch() {
-        let prk = secret().0;
-        let (first, second) = (epoch_key(&prk, b"x", 0), epoch_key(&prk, b"x", 1));
+    fn each_secret_follows_from_the_last_and_differs() {
         let mut keys = Keys::new(&secret(), b"x");
-        keys.sealed = EPOCH - 1;
-        let nonce = keys.next_nonce();
-        assert_eq!(nonce.as_ref()[NONCE_LEN - 8..], (EPOCH - 1).to_be_bytes());
-        assert_eq!(seal_with(&keys.key, EPOCH - 1), seal_with(&first, EPOCH - 1));
-        let nonce = keys.next_nonce();
-        assert_eq!(nonce.as_ref()[NONCE_LEN - 8..], EPOCH.to_be_bytes());
-        assert_eq!(seal_with(&keys.key, EPOCH), seal_with(&second, EPOCH));
-        assert_ne!(seal_with(&second, EPOCH), seal_with(&first, EPOCH));
+        let first = seal_with(&keys.key, 0);
+        keys.update();
+        let second = seal_with(&keys.key, 0);
+        assert_ne!(first, second);
+        let mut again = Keys::new(&secret(), b"x");
+        again.update();
+        assert_eq!(seal_with(&again.key, 0), second, "both ends derive the same next key");
+        let mut other = Keys::new(&secret(), b"y");
+        other.update();
+        assert_ne!(seal_with(&other.key, 0), second, "each direction its own");
     }
 }

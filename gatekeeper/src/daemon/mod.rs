@@ -312,6 +312,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             settings.tunnel_port,
             &identity,
             settings.tunnel_heartbeat,
+            settings.tunnel_rekey,
             audit.clone(),
         )
         .await?;

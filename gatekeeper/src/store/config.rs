@@ -20,6 +20,7 @@ use gatekeeper_common::maps::{
 };
 use serde::Deserialize;
 use thiserror::Error;
+use tunnel::record::Rekey;
 
 use crate::gate::loader::XdpModeChoice;
 use crate::spec::{self, PortRange, PortSet, Proto, SpecError};
@@ -231,6 +232,10 @@ struct TunnelSection {
     ports: Option<PortRange>,
     #[serde(default, deserialize_with = "de_duration")]
     heartbeat: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    rekey_after: Option<Duration>,
+    #[serde(default, deserialize_with = "de_size")]
+    rekey_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -441,6 +446,8 @@ pub struct Settings {
     pub tunnel_ports: PortRange,
     /// An agent silent for this long is dropped and its port closed.
     pub tunnel_heartbeat: Duration,
+    /// When each direction of an agent's session refreshes its traffic key.
+    pub tunnel_rekey: Rekey,
     pub portal: Option<PortalSettings>,
     /// The cluster this gateway is a node of; none: it runs alone.
     pub cluster: Option<ClusterSettings>,
@@ -661,6 +668,10 @@ impl Settings {
             tunnel_port: f.tunnel_port(),
             tunnel_ports: f.lease_range(),
             tunnel_heartbeat: f.tunnel.heartbeat.unwrap_or(DEFAULT_TUNNEL_HEARTBEAT),
+            tunnel_rekey: Rekey {
+                bytes: f.tunnel.rekey_bytes.unwrap_or(Rekey::default().bytes),
+                after: f.tunnel.rekey_after.unwrap_or(Rekey::default().after),
+            },
         })
     }
 
@@ -756,6 +767,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             port: pick(over.tunnel.port, base.tunnel.port),
             ports: pick(over.tunnel.ports, base.tunnel.ports),
             heartbeat: pick(over.tunnel.heartbeat, base.tunnel.heartbeat),
+            rekey_after: pick(over.tunnel.rekey_after, base.tunnel.rekey_after),
+            rekey_bytes: pick(over.tunnel.rekey_bytes, base.tunnel.rekey_bytes),
         },
         portal: PortalSection {
             listen: pick(over.portal.listen, base.portal.listen),

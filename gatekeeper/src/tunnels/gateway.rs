@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use tunnel::{
     frame::{Farewell, Kind},
     mux::{Mux, MuxError},
-    record::{Side, leave_tls},
+    record::{KeyEpochs, Rekey, Side, leave_tls},
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
     splice::Spliced,
     tls::{Identity, TlsError},
@@ -98,6 +98,8 @@ pub struct Gateway {
     live: Mutex<HashMap<String, Live>>,
     audit: Audit,
     heartbeat: Duration,
+    /// When each direction of a session refreshes its traffic key.
+    rekey: Rekey,
     sessions: AtomicU64,
     acceptor: TlsAcceptor,
     port: u16,
@@ -149,6 +151,7 @@ impl Gateway {
         port: u16,
         identity: &Identity,
         heartbeat: Duration,
+        rekey: Rekey,
         audit: Audit,
     ) -> Result<(Arc<Gateway>, TcpListener), GatewayError> {
         let mut config = (*identity.server_config()?).clone();
@@ -163,6 +166,7 @@ impl Gateway {
             live: Mutex::new(HashMap::new()),
             audit,
             heartbeat,
+            rekey,
             sessions: AtomicU64::new(0),
             acceptor,
             port,
@@ -377,9 +381,14 @@ impl Gateway {
         if let Err(e) = answer(&mut tls, Ok(info.public_port)).await {
             return self.refused(agent, format!("welcoming the agent: {e}"));
         }
-        let (rd, wr) = match leave_tls(tls.into_inner(), Side::Gateway) {
+        let (rd, mut wr) = match leave_tls(tls.into_inner(), Side::Gateway) {
             Ok(records) => records,
             Err(e) => return self.refused(agent, e.to_string()),
+        };
+        wr.rekey_after(self.rekey);
+        let epochs = Epochs {
+            sent: wr.epochs(),
+            received: rd.epochs(),
         };
         let (mux, task) = Mux::opener(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
@@ -431,7 +440,11 @@ impl Gateway {
             stop: stop.clone(),
         };
         let serving = tokio::spawn(publishing.run(public, done));
-        let (result, why) = self.watch(&mux, task, stop, &info, &ended).await;
+        let mut audited = [0u64; 2];
+        let (result, why) = self
+            .watch(&mux, task, stop, &info, &ended, (&epochs, &mut audited))
+            .await;
+        self.audit_key_updates(&info.name, &epochs, &mut audited);
         // Unless a newer session or a revocation already took the entry over.
         let ours = {
             let mut live = lock(&self.live);
@@ -472,6 +485,7 @@ impl Gateway {
         mut stop: watch::Receiver<bool>,
         info: &TunnelInfo,
         ended: &Mutex<Option<(&'static str, String)>>,
+        (epochs, audited): (&Epochs, &mut [u64; 2]),
     ) -> (&'static str, String) {
         let mut beat = tokio::time::interval((self.heartbeat / 3).max(Duration::from_millis(100)));
         tokio::pin!(task);
@@ -492,6 +506,7 @@ impl Gateway {
                     if mux.last_heard().elapsed() > self.heartbeat {
                         return ("disconnected", "agent silent past the heartbeat timeout".into());
                     }
+                    self.audit_key_updates(&info.name, epochs, audited);
                     if !self.token_accepted(&info.name, &info.token_id) {
                         let why = format!("the token {} was re-issued and its overlap is over", info.token_id);
                         let _ = mux.farewell(&Farewell::Refused(format!("{why}: use the new token"))).await;
@@ -499,6 +514,33 @@ impl Gateway {
                     }
                     let _ = mux.control(Kind::Ping, bytes::Bytes::new()).await;
                 }
+            }
+        }
+    }
+}
+
+/// Both directions' key updates of one session.
+struct Epochs {
+    sent: Arc<KeyEpochs>,
+    received: Arc<KeyEpochs>,
+}
+
+impl Gateway {
+    /// Audits the key updates made since the last look (`audited`: how
+    /// many each direction had then), one line per direction.
+    fn audit_key_updates(&self, tunnel: &str, epochs: &Epochs, audited: &mut [u64; 2]) {
+        let directions = [
+            ("gateway_to_agent", &epochs.sent),
+            ("agent_to_gateway", &epochs.received),
+        ];
+        for ((direction, e), seen) in directions.into_iter().zip(audited.iter_mut()) {
+            let updates = e.updates.load(Ordering::Relaxed);
+            if updates > *seen {
+                self.audit.event(
+                    "tunnel_key_update",
+                    json!({"tunnel": tunnel, "direction": direction, "updates": updates, "new": updates - *seen, "bytes": e.bytes.load(Ordering::Relaxed)}),
+                );
+                *seen = updates;
             }
         }
     }
