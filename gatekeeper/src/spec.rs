@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     str::FromStr,
     time::Duration,
 };
@@ -40,6 +40,10 @@ pub enum SpecError {
     Size(String),
     #[error("{0:?} is not HOST:PORT (for example 127.0.0.1:8080 or [::1]:8080)")]
     Upstream(String),
+    #[error(
+        "bad destination {0:?}: use CIDR:PORTS such as 192.168.1.0/24:80, 10.0.0.5:8000-8100 or [2001:db8::/64]:443"
+    )]
+    AllowedDest(String),
 }
 
 /// A transport the gate knows.
@@ -330,6 +334,16 @@ impl Prefix {
         bytes
     }
 
+    /// Whether `ip` is inside this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let probe = Prefix {
+            addr: ip,
+            len: self.len,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4() && probe.mapped_network() == self.mapped_network()
+    }
+
     /// From a trie key back to what an operator would type.
     pub fn from_mapped(bytes: [u8; 16], mapped_len: u32) -> Prefix {
         let addr = unmap_addr(bytes);
@@ -365,6 +379,45 @@ impl FromStr for Prefix {
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// Destinations a SOCKS5 agent lets visitors reach: `CIDR:PORTS`, such as
+/// `192.168.1.0/24:80`, `10.0.0.5:8000-8100` or `[2001:db8::/64]:443`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowedDest {
+    pub prefix: Prefix,
+    pub ports: PortRange,
+}
+
+impl AllowedDest {
+    pub fn admits(&self, to: SocketAddr) -> bool {
+        self.prefix.contains(to.ip()) && (self.ports.lo..=self.ports.hi).contains(&to.port())
+    }
+}
+
+impl FromStr for AllowedDest {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SpecError::AllowedDest(s.to_string());
+        let (prefix, ports) = s.trim().rsplit_once(':').ok_or_else(bad)?;
+        let prefix = prefix
+            .strip_prefix('[')
+            .and_then(|p| p.strip_suffix(']'))
+            .unwrap_or(prefix);
+        Ok(AllowedDest {
+            prefix: prefix.parse().map_err(|_| bad())?,
+            ports: ports.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl fmt::Display for AllowedDest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.prefix.addr {
+            IpAddr::V4(_) => write!(f, "{}:{}", self.prefix, self.ports),
+            IpAddr::V6(_) => write!(f, "[{}]:{}", self.prefix, self.ports),
+        }
     }
 }
 
@@ -443,6 +496,25 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_destinations_admit_their_network_and_ports_only() {
+        let net: AllowedDest = "192.168.77.2/31:8081".parse().unwrap();
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(net.admits(at("192.168.77.2:8081")) && net.admits(at("192.168.77.3:8081")));
+        assert!(!net.admits(at("192.168.77.1:8081")), "outside the prefix");
+        assert!(!net.admits(at("192.168.77.2:22")), "outside the ports");
+        assert!(
+            net.admits(at("[::ffff:192.168.77.2]:8081")),
+            "a mapped address is the IPv4 one"
+        );
+        let v6: AllowedDest = "[2001:db8::/64]:443-444".parse().unwrap();
+        assert!(v6.admits(at("[2001:db8::9]:444")) && !v6.admits(at("[2001:db9::9]:443")));
+        assert_eq!(v6.to_string(), "[2001:db8::/64]:443-444");
+        for bad in ["192.168.77.0/24", "192.168.77.0/33:80", "host:80", "10.0.0.1:0", ""] {
+            assert!(bad.parse::<AllowedDest>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ports_and_ranges() {

@@ -650,3 +650,109 @@ fn a_gigabyte_crosses_a_tunnel_intact_while_its_keys_are_refreshed() -> Result<(
     }
     Ok(())
 }
+
+/// A web server in a role's namespace on `addr:8081`, serving `page`.
+fn web_server(lab: &Lab, role: Role, addr: &str, page: &str) -> Result<ChildGuard> {
+    let www = lab.scratch().join(format!("www-{addr}"));
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), page)?;
+    let server = ChildGuard::new(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(role),
+                "python3",
+                "-m",
+                "http.server",
+                "8081",
+                "--bind",
+                addr,
+            ])
+            .arg("--directory")
+            .arg(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let up = eventually(Duration::from_secs(10), || {
+        Ok(lab
+            .exec(
+                role,
+                &["curl", "-sS", "--max-time", "2", &format!("http://{addr}:8081/")],
+            )
+            .is_ok())
+    })?;
+    anyhow::ensure!(up, "the web server on {addr} did not come up");
+    Ok(server)
+}
+
+#[test]
+fn a_socks5_agent_publishes_its_network_within_its_allow_list() -> Result<()> {
+    let lab = Lab::with_nat()?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "lan", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("lan.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    // Three hosts of the private network, by names only the agent's host resolves.
+    let _a = web_server(&lab, Role::NatA, "192.168.77.2", "<h1>host a</h1>\n")?;
+    let _b = web_server(&lab, Role::NatB, "192.168.77.3", "<h1>host b</h1>\n")?;
+    let _r = web_server(&lab, Role::Router, "192.168.77.1", "<h1>router</h1>\n")?;
+    lab.set_hosts(
+        Role::NatA,
+        "127.0.0.1 localhost\n192.168.77.2 a.lan\n192.168.77.3 b.lan\n192.168.77.1 router.lan\n",
+    )?;
+    let token_arg = token_file.to_str().context("utf-8 path")?;
+    let _agent = ChildGuard::new(lab.spawn_gatekeeper(
+        Role::NatA,
+        &[
+            "agent",
+            "--token-file",
+            token_arg,
+            "--socks5",
+            "--allow-dest",
+            "192.168.77.2/31:8081",
+        ],
+    )?);
+    anyhow::ensure!(
+        eventually(Duration::from_secs(20), || connected(&lab))?,
+        "the agent never connected"
+    );
+    let proxy = format!("10.77.0.1:{PUBLIC_PORT}");
+    let curl = |role: Role, host: &str| {
+        lab.exec(
+            role,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--socks5-hostname",
+                &proxy,
+                &format!("http://{host}:8081/"),
+            ],
+        )
+    };
+    anyhow::ensure!(curl(Role::Client, "a.lan").is_err(), "closed before the knock");
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+    for (host, page) in [("a.lan", "host a"), ("b.lan", "host b")] {
+        let got = curl(Role::Client, host)?;
+        anyhow::ensure!(String::from_utf8_lossy(&got.stdout).contains(page), "{host}: {got:?}");
+    }
+    let refused = curl(Role::Client, "router.lan");
+    let why = format!("{:#}", refused.err().context("the router is outside the allow list")?);
+    // Reply code 2: "connection not allowed by ruleset" (RFC 1928).
+    anyhow::ensure!(why.contains("SOCKS5") && why.contains("(2)"), "curl hears why: {why}");
+    anyhow::ensure!(curl(Role::Intruder, "a.lan").is_err(), "the intruder reaches nothing");
+
+    for (dest, result) in [
+        ("a.lan:8081", "connected"),
+        ("b.lan:8081", "connected"),
+        ("router.lan:8081", "not_allowed"),
+    ] {
+        let line = audited(&lab, "tunnel_destination", |l| l["destination"] == dest)?;
+        anyhow::ensure!(line["result"] == result && line["tunnel"] == "lan", "{line}");
+    }
+    Ok(())
+}

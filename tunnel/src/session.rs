@@ -39,6 +39,10 @@ pub struct TunnelInfo {
     pub public_port: u16,
     /// The token the agent proved itself with.
     pub token_id: String,
+    /// The agent publishes a network through SOCKS5 rather than one
+    /// service: the gateway speaks SOCKS5 to visitors and sends each
+    /// destination with its stream.
+    pub socks5: bool,
 }
 
 /// Checks an agent's token; `Err` is what the agent is told.
@@ -46,13 +50,19 @@ pub trait Authority: Send + Sync {
     fn authenticate(&self, token_id: &str, secret: &[u8]) -> Result<TunnelInfo, Farewell>;
 }
 
-/// Agent side: presents the token; returns the public port it was given.
+/// Agent side: presents the token, saying whether it publishes through
+/// SOCKS5; returns the public port it was given.
 pub async fn hello<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
     token_id: &str,
     secret: &[u8],
+    socks5: bool,
 ) -> Result<u16, SessionError> {
+    // The first line: the token's id, and the mode if not the plain one.
     let mut payload = token_id.as_bytes().to_vec();
+    if socks5 {
+        payload.extend_from_slice(b" socks5");
+    }
     payload.push(b'\n');
     payload.extend_from_slice(secret);
     Frame::new(Kind::Hello, 0, payload).write(io).await?;
@@ -87,7 +97,13 @@ pub async fn hear_hello<T: AsyncRead + AsyncWrite + Unpin>(
     };
     let split = hello.iter().position(|&b| b == b'\n');
     let checked = match split.map(|i| (std::str::from_utf8(&hello[..i]), &hello[i + 1..])) {
-        Some((Ok(id), secret)) => authority.authenticate(id, secret),
+        Some((Ok(line), secret)) => match line.split_once(' ') {
+            None => authority.authenticate(line, secret),
+            Some((id, "socks5")) => authority
+                .authenticate(id, secret)
+                .map(|info| TunnelInfo { socks5: true, ..info }),
+            Some(_) => Err(Farewell::Refused("malformed hello: unknown mode".into())),
+        },
         _ => Err(Farewell::Refused("malformed hello".into())),
     };
     match checked {
@@ -187,6 +203,7 @@ mod tests {
                     owner: "ops".into(),
                     public_port: 4321,
                     token_id: "t1".into(),
+                    socks5: false,
                 }),
                 ("t1", _) => Err(Farewell::Refused("wrong secret for token t1".into())),
                 _ => Err(Farewell::Refused(format!("unknown token {token_id}"))),
@@ -266,7 +283,7 @@ mod tests {
             .connect(name, tcp)
             .await
             .unwrap();
-        let port = hello(&mut tls, token, secret).await?;
+        let port = hello(&mut tls, token, secret, false).await?;
         let (rd, wr) = leave_tls(tls.into_inner(), Side::Agent).unwrap();
         let (_mux, incoming, _task) = Mux::acceptor(rd, wr);
         let (stop_tx, stop) = watch::channel(false);

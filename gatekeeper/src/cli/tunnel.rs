@@ -2,7 +2,7 @@
 //! private network's side).
 
 use std::{
-    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    net::{IpAddr, ToSocketAddrs},
     path::PathBuf,
     time::Duration,
 };
@@ -13,8 +13,12 @@ use gatekeeper::{
     clock::{rfc3339, unix_now},
     control::{self, Reply, Request, TunnelStatus},
     spec,
+    spec::AllowedDest,
     store::cluster::NodeReport,
-    tunnels::{self, NewTunnel, Token, agent},
+    tunnels::{
+        self, NewTunnel, Token,
+        agent::{self, Publish},
+    },
 };
 use serde_json::json;
 
@@ -127,8 +131,18 @@ pub struct Agent {
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// The private service: HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", required_unless_present = "stop")]
+    #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["stop", "socks5"], conflicts_with = "socks5")]
     forward: Option<String>,
+    /// Publish a private network instead of one service: visitors speak SOCKS5 to the
+    /// published port (curl --socks5-hostname GATEWAY:PORT http://host/), this agent
+    /// resolves their destinations here and connects to those --allow-dest admits.
+    #[arg(long, requires = "allow_dest")]
+    socks5: bool,
+    /// What SOCKS5 visitors may reach: CIDR:PORTS, comma-separated or repeated
+    /// (192.168.1.0/24:80,10.0.0.5:8000-8100). Every destination asked for is audited
+    /// on the gateway.
+    #[arg(long, value_name = "CIDR:PORTS", value_delimiter = ',')]
+    allow_dest: Vec<AllowedDest>,
     /// End the tunnel's running session instead (wherever its agent runs),
     /// through the gateway: knocks and proves the token like the agent.
     #[arg(long)]
@@ -376,24 +390,31 @@ pub fn agent(args: Agent) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let Some(forward) = args.forward.filter(|_| !args.stop) else {
+    if args.stop {
         for said in runtime.block_on(agent::stop(&token))? {
             println!("{said}");
         }
         return Ok(());
+    }
+    let publish = match args.forward {
+        _ if args.socks5 => Publish::Socks5(args.allow_dest),
+        Some(forward) => Publish::Forward(
+            forward
+                .to_socket_addrs()
+                .with_context(|| format!("resolving --forward {forward:?} (expected HOST:PORT)"))?
+                .next()
+                .with_context(|| format!("--forward {forward:?} resolves to no address"))?,
+        ),
+        None => bail!("pass --forward HOST:PORT, or --socks5 with --allow-dest CIDR:PORTS"),
     };
-    let forward: SocketAddr = forward
-        .to_socket_addrs()
-        .with_context(|| format!("resolving --forward {forward:?} (expected HOST:PORT)"))?
-        .next()
-        .with_context(|| format!("--forward {forward:?} resolves to no address"))?;
     super::init_logging(super::LogFormat::Text);
     runtime.block_on(async {
         let (leave_tx, leave) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("listening for SIGTERM")?;
-        let running = agent::run(token, forward, leave, |public| {
-            eprintln!("gatekeeper agent: {forward} is published at {public}")
+        let what = publish.to_string();
+        let running = agent::run(token, publish, leave, |public| {
+            eprintln!("gatekeeper agent: {what} is published at {public}")
         });
         tokio::pin!(running);
         tokio::select! {

@@ -31,11 +31,12 @@ use tunnel::{
     tls::{PinMismatch, client_config},
 };
 
-use super::{Token, TunnelError, gateway::STOP_ALPN};
+use super::{Token, TunnelError, gateway::STOP_ALPN, socks};
 use crate::knock::{
     Carrier,
     send::{ClientError, Knocker},
 };
+use crate::spec::AllowedDest;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -82,12 +83,34 @@ fn targets(token: &Token) -> Result<Vec<SocketAddr>, AgentError> {
     })
 }
 
+/// What an agent publishes.
+#[derive(Clone, Debug)]
+pub enum Publish {
+    /// One service: every public connection goes to this address.
+    Forward(SocketAddr),
+    /// A network, through SOCKS5: each visitor names its destination,
+    /// which must be one of these.
+    Socks5(Vec<AllowedDest>),
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Publish::Forward(to) => write!(f, "{to}"),
+            Publish::Socks5(allow) => {
+                let list: Vec<String> = allow.iter().map(ToString::to_string).collect();
+                write!(f, "SOCKS5 to {}", list.join(", "))
+            }
+        }
+    }
+}
+
 /// Runs until revoked, or until its operator stops it: `leave` turning
 /// true (a signal), or the gateways saying so (`agent --stop`).
 /// `published` hears the public port on every successful session.
 pub async fn run(
     token: Token,
-    forward: SocketAddr,
+    publish: Publish,
     leave: watch::Receiver<bool>,
     published: impl Fn(SocketAddr),
 ) -> Result<(), AgentError> {
@@ -96,7 +119,7 @@ pub async fn run(
     try_join_all(
         targets(&token)?
             .into_iter()
-            .map(|target| keep_session(&token, &knocker, target, forward, leave.clone(), &published)),
+            .map(|target| keep_session(&token, &knocker, target, &publish, leave.clone(), &published)),
     )
     .await?;
     Ok(())
@@ -117,7 +140,7 @@ pub async fn stop(token: &Token) -> Result<Vec<String>, AgentError> {
             Err(Ended::Stopped) => continue,
         };
         let secret = token.secret_bytes()?;
-        let answer = match hello(&mut tls, &token.token_id, &secret).await {
+        let answer = match hello(&mut tls, &token.token_id, &secret, false).await {
             Err(SessionError::Refused(Farewell::Stopped(words))) => words,
             Err(e) => format!("did not stop it: {e}"),
             Ok(_) => "did not stop it: the gateway welcomed a session instead (is it older than this agent?)".into(),
@@ -133,13 +156,13 @@ async fn keep_session(
     token: &Token,
     knocker: &std::sync::Arc<Knocker>,
     target: SocketAddr,
-    forward: SocketAddr,
+    publish: &Publish,
     mut leave: watch::Receiver<bool>,
     published: &impl Fn(SocketAddr),
 ) -> Result<(), AgentError> {
     let mut backoff = BACKOFF_START;
     loop {
-        let (ended, connected) = attempt(token, knocker, target, forward, leave.clone(), published).await;
+        let (ended, connected) = attempt(token, knocker, target, publish, leave.clone(), published).await;
         match ended {
             Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
             Ended::Stopped => {
@@ -206,7 +229,7 @@ async fn attempt(
     token: &Token,
     knocker: &std::sync::Arc<Knocker>,
     target: SocketAddr,
-    forward: SocketAddr,
+    publish: &Publish,
     mut leave: watch::Receiver<bool>,
     published: &impl Fn(SocketAddr),
 ) -> (Ended, bool) {
@@ -218,21 +241,25 @@ async fn attempt(
         Ok(tls) => tls,
         Err(ended) => return (ended, false),
     };
-    let port = match hello(&mut tls, &token.token_id, &secret).await {
+    let socks5 = matches!(publish, Publish::Socks5(_));
+    let port = match hello(&mut tls, &token.token_id, &secret, socks5).await {
         Ok(p) => p,
         Err(SessionError::Refused(why)) if why.retry_helps() => return (Ended::Retry(why.to_string()), false),
         Err(SessionError::Refused(why)) => return (Ended::Fatal(why.to_string()), false),
         Err(e) => return (Ended::Retry(e.to_string()), false),
     };
     published(SocketAddr::new(target.ip(), port));
-    info!(public = %SocketAddr::new(target.ip(), port), %forward, "published");
+    info!(public = %SocketAddr::new(target.ip(), port), %publish, "published");
     let (rd, wr) = match leave_tls(tls.into_inner(), Side::Agent) {
         Ok(records) => records,
         Err(e) => return (Ended::Retry(e.to_string()), true),
     };
     let (mux, incoming, task) = Mux::acceptor(rd, wr);
     let (_stop_tx, stop) = watch::channel(false);
-    let serving = tokio::spawn(serve_private(incoming, forward, stop));
+    let serving = match publish {
+        Publish::Forward(to) => tokio::spawn(serve_private(incoming, *to, stop)),
+        Publish::Socks5(allow) => tokio::spawn(socks::serve_private(incoming, allow.clone(), stop)),
+    };
     // What the gateway says without ending the session (a pause, a resume).
     let mut notices = mux.notices();
     let told = tokio::spawn(async move {

@@ -50,6 +50,7 @@ use crate::{
     control::TunnelStatus,
     knock::note::{self, KeyNote},
     store::TunnelRecord,
+    tunnels::socks,
 };
 
 /// How long an agent may take for its TLS handshake, and then its hello.
@@ -140,6 +141,7 @@ impl Authority for Gateway {
             owner: rec.owner.clone(),
             public_port: rec.public_port,
             token_id: token_id.to_string(),
+            socks5: false,
         })
     }
 }
@@ -438,6 +440,7 @@ impl Gateway {
             port: info.public_port,
             paused,
             stop: stop.clone(),
+            socks5: info.socks5.then(|| (info.name.clone(), self.audit.clone())),
         };
         let serving = tokio::spawn(publishing.run(public, done));
         let mut audited = [0u64; 2];
@@ -554,6 +557,9 @@ struct Publishing {
     port: u16,
     paused: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
+    /// For an agent in SOCKS5 mode: the tunnel's name and the audit trail
+    /// every destination is written to.
+    socks5: Option<(String, Audit)>,
 }
 
 impl Publishing {
@@ -584,7 +590,18 @@ impl Publishing {
                 },
             };
             let (cut_tx, cut) = watch::channel(false);
-            let serving = serve_public(self.mux.clone(), listener, cut, done.clone());
+            let mux = self.mux.clone();
+            let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &self.socks5 {
+                Some((tunnel, audit)) => Box::pin(socks::serve_public(
+                    mux,
+                    listener,
+                    cut,
+                    tunnel.clone(),
+                    audit.clone(),
+                    done.clone(),
+                )),
+                None => Box::pin(serve_public(mux, listener, cut, done.clone())),
+            };
             let ended = tokio::select! {
                 () = serving => true,
                 _ = self.paused.wait_for(|p| *p) => false,

@@ -7,9 +7,11 @@
 //! - [`gateway`]: the daemon's side: the TLS listener for agents, one
 //!   published port per connected tunnel.
 //! - [`agent`]: the private network's side.
+//! - [`socks`]: SOCKS5 mode, an agent publishing a private network.
 
 pub mod agent;
 pub mod gateway;
+pub mod socks;
 
 use std::{net::IpAddr, time::Duration};
 
