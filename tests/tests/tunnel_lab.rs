@@ -756,3 +756,51 @@ fn a_socks5_agent_publishes_its_network_within_its_allow_list() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_idle_session_is_closed_and_its_agent_comes_back() -> Result<()> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    let config = lab.scratch().join("idle.toml");
+    std::fs::write(&config, "[tunnel]\nheartbeat = \"3s\"\nidle_timeout = \"2s\"\n")?;
+    let config = config.to_str().context("utf-8 path")?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", config])?;
+    let _agent = start_agent(&lab, &token_file)?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+
+    // In use, the session is not idle, however long the connection lasts.
+    let mut held = live_connection(&lab)?;
+    std::thread::sleep(Duration::from_secs(4));
+    anyhow::ensure!(still_echoes(&mut held), "a connection in use keeps its session");
+    let idle = |l: &serde_json::Value| l["reason"].as_str().is_some_and(|r| r.starts_with("idle"));
+    anyhow::ensure!(
+        !lab.audit()?.iter().any(|l| l["event"] == "agent_session" && idle(l)),
+        "closed while in use"
+    );
+    drop(held);
+
+    // Unused, it is closed, and the agent's reconnect brings it back.
+    audited(&lab, "agent_session", |l| l["result"] == "disconnected" && idle(l))?;
+    let back = eventually(Duration::from_secs(10), || {
+        Ok(lab
+            .audit()?
+            .iter()
+            .filter(|l| l["event"] == "agent_session" && l["result"] == "connected")
+            .count()
+            >= 2)
+    })?;
+    anyhow::ensure!(back, "the agent reconnected");
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+            Role::Client,
+            public(),
+            None
+        ))?,
+        "and the port serves again"
+    );
+    Ok(())
+}

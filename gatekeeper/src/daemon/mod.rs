@@ -64,7 +64,7 @@ use crate::{
         files::FileStore,
         watch::{Change, Watcher},
     },
-    tunnels::gateway::{Gateway, GatewayError},
+    tunnels::gateway::{Gateway, GatewayError, SessionTiming},
 };
 use cluster::{Event, Link};
 use coverage::Coverage;
@@ -311,8 +311,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let (gateway, tunnel_listener) = Gateway::bind(
             settings.tunnel_port,
             &identity,
-            settings.tunnel_heartbeat,
-            settings.tunnel_rekey,
+            SessionTiming {
+                heartbeat: settings.tunnel_heartbeat,
+                rekey: settings.tunnel_rekey,
+                idle_timeout: settings.tunnel_idle_timeout,
+            },
             audit.clone(),
         )
         .await?;

@@ -236,6 +236,8 @@ struct TunnelSection {
     rekey_after: Option<Duration>,
     #[serde(default, deserialize_with = "de_size")]
     rekey_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -448,6 +450,8 @@ pub struct Settings {
     pub tunnel_heartbeat: Duration,
     /// When each direction of an agent's session refreshes its traffic key.
     pub tunnel_rekey: Rekey,
+    /// An agent's session unused this long is closed (the agent reconnects).
+    pub tunnel_idle_timeout: Option<Duration>,
     pub portal: Option<PortalSettings>,
     /// The cluster this gateway is a node of; none: it runs alone.
     pub cluster: Option<ClusterSettings>,
@@ -672,6 +676,7 @@ impl Settings {
                 bytes: f.tunnel.rekey_bytes.unwrap_or(Rekey::default().bytes),
                 after: f.tunnel.rekey_after.unwrap_or(Rekey::default().after),
             },
+            tunnel_idle_timeout: f.tunnel.idle_timeout,
         })
     }
 
@@ -769,6 +774,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             heartbeat: pick(over.tunnel.heartbeat, base.tunnel.heartbeat),
             rekey_after: pick(over.tunnel.rekey_after, base.tunnel.rekey_after),
             rekey_bytes: pick(over.tunnel.rekey_bytes, base.tunnel.rekey_bytes),
+            idle_timeout: pick(over.tunnel.idle_timeout, base.tunnel.idle_timeout),
         },
         portal: PortalSection {
             listen: pick(over.portal.listen, base.portal.listen),

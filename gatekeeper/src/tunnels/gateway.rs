@@ -98,9 +98,7 @@ pub struct Gateway {
     records: RwLock<Vec<TunnelRecord>>,
     live: Mutex<HashMap<String, Live>>,
     audit: Audit,
-    heartbeat: Duration,
-    /// When each direction of a session refreshes its traffic key.
-    rekey: Rekey,
+    timing: SessionTiming,
     sessions: AtomicU64,
     acceptor: TlsAcceptor,
     port: u16,
@@ -146,14 +144,25 @@ impl Authority for Gateway {
     }
 }
 
+/// The clocks of an agent's session (`[tunnel]` in the config).
+#[derive(Clone, Copy, Debug)]
+pub struct SessionTiming {
+    /// An agent silent this long is dropped.
+    pub heartbeat: Duration,
+    /// When each direction refreshes its traffic key.
+    pub rekey: Rekey,
+    /// A session with no public connection this long is closed; its agent
+    /// reconnects as it would after any other end. None: never.
+    pub idle_timeout: Option<Duration>,
+}
+
 impl Gateway {
     /// Binds the tunnel port with the gateway's identity, before the gate
     /// goes up, so a busy port stops the daemon at start.
     pub async fn bind(
         port: u16,
         identity: &Identity,
-        heartbeat: Duration,
-        rekey: Rekey,
+        timing: SessionTiming,
         audit: Audit,
     ) -> Result<(Arc<Gateway>, TcpListener), GatewayError> {
         let mut config = (*identity.server_config()?).clone();
@@ -167,8 +176,7 @@ impl Gateway {
             records: RwLock::new(Vec::new()),
             live: Mutex::new(HashMap::new()),
             audit,
-            heartbeat,
-            rekey,
+            timing,
             sessions: AtomicU64::new(0),
             acceptor,
             port,
@@ -387,10 +395,11 @@ impl Gateway {
             Ok(records) => records,
             Err(e) => return self.refused(agent, e.to_string()),
         };
-        wr.rekey_after(self.rekey);
+        wr.rekey_after(self.timing.rekey);
         let epochs = Epochs {
             sent: wr.epochs(),
             received: rd.epochs(),
+            audited: [0; 2],
         };
         let (mux, task) = Mux::opener(rd, wr);
         let (stop_tx, stop) = watch::channel(false);
@@ -423,6 +432,7 @@ impl Gateway {
 
         let audit = self.audit.clone();
         let tunnel_name = info.name.clone();
+        let finished = connections.clone();
         let done = move |visitor: SocketAddr, r: Spliced| {
             connections.fetch_add(1, Ordering::Relaxed);
             up.fetch_add(r.up, Ordering::Relaxed);
@@ -443,11 +453,14 @@ impl Gateway {
             socks5: info.socks5.then(|| (info.name.clone(), self.audit.clone())),
         };
         let serving = tokio::spawn(publishing.run(public, done));
-        let mut audited = [0u64; 2];
-        let (result, why) = self
-            .watch(&mux, task, stop, &info, &ended, (&epochs, &mut audited))
-            .await;
-        self.audit_key_updates(&info.name, &epochs, &mut audited);
+        let mut watched = Watched {
+            info: &info,
+            ended: &ended,
+            epochs,
+            connections: &finished,
+        };
+        let (result, why) = self.watch(&mux, task, stop, &mut watched).await;
+        self.audit_key_updates(&info.name, &mut watched.epochs);
         // Unless a newer session or a revocation already took the entry over.
         let ours = {
             let mut live = lock(&self.live);
@@ -486,11 +499,11 @@ impl Gateway {
         mux: &Mux,
         task: tunnel::mux::SessionTask,
         mut stop: watch::Receiver<bool>,
-        info: &TunnelInfo,
-        ended: &Mutex<Option<(&'static str, String)>>,
-        (epochs, audited): (&Epochs, &mut [u64; 2]),
+        w: &mut Watched<'_>,
     ) -> (&'static str, String) {
-        let mut beat = tokio::time::interval((self.heartbeat / 3).max(Duration::from_millis(100)));
+        let mut beat = tokio::time::interval((self.timing.heartbeat / 3).max(Duration::from_millis(100)));
+        let (info, ended) = (w.info, w.ended);
+        let (mut last_used, mut finished) = (Instant::now(), w.connections.load(Ordering::Relaxed));
         tokio::pin!(task);
         loop {
             tokio::select! {
@@ -506,10 +519,19 @@ impl Gateway {
                     return lock(ended).take().unwrap_or(("disconnected", "stopped".into()));
                 }
                 _ = beat.tick() => {
-                    if mux.last_heard().elapsed() > self.heartbeat {
+                    if mux.last_heard().elapsed() > self.timing.heartbeat {
                         return ("disconnected", "agent silent past the heartbeat timeout".into());
                     }
-                    self.audit_key_updates(&info.name, epochs, audited);
+                    self.audit_key_updates(&info.name, &mut w.epochs);
+                    let now_finished = w.connections.load(Ordering::Relaxed);
+                    if mux.streams() > 0 || now_finished != finished {
+                        (last_used, finished) = (Instant::now(), now_finished);
+                    }
+                    if let Some(idle) = self.timing.idle_timeout.filter(|idle| last_used.elapsed() >= *idle) {
+                        let why = format!("idle: no public connection for {}", crate::spec::format_duration(idle));
+                        let _ = mux.farewell(&Farewell::Busy(format!("{why}; reconnect"))).await;
+                        return ("disconnected", why);
+                    }
                     if !self.token_accepted(&info.name, &info.token_id) {
                         let why = format!("the token {} was re-issued and its overlap is over", info.token_id);
                         let _ = mux.farewell(&Farewell::Refused(format!("{why}: use the new token"))).await;
@@ -522,21 +544,32 @@ impl Gateway {
     }
 }
 
-/// Both directions' key updates of one session.
+/// What the watch over one session consults besides the session itself.
+struct Watched<'a> {
+    info: &'a TunnelInfo,
+    /// Who ended the session from outside, and why.
+    ended: &'a Mutex<Option<(&'static str, String)>>,
+    epochs: Epochs,
+    /// Public connections finished so far.
+    connections: &'a AtomicU64,
+}
+
+/// Both directions' key updates of one session, and how many of each
+/// the audit trail has heard of.
 struct Epochs {
     sent: Arc<KeyEpochs>,
     received: Arc<KeyEpochs>,
+    audited: [u64; 2],
 }
 
 impl Gateway {
-    /// Audits the key updates made since the last look (`audited`: how
-    /// many each direction had then), one line per direction.
-    fn audit_key_updates(&self, tunnel: &str, epochs: &Epochs, audited: &mut [u64; 2]) {
+    /// Audits the key updates made since the last look, one line per direction.
+    fn audit_key_updates(&self, tunnel: &str, epochs: &mut Epochs) {
         let directions = [
             ("gateway_to_agent", &epochs.sent),
             ("agent_to_gateway", &epochs.received),
         ];
-        for ((direction, e), seen) in directions.into_iter().zip(audited.iter_mut()) {
+        for ((direction, e), seen) in directions.into_iter().zip(epochs.audited.iter_mut()) {
             let updates = e.updates.load(Ordering::Relaxed);
             if updates > *seen {
                 self.audit.event(
