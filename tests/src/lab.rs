@@ -756,6 +756,31 @@ impl Lab {
         output_within(child, limit)
     }
 
+    /// `gatekeeper knock` run on a role's host (`ip netns exec`, so it sees
+    /// that host's /etc/hosts) with `credential` and `env`: a UDP knock for
+    /// TCP `port`, bound to `source_port` if given. Its output, whether or
+    /// not it succeeded.
+    pub fn udp_knock(
+        &self,
+        role: Role,
+        credential: &Path,
+        port: u16,
+        source_port: Option<u16>,
+        env: &[(&str, &str)],
+    ) -> Result<Output> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(role)])
+            .arg(gatekeeper_bin()?)
+            .args(["knock", "--credential"])
+            .arg(credential)
+            .args(["--proto", "tcp", "--port", &port.to_string(), "--via", "udp"])
+            .envs(env.iter().copied());
+        if let Some(sport) = source_port {
+            c.args(["--source-port", &sport.to_string()]);
+        }
+        Ok(c.stdin(Stdio::null()).output()?)
+    }
+
     /// Sends `bytes` in one UDP datagram from a role to `to`.
     pub fn send_udp(&self, from: Role, to: SocketAddr, bytes: Vec<u8>) -> Result<()> {
         self.in_ns(from, move || -> Result<()> {

@@ -65,23 +65,7 @@ fn init(lab: &Lab) -> Result<()> {
 
 /// A UDP knock for tcp/22 from `role` with `cred`, bound to `sport`.
 fn knock(lab: &Lab, role: Role, cred: &Path, sport: u16) -> Result<Output> {
-    on(
-        lab,
-        role,
-        &[
-            "knock",
-            "--credential",
-            path(cred),
-            "--proto",
-            "tcp",
-            "--port",
-            "22",
-            "--via",
-            "udp",
-            "--source-port",
-            &sport.to_string(),
-        ],
-    )
+    lab.udp_knock(role, cred, 22, Some(sport), &[])
 }
 
 /// Waits (bounded) for the audit line of the knock `client` sent from
@@ -285,42 +269,11 @@ fn device_made_keys_enroll_by_request_and_approval_and_knock_by_name() -> Result
         !locked.status.success() && said.contains("is encrypted: set GATEKEEPER_PASSPHRASE"),
         "{said}"
     );
-    let wrong = on_with(
-        &lab,
-        Role::Intruder,
-        Some("wrong horse"),
-        &[
-            "knock",
-            "--credential",
-            path(&cred2),
-            "--proto",
-            "tcp",
-            "--port",
-            "22",
-            "--via",
-            "udp",
-        ],
-    )?;
+    let with = |p: &'static str| [("GATEKEEPER_PASSPHRASE", p)];
+    let wrong = lab.udp_knock(Role::Intruder, &cred2, 22, None, &with("wrong horse"))?;
     let said = String::from_utf8_lossy(&wrong.stderr);
     ensure!(!wrong.status.success() && said.contains("wrong passphrase"), "{said}");
-    let unlocked = on_with(
-        &lab,
-        Role::Intruder,
-        pass,
-        &[
-            "knock",
-            "--credential",
-            path(&cred2),
-            "--proto",
-            "tcp",
-            "--port",
-            "22",
-            "--via",
-            "udp",
-            "--source-port",
-            "41006",
-        ],
-    )?;
+    let unlocked = lab.udp_knock(Role::Intruder, &cred2, 22, Some(41006), &with("correct horse battery"))?;
     ensure!(
         unlocked.status.success(),
         "{}",

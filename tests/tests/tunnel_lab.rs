@@ -36,20 +36,26 @@ fn connected(lab: &Lab) -> Result<bool> {
 /// tunnel `web` whose published port the client may knock for, and the
 /// token written to a file.
 fn setup() -> Result<(Lab, Daemon, std::path::PathBuf, std::path::PathBuf)> {
+    setup_with("")
+}
+
+/// [`setup`], with `tunnel` added to the daemon's `[tunnel]` section.
+fn setup_with(tunnel: &str) -> Result<(Lab, Daemon, std::path::PathBuf, std::path::PathBuf)> {
     let mut lab = Lab::with_nat()?;
     lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
     let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
     let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
     let token_file = lab.scratch().join("web.token");
     gatekeeper::private_file::write(&token_file, token.trim())?;
-    let daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    let daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab, tunnel)?])?;
     Ok((lab, daemon, cred, token_file))
 }
 
-/// The state's own config plus a short heartbeat, so dead agents show fast.
-fn config(lab: &Lab) -> Result<String> {
+/// The state's own config plus a short heartbeat, so dead agents show
+/// fast, and `tunnel` in the same section.
+fn config(lab: &Lab, tunnel: &str) -> Result<String> {
     let path = lab.scratch().join("gateway.toml");
-    std::fs::write(&path, "[tunnel]\nheartbeat = \"3s\"\n")?;
+    std::fs::write(&path, format!("[tunnel]\nheartbeat = \"3s\"\n{tunnel}"))?;
     Ok(path.to_str().context("utf-8 path")?.to_string())
 }
 
@@ -66,31 +72,14 @@ fn start_agent(lab: &Lab, token_file: &std::path::Path) -> Result<ChildGuard> {
     Ok(agent)
 }
 
-/// `gatekeeper connect` from the client to the published port, echoing `msg`.
 /// Knocks by UDP from `role` for TCP `port` on the gateway; fails if the knock CLI does.
 fn udp_knock(lab: &Lab, role: Role, cred: &Path, port: u16) -> Result<()> {
-    let bin = gatekeeper_tests::lab::gatekeeper_bin()?;
-    let port = port.to_string();
-    let cred = cred.to_str().context("utf-8 path")?;
-    let bin = bin.to_str().context("utf-8 path")?;
-    lab.exec(
-        role,
-        &[
-            bin,
-            "knock",
-            "--credential",
-            cred,
-            "--proto",
-            "tcp",
-            "--port",
-            &port,
-            "--via",
-            "udp",
-        ],
-    )?;
+    let out = lab.udp_knock(role, cred, port, None, &[])?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
+/// `gatekeeper connect` from the client to the published port, echoing `msg`.
 fn connect_echo(lab: &Lab, cred: &std::path::Path, msg: &[u8]) -> Result<Vec<u8>> {
     let cred = cred.to_str().context("utf-8 path")?;
     let target = public().to_string();
@@ -218,7 +207,7 @@ fn a_restarted_agent_gets_its_port_back_and_reconnects_after_a_gateway_restart()
     assert_eq!(connect_echo(&lab, &cred, b"again\n")?, b"again\n");
 
     daemon.kill9()?;
-    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab, "")?])?;
     assert!(
         eventually(Duration::from_secs(60), || connected(&lab))?,
         "the agent reconnects by itself"
@@ -393,7 +382,7 @@ fn the_portal_can_front_a_published_tunnel() -> Result<()> {
         "--protect",
         "tcp/22",
         "--config",
-        &config(&lab)?,
+        &config(&lab, "")?,
         "--portal",
         "10.77.0.1:443",
         "--portal-upstream",
@@ -616,16 +605,7 @@ fn hashed_echo(s: std::net::TcpStream, len: u64) -> Result<([u8; 32], [u8; 32], 
 
 #[test]
 fn a_gigabyte_crosses_a_tunnel_intact_while_its_keys_are_refreshed() -> Result<()> {
-    let mut lab = Lab::with_nat()?;
-    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
-    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
-    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
-    let token_file = lab.scratch().join("web.token");
-    gatekeeper::private_file::write(&token_file, token.trim())?;
-    let config = lab.scratch().join("rekey.toml");
-    std::fs::write(&config, "[tunnel]\nheartbeat = \"3s\"\nrekey_bytes = \"64MiB\"\n")?;
-    let config = config.to_str().context("utf-8 path")?;
-    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", config])?;
+    let (lab, _daemon, cred, token_file) = setup_with("rekey_bytes = \"64MiB\"\n")?;
     let _agent = start_agent(&lab, &token_file)?;
     udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
     let s = lab
@@ -689,12 +669,7 @@ fn web_server(lab: &Lab, role: Role, addr: &str, page: &str) -> Result<ChildGuar
 
 #[test]
 fn a_socks5_agent_publishes_its_network_within_its_allow_list() -> Result<()> {
-    let lab = Lab::with_nat()?;
-    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
-    let token = lab.state_cli(&["tunnel", "issue", "lan", "--owner", "ops", "--allow", "laptop"])?;
-    let token_file = lab.scratch().join("lan.token");
-    gatekeeper::private_file::write(&token_file, token.trim())?;
-    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab)?])?;
+    let (lab, _daemon, cred, token_file) = setup()?;
     // Three hosts of the private network, by names only the agent's host resolves.
     let _a = web_server(&lab, Role::NatA, "192.168.77.2", "<h1>host a</h1>\n")?;
     let _b = web_server(&lab, Role::NatB, "192.168.77.3", "<h1>host b</h1>\n")?;
@@ -752,23 +727,14 @@ fn a_socks5_agent_publishes_its_network_within_its_allow_list() -> Result<()> {
         ("router.lan:8081", "not_allowed"),
     ] {
         let line = audited(&lab, "tunnel_destination", |l| l["destination"] == dest)?;
-        anyhow::ensure!(line["result"] == result && line["tunnel"] == "lan", "{line}");
+        anyhow::ensure!(line["result"] == result && line["tunnel"] == "web", "{line}");
     }
     Ok(())
 }
 
 #[test]
 fn an_idle_session_is_closed_and_its_agent_comes_back() -> Result<()> {
-    let mut lab = Lab::with_nat()?;
-    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
-    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
-    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
-    let token_file = lab.scratch().join("web.token");
-    gatekeeper::private_file::write(&token_file, token.trim())?;
-    let config = lab.scratch().join("idle.toml");
-    std::fs::write(&config, "[tunnel]\nheartbeat = \"3s\"\nidle_timeout = \"2s\"\n")?;
-    let config = config.to_str().context("utf-8 path")?;
-    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", config])?;
+    let (lab, _daemon, cred, token_file) = setup_with("idle_timeout = \"2s\"\n")?;
     let _agent = start_agent(&lab, &token_file)?;
     udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
 

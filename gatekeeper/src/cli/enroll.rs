@@ -66,6 +66,25 @@ pub struct Keygen {
     json: bool,
 }
 
+/// Encrypt a credential or key file at rest with a passphrase (from
+/// GATEKEEPER_PASSPHRASE, else asked for twice). Gatekeeper then asks for
+/// the passphrase (or reads GATEKEEPER_PASSPHRASE) whenever it reads the file.
+///
+/// Example: gatekeeper encrypt laptop.key
+#[derive(Args, Debug)]
+pub struct Encrypt {
+    file: PathBuf,
+}
+
+/// Make an encrypted credential or key file plain again (0600), for an
+/// unattended device.
+///
+/// Example: GATEKEEPER_PASSPHRASE=... gatekeeper decrypt laptop.key
+#[derive(Args, Debug)]
+pub struct Decrypt {
+    file: PathBuf,
+}
+
 /// Make the gateway's next knock key. The current one stays accepted for
 /// --overlap, while devices learn the new one (`client refresh`, which asks
 /// the gateway); after that its knocks are refused and audited as
@@ -365,25 +384,6 @@ fn say_enrolled(state: &StateArg) {
             "note: the running daemon did not confirm it ({why}); it accepts the device's knocks within a second"
         ),
     }
-}
-
-/// Encrypt a credential or key file at rest with a passphrase (from
-/// GATEKEEPER_PASSPHRASE, else asked for twice). Gatekeeper then asks for
-/// the passphrase (or reads GATEKEEPER_PASSPHRASE) whenever it reads the file.
-///
-/// Example: gatekeeper encrypt laptop.key
-#[derive(Args, Debug)]
-pub struct Encrypt {
-    file: PathBuf,
-}
-
-/// Make an encrypted credential or key file plain again (0600), for an
-/// unattended device.
-///
-/// Example: GATEKEEPER_PASSPHRASE=... gatekeeper decrypt laptop.key
-#[derive(Args, Debug)]
-pub struct Decrypt {
-    file: PathBuf,
 }
 
 pub fn encrypt(args: Encrypt) -> Result<()> {

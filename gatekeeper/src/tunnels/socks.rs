@@ -140,7 +140,9 @@ pub async fn serve_public(
         let (tcp, visitor) = match public.accept().await {
             Ok(a) => a,
             Err(e) => {
+                // Out of descriptors, say: let the others finish first.
                 debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

@@ -3,6 +3,7 @@
 use std::{
     io::Write,
     net::{SocketAddr, UdpSocket},
+    path::Path,
     time::Duration,
 };
 
@@ -322,11 +323,12 @@ fn main() -> Result<()> {
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
 
+    tunnels()?;
     cluster()?;
     relay()?;
     channel()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a phone enrolled with a key it made itself and followed a rotation of the gateway's knock key; a broken file blocked nothing and the revocation was confirmed; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a phone enrolled with a key it made itself and followed a rotation of the gateway's knock key; a broken file blocked nothing and the revocation was confirmed; a service behind a NAT was published through a tunnel, paused, resumed and stopped by its agent's operator; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
     );
     Ok(())
 }
@@ -406,20 +408,8 @@ fn key_lifecycle(lab: &Lab) -> Result<()> {
         "gatekeeper client refresh --credential phone.credential.toml   (on the client)",
         &on_client(lab, &["client", "refresh", "--credential", cred])?,
     );
-    on_client(
-        lab,
-        &[
-            "knock",
-            "--credential",
-            cred,
-            "--proto",
-            "tcp",
-            "--port",
-            "22",
-            "--via",
-            "udp",
-        ],
-    )?;
+    let sent = lab.udp_knock(Role::Client, Path::new(cred), 22, None, &[])?;
+    ensure!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
     let mut knocked = None;
     eventually(Duration::from_secs(5), || {
         knocked = lab.audit()?.into_iter().rfind(|l| l["client"] == "phone");
@@ -435,10 +425,89 @@ fn key_lifecycle(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// A service behind a NAT published through a tunnel, paused, resumed,
+/// and stopped by its agent's operator.
+fn tunnels() -> Result<()> {
+    step(
+        16,
+        "A service behind a NAT (192.168.77.2:8080) published through a tunnel; paused and resumed by the gateway's operator",
+    );
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, 8080)?;
+    let cred = lab.enroll("laptop", &["--allow", "tcp/22"])?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops", "--allow", "laptop"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22"])?;
+    println!("$ gatekeeper tunnel issue web --owner ops --allow laptop > web.token");
+    println!("$ gatekeeper agent --token-file web.token --forward 127.0.0.1:8080   (inside the private network)");
+    let token_arg = token_file.to_str().context("utf-8 path")?;
+    let agent = lab.spawn_gatekeeper(
+        Role::NatA,
+        &["agent", "--token-file", token_arg, "--forward", "127.0.0.1:8080"],
+    )?;
+    let connected = |lab: &Lab| -> Result<bool> {
+        let list: serde_json::Value = serde_json::from_str(&lab.state_cli(&["tunnel", "list", "--json"])?)?;
+        Ok(list[0]["connected"] == true)
+    };
+    ensure!(
+        eventually(Duration::from_secs(20), || connected(&lab))?,
+        "the agent never connected"
+    );
+    let public = SocketAddr::from((Role::Gateway.addr(), 20000));
+    let sent = lab.udp_knock(Role::Client, &cred, 20000, None, &[])?;
+    ensure!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let reach = |lab: &Lab| lab.tcp_echo_works(Role::Client, public, None);
+    let first = eventually(Duration::from_secs(5), || reach(&lab))?;
+    println!(
+        "  after a knock, laptop -> 10.77.0.1:20000 -> the private service: {}",
+        ok(first)
+    );
+    ensure!(first, "the published service did not answer");
+    show(
+        "gatekeeper tunnel pause web",
+        &lab.state_cli(&["tunnel", "pause", "web"])?,
+    );
+    let paused = reach(&lab)?;
+    println!(
+        "  laptop -> 10.77.0.1:20000: {} (the agent stays connected: {})",
+        ok(paused),
+        connected(&lab)?
+    );
+    ensure!(!paused, "a paused tunnel answered");
+    show(
+        "gatekeeper tunnel resume web",
+        &lab.state_cli(&["tunnel", "resume", "web"])?,
+    );
+    let resumed = eventually(Duration::from_secs(5), || reach(&lab))?;
+    println!("  laptop -> 10.77.0.1:20000: {}", ok(resumed));
+    ensure!(resumed, "the resumed tunnel did not answer");
+
+    step(
+        17,
+        "The agent's operator stops it (SIGTERM): it says goodbye, the gateway audits it and closes the port",
+    );
+    lab.exec(Role::NatA, &["kill", "-TERM", &agent.id().to_string()])?;
+    let ended = output_within(agent, Duration::from_secs(10))?;
+    ensure!(ended.status.success(), "the agent did not stop cleanly");
+    let mut line = None;
+    eventually(Duration::from_secs(5), || {
+        line = lab.audit()?.into_iter().rfind(|l| l["result"] == "stopped");
+        Ok(line.is_some())
+    })?;
+    let line = line.context("no audit line for the stop")?;
+    println!(
+        "  audit: agent_session {} \"{}\"",
+        line["result"],
+        line["reason"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
 /// Three gateways behind one address, sharing their state through Redis.
 fn cluster() -> Result<()> {
     step(
-        15,
+        18,
         "A cluster: three gateways behind one address (a router spreads flows by ECMP), their clients, knocks and grants in Redis",
     );
     let mut lab = Lab::cluster(3)?;
@@ -474,7 +543,7 @@ fn cluster() -> Result<()> {
     );
 
     step(
-        16,
+        19,
         "Revoked from one node's CLI: every node confirms, and closes its entries",
     );
     show(
@@ -491,7 +560,7 @@ fn cluster() -> Result<()> {
 /// nothing else.
 fn relay() -> Result<()> {
     step(
-        17,
+        20,
         "A relay: an agent whose only route is to Redis publishes a web service, served by two gateways by its host name",
     );
     let relay = RelayLab::start(2, "")?;
@@ -529,7 +598,7 @@ fn relay() -> Result<()> {
     );
 
     step(
-        18,
+        21,
         "The relay revoked: every node stops serving the host, and the agent is told",
     );
     show(
@@ -548,7 +617,7 @@ fn relay() -> Result<()> {
 /// ssh between two devices, captured and carried under the SM suite.
 fn channel() -> Result<()> {
     step(
-        19,
+        22,
         "Channels: alpha (10.77.0.2) runs plain `ssh 10.77.0.1`; it is captured and carried to beta under RFC 8998's SM suite",
     );
     let cl = ChannelLab::new()?;
@@ -606,7 +675,7 @@ fn channel() -> Result<()> {
     );
 
     step(
-        20,
+        23,
         "A channel outside beta's policy (tls13-aes) and a device beta never paired are refused, and say what they offered",
     );
     cl.pair(Role::Intruder, Role::Gateway)?;
