@@ -114,15 +114,29 @@ pub async fn run(
     leave: watch::Receiver<bool>,
     published: impl Fn(SocketAddr),
 ) -> Result<(), AgentError> {
-    let knocker = std::sync::Arc::new(Knocker::new(token.credential.clone())?);
+    let agent = Agent {
+        token: &token,
+        knocker: std::sync::Arc::new(Knocker::new(token.credential.clone())?),
+        publish: &publish,
+        published: &published,
+    };
     // Each session on its own; the first that cannot go on ends them all.
     try_join_all(
         targets(&token)?
             .into_iter()
-            .map(|target| keep_session(&token, &knocker, target, &publish, leave.clone(), &published)),
+            .map(|target| agent.keep_session(target, leave.clone())),
     )
     .await?;
     Ok(())
+}
+
+/// What every session of one agent shares.
+struct Agent<'a, F> {
+    token: &'a Token,
+    knocker: std::sync::Arc<Knocker>,
+    publish: &'a Publish,
+    /// Hears the public port on every successful session.
+    published: &'a F,
 }
 
 /// Asks every gateway the token names to end this tunnel's session on
@@ -148,43 +162,6 @@ pub async fn stop(token: &Token) -> Result<Vec<String>, AgentError> {
         said.push(format!("{target}: {answer}"));
     }
     Ok(said)
-}
-
-/// The session with one gateway, made again after every end that
-/// retrying can help.
-async fn keep_session(
-    token: &Token,
-    knocker: &std::sync::Arc<Knocker>,
-    target: SocketAddr,
-    publish: &Publish,
-    mut leave: watch::Receiver<bool>,
-    published: &impl Fn(SocketAddr),
-) -> Result<(), AgentError> {
-    let mut backoff = BACKOFF_START;
-    loop {
-        let (ended, connected) = attempt(token, knocker, target, publish, leave.clone(), published).await;
-        match ended {
-            Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
-            Ended::Stopped => {
-                info!(gateway = %target, "session ended by the agent's operator");
-                return Ok(());
-            }
-            Ended::Retry(why) => {
-                if connected {
-                    backoff = BACKOFF_START;
-                }
-                // Up to a quarter either way, so agents do not retry in step.
-                let jitter = 0.75 + (OsRng.next_u32() % 1000) as f64 / 2000.0;
-                let wait = backoff.mul_f64(jitter);
-                warn!(gateway = %target, %why, retry_in = ?wait, "tunnel session ended");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = leave.wait_for(|l| *l) => return Ok(()),
-                }
-                backoff = (backoff * 2).min(BACKOFF_CAP);
-            }
-        }
-    }
 }
 
 /// Knocks, connects and does TLS with the gateway at `target`, pinning its
@@ -224,83 +201,111 @@ async fn connect(
         })
 }
 
-/// One session; the bool says whether it got as far as being published.
-async fn attempt(
-    token: &Token,
-    knocker: &std::sync::Arc<Knocker>,
-    target: SocketAddr,
-    publish: &Publish,
-    mut leave: watch::Receiver<bool>,
-    published: &impl Fn(SocketAddr),
-) -> (Ended, bool) {
-    let secret = match token.secret_bytes() {
-        Ok(s) => s,
-        Err(e) => return (Ended::Fatal(e.to_string()), false),
-    };
-    let mut tls = match connect(token, knocker, target, None).await {
-        Ok(tls) => tls,
-        Err(ended) => return (ended, false),
-    };
-    let socks5 = matches!(publish, Publish::Socks5(_));
-    let port = match hello(&mut tls, &token.token_id, &secret, socks5).await {
-        Ok(p) => p,
-        Err(SessionError::Refused(why)) if why.retry_helps() => return (Ended::Retry(why.to_string()), false),
-        Err(SessionError::Refused(why)) => return (Ended::Fatal(why.to_string()), false),
-        Err(e) => return (Ended::Retry(e.to_string()), false),
-    };
-    published(SocketAddr::new(target.ip(), port));
-    info!(public = %SocketAddr::new(target.ip(), port), %publish, "published");
-    let (rd, wr) = match leave_tls(tls.into_inner(), Side::Agent) {
-        Ok(records) => records,
-        Err(e) => return (Ended::Retry(e.to_string()), true),
-    };
-    let (mux, incoming, task) = Mux::acceptor(rd, wr);
-    let (_stop_tx, stop) = watch::channel(false);
-    let serving = match publish {
-        Publish::Forward(to) => tokio::spawn(serve_private(incoming, *to, stop)),
-        Publish::Socks5(allow) => tokio::spawn(socks::serve_private(incoming, allow.clone(), stop)),
-    };
-    // What the gateway says without ending the session (a pause, a resume).
-    let mut notices = mux.notices();
-    let told = tokio::spawn(async move {
-        while notices.changed().await.is_ok() {
-            let notice = notices.borrow_and_update().clone();
-            info!(gateway = %target, "the gateway says: {}", String::from_utf8_lossy(&notice));
-        }
-    });
-    // Heartbeats both ways: ping the gateway, and give up on a gateway
-    // that has said nothing (not even its own pings) for too long.
-    let heartbeat = {
-        let mux = mux.clone();
-        async move {
-            let mut beat = tokio::time::interval(PING_EVERY);
-            loop {
-                beat.tick().await;
-                if mux.last_heard().elapsed() > GATEWAY_SILENT || mux.control(Kind::Ping, Bytes::new()).await.is_err() {
-                    return;
+impl<F: Fn(SocketAddr)> Agent<'_, F> {
+    /// The session with one gateway, made again after every end that
+    /// retrying can help.
+    async fn keep_session(&self, target: SocketAddr, mut leave: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let (ended, connected) = self.attempt(target, leave.clone()).await;
+            match ended {
+                Ended::Fatal(reason) => return Err(AgentError::Refused(reason)),
+                Ended::Stopped => {
+                    info!(gateway = %target, "session ended by the agent's operator");
+                    return Ok(());
+                }
+                Ended::Retry(why) => {
+                    if connected {
+                        backoff = BACKOFF_START;
+                    }
+                    // Up to a quarter either way, so agents do not retry in step.
+                    let jitter = 0.75 + (OsRng.next_u32() % 1000) as f64 / 2000.0;
+                    let wait = backoff.mul_f64(jitter);
+                    warn!(gateway = %target, %why, retry_in = ?wait, "tunnel session ended");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = leave.wait_for(|l| *l) => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_CAP);
                 }
             }
         }
-    };
-    let mut task = task;
-    let ended = tokio::select! {
-        ended = &mut task => match ended {
-            Ok(Err(MuxError::Goodbye(Farewell::Stopped(_)))) => Ended::Stopped,
-            Ok(Err(MuxError::Goodbye(why))) if !why.retry_helps() => Ended::Fatal(why.to_string()),
-            Ok(Err(e)) => Ended::Retry(e.to_string()),
-            Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
-            Err(e) => Ended::Retry(e.to_string()),
-        },
-        () = heartbeat => Ended::Retry(format!("the gateway was silent for {GATEWAY_SILENT:?}")),
-        _ = leave.wait_for(|l| *l) => {
-            let _ = mux.farewell(&Farewell::Stopped("the agent's operator stopped it".into())).await;
-            // Give the goodbye a moment to leave before the session is torn down.
-            let _ = tokio::time::timeout(Duration::from_millis(500), &mut task).await;
-            Ended::Stopped
-        }
-    };
-    task.abort();
-    serving.abort();
-    told.abort();
-    (ended, true)
+    }
+
+    /// One session; the bool says whether it got as far as being published.
+    async fn attempt(&self, target: SocketAddr, mut leave: watch::Receiver<bool>) -> (Ended, bool) {
+        let (token, publish) = (self.token, self.publish);
+        let secret = match token.secret_bytes() {
+            Ok(s) => s,
+            Err(e) => return (Ended::Fatal(e.to_string()), false),
+        };
+        let mut tls = match connect(token, &self.knocker, target, None).await {
+            Ok(tls) => tls,
+            Err(ended) => return (ended, false),
+        };
+        let socks5 = matches!(publish, Publish::Socks5(_));
+        let port = match hello(&mut tls, &token.token_id, &secret, socks5).await {
+            Ok(p) => p,
+            Err(SessionError::Refused(why)) if why.retry_helps() => return (Ended::Retry(why.to_string()), false),
+            Err(SessionError::Refused(why)) => return (Ended::Fatal(why.to_string()), false),
+            Err(e) => return (Ended::Retry(e.to_string()), false),
+        };
+        (self.published)(SocketAddr::new(target.ip(), port));
+        info!(public = %SocketAddr::new(target.ip(), port), %publish, "published");
+        let (rd, wr) = match leave_tls(tls.into_inner(), Side::Agent) {
+            Ok(records) => records,
+            Err(e) => return (Ended::Retry(e.to_string()), true),
+        };
+        let (mux, incoming, task) = Mux::acceptor(rd, wr);
+        let (_stop_tx, stop) = watch::channel(false);
+        let serving = match publish {
+            Publish::Forward(to) => tokio::spawn(serve_private(incoming, *to, stop)),
+            Publish::Socks5(allow) => tokio::spawn(socks::serve_private(incoming, allow.clone(), stop)),
+        };
+        // What the gateway says without ending the session (a pause, a resume).
+        let mut notices = mux.notices();
+        let told = tokio::spawn(async move {
+            while notices.changed().await.is_ok() {
+                let notice = notices.borrow_and_update().clone();
+                info!(gateway = %target, "the gateway says: {}", String::from_utf8_lossy(&notice));
+            }
+        });
+        // Heartbeats both ways: ping the gateway, and give up on a gateway
+        // that has said nothing (not even its own pings) for too long.
+        let heartbeat = {
+            let mux = mux.clone();
+            async move {
+                let mut beat = tokio::time::interval(PING_EVERY);
+                loop {
+                    beat.tick().await;
+                    if mux.last_heard().elapsed() > GATEWAY_SILENT
+                        || mux.control(Kind::Ping, Bytes::new()).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut task = task;
+        let ended = tokio::select! {
+            ended = &mut task => match ended {
+                Ok(Err(MuxError::Goodbye(Farewell::Stopped(_)))) => Ended::Stopped,
+                Ok(Err(MuxError::Goodbye(why))) if !why.retry_helps() => Ended::Fatal(why.to_string()),
+                Ok(Err(e)) => Ended::Retry(e.to_string()),
+                Ok(Ok(())) => Ended::Retry("the gateway closed the session".into()),
+                Err(e) => Ended::Retry(e.to_string()),
+            },
+            () = heartbeat => Ended::Retry(format!("the gateway was silent for {GATEWAY_SILENT:?}")),
+            _ = leave.wait_for(|l| *l) => {
+                let _ = mux.farewell(&Farewell::Stopped("the agent's operator stopped it".into())).await;
+                // Give the goodbye a moment to leave before the session is torn down.
+                let _ = tokio::time::timeout(Duration::from_millis(500), &mut task).await;
+                Ended::Stopped
+            }
+        };
+        task.abort();
+        serving.abort();
+        told.abort();
+        (ended, true)
+    }
 }
