@@ -43,8 +43,10 @@ pub struct Init {
     force: bool,
 }
 
-/// Make this device's key pair: the secret stays in FILE (0600), the
-/// public key is printed for the gateway's operator.
+/// Make this device's key pair: the secret stays in FILE, the public key is printed.
+///
+/// The file is 0600 (--encrypt adds a passphrase); give the public key to the
+/// gateway's operator.
 ///
 /// Example: gatekeeper keygen --out /etc/gatekeeper/laptop.key
 ///   then, on the gateway: gatekeeper client add laptop --public-key KEY --allow tcp/22
@@ -66,9 +68,11 @@ pub struct Keygen {
     json: bool,
 }
 
-/// Encrypt a credential or key file at rest with a passphrase (from
-/// GATEKEEPER_PASSPHRASE, else asked for twice). Gatekeeper then asks for
-/// the passphrase (or reads GATEKEEPER_PASSPHRASE) whenever it reads the file.
+/// Encrypt a credential or key file at rest with a passphrase.
+///
+/// The passphrase comes from GATEKEEPER_PASSPHRASE, else is asked for twice.
+/// Gatekeeper then asks for it (or reads GATEKEEPER_PASSPHRASE) whenever it
+/// reads the file.
 ///
 /// Example: gatekeeper encrypt laptop.key
 #[derive(Args, Debug)]
@@ -85,9 +89,10 @@ pub struct Decrypt {
     file: PathBuf,
 }
 
-/// Make the gateway's next knock key. The current one stays accepted for
-/// --overlap, while devices learn the new one (`client refresh`, which asks
-/// the gateway); after that its knocks are refused and audited as
+/// Make the gateway's next knock key; the current one stays accepted for an overlap.
+///
+/// Devices learn the new key with `client refresh`, which asks the gateway;
+/// after --overlap the old key's knocks are refused and audited as
 /// `retired_server_key`. New credentials name the new key at once.
 ///
 /// Example: gatekeeper rotate-key --overlap 7d

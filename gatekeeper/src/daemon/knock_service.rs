@@ -56,7 +56,7 @@ pub struct KnockService {
     /// The relay's HTTP port, where this node serves relayed hosts.
     relay_port: Option<u16>,
     /// The tunnel listener's port, where every enrolled device may come
-    /// to learn the gateway's knock key (see `tunnels::key_note`).
+    /// to learn the gateway's knock key (see `knock::note`).
     tunnel_port: u16,
     cluster: Option<Cluster>,
 }

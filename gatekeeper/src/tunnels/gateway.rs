@@ -635,9 +635,10 @@ impl Publishing {
                 )),
                 None => Box::pin(serve_public(mux, listener, cut, done.clone())),
             };
+            // Paused, or the session is over (stopped, or its entry gone).
             let ended = tokio::select! {
                 () = serving => true,
-                _ = self.paused.wait_for(|p| *p) => false,
+                paused = self.paused.wait_for(|p| *p) => paused.is_err(),
                 _ = self.stop.wait_for(|s| *s) => true,
             };
             // Dropping the serving future closed the port; this cuts its connections.
