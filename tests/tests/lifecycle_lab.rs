@@ -284,7 +284,59 @@ fn device_made_keys_enroll_by_request_and_approval_and_knock_by_name() -> Result
         lab.audit()?.iter().filter(|l| l["client"] == "phone").count() == 2,
         "the locked and the wrongly unlocked knocks sent nothing"
     );
+
+    // Typed once at a prompt (on a terminal), the passphrase is kept in the
+    // kernel's keyring: the next knock does not ask; `forget` drops it.
+    let key_name = path(&key2);
+    let _forget = Forget(&lab, key_name.to_string());
+    let typed = at_a_terminal(&lab, &cred2, 41007, "correct horse battery")?;
+    ensure!(typed.status.success(), "{}", String::from_utf8_lossy(&typed.stdout));
+    ensure!(knock_line(&lab, "phone", 41007)?["result"] == "accepted");
+    let kept = knock(&lab, Role::Intruder, &cred2, 41008)?;
+    ensure!(kept.status.success(), "{}", String::from_utf8_lossy(&kept.stderr));
+    ensure!(knock_line(&lab, "phone", 41008)?["result"] == "accepted");
+    let forgot = on_ok(&lab, Role::Intruder, &["forget", key_name])?;
+    ensure!(forgot.contains("forgot"), "{forgot}");
+    let asks = knock(&lab, Role::Intruder, &cred2, 41009)?;
+    ensure!(
+        !asks.status.success(),
+        "after forget, the passphrase is asked for again"
+    );
     Ok(())
+}
+
+/// A knock typed by a person at a terminal (a pty from `script`), who
+/// answers the passphrase prompt with `passphrase`.
+fn at_a_terminal(lab: &Lab, cred: &Path, sport: u16, passphrase: &str) -> Result<Output> {
+    let command = format!(
+        "ip netns exec {} {} knock --credential {} --proto tcp --port 22 --via udp --source-port {sport}",
+        lab.ns(Role::Intruder),
+        gatekeeper_bin()?.display(),
+        cred.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    // The prompt reads the terminal once it is up.
+    std::thread::sleep(Duration::from_millis(500));
+    std::io::Write::write_all(&mut stdin, format!("{passphrase}\n").as_bytes())?;
+    let out = gatekeeper_tests::lab::output_within(child, Duration::from_secs(20))?;
+    drop(stdin);
+    Ok(out)
+}
+
+/// Drops a key file's passphrase from the kernel's keyring when the test
+/// ends, however it ends.
+struct Forget<'a>(&'a Lab, String);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let _ = on(self.0, Role::Intruder, &["forget", &self.1]);
+    }
 }
 
 #[test]

@@ -80,6 +80,17 @@ pub struct Encrypt {
     file: PathBuf,
 }
 
+/// Forget the passphrase of an encrypted file kept in the keyring: the next use asks again.
+///
+/// A passphrase typed at the prompt is kept in the kernel's user keyring
+/// for an hour, so the commands that follow do not ask again.
+///
+/// Example: gatekeeper forget laptop.key
+#[derive(Args, Debug)]
+pub struct Forget {
+    file: PathBuf,
+}
+
 /// Make an encrypted credential or key file plain again (0600), for an
 /// unattended device.
 ///
@@ -402,6 +413,18 @@ pub fn encrypt(args: Encrypt) -> Result<()> {
         "{} is encrypted; gatekeeper asks for its passphrase (or reads GATEKEEPER_PASSPHRASE) to use it",
         args.file.display()
     );
+    Ok(())
+}
+
+pub fn forget(args: Forget) -> Result<()> {
+    if encrypted_file::forget(&args.file) {
+        println!(
+            "forgot the passphrase of {}: its next use asks again",
+            args.file.display()
+        );
+    } else {
+        println!("the keyring holds no passphrase for {}", args.file.display());
+    }
     Ok(())
 }
 

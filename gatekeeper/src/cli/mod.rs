@@ -60,6 +60,7 @@ enum Command {
     Keygen(enroll::Keygen),
     Encrypt(enroll::Encrypt),
     Decrypt(enroll::Decrypt),
+    Forget(enroll::Forget),
     #[command(subcommand)]
     Client(enroll::Client),
     Knock(knock::Knock),
@@ -137,6 +138,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Keygen(k) => enroll::keygen(k),
         Command::Encrypt(e) => enroll::encrypt(e),
         Command::Decrypt(d) => enroll::decrypt(d),
+        Command::Forget(f) => enroll::forget(f),
         Command::Client(c) => enroll::client(c),
         Command::Knock(k) => knock::knock(k),
         Command::Connect(c) => knock::connect(c),
