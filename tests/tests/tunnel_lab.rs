@@ -138,11 +138,7 @@ fn two_hundred_concurrent_megabytes_arrive_intact() -> Result<()> {
     let _agent = start_agent(&lab, &token)?;
     // One UDP knock opens the published port to any source port of the client.
     udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
-    assert!(eventually(Duration::from_secs(5), || lab.tcp_echo_works(
-        Role::Client,
-        public(),
-        None
-    ))?);
+    assert!(answers_soon(&lab)?);
     let ok = std::thread::scope(|s| {
         let workers: Vec<_> = (0..200)
             .map(|_| s.spawn(|| lab.tcp_bulk_echo_works(Role::Client, public(), 1 << 20)))
@@ -428,6 +424,13 @@ fn live_connection(lab: &Lab) -> Result<std::net::TcpStream> {
     Ok(s)
 }
 
+/// Whether the published port answers the client within a few seconds.
+fn answers_soon(lab: &Lab) -> Result<bool> {
+    eventually(Duration::from_secs(5), || {
+        lab.tcp_echo_works(Role::Client, public(), None)
+    })
+}
+
 /// Whether a live connection still echoes (a cut one errs or closes).
 fn still_echoes(s: &mut std::net::TcpStream) -> bool {
     gatekeeper_tests::lab::round_trip(s, b"still?\n").unwrap_or(false)
@@ -457,14 +460,7 @@ fn pause_resume_update_and_reissue_act_on_live_sessions() -> Result<()> {
     // Resume: the port opens again for the same agent session.
     lab.state_cli(&["tunnel", "resume", "web"])?;
     audited(&lab, "tunnel_resumed", |l| l["tunnel"] == "web")?;
-    anyhow::ensure!(
-        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
-            Role::Client,
-            public(),
-            None
-        ))?,
-        "resumed, the port answers again"
-    );
+    anyhow::ensure!(answers_soon(&lab)?, "resumed, the port answers again");
     let sessions = lab
         .audit()?
         .iter()
@@ -504,14 +500,7 @@ fn pause_resume_update_and_reissue_act_on_live_sessions() -> Result<()> {
     let new_file = lab.scratch().join("web-2.token");
     gatekeeper::private_file::write(&new_file, new_token.trim())?;
     let _agent = start_agent(&lab, &new_file)?;
-    anyhow::ensure!(
-        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
-            Role::Client,
-            public(),
-            None
-        ))?,
-        "the new token publishes the same port"
-    );
+    anyhow::ensure!(answers_soon(&lab)?, "the new token publishes the same port");
     Ok(())
 }
 
@@ -760,13 +749,6 @@ fn an_idle_session_is_closed_and_its_agent_comes_back() -> Result<()> {
             >= 2)
     })?;
     anyhow::ensure!(back, "the agent reconnected");
-    anyhow::ensure!(
-        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
-            Role::Client,
-            public(),
-            None
-        ))?,
-        "and the port serves again"
-    );
+    anyhow::ensure!(answers_soon(&lab)?, "and the port serves again");
     Ok(())
 }

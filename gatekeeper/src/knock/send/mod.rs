@@ -137,10 +137,6 @@ impl Knocker {
             .unwrap_or(crate::store::config::DEFAULT_TUNNEL_PORT)
     }
 
-    pub fn credential(&self) -> &Credential {
-        &self.cred
-    }
-
     /// `--server` if given, else the credential's first server: an
     /// address, or a name resolved now (or within the last
     /// [`RESOLVED_FOR`]).
