@@ -1,6 +1,10 @@
 //! Builds the XDP program (nightly, bpfel-unknown-none, build-std) so the
 //! `gatekeeper` binary can embed it. `cargo xtask setup` installs what this
 //! needs: the nightly's rust-src and bpf-linker.
+//!
+//! Also names the revision the binary is built from (`--version`, the
+//! status, the metrics): `GATEKEEPER_REVISION` if set (a package built
+//! outside git), else git's commit.
 
 use std::{env, path::PathBuf, process::Command};
 
@@ -10,6 +14,7 @@ fn main() {
         .parent()
         .expect("gatekeeper/ sits in the workspace root")
         .to_path_buf();
+    println!("cargo:rustc-env=GATEKEEPER_REVISION={}", revision(&root));
     let ebpf = root.join("gatekeeper-ebpf");
     for watched in [
         "gatekeeper-ebpf/src",
@@ -79,4 +84,27 @@ fn main() {
     let object = target_dir.join("bpfel-unknown-none/release/gatekeeper");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("gatekeeper.bpf.o");
     std::fs::copy(&object, &out).unwrap_or_else(|e| panic!("copying {} failed: {e}", object.display()));
+}
+
+fn revision(root: &std::path::Path) -> String {
+    println!("cargo:rerun-if-env-changed=GATEKEEPER_REVISION");
+    if let Ok(given) = env::var("GATEKEEPER_REVISION") {
+        return given;
+    }
+    // Moves on every commit, checkout and reset.
+    for watched in [".git/logs/HEAD", ".git/HEAD"] {
+        if root.join(watched).exists() {
+            println!("cargo:rerun-if-changed={}", root.join(watched).display());
+        }
+    }
+    Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -323,6 +323,7 @@ pub const EVENT_AUDIT_SAMPLE: u32 = 2;
 pub struct Event {
     pub kind: u32,
     pub ifindex: u32,
+    /// When the program saw the packet, CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],

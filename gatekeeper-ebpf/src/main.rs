@@ -9,7 +9,7 @@ use core::arch::asm;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -326,7 +326,9 @@ fn emit(ctx: &XdpContext, frame: &XdpFrame, pkt: &Packet, kind: u32, reason: Rea
     unsafe {
         (*ev).kind = kind;
         (*ev).ifindex = ctx.ingress_ifindex() as u32;
-        (*ev).ts_ns = now();
+        // The precise clock: events are rare, and the daemon times a
+        // knock from this stamp to its open gate.
+        (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).src = pkt.src(frame).bytes();
         (*ev).dst = pkt.dst(frame).bytes();
         (*ev).sport = pkt.sport;

@@ -5,6 +5,9 @@
 //!   userspace mean the same thing in the kernel. It advances once per
 //!   kernel tick; expiries and rate limits need no finer time, and the
 //!   program reads it in a fraction of what the precise clock costs.
+//! - CLOCK_MONOTONIC nanoseconds ([`precise_ns`]), which the XDP program
+//!   stamps the events it hands the daemon with (`bpf_ktime_get_ns`), to
+//!   time a knock from the wire to its open gate.
 //! - Unix seconds ([`unix_now`]), for what outlives a boot: knock
 //!   timestamps, enrollment expiries, the audit log.
 
@@ -16,6 +19,15 @@ pub fn now_ns() -> u64 {
     // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC_COARSE exists on
     // every Linux since 2.6.32.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Nanoseconds on CLOCK_MONOTONIC.
+pub fn precise_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

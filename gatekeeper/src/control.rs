@@ -140,6 +140,9 @@ pub struct Status {
     pub state_dir: String,
     /// Whether knocks are verified (the state is initialised).
     pub knocks: bool,
+    /// Whitelist entries in the gate at the daemon's last sweep.
+    #[serde(default)]
+    pub entries: u64,
     pub clients: ClientsStatus,
     pub tunnel_port: Option<u16>,
     pub tunnels: Vec<TunnelStatus>,

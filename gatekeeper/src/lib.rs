@@ -15,6 +15,7 @@
 //! - [`tunnels`]: publishing private services: tokens, the gateway's
 //!   listener, the agent.
 //! - [`audit`]: the audit trail, written by one thread, bounded.
+//! - [`metrics`]: what Prometheus scrapes: event counts and the status.
 //! - [`control`]: the daemon's control socket, and the CLI's side of it.
 //! - [`clock`]: monotonic nanoseconds for the gate, unix seconds for people.
 //! - [`private_file`]: files only their owner reads, written whole.
@@ -28,12 +29,16 @@ pub mod daemon;
 pub mod encrypted_file;
 pub mod gate;
 pub mod knock;
+pub mod metrics;
 pub mod portal;
 pub mod private_file;
 pub mod relay;
 pub mod spec;
 pub mod store;
 pub mod tunnels;
+
+/// The release and the git revision this binary was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GATEKEEPER_REVISION"), ")");
 
 /// An error and each of its causes, once each: `a: b: c`. For logs and
 /// audit lines, where `{}` alone would drop the causes.

@@ -207,3 +207,154 @@ fn refusals_past_the_threshold_are_summarized_rotated_and_reopened() -> Result<(
     );
     Ok(())
 }
+
+/// `gatekeeper audit ARGS --state-dir <lab state>`: reading files needs no
+/// namespace.
+fn audit_cli(lab: &Lab, args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(gatekeeper_tests::lab::gatekeeper_bin()?)
+        .arg("audit")
+        .args(args)
+        .arg("--state-dir")
+        .arg(lab.state_dir())
+        .output()?)
+}
+
+/// The JSON lines `gatekeeper audit ARGS --json` prints.
+fn audit_json(lab: &Lab, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let mut full = args.to_vec();
+    full.push("--json");
+    let out = audit_cli(lab, &full)?;
+    ensure!(
+        out.status.success(),
+        "audit {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+#[test]
+fn the_trail_is_searched_across_rotations_and_joined_with_the_device_journal() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.serve_tcp_echo(Role::Gateway, 22)?;
+    let alice = lab.enroll("alice", &["--allow", "tcp/22"])?;
+    let bob = lab.enroll("bob", &["--allow", "tcp/22"])?;
+    // Small files: the lines below span several rotations.
+    let (_daemon, _) = daemon_with(&lab, "[audit]\nmax_size = \"2KiB\"\nkeep = 9\n")?;
+
+    const ALICE: u16 = 6;
+    for i in 0..ALICE {
+        let out = lab.udp_knock(Role::Client, &alice, 22, Some(41000 + i), &[])?;
+        ensure!(out.status.success(), "{out:?}");
+    }
+    for i in 0..3 {
+        let out = lab.udp_knock(Role::Client, &bob, 22, Some(42000 + i), &[])?;
+        ensure!(out.status.success(), "{out:?}");
+    }
+    // A knock of alice's that goes nowhere: in her journal, not the trail.
+    let lost = lab.exec(
+        Role::Client,
+        &[
+            gatekeeper_tests::lab::gatekeeper_bin()?.to_str().context("utf-8")?,
+            "knock",
+            "--credential",
+            alice.to_str().context("utf-8")?,
+            "--server",
+            "10.77.0.250",
+            "--proto",
+            "tcp",
+            "--port",
+            "22",
+            "--via",
+            "udp",
+        ],
+    )?;
+    ensure!(lost.status.success(), "{lost:?}");
+    send_many(&lab, bad_tag_knock(&lab, &alice)?, 1)?;
+    ensure!(
+        eventually(Duration::from_secs(5), || Ok(audit_json(&lab, &["--event", "knock"])?
+            .len()
+            == ALICE as usize + 4))?,
+        "every knock that reached the daemon is in the trail: {:?}",
+        audit_json(&lab, &[])
+    );
+    let log = lab.state_dir().join("audit.log");
+    ensure!(
+        PathBuf::from(format!("{}.2", log.display())).exists(),
+        "the trail was rotated at least twice"
+    );
+
+    let accepted = audit_json(&lab, &["--client", "alice", "--result", "accepted"])?;
+    assert_eq!(accepted.len(), ALICE as usize, "{accepted:?}");
+    let ports: Vec<u64> = accepted
+        .iter()
+        .filter_map(|l| l["request"]["local_port"].as_u64())
+        .collect();
+    assert_eq!(ports, (41000..41000 + ALICE as u64).collect::<Vec<_>>(), "oldest first");
+    let forged = audit_json(&lab, &["--reason", "bad_tag"])?;
+    assert!(forged.len() == 1 && forged[0]["result"] == "rejected", "{forged:?}");
+    assert_eq!(audit_json(&lab, &["--client", "bob"])?.len(), 3);
+    assert_eq!(
+        audit_json(&lab, &["--since", "1h", "--event", "knock"])?.len(),
+        ALICE as usize + 4
+    );
+    assert!(audit_json(&lab, &["--since", "2999-01-01"])?.is_empty());
+
+    // The device's journal names each knock by the id the gateway audits.
+    let journal = alice.with_extension("knocks.jsonl");
+    let sent: Vec<serde_json::Value> = std::fs::read_to_string(&journal)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(sent.len(), ALICE as usize + 1, "{sent:?}");
+    let first_id = sent[0]["knock_id"].as_str().context("knock_id")?;
+    let one = audit_json(&lab, &["--knock-id", first_id])?;
+    assert!(one.len() == 1 && one[0]["request"]["local_port"] == 41000, "{one:?}");
+
+    // merge: what alice sent beside what the gateway decided.
+    let out = audit_cli(&lab, &["merge", journal.to_str().context("utf-8")?, "--json"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(merged.len(), ALICE as usize + 1);
+    for m in &merged[..ALICE as usize] {
+        assert_eq!(m["sent"]["outcome"], "sent", "{m}");
+        assert_eq!(m["gateway"][0]["result"], "accepted", "{m}");
+        assert_eq!(m["gateway"][0]["knock_id"], m["sent"]["knock_id"], "{m}");
+    }
+    let nowhere = &merged[ALICE as usize];
+    assert!(
+        nowhere["sent"]["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("10.77.0.250:"))
+            && nowhere["gateway"].as_array().is_some_and(|g| g.is_empty()),
+        "{nowhere}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 7 knocks have no gateway line"));
+
+    // A torn line (a crash mid-write, a hand edit) is named and skipped.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"time\": \"2026-"))?;
+    let out = audit_cli(&lab, &["--client", "bob"])?;
+    ensure!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout)?.lines().count(), 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 1 line(s) that are not audit JSON"));
+
+    // Bad input is named, with the forms that work.
+    let out = audit_cli(&lab, &["--since", "yesterday"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"yesterday\"") && err.contains("30m"),
+        "{err}"
+    );
+    let out = audit_cli(&lab, &["merge", log.to_str().context("utf-8")?])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds no knocks"), "{err}");
+    Ok(())
+}

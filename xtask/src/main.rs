@@ -135,6 +135,8 @@ fn test() -> Result<()> {
                 "--test",
                 "audit_lab",
                 "--test",
+                "metrics_lab",
+                "--test",
                 "flood_lab",
                 "--test",
                 "interfaces_lab",

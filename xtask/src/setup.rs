@@ -36,6 +36,7 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "tshark",
     "stunnel4",
+    "prometheus",
     // Perl and make build Tongsuo, the channel tests' SM peer.
     "perl",
     "make",

@@ -11,9 +11,15 @@
 //! line each, and the file is rotated by size. A flood therefore costs a
 //! few lines a second, not one per packet.
 //!
+//! Each event is also counted for the metrics endpoint as it is queued
+//! (see [`crate::metrics`]), so a flood the file only summarizes is
+//! counted in full.
+//!
 //! - [`writer`]: the thread that owns the file: batching, rotation, reopen.
 //! - [`summary`]: the per-second count of refusals past the threshold.
+//! - [`query`]: reading the trail back, and joining a device's journal.
 
+pub mod query;
 pub mod summary;
 pub mod writer;
 
@@ -31,8 +37,9 @@ use serde_json::{Value, json};
 use tracing::{debug, info};
 
 use crate::{
-    clock::{rfc3339, unix_now},
+    clock::{self, rfc3339, unix_now},
     knock::verify::{Checked, Knock},
+    metrics::Events,
     store::config::AuditSettings,
 };
 
@@ -85,6 +92,7 @@ pub struct Audit {
     tx: Sender<Entry>,
     counters: Arc<Counters>,
     path: String,
+    events: Arc<Events>,
 }
 
 /// What came of an authenticated knock's grant.
@@ -110,14 +118,16 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Audit {
-    /// Opens (creating, 0600) the file and starts the writer thread.
-    pub fn start(settings: &AuditSettings) -> std::io::Result<(Audit, writer::Writer)> {
+    /// Opens (creating, 0600) the file and starts the writer thread; each
+    /// event is counted into `events` too.
+    pub fn start(settings: &AuditSettings, events: Arc<Events>) -> std::io::Result<(Audit, writer::Writer)> {
         let counters = Arc::new(Counters::default());
         let (tx, writer) = writer::Writer::start(settings, counters.clone())?;
         let audit = Audit {
             tx,
             counters,
             path: settings.path.display().to_string(),
+            events,
         };
         Ok((audit, writer))
     }
@@ -136,6 +146,10 @@ impl Audit {
     /// Records an event that is not a knock (revocations, problems with
     /// the state, tunnel sessions and connections).
     pub fn event(&self, event: &str, fields: Value) {
+        let result = ["result", "why"]
+            .iter()
+            .find_map(|k| fields.get(k).and_then(Value::as_str));
+        self.events.event(event, result.unwrap_or(""));
         let mut line = json!({"time": rfc3339(unix_now()), "event": event});
         if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {
             obj.extend(extra);
@@ -177,6 +191,14 @@ impl Audit {
             // Who still knocks with the key a rotation replaced.
             line["server_key"] = json!("previous");
         }
+        let (result, reason) = match (&checked.outcome, &opened) {
+            (Ok(_), Some(Opened::Failed(_))) => ("failed", "gate_write_failed"),
+            (Ok(_), _) => ("accepted", ""),
+            (Err(r), _) => ("rejected", r.code()),
+        };
+        let opened_in = matches!(opened, Some(Opened::Entry { .. }))
+            .then(|| clock::precise_ns().saturating_sub(knock.seen_ns) as f64 / 1e9);
+        self.events.knock(knock.carrier.name(), result, reason, opened_in);
         match &opened {
             Some(Opened::Entry {
                 src_port,
@@ -190,8 +212,8 @@ impl Audit {
                 }
             }
             Some(Opened::Failed(why)) => {
-                line["result"] = json!("failed");
-                line["reason"] = json!("gate_write_failed");
+                line["result"] = json!(result);
+                line["reason"] = json!(reason);
                 line["detail"] = json!(why);
                 line["opened"] = Value::Null;
             }
@@ -199,7 +221,7 @@ impl Audit {
         }
         match &checked.outcome {
             Ok(_) => {
-                info!(target: "audit", event = "knock", result = line["result"].as_str().unwrap_or(""), client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
+                info!(target: "audit", event = "knock", result, client = checked.client.as_deref().unwrap_or(""), src = %knock.src, "{line}");
                 self.queue(Entry::Line(line));
             }
             Err(r) => {
@@ -224,6 +246,7 @@ impl Audit {
     pub fn portal(&self, conn: &Knock, checked: Option<&Checked>, upstream: Option<&str>) {
         let mut line = Audit::knock_line("portal", conn, checked);
         let decision = if upstream.is_some() { "upstream" } else { "guidance" };
+        self.events.portal(decision);
         line["decision"] = json!(decision);
         line["upstream"] = json!(upstream);
         debug!(target: "audit", event = "portal", decision, src = %conn.src, "{line}");
@@ -245,6 +268,7 @@ impl Audit {
     /// Records a refusal that happens before anything is known of the
     /// sender (a portal connection over its source's limits).
     pub fn refused(&self, event: &str, reason: &'static str, src: IpAddr, fields: Value) {
+        self.events.event(event, "rejected");
         let mut line =
             json!({"time": rfc3339(unix_now()), "event": event, "src": src, "result": "rejected", "reason": reason});
         if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {

@@ -265,7 +265,7 @@ mod tests {
     #[test]
     fn many_writers_make_whole_lines_and_floods_make_summaries() {
         let (s, dir) = settings("flood", 1 << 30, 10);
-        let (audit, writer) = Audit::start(&s).unwrap();
+        let (audit, writer) = Audit::start(&s, Default::default()).unwrap();
         let started = Instant::now();
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn rotation_keeps_the_newest_files_and_reopen_follows_logrotate() {
         let (s, dir) = settings("rotate", 4096, 1000);
-        let (audit, writer) = Audit::start(&s).unwrap();
+        let (audit, writer) = Audit::start(&s, Default::default()).unwrap();
         for i in 0..200 {
             audit.event("test", json!({"i": i, "pad": "y".repeat(100)}));
             audit.flush(Duration::from_secs(5));

@@ -131,8 +131,8 @@ pub async fn run(
     ready: impl FnOnce(&Running),
 ) -> Result<(), ChannelError> {
     let dir = &channels.credentials;
-    let (audit, writer) =
-        Audit::start(&channels.audit).map_err(|e| ChannelError::Audit(channels.audit.path.clone(), e))?;
+    let (audit, writer) = Audit::start(&channels.audit, Default::default())
+        .map_err(|e| ChannelError::Audit(channels.audit.path.clone(), e))?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut captured = Vec::new();
     let mut listening = Vec::new();

@@ -14,7 +14,7 @@ use gatekeeper::{
     spec::{PortRange, Proto},
 };
 
-use super::knocker;
+use super::{JournalArg, knocker};
 
 /// Send one knock: ask the gateway to open ports to this machine.
 ///
@@ -44,10 +44,12 @@ pub struct Knock {
     /// How the knock travels [default: syn for tcp, udp otherwise].
     #[arg(long, value_enum)]
     via: Option<Carrier>,
+    #[command(flatten)]
+    journal: JournalArg,
 }
 
 pub fn knock(args: Knock) -> Result<()> {
-    let k = knocker(&args.credential)?;
+    let k = knocker(&args.credential, &args.journal)?;
     let server = k.server(args.server)?;
     let via = args.via.unwrap_or(if args.proto == Proto::Tcp {
         Carrier::Syn
@@ -118,13 +120,15 @@ pub struct Connect {
     /// How long each connection attempt may take.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = gatekeeper::spec::duration)]
     timeout: Duration,
+    #[command(flatten)]
+    journal: JournalArg,
 }
 
 pub fn connect(args: Connect) -> Result<()> {
     if args.portal {
-        return super::portal::connect(&args.credential, &args.target, args.fingerprint);
+        return super::portal::connect(&args.credential, &args.journal, &args.target, args.fingerprint);
     }
-    let k = knocker(&args.credential)?;
+    let k = knocker(&args.credential, &args.journal)?;
     let target = args
         .target
         .to_socket_addrs()

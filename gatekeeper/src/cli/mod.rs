@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch: the binary's edge, where typed
 //! errors become one-line messages.
 
+mod audit;
 mod channel;
 mod enroll;
 mod interfaces;
@@ -21,7 +22,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gatekeeper::{
     control::{self, Applied, ControlError, Reply, Request},
-    knock::{credential::Credential, send::Knocker},
+    knock::{credential::Credential, journal::Journal, send::Knocker},
     store::{
         Store,
         cluster::ClusterStore,
@@ -38,7 +39,7 @@ use gatekeeper::{
 /// running; `client` and `tunnel` change the state directory and have the
 /// running daemon confirm it applied the change.
 #[derive(Parser, Debug)]
-#[command(name = "gatekeeper", version, propagate_version = true)]
+#[command(name = "gatekeeper", version = gatekeeper::VERSION, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,6 +56,7 @@ enum Command {
     #[command(subcommand)]
     Allow(maps::Allow),
     Stats(maps::Stats),
+    Audit(audit::AuditArgs),
     Init(enroll::Init),
     RotateKey(enroll::RotateKey),
     Keygen(enroll::Keygen),
@@ -133,6 +135,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Whitelist(w) => maps::whitelist(w),
         Command::Allow(a) => maps::allow(a),
         Command::Stats(s) => maps::stats(s),
+        Command::Audit(a) => audit::audit(a),
         Command::Init(i) => enroll::init(i),
         Command::RotateKey(r) => enroll::rotate_key(r),
         Command::Keygen(k) => enroll::keygen(k),
@@ -196,10 +199,36 @@ impl StateArg {
     }
 }
 
-/// The knocker for the credential file at `path`.
-pub fn knocker(path: &Path) -> Result<Knocker> {
+/// Where a device records the knocks it sends.
+#[derive(Args, Debug, Clone)]
+pub struct JournalArg {
+    /// Record each knock sent (time, knock id, target, what came of it)
+    /// in FILE, for `gatekeeper audit merge` on the gateway [default:
+    /// beside the credential, NAME.knocks.jsonl].
+    #[arg(long, value_name = "FILE")]
+    knock_log: Option<PathBuf>,
+    /// Keep no record of the knocks sent.
+    #[arg(long, conflicts_with = "knock_log")]
+    no_knock_log: bool,
+}
+
+impl JournalArg {
+    fn journal(&self, credential: &Path) -> Option<Journal> {
+        match (&self.knock_log, self.no_knock_log) {
+            (_, true) => None,
+            (Some(path), false) => Some(Journal::new(path.clone())),
+            (None, false) => Some(Journal::beside(credential)),
+        }
+    }
+}
+
+/// The knocker for the credential file at `path`, recording its knocks
+/// where `journal` says.
+pub fn knocker(path: &Path, journal: &JournalArg) -> Result<Knocker> {
     let cred = Credential::load(path)?;
-    Knocker::new(cred).with_context(|| format!("the credential {}", path.display()))
+    Ok(Knocker::new(cred)
+        .with_context(|| format!("the credential {}", path.display()))?
+        .with_journal(journal.journal(path)))
 }
 
 /// What the running daemon said about a change just written.

@@ -13,7 +13,7 @@ use gatekeeper::portal::connector::PortalClient;
 use rustls::pki_types::ServerName;
 use tunnel::tls::Fingerprint;
 
-use super::{LogFormat, knocker};
+use super::{JournalArg, LogFormat, knocker};
 
 /// Listen locally and carry every connection to a portal, authorized.
 ///
@@ -46,17 +46,20 @@ pub struct PortalArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    journal: JournalArg,
 }
 
 /// The client for the portal at `target`, pinned to `fingerprint` or the
 /// credential's, asking for `sni` or else `target`'s host name.
 pub fn client(
     credential: &Path,
+    journal: &JournalArg,
     target: &str,
     fingerprint: Option<Fingerprint>,
     sni: Option<String>,
 ) -> Result<PortalClient> {
-    let k = knocker(credential)?;
+    let k = knocker(credential, journal)?;
     let portal = target
         .to_socket_addrs()
         .with_context(|| format!("resolving the portal {target:?} (expected HOST:PORT)"))?
@@ -85,7 +88,13 @@ pub fn client(
 
 pub fn portal(args: PortalArgs) -> Result<()> {
     super::init_logging(args.log_format);
-    let client = Arc::new(client(&args.credential, &args.portal, args.fingerprint, args.sni)?);
+    let client = Arc::new(client(
+        &args.credential,
+        &args.journal,
+        &args.portal,
+        args.fingerprint,
+        args.sni,
+    )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,8 +118,8 @@ pub fn portal(args: PortalArgs) -> Result<()> {
 }
 
 /// `connect --portal`: one session over stdin/stdout.
-pub fn connect(credential: &Path, target: &str, fingerprint: Option<Fingerprint>) -> Result<()> {
-    let client = client(credential, target, fingerprint, None)?;
+pub fn connect(credential: &Path, journal: &JournalArg, target: &str, fingerprint: Option<Fingerprint>) -> Result<()> {
+    let client = client(credential, journal, target, fingerprint, None)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

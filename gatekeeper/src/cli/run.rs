@@ -134,6 +134,11 @@ pub struct RunArgs {
     /// for it. Needs --cluster (one gateway is a cluster of one).
     #[arg(long, value_name = "ADDR:PORT")]
     relay_http: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g.
+    /// 127.0.0.1:9477; `[metrics] listen`). Anyone who reaches it may
+    /// read them: keep it on loopback or a management network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -165,6 +170,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         node: args.node,
         advertise: args.advertise,
         relay_listen: args.relay_http,
+        metrics_listen: args.metrics,
     };
     let files = FileStore::new(&args.state_dir);
     let own = files.config_path();

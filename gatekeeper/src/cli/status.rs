@@ -78,6 +78,7 @@ fn print(s: &Status) {
         );
     }
     println!("protects: {}", s.protect);
+    println!("entries:  {} in the whitelist at the last sweep", s.entries);
     println!("state:    {}", s.state_dir);
     if s.knocks {
         println!(

@@ -54,6 +54,10 @@ use crate::{
         sweeper,
     },
     knock::{ask::Ask, note::KeyNote},
+    metrics::{
+        Events,
+        server::{self as metrics_server, MetricsError},
+    },
     portal::listener::{Portal, PortalError},
     relay::gateway::{RelayError, RelayGateway},
     spec::{PortRange, PortSet, Proto},
@@ -72,6 +76,8 @@ use knock_service::KnockService;
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error(transparent)]
     Pin(#[from] PinError),
     #[error(transparent)]
@@ -161,6 +167,8 @@ struct Daemon {
     node: Option<Node>,
     /// The cluster's grants were lost since the last time they were read.
     cluster_lost: bool,
+    /// Whitelist entries in the gate at the last sweep.
+    entries: u64,
 }
 
 /// A cluster node: the shared store, and what the node last reported
@@ -181,7 +189,7 @@ impl Node {
                 applied: 0,
                 seen_ms: 0,
                 pid: std::process::id(),
-                release: env!("CARGO_PKG_VERSION").into(),
+                release: crate::VERSION.into(),
                 started: unix_now(),
                 advertise,
                 tunnels: Vec::new(),
@@ -289,8 +297,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let mut first_change = None;
     let mut cluster_events = None;
     let mut portals = Vec::new();
+    let events = Arc::new(Events::default());
+    let metrics = match settings.metrics_listen {
+        Some(addr) => Some(metrics_server::bind(addr).await?),
+        None => None,
+    };
     if initialised {
-        let (audit, _writer) = Audit::start(&settings.audit).map_err(|source| DaemonError::Audit {
+        let (audit, _writer) = Audit::start(&settings.audit, events.clone()).map_err(|source| DaemonError::Audit {
             path: settings.audit.path.clone(),
             source,
         })?;
@@ -387,6 +400,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         keys_pending: None,
         node: cluster,
         cluster_lost: false,
+        entries: 0,
     };
     if let Some(change) = first_change {
         // The enrolled key ids are in the gate before the config tells a
@@ -422,6 +436,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     );
     for (portal, listener) in portals {
         tokio::spawn(portal.serve(listener));
+    }
+    if let Some(listener) = metrics {
+        tokio::spawn(metrics_server::serve(listener, events, control_tx.clone()));
     }
 
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
@@ -478,8 +495,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 if !pins::has_links(&dir) {
                     break Exit::Detached;
                 }
-                if let Err(e) = sweeper::sweep(&daemon.gate, idle_ns) {
-                    warn!(error = %error_chain(&e), "sweep failed; retrying next tick");
+                match sweeper::sweep(&daemon.gate, idle_ns) {
+                    Ok(swept) => daemon.entries = swept.entries_live as u64,
+                    Err(e) => warn!(error = %error_chain(&e), "sweep failed; retrying next tick"),
                 }
                 if let Some(k) = daemon.knocks.as_mut() {
                     k.service.sweep(&daemon.gate);
@@ -766,7 +784,7 @@ impl Daemon {
         };
         Status {
             pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::VERSION.into(),
             started: self.started,
             gate: s.gate.clone(),
             pin_dir: s.pin_dir.display().to_string(),
@@ -776,6 +794,7 @@ impl Daemon {
             protect: gated_ports(s, self.knocks.is_some()).to_string(),
             state_dir: s.state_dir.display().to_string(),
             knocks: self.knocks.is_some(),
+            entries: self.entries,
             clients,
             tunnel_port,
             tunnels,

@@ -356,11 +356,14 @@ impl Gate {
         Ok(removed)
     }
 
-    /// Removes entries that are past their TTL and idle; returns them.
-    pub fn whitelist_sweep(&self, now: u64, idle_ns: u64) -> Result<Vec<WhitelistEntry>, GateError> {
+    /// Removes entries that are past their TTL and idle; returns them and
+    /// how many entries it left.
+    pub fn whitelist_sweep(&self, now: u64, idle_ns: u64) -> Result<(Vec<WhitelistEntry>, usize), GateError> {
         let mut map = self.whitelist_map()?;
         let mut gone = Vec::new();
-        for entry in self.whitelist()? {
+        let listed = self.whitelist()?;
+        let count = listed.len();
+        for entry in listed {
             // Re-read: the XDP program may have refreshed it since the listing.
             let Ok(fresh) = map.get(&entry.key, 0) else {
                 continue;
@@ -372,7 +375,8 @@ impl Gate {
                 });
             }
         }
-        Ok(gone)
+        let live = count - gone.len();
+        Ok((gone, live))
     }
 
     /// Every allowlist prefix with its expiry.

@@ -55,6 +55,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
                 dport: ev.dport,
                 carrier,
                 payload: ev.payload[..len].to_vec(),
+                seen_ns: ev.ts_ns,
             }))
         }
         EVENT_AUDIT_SAMPLE => Some(Record::AuditSample {

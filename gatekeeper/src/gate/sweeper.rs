@@ -7,10 +7,19 @@ use tracing::info;
 use super::maps::{Gate, GateError, key_tuple, spans_text};
 use crate::clock;
 
-/// Sweeps once; returns how many whitelist entries and prefixes went.
-pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
+/// What one sweep found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    pub entries_expired: usize,
+    pub prefixes_expired: usize,
+    /// Whitelist entries left in the gate.
+    pub entries_live: usize,
+}
+
+/// Sweeps once.
+pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<Swept, GateError> {
     let now = clock::now_ns();
-    let gone = gate.whitelist_sweep(now, idle_ns)?;
+    let (gone, entries_live) = gate.whitelist_sweep(now, idle_ns)?;
     for e in &gone {
         let tuple = key_tuple(&e.key)
             .map(|t| t.to_string())
@@ -26,5 +35,9 @@ pub fn sweep(gate: &Gate, idle_ns: u64) -> Result<(usize, usize), GateError> {
     for p in &prefixes {
         info!(event = "allowlist_expired", prefix = %p, "allowlist prefix expired");
     }
-    Ok((gone.len(), prefixes.len()))
+    Ok(Swept {
+        entries_expired: gone.len(),
+        prefixes_expired: prefixes.len(),
+        entries_live,
+    })
 }

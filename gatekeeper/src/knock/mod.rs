@@ -11,10 +11,12 @@
 //! - [`ask`]: the question a listener that finds knocks outside the XDP
 //!   ring (the portal) puts to the daemon's knock service, and its answer.
 //! - [`send`]: the client side: sealing, sending, knock-then-connect.
+//! - [`journal`]: the device's record of the knocks it sent.
 
 pub mod ask;
 pub mod credential;
 pub mod enrollment;
+pub mod journal;
 pub mod keys;
 pub mod note;
 pub mod payload;

@@ -32,6 +32,9 @@ pub struct Knock {
     pub carrier: Carrier,
     /// The knock packet (prefix, key id, ciphertext, nonce).
     pub payload: Vec<u8>,
+    /// When it arrived ([`crate::clock::precise_ns`]): the gate's stamp,
+    /// or when the portal read its ClientHello.
+    pub seen_ns: u64,
 }
 
 /// One enrolled client, ready to verify: its session keys are derived once.
@@ -568,6 +571,7 @@ mod tests {
             dport: 62201,
             carrier,
             payload,
+            seen_ns: 0,
         }
     }
 

@@ -3,7 +3,11 @@
 //! gateway's certificate, and carries one local stream (a browser's, curl's,
 //! ssh's stdio) to the upstream.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -19,7 +23,10 @@ use super::{
     stream::{Knocking, Seal},
 };
 use crate::{
-    knock::send::{ClientError, Knocker, Request},
+    knock::{
+        Carrier,
+        send::{ClientError, Knocker, Request},
+    },
     spec::{PortRange, Proto},
 };
 
@@ -64,19 +71,37 @@ impl PortalClient {
         };
         let payload = self.knocker.payload_from(self.portal.ip(), &request, local);
         let knocker = self.knocker.clone();
+        // The knock sealed for this ClientHello, kept for the journal.
+        let sealed = Arc::new(Mutex::new(None));
+        let keep = sealed.clone();
         let seal: Seal = Box::new(move |record| {
-            knocker
+            let packet = knocker
                 .seal_with_nonce(&payload, &binding_nonce(record))
-                .map_err(io::Error::other)
+                .map_err(io::Error::other)?;
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(packet.clone());
+            Ok(packet)
         });
         let name = self
             .sni
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(self.portal.ip().into()));
-        self.connector
+        let session = self
+            .connector
             .connect(name, Knocking::new(seal, tcp))
             .await
-            .map_err(PinMismatch::explain)
+            .map_err(PinMismatch::explain);
+        let packet = sealed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(packet) = packet {
+            let outcome = if session.is_ok() { "tls_established" } else { "failed" };
+            self.knocker.record(
+                &packet,
+                Carrier::ClientHello,
+                self.portal.to_string(),
+                &request,
+                outcome,
+            );
+        }
+        session
     }
 
     /// Carries `local` to the upstream until both sides end; returns the

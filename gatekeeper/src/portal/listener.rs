@@ -292,6 +292,7 @@ impl Portal {
             dport: local.port(),
             carrier: Carrier::ClientHello,
             payload,
+            seen_ns: crate::clock::precise_ns(),
         };
         // The knock service decides while the handshake goes on: its answer
         // is needed only once the session is up, so checking the knock

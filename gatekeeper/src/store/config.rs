@@ -116,6 +116,8 @@ pub struct Overrides {
     pub advertise: Option<IpAddr>,
     /// `--relay-http`.
     pub relay_listen: Option<SocketAddr>,
+    /// `--metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The `--portal*` flags.
@@ -158,6 +160,15 @@ pub struct ConfigFile {
     cluster: ClusterSection,
     #[serde(default)]
     relay: RelaySection,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+/// `[metrics]`: where Prometheus scrapes the daemon.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<SocketAddr>,
 }
 
 /// `[relay]`: HTTP services agents publish through the cluster's Redis.
@@ -324,6 +335,11 @@ impl ConfigFile {
     }
 
     /// `[cluster] url`: the Redis server of the cluster this gateway is in.
+    /// Where the audit trail is written for the state in `state_dir`.
+    pub fn audit_path(&self, state_dir: &Path) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| state_dir.join(AUDIT_LOG))
+    }
+
     pub fn cluster_url(&self) -> Option<&str> {
         self.cluster.url.as_deref()
     }
@@ -457,6 +473,8 @@ pub struct Settings {
     pub cluster: Option<ClusterSettings>,
     /// The relay's public HTTP side; none: not served here.
     pub relay: Option<RelaySettings>,
+    /// Where `/metrics` is served (`[metrics] listen`, `--metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How a node serves relayed hosts and keeps their sessions fresh.
@@ -598,7 +616,7 @@ impl Settings {
             }
         };
         let audit = AuditSettings {
-            path: f.audit.path.clone().unwrap_or_else(|| state_dir.join(AUDIT_LOG)),
+            path: f.audit_path(state_dir),
             max_bytes: f.audit.max_size.unwrap_or(DEFAULT_AUDIT_MAX_BYTES),
             keep: f.audit.keep.unwrap_or(DEFAULT_AUDIT_KEEP),
             refusals_per_sec: f.audit.refusals_per_sec.unwrap_or(DEFAULT_AUDIT_REFUSALS_PER_SEC),
@@ -677,6 +695,7 @@ impl Settings {
                 after: f.tunnel.rekey_after.unwrap_or(Rekey::default().after),
             },
             tunnel_idle_timeout: f.tunnel.idle_timeout,
+            metrics_listen: cli.metrics_listen.or(f.metrics.listen),
         })
     }
 
@@ -799,6 +818,9 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             rotate_bytes: pick(over.relay.rotate_bytes, base.relay.rotate_bytes),
             rotate_messages: pick(over.relay.rotate_messages, base.relay.rotate_messages),
             grace: pick(over.relay.grace, base.relay.grace),
+        },
+        metrics: MetricsSection {
+            listen: pick(over.metrics.listen, base.metrics.listen),
         },
     }
 }

@@ -79,10 +79,17 @@ fn main() -> Result<()> {
 
     step(
         3,
-        "The gate starts on the gateway's NIC, protecting ssh and the web ports, with a TLS portal on 443 in front of web",
+        "The gate starts on the gateway's NIC, protecting ssh and the web ports, with a TLS portal on 443 in front of web and Prometheus metrics on loopback",
     );
     let protect = "tcp/22,tcp/8000-8100";
-    let portal = ["--portal", "10.77.0.1:443", "--portal-upstream", "127.0.0.1:8080"];
+    let portal = [
+        "--portal",
+        "10.77.0.1:443",
+        "--portal-upstream",
+        "127.0.0.1:8080",
+        "--metrics",
+        "127.0.0.1:9477",
+    ];
     println!("$ gatekeeper run --iface gw0 --protect {protect} {}", portal.join(" "));
     let mut args = vec!["--protect", protect];
     args.extend(portal);
@@ -314,9 +321,33 @@ fn main() -> Result<()> {
     );
     show("gatekeeper status", &lab.state_cli(&["status"])?);
 
-    step(14, "What the gate holds and what it did");
+    step(
+        14,
+        "What the gate holds and what it did: the maps, the audit trail searched, the metrics Prometheus reads",
+    );
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
     show("gatekeeper stats", &lab.cli_ok(&["stats"])?);
+    show(
+        "gatekeeper audit --client laptop --result accepted --limit 3",
+        &lab.state_cli(&["audit", "--client", "laptop", "--result", "accepted", "--limit", "3"])?,
+    );
+    let scrape = lab.exec(
+        Role::Gateway,
+        &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:9477/metrics"],
+    )?;
+    let wanted = [
+        "gatekeeper_knocks_total",
+        "gatekeeper_knock_open_seconds_count",
+        "gatekeeper_portal_sessions_total",
+        "gatekeeper_whitelist_entries",
+    ];
+    let picked: String = String::from_utf8_lossy(&scrape.stdout)
+        .lines()
+        .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    ensure!(!picked.is_empty(), "the metrics endpoint served nothing");
+    show("curl -s http://127.0.0.1:9477/metrics | grep ...", &picked);
 
     step(15, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);

@@ -18,6 +18,7 @@ use x25519_dalek::PublicKey;
 use super::{
     Carrier,
     credential::Credential,
+    journal::{Journal, target_text},
     keys::{self, KeyError, KeyId, SessionKey},
     payload::Payload,
     wire::{self, NONCE_LEN, WireError},
@@ -79,6 +80,8 @@ pub struct Knocker {
     /// The gateway's address as last resolved, and when: a long-running
     /// client resolves its name again after [`RESOLVED_FOR`].
     resolved: Mutex<Option<(Instant, IpAddr)>>,
+    /// Where each knock sent is recorded, if anywhere.
+    journal: Option<Journal>,
 }
 
 /// How long a resolved gateway name is used before it is resolved again.
@@ -119,7 +122,26 @@ impl Knocker {
             key,
             hostname: hostname(),
             resolved: Mutex::new(None),
+            journal: None,
         })
+    }
+
+    /// Records every knock sent in `journal`.
+    pub fn with_journal(mut self, journal: Option<Journal>) -> Knocker {
+        self.journal = journal;
+        self
+    }
+
+    /// Records the knock `packet` sent to `target` asking for `req`, and
+    /// what the device saw come of it.
+    pub fn record(&self, packet: &[u8], via: Carrier, target: String, req: &Request, outcome: &str) {
+        if let Some(j) = &self.journal {
+            let request = match req.proto {
+                Proto::Icmp => "icmp".to_string(),
+                p => format!("{p}/{}", req.ports),
+            };
+            j.record(packet, &self.cred.name, via, target, request, outcome);
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -214,8 +236,17 @@ impl Knocker {
         self.seal(&self.payload(server, req, local_port)?)
     }
 
-    /// Sends one knock; returns the source port it left from (0 for echo).
+    /// Sends one knock and records it as `sent`; returns the source port
+    /// it left from (0 for echo).
     pub fn send(&self, server: IpAddr, req: &Request, via: Carrier) -> Result<u16, ClientError> {
+        let (port, packet, target) = self.transmit(server, req, via)?;
+        self.record(&packet, via, target, req, "sent");
+        Ok(port)
+    }
+
+    /// Sends one knock; the source port it left from (0 for echo), the
+    /// packet, and where it went.
+    fn transmit(&self, server: IpAddr, req: &Request, via: Carrier) -> Result<(u16, Vec<u8>, String), ClientError> {
         match via {
             Carrier::Udp => {
                 let io = |source| ClientError::Io {
@@ -231,19 +262,19 @@ impl Knocker {
                 let port = sock.local_addr().map_err(io)?.port();
                 let packet = self.build(server, req, req.source_port.unwrap_or(0))?;
                 sock.send_to(&packet, (server, self.cred.knock_port)).map_err(io)?;
-                Ok(port)
+                Ok((port, packet, target_text(server, Some(self.cred.knock_port))))
             }
             Carrier::Icmp => {
                 let packet = self.build(server, req, 0)?;
                 raw::send_echo(server, &packet)?;
-                Ok(0)
+                Ok((0, packet, target_text(server, None)))
             }
             Carrier::ClientHello => Err(ClientError::NotAPacket),
             Carrier::Syn => {
                 let sport = req.source_port.unwrap_or_else(raw::ephemeral_port);
                 let packet = self.build(server, req, sport)?;
                 raw::send_syn(local_addr_for(server)?, sport, server, req.ports.lo, &packet)?;
-                Ok(sport)
+                Ok((sport, packet, target_text(server, Some(req.ports.lo))))
             }
         }
     }
@@ -299,10 +330,17 @@ impl Knocker {
                 },
                 source_port: Some(sport),
             };
-            self.send(target.ip(), &req, via)?;
+            let (_, packet, sent_to) = self.transmit(target.ip(), &req, via)?;
             // The gateway opens within a few milliseconds of the knock.
             std::thread::sleep(Duration::from_millis(20));
-            if let Some(s) = connect_from(target, sport, timeout)? {
+            let connected = connect_from(target, sport, timeout);
+            let outcome = match &connected {
+                Ok(Some(_)) => "connected",
+                Ok(None) => "no_answer",
+                Err(_) => "failed",
+            };
+            self.record(&packet, via, sent_to, &req, outcome);
+            if let Some(s) = connected? {
                 return Ok(Some(s));
             }
         }

@@ -131,6 +131,7 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
                 dport: KNOCK_PORT,
                 carrier: Carrier::Udp,
                 payload: k.seal(&payload)?,
+                seen_ns: 0,
             })
         })
         .collect::<Result<_>>()?;
