@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up the machine, build, test, demo and benchmark.
 
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -40,6 +41,10 @@ enum Task {
         #[arg(default_value = "gate")]
         suite: String,
     },
+    /// Build the Debian package (target/debian/gatekeeper_*.deb): the
+    /// release binary, systemd units, the default config, the guidance
+    /// page, man pages, shell completions and the docs.
+    Package,
 }
 
 fn main() {
@@ -70,6 +75,10 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             cargo(&["build", "--release", "-p", "gatekeeper"])?;
             cargo(&["run", "--release", "-q", "-p", "gatekeeper-tests", "--bin", "demo"])
+        }
+        Task::Package => {
+            setup::run()?;
+            package::build("release").map(drop)
         }
         Task::Bench { suite } => {
             require_root("the benchmarks load XDP programs and create network namespaces")?;
@@ -137,6 +146,8 @@ fn test() -> Result<()> {
                 "--test",
                 "metrics_lab",
                 "--test",
+                "package_lab",
+                "--test",
                 "flood_lab",
                 "--test",
                 "interfaces_lab",
@@ -170,6 +181,10 @@ fn test() -> Result<()> {
         println!("\n==> fuzz (short run): cargo {}", args.join(" "));
         rustup_cargo(&args)?;
     }
+    // The package the package test installs: the debug build the other
+    // end-to-end tests run, packed as `cargo xtask package` packs a release.
+    println!("\n==> Debian package (debug build)");
+    package::build("dev")?;
     for (name, args) in late {
         println!("\n==> {name}: cargo {}", args.join(" "));
         cargo(args)?;

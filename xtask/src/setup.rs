@@ -37,6 +37,9 @@ const PACKAGES: &[&str] = &[
     "tshark",
     "stunnel4",
     "prometheus",
+    // The package test: `man -w` and `systemd-analyze verify`.
+    "man-db",
+    "systemd",
     // Perl and make build Tongsuo, the channel tests' SM peer.
     "perl",
     "make",
@@ -46,6 +49,7 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    cargo_deb()?;
     packages()?;
     Ok(())
 }
@@ -74,6 +78,18 @@ fn cargo_fuzz() -> Result<()> {
     }
     println!("setup: installing cargo-fuzz (for the fuzzing tier)");
     status("cargo", &["install", "cargo-fuzz", "--locked"], &[])
+}
+
+fn cargo_deb() -> Result<()> {
+    if Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb (for the Debian package)");
+    status("cargo", &["install", "cargo-deb", "--locked"], &[])
 }
 
 fn output(cmd: &str, args: &[&str]) -> Result<String> {

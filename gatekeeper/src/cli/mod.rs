@@ -4,6 +4,7 @@
 mod audit;
 mod channel;
 mod enroll;
+mod generate;
 mod interfaces;
 mod knock;
 mod maps;
@@ -76,6 +77,8 @@ enum Command {
     RelayAgent(relay::RelayAgent),
     #[command(subcommand)]
     Channel(channel::Channel),
+    #[command(subcommand)]
+    Generate(generate::Generate),
 }
 
 /// Log format on stderr, for the long-running commands.
@@ -151,6 +154,17 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Relay(r) => relay::relay(r),
         Command::RelayAgent(a) => relay::relay_agent(a),
         Command::Channel(c) => channel::channel(c),
+        Command::Generate(g) => generate::generate(g),
+    }
+}
+
+/// The exit status for an error: 4 when a tunnel agent was refused for
+/// good (revoked, re-issued, a wrong pin), so a service manager knows a
+/// restart cannot help (`RestartPreventExitStatus=4`); 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    match e.downcast_ref::<gatekeeper::tunnels::agent::AgentError>() {
+        Some(gatekeeper::tunnels::agent::AgentError::Refused(_)) => std::process::ExitCode::from(4),
+        _ => std::process::ExitCode::FAILURE,
     }
 }
 

@@ -120,6 +120,8 @@ pub enum Tunnel {
 /// when stopped: on SIGTERM or Ctrl-C it says goodbye to the gateway first,
 /// and `agent --stop` ends the session from anywhere that has the token.
 /// The gateway audits either as "agent disconnected by its operator".
+/// Exits 0 when stopped, 4 when the gateway refused it for good (revoked,
+/// re-issued, a certificate other than the pinned one), 1 on other errors.
 ///
 /// Example: gatekeeper agent --token-file web.token --forward 127.0.0.1:8080
 #[derive(Args, Debug)]
