@@ -48,6 +48,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 /// A lab whose gateway runs an HTTP server on loopback and the daemon with
 /// the portal in front of it; `laptop` may use the portal.
+const WINDOWS_DOWNLOAD: &str = "https://downloads.example/gatekeeper.exe";
+
 fn setup() -> Result<(Lab, Daemon, PathBuf, ChildGuard)> {
     let lab = Lab::new()?;
     let cred = lab.enroll("laptop", &["--allow", "tcp/443"])?;
@@ -72,7 +74,24 @@ fn setup() -> Result<(Lab, Daemon, PathBuf, ChildGuard)> {
             .is_ok()))?,
         "the upstream HTTP server never came up"
     );
-    let mut daemon = lab.start_daemon(&["--protect", "all", "--portal", PORTAL, "--portal-upstream", UPSTREAM])?;
+    // The guidance page offers the client's downloads.
+    let local = lab.scratch().join("portal.toml");
+    std::fs::write(
+        &local,
+        format!(
+            "[portal.downloads]\nWindows = \"{WINDOWS_DOWNLOAD}\"\n\"Debian (amd64)\" = \"https://downloads.example/gatekeeper.deb\"\n"
+        ),
+    )?;
+    let mut daemon = lab.start_daemon(&[
+        "--protect",
+        "all",
+        "--portal",
+        PORTAL,
+        "--portal-upstream",
+        UPSTREAM,
+        "--config",
+        local.to_str().context("utf-8 path")?,
+    ])?;
     daemon.wait_for("portal listening", LIMIT)?;
     Ok((lab, daemon, cred, upstream))
 }
@@ -208,6 +227,12 @@ fn strangers_get_the_same_guidance_page_whatever_they_ask() -> Result<()> {
     assert!(
         dom.contains("<span id=\"gk-host\">10.77.0.1</span>"),
         "the inlined script filled in the host: {dom:.2000}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "<a href=\"{WINDOWS_DOWNLOAD}\" rel=\"noreferrer\">Windows</a>"
+        )),
+        "the page links to the configured downloads: {dom:.3000}"
     );
     let shot = lab.scratch().join("guidance.png");
     chromium(&lab, &format!("--screenshot={}", shot.display()), "https://10.77.0.1/")?;

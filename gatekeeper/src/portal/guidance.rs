@@ -8,6 +8,10 @@
 //! and method byte for byte, so the portal never touches the file system or
 //! parses a request path for a stranger, and the answer says nothing about
 //! what a path might have meant.
+//!
+//! Client downloads (`[portal.downloads]`) are written where the page has
+//! the comment [`DOWNLOADS_MARK`]; a page without it cannot carry them,
+//! and says so at start.
 
 use std::{
     io,
@@ -22,6 +26,8 @@ use tokio::{
     time::timeout,
 };
 
+use crate::store::config::Download;
+
 /// The page that ships with the project, used when no folder is configured.
 const BUILT_IN: &[(&str, &[u8])] = &[
     ("index.html", include_bytes!("../../guidance/index.html")),
@@ -29,6 +35,9 @@ const BUILT_IN: &[(&str, &[u8])] = &[
     ("guidance.js", include_bytes!("../../guidance/guidance.js")),
     ("gate.svg", include_bytes!("../../guidance/gate.svg")),
 ];
+
+/// Where the page lists the client downloads.
+pub const DOWNLOADS_MARK: &str = "<!-- gatekeeper:downloads -->";
 
 /// A page that inlines more than this is refused at start.
 const MAX_PAGE: usize = 4 << 20;
@@ -61,6 +70,10 @@ pub enum GuidanceError {
     TooLarge { dir: PathBuf, size: usize },
     #[error("guidance folder {dir}: {file} is not UTF-8 text")]
     NotText { dir: PathBuf, file: String },
+    #[error(
+        "guidance folder {dir}: index.html has no {DOWNLOADS_MARK} where the [portal.downloads] links go; add it, or remove the downloads"
+    )]
+    NoDownloadsMark { dir: PathBuf },
 }
 
 /// The one response every unauthorized request gets.
@@ -108,11 +121,16 @@ impl Source<'_> {
 }
 
 impl Guidance {
-    /// The page from `dir`, or the built-in one.
-    pub fn load(dir: Option<&Path>) -> Result<Guidance, GuidanceError> {
+    /// The page from `dir`, or the built-in one, linking to `downloads`.
+    pub fn load(dir: Option<&Path>, downloads: &[Download]) -> Result<Guidance, GuidanceError> {
         let source = dir.map_or(Source::BuiltIn, Source::Folder);
         let html = source.text("index.html")?;
         let body = inline(&source, "index.html", &html, &["href=\"", "src=\"", "href='", "src='"])?;
+        if !downloads.is_empty() && !body.contains(DOWNLOADS_MARK) {
+            return Err(GuidanceError::NoDownloadsMark { dir: source.label() });
+        }
+        // After inlining: the links are never taken for assets.
+        let body = body.replace(DOWNLOADS_MARK, &download_list(downloads));
         if body.len() > MAX_PAGE {
             return Err(GuidanceError::TooLarge {
                 dir: source.label(),
@@ -152,6 +170,19 @@ impl Guidance {
         stream.write_all(&self.response).await?;
         stream.shutdown().await
     }
+}
+
+/// The downloads as HTML; nothing when there are none. Labels and URLs
+/// were checked when the config was read to hold no markup.
+fn download_list(downloads: &[Download]) -> String {
+    if downloads.is_empty() {
+        return String::new();
+    }
+    let items: String = downloads
+        .iter()
+        .map(|d| format!("<li><a href=\"{}\" rel=\"noreferrer\">{}</a></li>", d.url, d.platform))
+        .collect();
+    format!("<p>Download the client for your device:</p><ul class=\"downloads\">{items}</ul>")
 }
 
 /// `text` (the file `name`) with every local asset after one of `openers`
@@ -255,7 +286,7 @@ mod tests {
 
     #[test]
     fn the_built_in_page_is_self_contained() {
-        let g = Guidance::load(None).unwrap();
+        let g = Guidance::load(None, &[]).unwrap();
         let b = body(&g);
         assert!(b.contains("This gateway is private"));
         assert!(b.contains("href=\"data:text/css;base64,"));
@@ -283,7 +314,7 @@ mod tests {
                 ("bg.png", "PNG"),
             ],
         );
-        let b = body(&Guidance::load(Some(&dir)).unwrap());
+        let b = body(&Guidance::load(Some(&dir), &[]).unwrap());
         let css = b
             .split("data:text/css;base64,")
             .nth(1)
@@ -301,22 +332,53 @@ mod tests {
     #[test]
     fn bad_folders_are_refused_by_name() {
         let dir = folder("missing", &[("index.html", "<img src=\"logo.png\">")]);
-        let e = Guidance::load(Some(&dir)).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir), &[]).unwrap_err().to_string();
         assert!(e.contains("logo.png"), "{e}");
         let dir2 = folder("outside", &[("index.html", "<img src=\"../secret.png\">")]);
-        let e = Guidance::load(Some(&dir2)).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir2), &[]).unwrap_err().to_string();
         assert!(e.contains("outside the folder"), "{e}");
         let dir3 = folder("empty", &[]);
-        let e = Guidance::load(Some(&dir3)).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir3), &[]).unwrap_err().to_string();
         assert!(e.contains("index.html"), "{e}");
         for d in [dir, dir2, dir3] {
             std::fs::remove_dir_all(d).unwrap();
         }
     }
 
+    #[test]
+    fn downloads_are_listed_where_the_page_asks() {
+        let downloads = [
+            Download {
+                platform: "Windows".into(),
+                url: "https://dl.example/gk.exe".into(),
+            },
+            Download {
+                platform: "macOS".into(),
+                url: "https://dl.example/gk.svg".into(),
+            },
+        ];
+        let b = body(&Guidance::load(None, &downloads).unwrap());
+        assert!(
+            b.contains("<a href=\"https://dl.example/gk.exe\" rel=\"noreferrer\">Windows</a>"),
+            "{b}"
+        );
+        assert!(
+            b.contains("href=\"https://dl.example/gk.svg\""),
+            "a link is never inlined"
+        );
+        assert!(!b.contains(DOWNLOADS_MARK));
+        let plain = body(&Guidance::load(None, &[]).unwrap());
+        assert!(!plain.contains(DOWNLOADS_MARK) && !plain.contains("class=\"downloads\""));
+
+        let dir = folder("nomark", &[("index.html", "<h1>private</h1>")]);
+        let e = Guidance::load(Some(&dir), &downloads).unwrap_err().to_string();
+        assert!(e.contains(DOWNLOADS_MARK), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test]
     async fn every_request_gets_the_same_bytes() {
-        let g = Guidance::load(None).unwrap();
+        let g = Guidance::load(None, &[]).unwrap();
         let requests: [&[u8]; 4] = [
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
             b"POST /admin/login?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",

@@ -196,7 +196,7 @@ impl Portal {
             None => gateway,
         };
         let acceptor = TlsAcceptor::from(identity.server_config().map_err(PortalError::Config)?);
-        let guidance = Guidance::load(settings.guidance.as_deref())?;
+        let guidance = Guidance::load(settings.guidance.as_deref(), &settings.downloads)?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| PortalError::Bind {

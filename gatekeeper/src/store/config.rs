@@ -263,6 +263,8 @@ struct PortalSection {
     new_sessions_per_sec: Option<u32>,
     #[serde(default, deserialize_with = "de_duration")]
     handshake_timeout: Option<Duration>,
+    /// Client downloads the guidance page links to: platform -> URL.
+    downloads: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecError>>(
@@ -408,6 +410,47 @@ pub struct PortalSettings {
     pub new_sessions_per_sec: u32,
     /// From accepting a connection to a finished TLS handshake.
     pub handshake_timeout: Duration,
+    /// Client downloads the guidance page links to, by platform.
+    pub downloads: Vec<Download>,
+}
+
+/// One client download the guidance page offers (`[portal.downloads]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Download {
+    /// What the link says: `Windows`, `Debian (amd64)`...
+    pub platform: String,
+    /// An http(s) URL with nothing HTML would read as markup.
+    pub url: String,
+}
+
+impl Download {
+    fn parse(platform: &str, url: &str) -> Result<Download, ConfigError> {
+        let entry = || format!("{platform} = {url:?}");
+        let label_ok = !platform.is_empty()
+            && platform.len() <= 40
+            && platform
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || " ._-()+".contains(c));
+        if !label_ok {
+            return Err(invalid(
+                "portal.downloads",
+                entry(),
+                "name a platform in 1-40 letters, digits, spaces or . _ - ( ) +",
+            ));
+        }
+        let scheme = url.starts_with("https://") || url.starts_with("http://");
+        if !scheme || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || "\"'<>`".contains(c)) {
+            return Err(invalid(
+                "portal.downloads",
+                entry(),
+                "use an http:// or https:// URL (at most 2048 characters, no spaces, quotes or angle brackets)",
+            ));
+        }
+        Ok(Download {
+            platform: platform.to_string(),
+            url: url.to_string(),
+        })
+    }
 }
 
 /// Where the audit trail goes and how much of it is kept.
@@ -804,6 +847,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             sessions_per_source: pick(over.portal.sessions_per_source, base.portal.sessions_per_source),
             new_sessions_per_sec: pick(over.portal.new_sessions_per_sec, base.portal.new_sessions_per_sec),
             handshake_timeout: pick(over.portal.handshake_timeout, base.portal.handshake_timeout),
+            downloads: pick(over.portal.downloads, base.portal.downloads),
         },
         cluster: ClusterSection {
             url: pick(over.cluster.url, base.cluster.url),
@@ -872,6 +916,12 @@ fn portal_settings(cli: PortalOverrides, f: &PortalSection) -> Result<Option<Por
             DEFAULT_PORTAL_NEW_SESSIONS_PER_SEC,
         )?,
         handshake_timeout: f.handshake_timeout.unwrap_or(DEFAULT_PORTAL_HANDSHAKE_TIMEOUT),
+        downloads: f
+            .downloads
+            .iter()
+            .flatten()
+            .map(|(platform, url)| Download::parse(platform, url))
+            .collect::<Result<_, _>>()?,
     }))
 }
 
@@ -961,6 +1011,41 @@ mod tests {
             ("eth0", 120, 1)
         );
         assert!(s.portal.is_some());
+    }
+
+    #[test]
+    fn portal_downloads_are_http_links_with_plain_labels() {
+        let resolve = |downloads: &str| {
+            let text = format!(
+                "iface = \"eth0\"\nprotect = \"tcp/22\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"127.0.0.1:8080\"\n[portal.downloads]\n{downloads}\n"
+            );
+            let file = ConfigFile::parse(&text, "test").unwrap();
+            let state = StateConfig {
+                location: "test",
+                file: &file,
+            };
+            Settings::resolve(Path::new("/state"), Some(state), &[], Overrides::default())
+        };
+        let s = resolve("Windows = \"https://dl.example/gk.exe\"\n\"Debian (amd64)\" = \"http://dl.example/gk.deb\"")
+            .unwrap();
+        let d = s.portal.unwrap().downloads;
+        assert_eq!(
+            d.iter()
+                .map(|d| (d.platform.as_str(), d.url.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("Debian (amd64)", "http://dl.example/gk.deb"),
+                ("Windows", "https://dl.example/gk.exe")
+            ]
+        );
+        for (bad, says) in [
+            ("Windows = \"javascript:alert(1)\"", "http://"),
+            ("Windows = \"https://dl.example/\\\"><script>\"", "quotes"),
+            ("\"<b>\" = \"https://dl.example/\"", "platform"),
+        ] {
+            let e = resolve(bad).unwrap_err().to_string();
+            assert!(e.contains("portal.downloads") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]
