@@ -143,6 +143,9 @@ pub struct Status {
     /// Whitelist entries in the gate at the daemon's last sweep.
     #[serde(default)]
     pub entries: u64,
+    /// Knocks the daemon verified since it started, by result.
+    #[serde(default)]
+    pub knock_totals: crate::metrics::KnockTotals,
     pub clients: ClientsStatus,
     pub tunnel_port: Option<u16>,
     pub tunnels: Vec<TunnelStatus>,

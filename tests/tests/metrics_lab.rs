@@ -148,6 +148,13 @@ fn prometheus_scrapes_knocks_refusals_latency_and_the_gate() -> Result<()> {
     scraped(&lab, r#"gatekeeper_build_info{gate="gw0",mode="enforce"}"#, |v| {
         v == 1.0
     })?;
+    // `status` reads the same counts.
+    let status: Value = serde_json::from_str(&lab.state_cli(&["status", "--json"])?)?;
+    assert_eq!(
+        (&status["knock_totals"]["accepted"], &status["knock_totals"]["rejected"]),
+        (&Value::from(1), &Value::from(1)),
+        "{status}"
+    );
 
     // Revoking alice is an audited event, counted as it happens.
     lab.state_cli(&["client", "revoke", "alice"])?;

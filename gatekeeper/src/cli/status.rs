@@ -85,6 +85,11 @@ fn print(s: &Status) {
             "clients:  {} enrolled, {} allowed to knock",
             s.clients.enrolled, s.clients.allowed
         );
+        let k = &s.knock_totals;
+        println!(
+            "knocks:   {} accepted, {} refused, {} failed to open since the start (more refused by the gate itself: counters)",
+            k.accepted, k.rejected, k.failed
+        );
     } else {
         println!("clients:  knocks are not verified (the state is not initialised)");
     }

@@ -169,6 +169,8 @@ struct Daemon {
     cluster_lost: bool,
     /// Whitelist entries in the gate at the last sweep.
     entries: u64,
+    /// What happened since the start, counted for metrics and status.
+    events: Arc<Events>,
 }
 
 /// A cluster node: the shared store, and what the node last reported
@@ -401,6 +403,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         node: cluster,
         cluster_lost: false,
         entries: 0,
+        events: events.clone(),
     };
     if let Some(change) = first_change {
         // The enrolled key ids are in the gate before the config tells a
@@ -795,6 +798,7 @@ impl Daemon {
             state_dir: s.state_dir.display().to_string(),
             knocks: self.knocks.is_some(),
             entries: self.entries,
+            knock_totals: self.events.knock_totals(),
             clients,
             tunnel_port,
             tunnels,

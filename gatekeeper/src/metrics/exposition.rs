@@ -216,6 +216,7 @@ mod tests {
             state_dir: "/var/lib/gatekeeper".into(),
             knocks: true,
             entries: 2,
+            knock_totals: Default::default(),
             clients: ClientsStatus {
                 enrolled: 3,
                 allowed: 2,
@@ -247,6 +248,14 @@ mod tests {
         events.knock("udp", "rejected", "bad_tag", None);
         events.portal("guidance");
         events.event("agent_session", "connected");
+        assert_eq!(
+            events.knock_totals(),
+            crate::metrics::KnockTotals {
+                accepted: 1,
+                rejected: 1,
+                failed: 0
+            }
+        );
         let text = render(&events, Some(&status()));
         for line in [
             r#"gatekeeper_knocks_total{carrier="udp",result="accepted",reason=""} 1"#,

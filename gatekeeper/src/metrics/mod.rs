@@ -18,6 +18,8 @@
 pub mod exposition;
 pub mod server;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -46,10 +48,21 @@ struct EventLabels {
     result: String,
 }
 
+/// Knocks verified since the daemon started, by result, for `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnockTotals {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Good knocks whose entry could not be written.
+    pub failed: u64,
+}
+
 /// Counts of what happened since the daemon started.
 pub struct Events {
     registry: Registry,
     knocks: Family<KnockLabels, Counter>,
+    /// The same knocks by result alone: accepted, rejected, failed.
+    totals: [AtomicU64; 3],
     knock_open: Histogram,
     portal: Family<DecisionLabels, Counter>,
     events: Family<EventLabels, Counter>,
@@ -88,6 +101,7 @@ impl Default for Events {
         Events {
             registry,
             knocks,
+            totals: Default::default(),
             knock_open,
             portal,
             events,
@@ -105,6 +119,12 @@ impl Events {
                 reason,
             })
             .inc();
+        let slot = match result {
+            "accepted" => 0,
+            "rejected" => 1,
+            _ => 2,
+        };
+        self.totals[slot].fetch_add(1, Ordering::Relaxed);
         if let Some(secs) = open_secs {
             self.knock_open.observe(secs);
         }
@@ -123,6 +143,15 @@ impl Events {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn knock_totals(&self) -> KnockTotals {
+        let [accepted, rejected, failed] = self.totals.each_ref().map(|n| n.load(Ordering::Relaxed));
+        KnockTotals {
+            accepted,
+            rejected,
+            failed,
+        }
     }
 
     pub(crate) fn registry(&self) -> &Registry {
