@@ -1,7 +1,7 @@
 //! `gatekeeper audit`: search the audit trail, and join a device's knock
 //! journal with it.
 
-use std::path::PathBuf;
+use std::{io::Write, path::PathBuf};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
@@ -129,17 +129,19 @@ pub fn audit(args: AuditArgs) -> Result<()> {
     let files = args.source.files()?;
     let mut printed = 0usize;
     let limit = args.limit.unwrap_or(usize::MAX);
+    let mut out = std::io::stdout().lock();
     let unreadable = query::scan(&files, &filter, |line| {
         if printed >= limit {
             return false;
         }
         printed += 1;
-        if args.source.json {
-            println!("{line}");
+        let text = if args.source.json {
+            line.to_string()
         } else {
-            println!("{}", one_line(&line));
-        }
-        true
+            one_line(&line)
+        };
+        // A reader that went away (`| head`) ends the search quietly.
+        writeln!(out, "{text}").is_ok()
     })?;
     warn_unreadable(&unreadable);
     if printed == 0 {

@@ -49,6 +49,8 @@ pub struct Knock {
 }
 
 pub fn knock(args: Knock) -> Result<()> {
+    // Warnings (a journal that cannot be written) reach stderr.
+    super::init_logging(super::LogFormat::Text);
     let k = knocker(&args.credential, &args.journal)?;
     let server = k.server(args.server)?;
     let via = args.via.unwrap_or(if args.proto == Proto::Tcp {
@@ -125,6 +127,7 @@ pub struct Connect {
 }
 
 pub fn connect(args: Connect) -> Result<()> {
+    super::init_logging(super::LogFormat::Text);
     if args.portal {
         return super::portal::connect(&args.credential, &args.journal, &args.target, args.fingerprint);
     }
