@@ -38,15 +38,18 @@ fn prometheus(lab: &Lab) -> Result<ChildGuard> {
     Ok(ChildGuard::new(child))
 }
 
+/// curl ARGS in the gateway's namespace, where both servers listen.
+fn curl(lab: &Lab, args: &[&str]) -> Result<std::process::Output> {
+    let mut full = vec!["curl", "-sS", "--max-time", "3"];
+    full.extend_from_slice(args);
+    lab.exec(Role::Gateway, &full)
+}
+
 /// `query` through Prometheus's HTTP API: each series' labels and value.
 fn query(lab: &Lab, query: &str) -> Result<Vec<(Value, f64)>> {
-    let out = lab.exec(
-        Role::Gateway,
+    let out = curl(
+        lab,
         &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
             "--get",
             "--data-urlencode",
             &format!("query={query}"),
@@ -172,13 +175,9 @@ fn the_endpoint_serves_only_metrics() -> Result<()> {
     let lab = Lab::new()?;
     let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--metrics", METRICS])?;
     let get = |path: &str| -> Result<String> {
-        let out = lab.exec(
-            Role::Gateway,
+        let out = curl(
+            &lab,
             &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "3",
                 "-o",
                 "/dev/null",
                 "-w",
@@ -196,10 +195,7 @@ fn the_endpoint_serves_only_metrics() -> Result<()> {
     ensure!(get("/")?.starts_with("404"), "{}", get("/")?);
     // Uninitialised state: no knocks are verified, the gate's figures
     // are there all the same.
-    let body = lab.exec(
-        Role::Gateway,
-        &["curl", "-sS", "--max-time", "3", &format!("http://{METRICS}/metrics")],
-    )?;
+    let body = curl(&lab, &[&format!("http://{METRICS}/metrics")])?;
     let body = String::from_utf8_lossy(&body.stdout);
     ensure!(body.contains("gatekeeper_whitelist_entries 0"), "{body}");
     ensure!(body.ends_with("# EOF\n"), "{body}");

@@ -132,30 +132,47 @@ pub fn scan(
 ) -> Result<Vec<Unreadable>, QueryError> {
     let mut unreadable = Vec::new();
     for path in files {
-        let read = |source| QueryError::Read {
-            path: path.clone(),
-            source,
-        };
-        let reader = BufReader::new(File::open(path).map_err(read)?);
-        for (n, line) in reader.split(b'\n').enumerate() {
-            let line = line.map_err(read)?;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        let went_on = read_lines(path, &mut unreadable, |line| {
+            match serde_json::from_slice::<Value>(line) {
+                Ok(v) if v.is_object() => Some(!filter.matches(&v) || each(v)),
+                _ => None,
             }
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(v) if v.is_object() => {
-                    if filter.matches(&v) && !each(v) {
-                        return Ok(unreadable);
-                    }
-                }
-                _ => unreadable.push(Unreadable {
-                    path: path.clone(),
-                    line: n + 1,
-                }),
-            }
+        })?;
+        if !went_on {
+            break;
         }
     }
     Ok(unreadable)
+}
+
+/// Gives each non-blank line of `path` to `each`, which answers `None`
+/// for a line that is not what the file should hold (noted in
+/// `unreadable`), else whether to go on. Returns false if told to stop.
+fn read_lines(
+    path: &Path,
+    unreadable: &mut Vec<Unreadable>,
+    mut each: impl FnMut(&[u8]) -> Option<bool>,
+) -> Result<bool, QueryError> {
+    let read = |source| QueryError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = BufReader::new(File::open(path).map_err(read)?);
+    for (n, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(read)?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match each(&line) {
+            Some(true) => {}
+            Some(false) => return Ok(false),
+            None => unreadable.push(Unreadable {
+                path: path.to_path_buf(),
+                line: n + 1,
+            }),
+        }
+    }
+    Ok(true)
 }
 
 /// One knock a device sent, with the gateway's lines for it.
@@ -189,26 +206,13 @@ pub fn merge(journal: Vec<Sent>, files: &[PathBuf]) -> Result<(Vec<Merged>, Vec<
 
 /// A device's journal: its lines, and the ones that are not journal lines.
 pub fn read_journal(path: &Path) -> Result<(Vec<Sent>, Vec<Unreadable>), QueryError> {
-    let read = |source| QueryError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let reader = BufReader::new(File::open(path).map_err(read)?);
     let mut sent = Vec::new();
     let mut unreadable = Vec::new();
-    for (n, line) in reader.split(b'\n').enumerate() {
-        let line = line.map_err(read)?;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<Sent>(&line) {
-            Ok(s) => sent.push(s),
-            Err(_) => unreadable.push(Unreadable {
-                path: path.to_path_buf(),
-                line: n + 1,
-            }),
-        }
-    }
+    read_lines(path, &mut unreadable, |line| {
+        let s = serde_json::from_slice::<Sent>(line).ok()?;
+        sent.push(s);
+        Some(true)
+    })?;
     Ok((sent, unreadable))
 }
 
