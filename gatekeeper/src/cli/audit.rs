@@ -8,10 +8,7 @@ use clap::{Args, Subcommand};
 use gatekeeper::{
     audit::query::{self, Filter, Merged, Unreadable},
     clock::unix_now,
-    store::{
-        Store,
-        files::{DEFAULT_STATE_DIR, FileStore},
-    },
+    store::files::{DEFAULT_STATE_DIR, FileStore},
 };
 use serde_json::Value;
 
@@ -104,11 +101,7 @@ impl Source {
     fn files(&self) -> Result<Vec<PathBuf>> {
         let current = match &self.file {
             Some(f) => f.clone(),
-            None => {
-                let files = FileStore::new(&self.state_dir);
-                let own = files.config_path().exists().then(|| files.config()).transpose()?;
-                own.unwrap_or_default().audit_path(&self.state_dir)
-            }
+            None => FileStore::new(&self.state_dir).audit_path()?,
         };
         Ok(query::files(&current)?)
     }

@@ -30,8 +30,7 @@ use x25519_dalek::PublicKey;
 
 use super::{
     ClientRecord, Kind, Loaded, Problem, Put, RelayRecord, Snapshot, Store, StoreError, TunnelRecord, Version,
-    config::{AUDIT_LOG, ConfigFile},
-    valid_name,
+    config::ConfigFile, valid_name,
 };
 use crate::{
     knock::keys::{self, ServerKeys},
@@ -78,8 +77,10 @@ impl FileStore {
         self.root.join(CONFIG_FILE)
     }
 
-    pub fn audit_path(&self) -> PathBuf {
-        self.root.join(AUDIT_LOG)
+    /// Where the daemon for this state writes its audit trail: `[audit]
+    /// path` in the config, else `audit.log` here.
+    pub fn audit_path(&self) -> Result<PathBuf, StoreError> {
+        Ok(self.config()?.audit_path(&self.root))
     }
 
     pub fn control_socket(&self) -> PathBuf {
