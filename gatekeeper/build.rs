@@ -1,6 +1,8 @@
 //! Builds the XDP program (nightly, bpfel-unknown-none, build-std) so the
-//! `gatekeeper` binary can embed it. `cargo xtask setup` installs what this
-//! needs: the nightly's rust-src and bpf-linker.
+//! gateway build of `gatekeeper` can embed it. `cargo xtask setup` installs
+//! what this needs: the nightly's rust-src and bpf-linker. The client-only
+//! build (`--no-default-features --features client`) has no gate and skips
+//! this, so it builds on stable Rust alone, for any target.
 //!
 //! Also names the revision the binary is built from (`--version`, the
 //! status, the metrics): `GATEKEEPER_REVISION` if set (a package built
@@ -15,6 +17,12 @@ fn main() {
         .expect("gatekeeper/ sits in the workspace root")
         .to_path_buf();
     println!("cargo:rustc-env=GATEKEEPER_REVISION={}", revision(&root));
+    if env::var_os("CARGO_FEATURE_GATEWAY").is_some() {
+        build_xdp(&root);
+    }
+}
+
+fn build_xdp(root: &std::path::Path) {
     let ebpf = root.join("gatekeeper-ebpf");
     for watched in [
         "gatekeeper-ebpf/src",

@@ -10,10 +10,14 @@
 //!   time a knock from the wire to its open gate.
 //! - Unix seconds ([`unix_now`]), for what outlives a boot: knock
 //!   timestamps, enrollment expiries, the audit log.
+//!
+//! The two monotonic clocks are the gate's, so only the gateway build
+//! (Linux) has them; a device needs Unix seconds alone.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds on CLOCK_MONOTONIC_COARSE.
+#[cfg(feature = "gateway")]
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC_COARSE exists on
@@ -24,6 +28,7 @@ pub fn now_ns() -> u64 {
 }
 
 /// Nanoseconds on CLOCK_MONOTONIC.
+#[cfg(feature = "gateway")]
 pub fn precise_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.

@@ -12,7 +12,8 @@
 //!
 //! The passphrase comes from `GATEKEEPER_PASSPHRASE` (for scripts and
 //! services), else from the OS keyring, else from a prompt on the
-//! terminal. The keyring is the Linux kernel's user keyring: a passphrase
+//! terminal. The keyring is the Linux kernel's user keyring
+//! ([`crate::platform::keyring`]; other systems keep nothing): a passphrase
 //! typed at the prompt is kept there for [`KEPT_FOR`], so the commands that
 //! follow do not ask again (`gatekeeper forget FILE` drops it sooner); one
 //! found there that no longer opens the file is passed over.
@@ -214,7 +215,7 @@ pub fn read(path: &Path) -> Result<(String, Option<String>), EncryptedError> {
     }
     let kept = std::env::var(PASSPHRASE_ENV)
         .is_err()
-        .then(|| keyring::find(&keyring::name(path)))
+        .then(|| crate::platform::keyring::find(&crate::platform::keyring::name(path)))
         .flatten();
     if let Some(p) = kept
         && let Ok(plain) = decrypt(&text, &p, path)
@@ -225,85 +226,14 @@ pub fn read(path: &Path) -> Result<(String, Option<String>), EncryptedError> {
     let passphrase = passphrase(path)?;
     let plain = decrypt(&text, &passphrase, path)?;
     if typed {
-        keyring::keep(&keyring::name(path), &passphrase, KEPT_FOR);
+        crate::platform::keyring::keep(&crate::platform::keyring::name(path), &passphrase, KEPT_FOR);
     }
     Ok((plain, Some(passphrase)))
 }
 
 /// Drops the passphrase of `path` from the keyring; whether one was there.
 pub fn forget(path: &Path) -> bool {
-    keyring::forget(&keyring::name(path))
-}
-
-/// The kernel's user keyring (keyrings(7)), through its system calls.
-mod keyring {
-    use std::{ffi::CString, path::Path, time::Duration};
-
-    const KIND: &[u8] = b"user\0";
-
-    /// The key's description: the file, by its full path.
-    pub fn name(path: &Path) -> String {
-        let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        format!("gatekeeper:passphrase:{}", full.display())
-    }
-
-    /// The key called `name` in the user keyring, if any.
-    fn search(name: &str) -> Option<libc::c_long> {
-        let name = CString::new(name).ok()?;
-        // SAFETY: both strings are NUL-terminated; the kernel copies them.
-        let id = unsafe {
-            libc::syscall(
-                libc::SYS_keyctl,
-                libc::KEYCTL_SEARCH,
-                libc::KEY_SPEC_USER_KEYRING,
-                KIND.as_ptr(),
-                name.as_ptr(),
-                0,
-            )
-        };
-        (id >= 0).then_some(id)
-    }
-
-    pub fn find(name: &str) -> Option<String> {
-        let id = search(name)?;
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: `buf` is writable for its whole length, which is passed.
-        let n = unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_READ, id, buf.as_mut_ptr(), buf.len()) };
-        let n = usize::try_from(n).ok().filter(|n| *n <= buf.len())?;
-        buf.truncate(n);
-        String::from_utf8(buf).ok()
-    }
-
-    /// Keeps `secret` as `name` for `for_how_long`; a keyring that refuses
-    /// only means the next use asks again.
-    pub fn keep(name: &str, secret: &str, for_how_long: Duration) {
-        let Ok(c_name) = CString::new(name) else {
-            return;
-        };
-        // SAFETY: NUL-terminated strings and a payload of the given length.
-        let id = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                KIND.as_ptr(),
-                c_name.as_ptr(),
-                secret.as_ptr(),
-                secret.len(),
-                libc::KEY_SPEC_USER_KEYRING,
-            )
-        };
-        if id >= 0 {
-            // SAFETY: plain integers.
-            unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_SET_TIMEOUT, id, for_how_long.as_secs()) };
-        }
-    }
-
-    pub fn forget(name: &str) -> bool {
-        let Some(id) = search(name) else {
-            return false;
-        };
-        // SAFETY: a plain integer.
-        unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, id) == 0 }
-    }
+    crate::platform::keyring::forget(&crate::platform::keyring::name(path))
 }
 
 #[cfg(test)]

@@ -14,28 +14,53 @@
 //!   its client.
 //! - [`tunnels`]: publishing private services: tokens, the gateway's
 //!   listener, the agent.
+//! - [`relay`]: HTTP through Redis, for agents that can reach nothing else.
+//! - [`channel`]: unmodified applications wrapped in a mandated cipher suite.
 //! - [`audit`]: the audit trail, written by one thread, bounded.
 //! - [`metrics`]: what Prometheus scrapes: event counts and the status.
 //! - [`control`]: the daemon's control socket, and the CLI's side of it.
 //! - [`clock`]: monotonic nanoseconds for the gate, unix seconds for people.
 //! - [`private_file`]: files only their owner reads, written whole.
 //! - [`encrypted_file`]: device files encrypted at rest with a passphrase.
+//! - [`platform`]: what differs between Linux, macOS and Windows.
+//! - [`hex`]: the text form of nonces, digests and secrets.
+//!
+//! Two builds: the default `gateway` feature has everything (Linux only);
+//! `--no-default-features --features client` has what a device runs
+//! (knocks, the portal and tunnel clients, the agent, the key tools) and
+//! builds on stable Rust for Linux, macOS and Windows.
 
-pub mod audit;
-pub mod channel;
+#[cfg(all(feature = "gateway", not(target_os = "linux")))]
+compile_error!(
+    "the gateway (XDP) runs on Linux only; for this system build the client: --no-default-features --features client"
+);
+
 pub mod clock;
-pub mod control;
-pub mod daemon;
 pub mod encrypted_file;
-pub mod gate;
+pub mod hex;
 pub mod knock;
-pub mod metrics;
+pub mod platform;
 pub mod portal;
 pub mod private_file;
-pub mod relay;
 pub mod spec;
-pub mod store;
 pub mod tunnels;
+
+#[cfg(feature = "gateway")]
+pub mod audit;
+#[cfg(feature = "gateway")]
+pub mod channel;
+#[cfg(feature = "gateway")]
+pub mod control;
+#[cfg(feature = "gateway")]
+pub mod daemon;
+#[cfg(feature = "gateway")]
+pub mod gate;
+#[cfg(feature = "gateway")]
+pub mod metrics;
+#[cfg(feature = "gateway")]
+pub mod relay;
+#[cfg(feature = "gateway")]
+pub mod store;
 
 /// The release and the git revision this binary was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GATEKEEPER_REVISION"), ")");
@@ -53,7 +78,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "gateway"))]
 mod tests {
     use std::{io, path::PathBuf};
 

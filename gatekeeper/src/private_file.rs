@@ -7,11 +7,12 @@
 
 use std::{
     io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use rand_core::{OsRng, RngCore};
+
+use crate::platform;
 
 /// A temporary name next to `path`, unique to this write.
 fn temporary(path: &Path) -> PathBuf {
@@ -22,20 +23,13 @@ fn temporary(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{:016x}.tmp", OsRng.next_u64()))
 }
 
-/// Writes `text` to a new temporary file next to `path` (mode 0600,
-/// `O_EXCL | O_NOFOLLOW`), synced, and returns its name.
+/// Writes `text` to a new temporary file next to `path` (this user's
+/// alone, created exclusively, never through a link), synced, and returns
+/// its name.
 fn write_temporary(path: &Path, text: &[u8]) -> io::Result<PathBuf> {
     let tmp = temporary(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(&tmp)?;
-    let written = f
-        .set_permissions(std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| f.write_all(text))
-        .and_then(|()| f.sync_all());
+    let mut f = platform::create_private(&tmp)?;
+    let written = f.write_all(text).and_then(|()| f.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -43,15 +37,7 @@ fn write_temporary(path: &Path, text: &[u8]) -> io::Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Makes a rename or link in `path`'s directory durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
-    }
-}
-
-/// Writes `text` to `path` (mode 0600), replacing what is there. A symbolic
+/// Writes `text` to `path` (this user's alone), replacing what is there. A symbolic
 /// link at `path` is replaced, not followed.
 pub fn write(path: &Path, text: &str) -> io::Result<()> {
     let tmp = write_temporary(path, text.as_bytes())?;
@@ -59,10 +45,10 @@ pub fn write(path: &Path, text: &str) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_dir(path)
+    platform::sync_dir(path)
 }
 
-/// Writes `text` to `path` (mode 0600) only if nothing exists there yet:
+/// Writes `text` to `path` (this user's alone) only if nothing exists there yet:
 /// `ErrorKind::AlreadyExists` otherwise. Two writers racing for one name
 /// cannot both succeed.
 pub fn create(path: &Path, text: &str) -> io::Result<()> {
@@ -70,10 +56,10 @@ pub fn create(path: &Path, text: &str) -> io::Result<()> {
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     linked?;
-    sync_dir(path)
+    platform::sync_dir(path)
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::MetadataExt;
 

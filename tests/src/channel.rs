@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::lab::{ChildGuard, Daemon, Lab, Role, output_within, sh};
+use crate::lab::{ChildGuard, Daemon, Lab, Role, output_within, sh, target_dir};
 
 /// The port inbound channels listen on in the lab (the gateway's tunnel
 /// has 7443).
@@ -332,18 +332,6 @@ pub fn tongsuo() -> Result<Tongsuo> {
     );
     run("make", &[&jobs, "build_programs"])?;
     Ok(tongsuo)
-}
-
-fn target_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .find(|d| d.file_name().is_some_and(|n| n == "debug" || n == "release"))
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .context("finding cargo's target directory")
 }
 
 /// Tongsuo's command line, with its own configuration file.

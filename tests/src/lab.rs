@@ -271,6 +271,19 @@ pub fn gatekeeper_bin() -> Result<PathBuf> {
     )
 }
 
+/// Cargo's target directory, where peers the tests build once are kept.
+pub fn target_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "debug" || n == "release"))
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("finding cargo's target directory")
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -738,9 +751,14 @@ impl Lab {
     /// Starts `gatekeeper ARGS` inside a role's namespace with piped stdio,
     /// as a user on that host would run it.
     pub fn spawn_gatekeeper(&self, role: Role, args: &[&str]) -> Result<Child> {
+        self.spawn_program(role, &gatekeeper_bin()?, args)
+    }
+
+    /// Starts `program ARGS` inside a role's namespace with piped stdio.
+    pub fn spawn_program(&self, role: Role, program: &Path, args: &[&str]) -> Result<Child> {
         Ok(Command::new("ip")
             .args(["netns", "exec", &self.ns(role)])
-            .arg(gatekeeper_bin()?)
+            .arg(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

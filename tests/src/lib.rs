@@ -9,6 +9,7 @@
 //! - [`nmap`]: running nmap and reading what it found.
 //! - [`redis`]: Redis servers and Sentinels of the lab's own, in a lab
 //!   namespace.
+//! - [`clients`]: the client-only builds, and Wine running the Windows one.
 //! - [`channel`]: devices with paired channel identities, and the peers
 //!   channel tests meet: OpenSSH, Tongsuo, tshark.
 //! - [`cluster`]: gateway nodes started on the lab's Redis.
@@ -18,6 +19,7 @@
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
 
 pub mod channel;
+pub mod clients;
 pub mod cluster;
 pub mod frames;
 pub mod lab;

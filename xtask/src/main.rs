@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up the machine, build, test, demo and benchmark.
 
+mod clients;
 mod package;
 mod setup;
 
@@ -45,6 +46,10 @@ enum Task {
     /// release binary, systemd units, the default config, the guidance
     /// page, man pages, shell completions and the docs.
     Package,
+    /// Build the client-only `gatekeeper` (stable Rust, no eBPF toolchain)
+    /// for Linux and Windows (target/client/TARGET/release/), and check
+    /// it for macOS on arm64 and x86_64.
+    Clients,
 }
 
 fn main() {
@@ -74,11 +79,16 @@ fn run(cli: Cli) -> Result<()> {
             require_root("the demo loads an XDP program and creates network namespaces")?;
             setup::run()?;
             cargo(&["build", "--release", "-p", "gatekeeper"])?;
+            clients::linux()?;
             cargo(&["run", "--release", "-q", "-p", "gatekeeper-tests", "--bin", "demo"])
         }
         Task::Package => {
             setup::run()?;
             package::build("release").map(drop)
+        }
+        Task::Clients => {
+            setup::run()?;
+            clients::build().map(drop)
         }
         Task::Bench { suite } => {
             require_root("the benchmarks load XDP programs and create network namespaces")?;
@@ -103,7 +113,24 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    let tiers: [(&str, &[&str]); 8] = [
+    const CLIENT: [&str; 7] = [
+        "-p",
+        "gatekeeper",
+        "--no-default-features",
+        "--features",
+        "client",
+        "--target-dir",
+        "target/client",
+    ];
+    let client_lints = [&["clippy", "--all-targets"][..], &CLIENT, &["--", "-D", "warnings"]].concat();
+    let windows_lints = [
+        &["clippy", "--all-targets", "--target", "x86_64-pc-windows-gnu"][..],
+        &CLIENT,
+        &["--", "-D", "warnings"],
+    ]
+    .concat();
+    let client_units = [&["test", "--lib"][..], &CLIENT].concat();
+    let tiers: [(&str, &[&str]); 11] = [
         ("format", &["fmt", "--all", "--", "--check"]),
         (
             "format (XDP program)",
@@ -117,7 +144,10 @@ fn test() -> Result<()> {
             "lints",
             &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
         ),
+        ("lints (client build)", &client_lints),
+        ("lints (client build for Windows)", &windows_lints),
         ("unit tests", &["test", "--workspace", "--lib", "--bins"]),
+        ("unit tests (client build)", &client_units),
         ("gatekeeper binary", &["build", "-p", "gatekeeper"]),
         (
             "XDP verdicts (BPF_PROG_TEST_RUN) and CLI",
@@ -157,6 +187,8 @@ fn test() -> Result<()> {
                 "relay_lab",
                 "--test",
                 "channel_lab",
+                "--test",
+                "clients_lab",
             ],
         ),
     ];
@@ -185,6 +217,8 @@ fn test() -> Result<()> {
     // end-to-end tests run, packed as `cargo xtask package` packs a release.
     println!("\n==> Debian package (debug build)");
     package::build("dev")?;
+    // The clients the Wine and client-build tests run.
+    clients::build()?;
     for (name, args) in late {
         println!("\n==> {name}: cargo {}", args.join(" "));
         cargo(args)?;

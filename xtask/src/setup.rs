@@ -43,7 +43,18 @@ const PACKAGES: &[&str] = &[
     // Perl and make build Tongsuo, the channel tests' SM peer.
     "perl",
     "make",
+    // The Windows client: linked by MinGW, run by Wine in the lab.
+    "gcc-mingw-w64-x86-64",
+    "wine64",
 ];
+
+/// The systems the client-only build is built or checked for, beside
+/// this one (`cargo xtask clients`).
+pub const CLIENT_TARGETS: &[&str] = &["x86_64-pc-windows-gnu", "aarch64-apple-darwin", "x86_64-apple-darwin"];
+
+/// The zig release whose `zig cc` compiles ring's C for the macOS check:
+/// it carries macOS's C headers, which no Debian compiler has.
+const ZIG_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
     rust_src()?;
@@ -51,6 +62,88 @@ pub fn run() -> Result<()> {
     cargo_fuzz()?;
     cargo_deb()?;
     packages()?;
+    client_targets()?;
+    zig()?;
+    Ok(())
+}
+
+fn client_targets() -> Result<()> {
+    let installed = output("rustup", &["target", "list", "--toolchain", "stable", "--installed"])?;
+    let missing: Vec<&str> = CLIENT_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "setup: adding the client's targets to the stable toolchain: {}",
+        missing.join(" ")
+    );
+    let mut args = vec!["target", "add", "--toolchain", "stable"];
+    args.extend(&missing);
+    status("rustup", &args, &[])
+}
+
+/// The `zig` binary, installed under ~/.local/share (outside target/, so
+/// `cargo clean` keeps it).
+pub fn zig_binary() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home)
+        .join(".local/share/gatekeeper-zig")
+        .join(ZIG_VERSION)
+        .join("ziglang/zig"))
+}
+
+/// zig from its Python wheel on PyPI (the one channel this machine
+/// reaches besides Debian's and crates.io), unpacked, not pip-installed.
+fn zig() -> Result<()> {
+    let zig = zig_binary()?;
+    if Command::new(&zig)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == ZIG_VERSION)
+    {
+        return Ok(());
+    }
+    println!("setup: fetching zig {ZIG_VERSION} (its `zig cc` has macOS's C headers, for the macOS check)");
+    let root = zig.ancestors().nth(2).context("zig's directory")?.to_path_buf();
+    let wheels = root.join("wheel");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&wheels)?;
+    let wheels_arg = wheels.to_str().context("utf-8 path")?;
+    let spec = format!("ziglang=={ZIG_VERSION}");
+    let download = [
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        wheels_arg,
+        &spec,
+    ];
+    if status("python3", &download, &[]).is_err() {
+        // No pip for the python3 first on PATH: Debian's, with its pip.
+        install_packages(&["python3-pip"])?;
+        status("/usr/bin/python3", &download, &[])?;
+    }
+    let wheel = std::fs::read_dir(&wheels)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no zig wheel")?;
+    let unpack = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])";
+    let root_arg = root.to_str().context("utf-8 path")?;
+    status(
+        "python3",
+        &["-c", unpack, wheel.to_str().context("utf-8 path")?, root_arg],
+        &[],
+    )?;
+    std::fs::remove_dir_all(&wheels)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&zig, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 

@@ -113,10 +113,6 @@ pub enum Opened {
     Failed(String),
 }
 
-fn hex(bytes: &[u8]) -> String {
-    crate::store::hex(bytes)
-}
-
 impl Audit {
     /// Opens (creating, 0600) the file and starts the writer thread; each
     /// event is counted into `events` too.
@@ -169,7 +165,7 @@ impl Audit {
         json!({
             "time": rfc3339(unix_now()),
             "event": event,
-            "knock_id": checked.and_then(|c| c.knock_id).map(|n| hex(&n)),
+            "knock_id": checked.and_then(|c| c.knock_id).map(|n| crate::hex::encode(&n)),
             "src": knock.src,
             "sport": knock.sport,
             "dst": knock.dst,

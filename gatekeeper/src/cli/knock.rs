@@ -20,8 +20,9 @@ use super::{JournalArg, knocker};
 ///
 /// By default a TCP request travels as a SYN to the first port (from
 /// --source-port, or a random one), and UDP and ICMP requests as a UDP
-/// datagram to the gateway's knock port. SYN and ICMP knocks need root or
-/// CAP_NET_RAW.
+/// datagram to the gateway's knock port. SYN and ICMP knocks need a raw
+/// socket: root or CAP_NET_RAW on Linux, root on macOS; Windows sends no
+/// SYN knock (use --via udp) and ICMP ones only for an Administrator.
 ///
 /// Example: gatekeeper knock --credential laptop.credential.toml --proto tcp --port 22
 #[derive(Args, Debug)]

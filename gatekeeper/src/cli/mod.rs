@@ -1,35 +1,43 @@
 //! Command-line definitions and dispatch: the binary's edge, where typed
-//! errors become one-line messages.
+//! errors become one-line messages. The device's commands are in both
+//! builds; the gateway's only in the gateway build.
 
-mod audit;
-mod channel;
-mod enroll;
-mod generate;
-mod interfaces;
+mod agent;
+mod client;
+mod device;
 mod knock;
-mod maps;
 mod portal;
+
+#[cfg(feature = "gateway")]
+mod audit;
+#[cfg(feature = "gateway")]
+mod channel;
+#[cfg(feature = "gateway")]
+mod enroll;
+#[cfg(feature = "gateway")]
+mod generate;
+#[cfg(feature = "gateway")]
+mod interfaces;
+#[cfg(feature = "gateway")]
+mod maps;
+#[cfg(feature = "gateway")]
 mod relay;
+#[cfg(feature = "gateway")]
 mod run;
+#[cfg(feature = "gateway")]
+mod state;
+#[cfg(feature = "gateway")]
 mod status;
+#[cfg(feature = "gateway")]
 mod tunnel;
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gatekeeper::{
-    control::{self, Applied, ControlError, Reply, Request},
-    knock::{credential::Credential, journal::Journal, send::Knocker},
-    store::{
-        Store,
-        cluster::ClusterStore,
-        files::{DEFAULT_STATE_DIR, FileStore},
-    },
-};
+use gatekeeper::knock::{credential::Credential, journal::Journal, send::Knocker};
+#[cfg(feature = "gateway")]
+use state::{Confirmed, StateArg, Target, confirm};
 
 /// Gatekeeper: an XDP gate that keeps a gateway's services invisible to
 /// everyone who has not been let in.
@@ -41,6 +49,13 @@ use gatekeeper::{
 /// running daemon confirm it applied the change.
 #[derive(Parser, Debug)]
 #[command(name = "gatekeeper", version = gatekeeper::VERSION, propagate_version = true)]
+#[cfg_attr(
+    not(feature = "gateway"),
+    command(
+        about = "Gatekeeper's client: knock on a gateway, reach what is behind it, publish a service through it.",
+        long_about = "Gatekeeper's client: knock on a gateway, reach what is behind it, publish a service through it.\n\nThis build holds what a device runs: `knock`, `connect`, `portal`, `agent` and the device's key tools (`keygen`, `client request|install|refresh`, `encrypt`, `decrypt`, `forget`). The gateway's commands are in the gateway build."
+    )
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,35 +63,50 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[cfg(feature = "gateway")]
     Run(run::RunArgs),
+    #[cfg(feature = "gateway")]
     Status(status::StatusArgs),
+    #[cfg(feature = "gateway")]
     Attach(interfaces::Attach),
+    #[cfg(feature = "gateway")]
     Detach(interfaces::Detach),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Whitelist(maps::Whitelist),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Allow(maps::Allow),
+    #[cfg(feature = "gateway")]
     Stats(maps::Stats),
+    #[cfg(feature = "gateway")]
     Audit(audit::AuditArgs),
+    #[cfg(feature = "gateway")]
     Init(enroll::Init),
+    #[cfg(feature = "gateway")]
     RotateKey(enroll::RotateKey),
-    Keygen(enroll::Keygen),
-    Encrypt(enroll::Encrypt),
-    Decrypt(enroll::Decrypt),
-    Forget(enroll::Forget),
+    Keygen(device::Keygen),
+    Encrypt(device::Encrypt),
+    Decrypt(device::Decrypt),
+    Forget(device::Forget),
     #[command(subcommand)]
-    Client(enroll::Client),
+    Client(client::Client),
     Knock(knock::Knock),
     Connect(knock::Connect),
     Portal(portal::PortalArgs),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Tunnel(tunnel::Tunnel),
-    Agent(tunnel::Agent),
+    Agent(agent::Agent),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Relay(relay::Relay),
+    #[cfg(feature = "gateway")]
     RelayAgent(relay::RelayAgent),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Channel(channel::Channel),
+    #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Generate(generate::Generate),
 }
@@ -103,57 +133,46 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Which gate a command works on.
-#[derive(Args, Debug, Clone)]
-pub struct Target {
-    /// The gate's name (its pins are /sys/fs/bpf/gatekeeper/GATE; `run`
-    /// names it after its first interface unless given --gate).
-    /// Optional when exactly one gate is pinned.
-    #[arg(long, value_name = "GATE")]
-    gate: Option<String>,
-    /// An interface the gate spans (instead of --gate).
-    #[arg(long, value_name = "IFACE", conflicts_with = "gate")]
-    iface: Option<String>,
-    /// Pin directory the gate was started with (overrides --gate and --iface).
-    #[arg(long, value_name = "DIR")]
-    pin_dir: Option<PathBuf>,
-}
-
-impl Target {
-    fn resolve(&self) -> Result<PathBuf> {
-        Ok(gatekeeper::gate::pins::resolve(
-            self.gate.as_deref(),
-            self.iface.as_deref(),
-            self.pin_dir.as_deref(),
-        )?)
-    }
-}
-
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
+        #[cfg(feature = "gateway")]
         Command::Run(args) => run::run(args),
+        #[cfg(feature = "gateway")]
         Command::Status(args) => status::status(args),
+        #[cfg(feature = "gateway")]
         Command::Attach(a) => interfaces::attach(a),
+        #[cfg(feature = "gateway")]
         Command::Detach(d) => interfaces::detach(d),
+        #[cfg(feature = "gateway")]
         Command::Whitelist(w) => maps::whitelist(w),
+        #[cfg(feature = "gateway")]
         Command::Allow(a) => maps::allow(a),
+        #[cfg(feature = "gateway")]
         Command::Stats(s) => maps::stats(s),
+        #[cfg(feature = "gateway")]
         Command::Audit(a) => audit::audit(a),
+        #[cfg(feature = "gateway")]
         Command::Init(i) => enroll::init(i),
+        #[cfg(feature = "gateway")]
         Command::RotateKey(r) => enroll::rotate_key(r),
-        Command::Keygen(k) => enroll::keygen(k),
-        Command::Encrypt(e) => enroll::encrypt(e),
-        Command::Decrypt(d) => enroll::decrypt(d),
-        Command::Forget(f) => enroll::forget(f),
-        Command::Client(c) => enroll::client(c),
+        Command::Keygen(k) => device::keygen(k),
+        Command::Encrypt(e) => device::encrypt(e),
+        Command::Decrypt(d) => device::decrypt(d),
+        Command::Forget(f) => device::forget(f),
+        Command::Client(c) => client::client(c),
         Command::Knock(k) => knock::knock(k),
         Command::Connect(c) => knock::connect(c),
         Command::Portal(p) => portal::portal(p),
+        #[cfg(feature = "gateway")]
         Command::Tunnel(t) => tunnel::tunnel(t),
-        Command::Agent(a) => tunnel::agent(a),
+        Command::Agent(a) => agent::agent(a),
+        #[cfg(feature = "gateway")]
         Command::Relay(r) => relay::relay(r),
+        #[cfg(feature = "gateway")]
         Command::RelayAgent(a) => relay::relay_agent(a),
+        #[cfg(feature = "gateway")]
         Command::Channel(c) => channel::channel(c),
+        #[cfg(feature = "gateway")]
         Command::Generate(g) => generate::generate(g),
     }
 }
@@ -165,51 +184,6 @@ pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
     match e.downcast_ref::<gatekeeper::tunnels::agent::AgentError>() {
         Some(gatekeeper::tunnels::agent::AgentError::Refused(_)) => std::process::ExitCode::from(4),
         _ => std::process::ExitCode::FAILURE,
-    }
-}
-
-/// Which state a command works on: a state directory, or a cluster's.
-#[derive(Args, Debug, Clone)]
-pub struct StateArg {
-    /// The gateway's state directory.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// The cluster's Redis: redis://[USER:PASS@]HOST:PORT[/DB], rediss://
-    /// for TLS, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]
-    /// [default: `[cluster] url` in the state directory's gatekeeper.toml].
-    #[arg(long, value_name = "URL")]
-    pub cluster: Option<String>,
-}
-
-impl StateArg {
-    /// The state directory (in a cluster: this node's own files).
-    pub fn local(&self) -> FileStore {
-        FileStore::new(&self.state_dir)
-    }
-
-    /// The URL of the cluster this command works on, if any.
-    pub fn cluster_url(&self) -> Result<Option<String>> {
-        Ok(match &self.cluster {
-            Some(url) => Some(url.clone()),
-            None => {
-                let files = self.local();
-                let own = files.config_path().exists().then(|| files.config()).transpose()?;
-                own.and_then(|c| c.cluster_url().map(str::to_string))
-            }
-        })
-    }
-
-    /// The cluster this command works on, if any.
-    pub fn cluster(&self) -> Result<Option<ClusterStore>> {
-        Ok(self.cluster_url()?.map(|u| ClusterStore::open(&u)).transpose()?)
-    }
-
-    /// Where the records live: the cluster's Redis, or the state directory.
-    pub fn store(&self) -> Result<Box<dyn Store>> {
-        Ok(match self.cluster()? {
-            Some(cluster) => Box::new(cluster),
-            None => Box::new(self.local()),
-        })
     }
 }
 
@@ -243,69 +217,4 @@ pub fn knocker(path: &Path, journal: &JournalArg) -> Result<Knocker> {
     Ok(Knocker::new(cred)
         .with_context(|| format!("the credential {}", path.display()))?
         .with_journal(journal.journal(path)))
-}
-
-/// What the running daemon said about a change just written.
-pub enum Confirmed {
-    Applied(Applied),
-    /// Every running node of the cluster put it into force (their names).
-    Nodes(Vec<String>),
-    /// No daemon runs for this state directory.
-    NoDaemon,
-    /// A daemon runs but did not answer; it applies the change by itself
-    /// within a second.
-    Unconfirmed(String),
-}
-
-/// How long the CLI waits for a cluster's nodes to put a change into force.
-const CLUSTER_CONFIRM: Duration = Duration::from_secs(3);
-
-/// Asks the daemon serving `state` to apply what was just written; in a
-/// cluster, waits until every running node reports it has.
-pub fn confirm(state: &StateArg) -> Confirmed {
-    match state.cluster() {
-        Ok(Some(cluster)) => confirm_cluster(&cluster),
-        Ok(None) => confirm_local(&state.local()),
-        Err(e) => Confirmed::Unconfirmed(format!("{e:#}")),
-    }
-}
-
-fn confirm_cluster(cluster: &ClusterStore) -> Confirmed {
-    let written = match cluster.version() {
-        Ok(v) => v.0,
-        Err(e) => return Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
-    };
-    let end = Instant::now() + CLUSTER_CONFIRM;
-    loop {
-        let now_ms = gatekeeper::clock::unix_now_ms();
-        let nodes = match cluster.nodes() {
-            Ok(n) => n,
-            Err(e) => return Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
-        };
-        let live: Vec<_> = nodes.iter().filter(|n| n.live_at(now_ms)).collect();
-        if live.is_empty() {
-            return Confirmed::NoDaemon;
-        }
-        let behind: Vec<&str> = live
-            .iter()
-            .filter(|n| n.applied < written)
-            .map(|n| n.name.as_str())
-            .collect();
-        if behind.is_empty() {
-            return Confirmed::Nodes(live.iter().map(|n| n.name.clone()).collect());
-        }
-        if Instant::now() >= end {
-            return Confirmed::Unconfirmed(format!("{} has not applied it yet", behind.join(", ")));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn confirm_local(store: &FileStore) -> Confirmed {
-    match control::ask(&store.control_socket(), &Request::Reload) {
-        Ok(Reply::Applied(applied)) => Confirmed::Applied(applied),
-        Ok(_) => Confirmed::Unconfirmed("it answered something other than what it applied".into()),
-        Err(ControlError::NoDaemon(_)) => Confirmed::NoDaemon,
-        Err(e) => Confirmed::Unconfirmed(gatekeeper::error_chain(&e)),
-    }
 }

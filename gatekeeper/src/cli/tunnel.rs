@@ -1,24 +1,16 @@
-//! `gatekeeper tunnel` (the gateway's side) and `gatekeeper agent` (the
-//! private network's side).
+//! `gatekeeper tunnel`: the gateway's side of published services (the
+//! private network's side is `gatekeeper agent`).
 
-use std::{
-    net::{IpAddr, ToSocketAddrs},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use anyhow::{Result, bail};
+use clap::Subcommand;
 use gatekeeper::{
     clock::{rfc3339, unix_now},
     control::{self, Reply, Request, TunnelStatus},
     spec,
-    spec::AllowedDest,
     store::cluster::NodeReport,
-    tunnels::{
-        self, NewTunnel, Token,
-        agent::{self, Publish},
-    },
+    tunnels::manage::{self, NewTunnel},
 };
 use serde_json::json;
 
@@ -112,45 +104,6 @@ pub enum Tunnel {
     },
 }
 
-/// Run inside the private network: publish HOST:PORT through the gateway.
-///
-/// Knocks, dials the gateway over TLS (pinning the certificate from the
-/// token), proves itself with the token and relays public connections to
-/// --forward. Reconnects by itself; exits when the tunnel is revoked, or
-/// when stopped: on SIGTERM or Ctrl-C it says goodbye to the gateway first,
-/// and `agent --stop` ends the session from anywhere that has the token.
-/// The gateway audits either as "agent disconnected by its operator".
-/// Exits 0 when stopped, 4 when the gateway refused it for good (revoked,
-/// re-issued, a certificate other than the pinned one), 1 on other errors.
-///
-/// Example: gatekeeper agent --token-file web.token --forward 127.0.0.1:8080
-#[derive(Args, Debug)]
-pub struct Agent {
-    /// The token from `gatekeeper tunnel issue`.
-    #[arg(long, conflicts_with = "token_file", required_unless_present = "token_file")]
-    token: Option<String>,
-    /// A file holding the token (keep it 0600).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// The private service: HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["stop", "socks5"], conflicts_with = "socks5")]
-    forward: Option<String>,
-    /// Publish a private network instead of one service: visitors speak SOCKS5 to the
-    /// published port (curl --socks5-hostname GATEWAY:PORT http://host/), this agent
-    /// resolves their destinations here and connects to those --allow-dest admits.
-    #[arg(long, requires = "allow_dest")]
-    socks5: bool,
-    /// What SOCKS5 visitors may reach: CIDR:PORTS, comma-separated or repeated
-    /// (192.168.1.0/24:80,10.0.0.5:8000-8100). Every destination asked for is audited
-    /// on the gateway.
-    #[arg(long, value_name = "CIDR:PORTS", value_delimiter = ',')]
-    allow_dest: Vec<AllowedDest>,
-    /// End the tunnel's running session instead (wherever its agent runs),
-    /// through the gateway: knocks and proves the token like the agent.
-    #[arg(long)]
-    stop: bool,
-}
-
 pub fn tunnel(cmd: Tunnel) -> Result<()> {
     match cmd {
         Tunnel::Issue {
@@ -163,7 +116,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
         } => {
             let store = state.store()?;
             let nodes = advertised_nodes(&state)?;
-            let (rec, token) = tunnels::issue(
+            let (rec, token) = manage::issue(
                 &*store,
                 &NewTunnel {
                     name,
@@ -273,14 +226,14 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             }
         }
         Tunnel::Pause { name, state } => {
-            tunnels::set_paused(&*state.store()?, &name, true)?;
+            manage::set_paused(&*state.store()?, &name, true)?;
             say_applied(
                 &state,
                 &format!("paused tunnel {name}: its port is closed and its connections cut; the agent stays connected"),
             );
         }
         Tunnel::Resume { name, state } => {
-            tunnels::set_paused(&*state.store()?, &name, false)?;
+            manage::set_paused(&*state.store()?, &name, false)?;
             say_applied(&state, &format!("resumed tunnel {name}: its port is open again"));
         }
         Tunnel::Update {
@@ -292,7 +245,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
             if allow.is_none() && owner.is_none() {
                 bail!("nothing to change: pass --allow CLIENT[,CLIENT...] and/or --owner WHO");
             }
-            let rec = tunnels::update(&*state.store()?, &name, allow, owner)?;
+            let rec = manage::update(&*state.store()?, &name, allow, owner)?;
             say_applied(
                 &state,
                 &format!(
@@ -308,7 +261,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
         }
         Tunnel::Reissue { name, overlap, state } => {
             let nodes = advertised_nodes(&state)?;
-            let (rec, token) = tunnels::reissue(&*state.store()?, &name, overlap.unwrap_or_default(), &nodes)?;
+            let (rec, token) = manage::reissue(&*state.store()?, &name, overlap.unwrap_or_default(), &nodes)?;
             let old = match &rec.previous_token {
                 Some(p) => format!("the old token is accepted until {}", rfc3339(p.until)),
                 None => "the old token is refused from now on".into(),
@@ -320,7 +273,7 @@ pub fn tunnel(cmd: Tunnel) -> Result<()> {
         }
         Tunnel::Revoke { name, state } => {
             let store = state.store()?;
-            tunnels::revoke(&*store, &name)?;
+            manage::revoke(&*store, &name)?;
             match confirm(&state) {
                 Confirmed::Applied(applied) => {
                     let ended = applied.tunnels_closed.iter().any(|t| t.name == name && t.closed > 0);
@@ -376,60 +329,4 @@ fn say_applied(state: &StateArg, done: &str) {
             println!("{done}; the running daemon did not confirm it ({why}) and applies it within a second")
         }
     }
-}
-
-pub fn agent(args: Agent) -> Result<()> {
-    let text = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?
-        }
-        (None, None) => bail!("pass --token TOKEN or --token-file FILE"),
-    };
-    let token = Token::decode(&text)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    if args.stop {
-        for said in runtime.block_on(agent::stop(&token))? {
-            println!("{said}");
-        }
-        return Ok(());
-    }
-    let publish = match args.forward {
-        _ if args.socks5 => Publish::Socks5(args.allow_dest),
-        Some(forward) => Publish::Forward(
-            forward
-                .to_socket_addrs()
-                .with_context(|| format!("resolving --forward {forward:?} (expected HOST:PORT)"))?
-                .next()
-                .with_context(|| format!("--forward {forward:?} resolves to no address"))?,
-        ),
-        None => bail!("pass --forward HOST:PORT, or --socks5 with --allow-dest CIDR:PORTS"),
-    };
-    super::init_logging(super::LogFormat::Text);
-    runtime.block_on(async {
-        let (leave_tx, leave) = tokio::sync::watch::channel(false);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("listening for SIGTERM")?;
-        let what = publish.to_string();
-        let running = agent::run(token, publish, leave, |public| {
-            eprintln!("gatekeeper agent: {what} is published at {public}")
-        });
-        tokio::pin!(running);
-        tokio::select! {
-            ended = &mut running => return Ok(ended?),
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        eprintln!("gatekeeper agent: stopping; telling the gateway");
-        let _ = leave_tx.send(true);
-        match tokio::time::timeout(Duration::from_secs(3), running).await {
-            Ok(ended) => ended?,
-            Err(_) => eprintln!("gatekeeper agent: the gateway did not hear the goodbye in time"),
-        }
-        anyhow::Ok(())
-    })
 }

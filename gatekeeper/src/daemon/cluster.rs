@@ -38,7 +38,6 @@ use crate::{
     spec::{PortRange, map_addr, unmap_addr},
     store::{
         cluster::{ANSWER_PREFIX, Answer, QUESTIONS, Question},
-        hex,
         redis_target::RedisTarget,
     },
 };
@@ -257,7 +256,7 @@ impl Link {
     pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grant: &SharedGrant) {
         let claim = Claim {
             id,
-            nonce_key: format!("gatekeeper:nonce:{}", hex(nonce)),
+            nonce_key: format!("gatekeeper:nonce:{}", crate::hex::encode(nonce)),
             until,
             json: serde_json::to_string(grant).unwrap_or_default(),
             lifetime_ms: grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1),
@@ -365,7 +364,7 @@ impl Link {
         let mut pipe = redis::pipe();
         for (nonce, until) in &nonces {
             pipe.cmd("SET")
-                .arg(format!("gatekeeper:nonce:{}", hex(nonce)))
+                .arg(format!("gatekeeper:nonce:{}", crate::hex::encode(nonce)))
                 .arg(&self.node)
                 .arg("NX")
                 .arg("EXAT")

@@ -10,7 +10,6 @@
 //! so on stderr and goes on.
 
 use std::{
-    fs::OpenOptions,
     io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -79,7 +78,7 @@ impl Journal {
         };
         let sent = Sent {
             time: rfc3339(unix_now()),
-            knock_id: crate::store::hex(&sealed.nonce),
+            knock_id: crate::hex::encode(&sealed.nonce),
             client: client.to_string(),
             carrier: carrier.name().to_string(),
             target,
@@ -99,12 +98,8 @@ impl Journal {
         }
         let mut line = serde_json::to_vec(sent).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         // One write of one whole line: concurrent knocks never interleave.
-        options.open(&self.path)?.write_all(&line)
+        crate::platform::append_private(&self.path)?.write_all(&line)
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`send`]: the client side: sealing, sending, knock-then-connect.
 //! - [`journal`]: the device's record of the knocks it sent.
 
+#[cfg(feature = "gateway")]
 pub mod ask;
 pub mod credential;
 pub mod enrollment;
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod note;
 pub mod payload;
 pub mod send;
+#[cfg(feature = "gateway")]
 pub mod verify;
 pub mod wire;
 

@@ -13,6 +13,8 @@
 
 pub mod client_hello;
 pub mod connector;
+#[cfg(feature = "gateway")]
 pub mod guidance;
+#[cfg(feature = "gateway")]
 pub mod listener;
 pub mod stream;

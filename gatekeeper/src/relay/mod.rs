@@ -34,7 +34,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::{
     clock::unix_now,
     knock::keys::{self, KeyError},
-    store::{Put, RelayRecord, Store, StoreError, cluster::ClusterStore, hex, valid_host, valid_name},
+    store::{Put, RelayRecord, Store, StoreError, cluster::ClusterStore, valid_host, valid_name},
 };
 
 #[derive(Debug, Error)]
@@ -169,8 +169,8 @@ pub fn issue(store: &ClusterStore, new: &NewRelay) -> Result<(RelayRecord, Relay
         let user = format!("gatekeeper-relay-{}", new.name);
         let mut password = [0u8; 24];
         OsRng.fill_bytes(&mut password);
-        let password = hex(&password);
-        let sha = hex(&Sha256::digest(password.as_bytes()));
+        let password = crate::hex::encode(&password);
+        let sha = crate::hex::encode(&Sha256::digest(password.as_bytes()));
         store.set_relay_user(&user, &sha, &new.name)?;
         (with_user(&new.redis, &user, &password), Some(user), Some(sha))
     } else {

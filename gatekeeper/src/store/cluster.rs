@@ -337,7 +337,7 @@ impl ClusterStore {
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
         let question = Question {
             what: what.to_string(),
-            reply: format!("{ANSWER_PREFIX}{}", super::hex(&id)),
+            reply: format!("{ANSWER_PREFIX}{}", crate::hex::encode(&id)),
         };
         let message = serde_json::to_string(&question).unwrap_or_default();
         self.with(|c| redis::cmd("PUBLISH").arg(QUESTIONS).arg(&message).query::<i64>(c))?;

@@ -289,8 +289,6 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Err
 pub const AUDIT_LOG: &str = "audit.log";
 /// fwknop's default SPA port, so existing firewall holes keep working.
 pub const DEFAULT_KNOCK_UDP_PORT: u16 = 62201;
-/// Where agents dial in by default.
-pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
 /// Published ports are leased from here by default.
 pub const DEFAULT_LEASE_RANGE: PortRange = PortRange { lo: 20000, hi: 20999 };
 
@@ -353,7 +351,7 @@ impl ConfigFile {
 
     /// Where agents dial in (written into tunnel tokens).
     pub fn tunnel_port(&self) -> u16 {
-        self.tunnel.port.unwrap_or(DEFAULT_TUNNEL_PORT)
+        self.tunnel.port.unwrap_or(crate::tunnels::DEFAULT_TUNNEL_PORT)
     }
 
     /// The range published ports are leased from.

@@ -280,7 +280,7 @@ pub struct PreviousToken {
 
 /// Whether `secret` hashes to `sha256` (hex), compared without an early exit.
 fn hashes_to(secret: &[u8], sha256: &str) -> bool {
-    let digest = hex(&Sha256::digest(secret));
+    let digest = crate::hex::encode(&Sha256::digest(secret));
     digest.len() == sha256.len()
         && digest
             .bytes()
@@ -664,10 +664,6 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A TOML error as one line: the line's number and text, and what is wrong.

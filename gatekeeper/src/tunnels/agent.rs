@@ -31,7 +31,7 @@ use tunnel::{
     tls::{PinMismatch, client_config},
 };
 
-use super::{Token, TunnelError, gateway::STOP_ALPN, socks};
+use super::{STOP_ALPN, Token, TunnelError, socks};
 use crate::knock::{
     Carrier,
     send::{ClientError, Knocker},
@@ -260,7 +260,7 @@ impl<F: Fn(SocketAddr)> Agent<'_, F> {
         let (_stop_tx, stop) = watch::channel(false);
         let serving = match publish {
             Publish::Forward(to) => tokio::spawn(serve_private(incoming, *to, stop)),
-            Publish::Socks5(allow) => tokio::spawn(socks::serve_private(incoming, allow.clone(), stop)),
+            Publish::Socks5(allow) => tokio::spawn(socks::agent::serve_private(incoming, allow.clone(), stop)),
         };
         // What the gateway says without ending the session (a pause, a resume).
         let mut notices = mux.notices();

@@ -44,6 +44,7 @@ use tunnel::{
     tls::{Identity, TlsError},
 };
 
+use super::STOP_ALPN;
 use crate::{
     audit::Audit,
     clock::unix_now,
@@ -67,10 +68,6 @@ pub enum GatewayError {
     #[error("the tunnel listener's TLS configuration")]
     Tls(#[from] TlsError),
 }
-
-/// The ALPN name of a connection that ends its tunnel's session on the
-/// agent operator's behalf (`gatekeeper agent --stop`).
-pub const STOP_ALPN: &[u8] = b"gatekeeper-agent-stop/1";
 
 /// What an agent session ended by its operator is audited as.
 const BY_OPERATOR: &str = "agent disconnected by its operator";
@@ -625,7 +622,7 @@ impl Publishing {
             let (cut_tx, cut) = watch::channel(false);
             let mux = self.mux.clone();
             let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &self.socks5 {
-                Some((tunnel, audit)) => Box::pin(socks::serve_public(
+                Some((tunnel, audit)) => Box::pin(socks::gateway::serve_public(
                     mux,
                     listener,
                     cut,

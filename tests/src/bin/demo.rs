@@ -13,6 +13,7 @@ use gatekeeper::{
     spec::{PortRange, Proto},
 };
 use gatekeeper_tests::{
+    clients::{LINUX, client_bin},
     cluster::{knock_and_connect, start_nodes},
     frames::Rng,
     lab::{Lab, Role, SHARED_ADDR, eventually, gatekeeper_bin, output_within},
@@ -140,8 +141,20 @@ fn main() -> Result<()> {
         7,
         "The client's device lets itself into web with its key: one SYN knock, then the connection",
     );
+    // The device runs the client-only build: stable Rust, no gate inside
+    // (`cargo xtask clients` also makes the Windows one).
+    let client = client_bin(LINUX, "gatekeeper")?;
+    println!(
+        "  the device's gatekeeper is the client-only build ({:.1} MiB, stable Rust, no XDP): {}",
+        std::fs::metadata(&client)?.len() as f64 / (1024.0 * 1024.0),
+        client.display()
+    );
     println!("$ echo hello | gatekeeper connect --credential {cred_arg} 10.77.0.1:8080   (on the client)");
-    let mut child = lab.spawn_gatekeeper(Role::Client, &["connect", "--credential", cred_arg, "10.77.0.1:8080"])?;
+    let mut child = lab.spawn_program(
+        Role::Client,
+        &client,
+        &["connect", "--credential", cred_arg, "10.77.0.1:8080"],
+    )?;
     child.stdin.take().context("stdin")?.write_all(b"hello\n")?;
     let out = output_within(child, Duration::from_secs(30))?;
     println!("  {}", String::from_utf8_lossy(&out.stdout).trim());

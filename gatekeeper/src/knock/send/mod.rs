@@ -52,10 +52,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "{what} needs a raw socket, which needs root or CAP_NET_RAW (setcap cap_net_raw+ep gatekeeper); a UDP knock (--via udp) needs neither"
-    )]
-    NeedsRaw { what: &'static str },
+    #[error("{what} needs a raw socket, which needs {needs}; a UDP knock (--via udp) needs neither")]
+    NeedsRaw { what: &'static str, needs: &'static str },
+    #[error("this system sends no TCP SYN it did not make itself: knock with --via udp (or icmp)")]
+    NoRawTcp,
     #[error(
         "a knock inside a TLS ClientHello is not a packet of its own: use `gatekeeper portal` or `connect --portal`"
     )]
@@ -87,13 +87,6 @@ pub struct Knocker {
 /// How long a resolved gateway name is used before it is resolved again.
 const RESOLVED_FOR: Duration = Duration::from_secs(30);
 
-/// This host's name, for the audit log and enrollment requests.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 /// The source address the kernel picks to reach `server`.
 pub fn local_addr_for(server: IpAddr) -> Result<IpAddr, ClientError> {
     let io = |source| ClientError::Io {
@@ -120,7 +113,7 @@ impl Knocker {
             cred,
             key_id,
             key,
-            hostname: hostname(),
+            hostname: crate::platform::hostname(),
             resolved: Mutex::new(None),
             journal: None,
         })
@@ -154,9 +147,7 @@ impl Knocker {
 
     /// The gateway's tunnel listener, where `client refresh` asks for its keys.
     pub fn tunnel_port(&self) -> u16 {
-        self.cred
-            .tunnel_port
-            .unwrap_or(crate::store::config::DEFAULT_TUNNEL_PORT)
+        self.cred.tunnel_port.unwrap_or(crate::tunnels::DEFAULT_TUNNEL_PORT)
     }
 
     /// `--server` if given, else the credential's first server: an

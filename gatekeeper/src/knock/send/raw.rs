@@ -1,51 +1,38 @@
 //! Raw sockets for knocks that ride in a TCP SYN or an ICMP echo request.
 //! The kernel writes the IP header; we write the TCP or ICMP header.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use rand_core::{OsRng, RngCore};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ClientError;
+use crate::platform;
 
-fn raw_socket(family: i32, proto: i32, what: &'static str) -> Result<OwnedFd, ClientError> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => ClientError::NeedsRaw { what },
-            _ => ClientError::Io {
-                what: what.to_string(),
-                source: e,
-            },
-        });
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+/// IANA protocol numbers, for the pseudo-header and the socket.
+const TCP: u8 = 6;
+const ICMP: i32 = 1;
+const ICMPV6: i32 = 58;
 
-fn send_to(fd: &OwnedFd, bytes: &[u8], to: IpAddr, what: &'static str) -> Result<(), ClientError> {
-    let addr: socket2::SockAddr = SocketAddr::new(to, 0).into();
-    // SAFETY: `bytes` and `addr` are valid for the lengths given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            0,
-            addr.as_ptr().cast(),
-            addr.len(),
-        )
-    };
-    if n < 0 {
-        return Err(ClientError::Io {
+/// Sends `bytes` (a TCP or ICMP header and what follows) to `to` through
+/// a raw socket for `proto`.
+fn send_raw(to: IpAddr, proto: i32, bytes: &[u8], what: &'static str) -> Result<(), ClientError> {
+    let domain = if to.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let sock = Socket::new(domain, Type::RAW, Some(Protocol::from(proto))).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::NeedsRaw {
+            what,
+            needs: platform::RAW_SOCKET_NEEDS,
+        },
+        _ => ClientError::Io {
             what: what.to_string(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
+            source: e,
+        },
+    })?;
+    sock.send_to(bytes, &SocketAddr::new(to, 0).into())
+        .map_err(|source| ClientError::Io {
+            what: what.to_string(),
+            source,
+        })?;
     Ok(())
 }
 
@@ -97,6 +84,9 @@ fn send_tcp(
     payload: &[u8],
 ) -> Result<(), ClientError> {
     const WHAT: &str = "a TCP SYN knock";
+    if !platform::RAW_TCP {
+        return Err(ClientError::NoRawTcp);
+    }
     let mut tcp = Vec::with_capacity(20 + payload.len());
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
@@ -105,12 +95,8 @@ fn send_tcp(
     tcp.extend_from_slice(payload);
     let len = (tcp.len() as u32).to_be_bytes();
     let pseudo: Vec<u8> = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            [&s.octets()[..], &d.octets(), &[0, libc::IPPROTO_TCP as u8], &len[2..]].concat()
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            [&s.octets()[..], &d.octets(), &len, &[0, 0, 0, libc::IPPROTO_TCP as u8]].concat()
-        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => [&s.octets()[..], &d.octets(), &[0, TCP], &len[2..]].concat(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => [&s.octets()[..], &d.octets(), &len, &[0, 0, 0, TCP]].concat(),
         _ => {
             return Err(ClientError::Io {
                 what: WHAT.into(),
@@ -120,19 +106,17 @@ fn send_tcp(
     };
     let sum = checksum(&[&pseudo, &tcp]);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    let fd = raw_socket(family, libc::IPPROTO_TCP, WHAT)?;
-    send_to(&fd, &tcp, dst, WHAT)
+    send_raw(dst, i32::from(TCP), &tcp, WHAT)
 }
 
 /// Sends an echo request carrying `payload` to `dst`.
 pub fn send_echo(dst: IpAddr, payload: &[u8]) -> Result<(), ClientError> {
     const WHAT: &str = "an ICMP echo knock";
-    let (family, proto, typ) = if dst.is_ipv4() {
-        (libc::AF_INET, libc::IPPROTO_ICMP, 8u8)
+    let (proto, typ) = if dst.is_ipv4() {
+        (ICMP, 8u8)
     } else {
         // The kernel fills in ICMPv6 checksums on raw sockets.
-        (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8)
+        (ICMPV6, 128u8)
     };
     let id = (OsRng.next_u32() & 0xffff) as u16;
     let mut icmp = vec![typ, 0, 0, 0];
@@ -143,8 +127,7 @@ pub fn send_echo(dst: IpAddr, payload: &[u8]) -> Result<(), ClientError> {
         let sum = checksum(&[&icmp]);
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     }
-    let fd = raw_socket(family, proto, WHAT)?;
-    send_to(&fd, &icmp, dst, WHAT)
+    send_raw(dst, proto, &icmp, WHAT)
 }
 
 #[cfg(test)]

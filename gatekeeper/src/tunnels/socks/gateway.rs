@@ -1,16 +1,6 @@
-//! SOCKS5 mode: an agent that publishes a private network, not one
-//! service (`agent --socks5 --allow-dest CIDR:PORTS`). The work is split
-//! where each side knows best: the gateway speaks SOCKS5 (RFC 1928, no
-//! authentication, CONNECT only) to the visitor, who got there by knocking,
-//! and audits every destination asked for; the agent resolves the name in
-//! its own network, checks it against its allow list, connects, and
-//! answers with one status byte before the stream carries data. A SOCKS5
-//! library would do both halves in one place, so this is the protocol's
-//! few bytes by hand.
-//!
-//! On the stream: the `Open` frame's payload is `socks5 VISITOR HOST:PORT`;
-//! the agent's first byte is a SOCKS5 reply code ([`SUCCEEDED`],
-//! [`NOT_ALLOWED`], [`UNREACHABLE`], [`REFUSED`]).
+//! The gateway's side: SOCKS5 to the visitor, an `Open` per CONNECT, the
+//! agent's status byte back as the reply, and an audit line per
+//! destination.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -27,22 +17,15 @@ use tokio::{
 };
 use tracing::debug;
 use tunnel::{
-    mux::{Incoming, Mux, MuxStream},
+    mux::{Mux, MuxStream},
     splice::{Spliced, splice},
 };
 
-use crate::{audit::Audit, spec::AllowedDest};
+use super::{HANDSHAKE, NOT_ALLOWED, REFUSED, SUCCEEDED, UNREACHABLE};
+use crate::audit::Audit;
 
-pub const SUCCEEDED: u8 = 0;
-pub const NOT_ALLOWED: u8 = 2;
-pub const UNREACHABLE: u8 = 4;
-pub const REFUSED: u8 = 5;
 const COMMAND_NOT_SUPPORTED: u8 = 7;
 const ADDRESS_NOT_SUPPORTED: u8 = 8;
-
-/// How long a visitor may take for its SOCKS5 request, and the agent for
-/// its answer.
-const HANDSHAKE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum SocksError {
@@ -68,7 +51,7 @@ fn destination(host: &str, port: u16) -> String {
     }
 }
 
-/// Gateway side: reads the visitor's greeting and CONNECT request; the
+/// reads the visitor's greeting and CONNECT request; the
 /// destination as `HOST:PORT`. Refusals the protocol can state are told.
 pub async fn request(tcp: &mut TcpStream) -> Result<String, SocksError> {
     let mut head = [0u8; 2];
@@ -120,13 +103,13 @@ pub async fn request(tcp: &mut TcpStream) -> Result<String, SocksError> {
     Ok(destination(&host, u16::from_be_bytes(port)))
 }
 
-/// Gateway side: the SOCKS5 reply (no bound address: the visitor's
+/// the SOCKS5 reply (no bound address: the visitor's
 /// traffic leaves from the agent's network, not from here).
 pub async fn reply(tcp: &mut TcpStream, code: u8) -> std::io::Result<()> {
     tcp.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]).await
 }
 
-/// Gateway side: serves SOCKS5 on `public` into streams of `mux` until
+/// serves SOCKS5 on `public` into streams of `mux` until
 /// the listener is dropped or `cut` turns true; audits each destination.
 pub async fn serve_public(
     mux: Mux,
@@ -189,46 +172,4 @@ async fn connect(
     );
     reply(&mut tcp, code).await.ok()?;
     (code == SUCCEEDED).then_some((tcp, stream))
-}
-
-/// Agent side: for each stream the gateway opens, resolves its destination
-/// here, connects if `allow` admits it, answers with a status byte, and
-/// relays, until `stop` turns true.
-pub async fn serve_private(mut incoming: Incoming, allow: Vec<AllowedDest>, stop: watch::Receiver<bool>) {
-    while let Some((stream, meta)) = incoming.recv().await {
-        let (allow, stop) = (allow.clone(), stop.clone());
-        tokio::spawn(async move {
-            let meta = String::from_utf8_lossy(&meta).into_owned();
-            let (code, tcp) = reach(&meta, &allow).await;
-            debug!(%meta, code, "SOCKS5 destination");
-            if stream.send(Bytes::from(vec![code])).await.is_err() {
-                return;
-            }
-            if let Some(tcp) = tcp {
-                splice(tcp, stream, stop).await;
-            }
-        });
-    }
-}
-
-/// The status for the destination in `meta`, and the connection if made.
-async fn reach(meta: &str, allow: &[AllowedDest]) -> (u8, Option<TcpStream>) {
-    let Some(dest) = meta
-        .strip_prefix("socks5 ")
-        .and_then(|m| m.split_once(' '))
-        .map(|(_, d)| d)
-    else {
-        return (NOT_ALLOWED, None);
-    };
-    let Ok(Ok(addrs)) = tokio::time::timeout(HANDSHAKE, tokio::net::lookup_host(dest)).await else {
-        return (UNREACHABLE, None);
-    };
-    let Some(to) = addrs.into_iter().find(|a| allow.iter().any(|r| r.admits(*a))) else {
-        return (NOT_ALLOWED, None);
-    };
-    match tokio::time::timeout(HANDSHAKE, TcpStream::connect(to)).await {
-        Ok(Ok(tcp)) => (SUCCEEDED, Some(tcp)),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => (REFUSED, None),
-        _ => (UNREACHABLE, None),
-    }
 }
