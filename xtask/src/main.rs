@@ -150,8 +150,18 @@ fn test() -> Result<()> {
         ("unit tests (client build)", &client_units),
         ("gatekeeper binary", &["build", "-p", "gatekeeper"]),
         (
-            "XDP verdicts (BPF_PROG_TEST_RUN) and CLI",
-            &["test", "-p", "gatekeeper-tests", "--test", "verdicts", "--test", "cli"],
+            "XDP verdicts (BPF_PROG_TEST_RUN), CLI, fwknop's format",
+            &[
+                "test",
+                "-p",
+                "gatekeeper-tests",
+                "--test",
+                "verdicts",
+                "--test",
+                "cli",
+                "--test",
+                "fwknop_client",
+            ],
         ),
         (
             "end to end in network namespaces",

@@ -5,6 +5,7 @@
 //!   client, opening on the gateway.
 //! - [`payload`]: the JSON a knock carries.
 //! - [`credential`]: what a device keeps to knock: its credential and key file.
+//! - [`fwknop`]: the stock fwknop client's packets, read on the gateway.
 //! - [`enrollment`]: the one-line request a device sends and the credential it gets back.
 //! - [`note`]: how a device learns the gateway's knock key after a rotation.
 //! - [`verify`]: every check a knock must pass, and what it opens.
@@ -17,6 +18,8 @@
 pub mod ask;
 pub mod credential;
 pub mod enrollment;
+#[cfg(feature = "gateway")]
+pub mod fwknop;
 pub mod journal;
 pub mod keys;
 pub mod note;
