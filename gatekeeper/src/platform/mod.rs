@@ -56,33 +56,31 @@ pub fn append_private(path: &Path) -> io::Result<File> {
 }
 
 /// Leaves the open file `file` at `path` to its owner alone.
-fn restrict(file: &File, path: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = path;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-    }
-    #[cfg(windows)]
-    {
-        let _ = file;
-        acl::owner_only(path)
-    }
+#[cfg(unix)]
+fn restrict(file: &File, _path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
-/// Makes a rename or link in `path`'s directory durable. Windows offers
-/// no directory handle to sync; NTFS journals the rename itself.
+#[cfg(windows)]
+fn restrict(_file: &File, path: &Path) -> io::Result<()> {
+    acl::owner_only(path)
+}
+
+/// Makes a rename or link in `path`'s directory durable.
+#[cfg(unix)]
 pub fn sync_dir(path: &Path) -> io::Result<()> {
-    #[cfg(unix)]
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
         _ => Ok(()),
     }
-    #[cfg(not(unix))]
-    {
-        let _ = path;
-        Ok(())
-    }
+}
+
+/// Windows offers no directory handle to sync; NTFS journals the rename
+/// itself.
+#[cfg(windows)]
+pub fn sync_dir(_path: &Path) -> io::Result<()> {
+    Ok(())
 }
 
 /// This host's name.
