@@ -8,8 +8,8 @@
 use crate::{
     knock,
     maps::{
-        ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config,
-        KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, PresenceCount, WhitelistKey, WhitelistValue, protected_slot,
+        ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_FWKNOP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO,
+        Config, KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, PresenceCount, WhitelistKey, WhitelistValue, protected_slot,
     },
     parse::{Addr, Frame, Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
@@ -296,6 +296,9 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> D
     if pkt.knock_prefix && (key_proto != proto::TCP || new_tcp) {
         return knock(frame, pkt, cfg, t);
     }
+    if knock_port && cfg.flags & CFG_FWKNOP != 0 {
+        return fwknop(frame, pkt, cfg, t);
+    }
     if is_reply(cfg, key_proto, new_tcp, dport) {
         return pass(Reason::Reply);
     }
@@ -360,6 +363,28 @@ fn knock<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t:
     }
     if keys && !t.admit_key(&key_id, cfg) {
         return deny(cfg, Reason::KnockKeyRateLimited);
+    }
+    if !t.admit_budget(cfg) {
+        return deny(cfg, Reason::KnockOverBudget);
+    }
+    Decision::new(Action::Divert, Reason::KnockDiverted)
+}
+
+/// What else arrives on the knock port when the daemon reads fwknop's
+/// packets: base64 text with no key id and no nonce in the clear, so only
+/// its length and first two characters are checked here, then the source's
+/// bucket and this CPU's budget. The daemon finds the key by HMAC.
+#[inline(always)]
+fn fwknop<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+    if !knock::plausible_fwknop_len(pkt.payload_len as usize) {
+        return deny(cfg, Reason::KnockBadLength);
+    }
+    match frame.load::<2>(pkt.payload_off as usize) {
+        Some([a, b]) if knock::base64_char(a) && knock::base64_char(b) => {}
+        _ => return deny(cfg, Reason::Malformed),
+    }
+    if !t.admit_knock(pkt.src(frame), cfg) {
+        return deny(cfg, Reason::KnockRateLimited);
     }
     if !t.admit_budget(cfg) {
         return deny(cfg, Reason::KnockOverBudget);

@@ -17,3 +17,18 @@ pub const MAX_LEN: usize = 1024;
 pub const fn plausible_len(len: usize) -> bool {
     len >= MIN_LEN && len <= MAX_LEN
 }
+
+/// The shortest packet fwknop's client sends (fwknopd's `MIN_SPA_DATA_SIZE`).
+/// It has no binary prefix: base64 text on the knock port. The longest the
+/// program hands over is [`MAX_LEN`].
+pub const FWKNOP_MIN_LEN: usize = 140;
+
+/// Whether an fwknop packet of `len` bytes is within the bounds.
+pub const fn plausible_fwknop_len(len: usize) -> bool {
+    len >= FWKNOP_MIN_LEN && len <= MAX_LEN
+}
+
+/// Whether `b` is a character of fwknop's base64 (no padding is sent).
+pub const fn base64_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'+' || b == b'/'
+}

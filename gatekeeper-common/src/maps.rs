@@ -258,6 +258,9 @@ pub const CFG_ANY_UDP: u32 = 4;
 /// is not there is dropped in the kernel. Off while no daemon verifies
 /// knocks (then every knock is handed over, for the log).
 pub const CFG_KNOCK_KEYS: u32 = 16;
+/// `Config::flags`: the daemon reads fwknop's packets, so base64 text on the
+/// knock port is handed over (rate-limited) instead of dropped.
+pub const CFG_FWKNOP: u32 = 32;
 /// `Config::flags`: the allowlist has prefixes. Kept in step with the map by
 /// the userspace that writes it, so strangers skip the trie lookup when the
 /// allowlist is empty.

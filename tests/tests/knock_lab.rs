@@ -527,3 +527,110 @@ fn knocks_for_two_ports_keep_both_open() -> Result<()> {
     assert!(lab.tcp_echo_works(Role::Client, gw(23), None)?, "and the second's");
     Ok(())
 }
+
+/// Runs the stock fwknop client on the client's host with `rc` (from
+/// `client add --fwknop`) for its stanza `laptop`; the packet it sent, as
+/// it printed it.
+fn fwknop(lab: &Lab, rc: &std::path::Path) -> Result<Vec<u8>> {
+    let rc = rc.to_str().context("utf-8 path")?;
+    let out = lab.exec(Role::Client, &["fwknop", "--rc-file", rc, "-n", "laptop", "-v"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "fwknop: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Final SPA Data: "))
+        .map(|p| p.as_bytes().to_vec())
+        .with_context(|| format!("fwknop printed no packet: {text}"))
+}
+
+#[test]
+fn the_stock_fwknop_client_knocks_with_the_stanza_it_was_given() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.serve_tcp_echo(Role::Gateway, 22)?;
+    lab.enroll("phone", &["--allow", "tcp/22"])?;
+    let cred = lab.scratch().join("laptop.credential.toml");
+    let said = lab.state_cli(&[
+        "client",
+        "add",
+        "laptop",
+        "--allow",
+        "tcp/22",
+        "--fwknop",
+        "--out",
+        cred.to_str().context("utf-8 path")?,
+    ])?;
+    let stanza = &said[said.find("[laptop]").context("no stanza")?..];
+    let stanza: String = stanza
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(stanza.contains("SPA_SERVER          10.77.0.1"), "{stanza}");
+    let rc = lab.scratch().join("fwknoprc");
+    gatekeeper::private_file::write(&rc, &stanza)?;
+    let _daemon = lab.start_daemon(&["--protect", PROTECT])?;
+
+    // The real client, unchanged, lets the device in, and nobody else.
+    assert!(
+        !lab.tcp_echo_works(Role::Client, gw(22), None)?,
+        "closed before the knock"
+    );
+    let packet = fwknop(&lab, &rc)?;
+    assert!(
+        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+            Role::Client,
+            gw(22),
+            None
+        ))?,
+        "fwknop's knock did not open tcp/22: {:?}",
+        lab.audit()?
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Intruder, gw(22), None)?,
+        "the intruder still sees nothing"
+    );
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(line["format"], "fwknop", "{line}");
+    assert_eq!(line["result"], "accepted", "{line}");
+    assert_eq!(line["client"], "laptop", "{line}");
+    assert_eq!(line["request"]["access"], "tcp/22", "{line}");
+
+    // The same packet again, from the client and from the intruder: replays.
+    send_udp(&lab, Role::Client, packet.clone())?;
+    send_udp(&lab, Role::Intruder, packet)?;
+    assert!(
+        eventually(Duration::from_secs(5), || Ok(lab
+            .audit()?
+            .iter()
+            .filter(|l| l["reason"] == "replay" || l["reasons"]["replay"].as_u64().is_some())
+            .count()
+            >= 1))?,
+        "the replays were not refused: {:?}",
+        lab.audit()?
+    );
+    assert!(
+        !lab.tcp_echo_works(Role::Intruder, gw(22), None)?,
+        "a replay opened nothing"
+    );
+
+    // The right HMAC key with another encryption key: authenticated, then
+    // refused by name; another HMAC key: nothing at all.
+    let wrong_key = stanza.replace(
+        stanza.lines().find(|l| l.starts_with("KEY_BASE64")).context("no key")?,
+        "KEY_BASE64          YW5vdGhlciBlbmNyeXB0aW9uIGtleSwgMzIgYnl0ZXM=",
+    );
+    gatekeeper::private_file::write(&rc, &wrong_key)?;
+    fwknop(&lab, &rc)?;
+    assert!(
+        eventually(Duration::from_secs(5), || Ok(lab
+            .audit()?
+            .iter()
+            .any(|l| l["reason"] == "bad_payload" && l["client"] == "laptop")))?,
+        "a packet under the wrong key was not refused by name: {:?}",
+        lab.audit()?
+    );
+    Ok(())
+}

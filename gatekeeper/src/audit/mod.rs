@@ -162,7 +162,12 @@ impl Audit {
             None => ("rejected", json!("no_knock"), json!("the ClientHello carried no knock")),
         };
         let request = checked.and_then(|c| c.payload.as_ref()).map(|p| json!({"protocol": p.protocol, "start_port": p.start_port, "end_port": p.end_port, "local_ip": p.local_ip, "local_port": p.local_port, "hostname": p.hostname, "platform": p.platform}));
-        json!({
+        let fwknop = checked.and_then(|c| c.fwknop.as_ref());
+        let request = request.or_else(|| fwknop.map(|s| {
+            let access: Vec<String> = s.access.iter().map(|(proto, ports)| format!("{proto}/{}", ports.lo)).collect();
+            json!({"access": access.join(","), "allow_ip": s.allow_ip, "user": s.user, "version": s.version, "message_type": s.message_type, "client_timeout": s.client_timeout})
+        }));
+        let mut line = json!({
             "time": rfc3339(unix_now()),
             "event": event,
             "knock_id": checked.and_then(|c| c.knock_id).map(|n| crate::hex::encode(&n)),
@@ -176,7 +181,14 @@ impl Audit {
             "result": result,
             "reason": reason,
             "detail": detail,
-        })
+        });
+        // What an fwknop packet was (not only once it opened).
+        if knock.carrier != crate::knock::Carrier::ClientHello
+            && !knock.payload.starts_with(&gatekeeper_common::knock::PREFIX)
+        {
+            line["format"] = json!("fwknop");
+        }
+        line
     }
 
     /// Records one knock and what came of it: `opened` is `None` for a

@@ -54,6 +54,12 @@ pub enum Client {
         /// Where to write the credential [default: ./NAME.credential.toml].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Also let the device knock with the stock fwknop client (2.6,
+        /// `--use-hmac`): makes its keys and prints the ~/.fwknoprc stanza
+        /// (`fwknop -n NAME`). The gateway keeps these keys: fwknop's are
+        /// symmetric.
+        #[arg(long)]
+        fwknop: bool,
         #[command(flatten)]
         state: StateArg,
     },
@@ -171,8 +177,9 @@ pub fn client(cmd: Client) -> Result<()> {
             policy,
             public_key,
             out,
+            fwknop,
             state,
-        } => enroll::add(name, policy, public_key, out, state),
+        } => enroll::add(name, policy, public_key, out, fwknop, state),
         Client::Request {
             key,
             gateway,

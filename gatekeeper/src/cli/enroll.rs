@@ -82,6 +82,7 @@ impl Policy {
             portal_upstream: self.portal_upstream,
             public_key,
             gateway,
+            fwknop: false,
         }
     }
 }
@@ -178,10 +179,14 @@ pub fn add(
     policy: Policy,
     public_key: Option<PublicKey>,
     out: Option<PathBuf>,
+    fwknop: bool,
     state: StateArg,
 ) -> Result<()> {
     let store = state.store()?;
-    let (rec, cred) = store.add_client(&policy.new_client(name.clone(), public_key, None))?;
+    let (rec, cred) = store.add_client(&NewClient {
+        fwknop,
+        ..policy.new_client(name.clone(), public_key, None)
+    })?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential.toml")));
     private_file::write(&out, &cred.to_file_text())
         .with_context(|| format!("writing the credential {}", out.display()))?;
@@ -202,6 +207,14 @@ pub fn add(
     }
     if cred.servers.is_empty() {
         println!("note: the state has no public_addrs, so the credential names no server: pass --server when knocking");
+    }
+    if let Some(keys) = &rec.fwknop {
+        let server = cred.servers.first().map_or("GATEWAY", String::as_str);
+        println!(
+            "\nfor the stock fwknop client, add this to the device's ~/.fwknoprc (it holds secrets: hand it over privately) and knock with `fwknop -n {}`:\n\n{}",
+            rec.name,
+            keys.rc_stanza(&rec.name, server, cred.knock_port, &rec.policy())
+        );
     }
     say_enrolled(&state);
     Ok(())

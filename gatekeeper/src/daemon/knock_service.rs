@@ -24,7 +24,7 @@ use crate::{
     knock::{
         ask::{Ask, Verdict},
         keys::{self, ServerKeys},
-        verify::{Checked, Client, ClientKeys, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
+        verify::{Checked, Client, ClientKeys, Grant, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
         wire::NONCE_LEN,
     },
     spec::{PortRange, Proto},
@@ -176,6 +176,21 @@ impl KnockService {
                 nat: rec.nat,
                 expires: rec.expires,
                 portal_upstream: rec.portal_upstream.clone(),
+                fwknop: None,
+            };
+            let standing = match rec.fwknop.as_ref().map(|k| k.key()) {
+                Some(Ok(key)) => Standing {
+                    fwknop: Some(key),
+                    ..standing
+                },
+                Some(Err(e)) => {
+                    problems.push(Problem {
+                        path: format!("client {}", rec.name),
+                        reason: format!("fwknop: {e}"),
+                    });
+                    standing
+                }
+                None => standing,
             };
             let mut derive = |public: &str| match self.derived.get(public) {
                 Some(keys) => Ok(keys.clone()),
@@ -208,9 +223,18 @@ impl KnockService {
         (keys, problems)
     }
 
-    /// Verifies one knock; opens what it grants, then audits what happened.
-    /// In a cluster, an accepted knock is first claimed (see [`Self::claimed`]).
+    /// Whether some client knocks with fwknop.
+    pub fn reads_fwknop(&self) -> bool {
+        self.verifier.registry.clients().any(|c| c.fwknop.is_some())
+    }
+
+    /// Verifies one knock (v1, or fwknop's when it lacks v1's prefix);
+    /// opens what it grants, then audits what happened. In a cluster, an
+    /// accepted v1 knock is first claimed (see [`Self::claimed`]).
     pub fn handle(&mut self, gate: &Gate, knock: &Knock) {
+        if !knock.payload.starts_with(&gatekeeper_common::knock::PREFIX) {
+            return self.handle_fwknop(gate, knock);
+        }
         let expiry = &mut self.expiry;
         let mut recorded = None;
         let checked = self.verifier.check(knock, unix_now(), |nonce, until| {
@@ -338,16 +362,43 @@ impl KnockService {
         c.link.republish(nonces, grants);
     }
 
+    /// A packet from the stock fwknop client: verified and opened on this
+    /// node alone (its replay id and grants are not shared with a
+    /// cluster's other nodes).
+    fn handle_fwknop(&mut self, gate: &Gate, knock: &Knock) {
+        let expiry = &mut self.expiry;
+        let (checked, grants) = self
+            .verifier
+            .check_fwknop(knock, unix_now(), |id, until| record(gate, expiry, id, until));
+        self.open_grants(gate, knock, checked, &grants, false);
+    }
+
     /// Opens what an accepted knock grants (`alone`: in a cluster whose
     /// Redis did not answer), then audits what happened.
     fn open(&mut self, gate: &Gate, knock: &Knock, checked: Checked, alone: bool) {
-        let opened = checked.outcome.as_ref().ok().map(|grant| {
+        let grants: Vec<Grant> = checked.outcome.as_ref().ok().cloned().into_iter().collect();
+        self.open_grants(gate, knock, checked, &grants, alone);
+    }
+
+    /// Opens `grants`, all of an accepted knock's, then audits it.
+    fn open_grants(&mut self, gate: &Gate, knock: &Knock, checked: Checked, grants: &[Grant], alone: bool) {
+        let opened = checked.outcome.is_ok().then(|| {
             // A fresh knock for a live entry extends it and adds its ports.
             let expires = clock::now_ns().saturating_add(self.open_for_ns);
-            match gate.whitelist_grant(&grant.key, grant.ports, expires, 0, grant.client_id) {
-                Ok(_) => Opened::Entry {
-                    src_port: (grant.key.src_port != 0).then_some(grant.key.src_port),
-                    ports: format!("{}-{}", grant.ports.lo, grant.ports.hi),
+            let written = grants.iter().try_for_each(|grant| {
+                gate.whitelist_grant(&grant.key, grant.ports, expires, 0, grant.client_id)
+                    .map(drop)
+            });
+            match written {
+                Ok(()) => Opened::Entry {
+                    src_port: grants
+                        .first()
+                        .and_then(|g| (g.key.src_port != 0).then_some(g.key.src_port)),
+                    ports: grants
+                        .iter()
+                        .map(|g| format!("{}-{}", g.ports.lo, g.ports.hi))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     for_secs: self.open_for_ns / 1_000_000_000,
                     alone,
                 },

@@ -30,7 +30,10 @@ use std::{
     time::Duration,
 };
 
-use gatekeeper_common::{maps::KEY_ID_LEN, ratelimit};
+use gatekeeper_common::{
+    maps::{CFG_FWKNOP, KEY_ID_LEN},
+    ratelimit,
+};
 use serde_json::json;
 use thiserror::Error;
 use tokio::{
@@ -169,6 +172,9 @@ struct Daemon {
     cluster_lost: bool,
     /// Whitelist entries in the gate at the last sweep.
     entries: u64,
+    /// Some client knocks with fwknop: the gate hands over base64 text on
+    /// the knock port.
+    fwknop: bool,
     /// What happened since the start, counted for metrics and status.
     events: Arc<Events>,
 }
@@ -403,6 +409,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         node: cluster,
         cluster_lost: false,
         entries: 0,
+        fwknop: false,
         events: events.clone(),
     };
     if let Some(change) = first_change {
@@ -414,7 +421,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
     let ephemeral = ephemeral_ports();
     let settings = &daemon.settings;
-    daemon.gate.set_config(&settings.map_config(ephemeral, initialised))?;
+    daemon
+        .gate
+        .set_config(&settings.map_config(ephemeral, initialised, daemon.fwknop))?;
     daemon
         .gate
         .fill_knock_budget(ratelimit::full(settings.knock_budget, crate::clock::now_ns()))?;
@@ -658,6 +667,14 @@ impl Daemon {
         }
         if let Some(snapshot) = &change.reloaded {
             let (keys, problems) = k.service.set_clients(snapshot);
+            let fwknop = k.service.reads_fwknop();
+            if fwknop != self.fwknop {
+                self.fwknop = fwknop;
+                // At the start the config is written once everything is applied.
+                if !start && let Err(e) = set_fwknop_flag(&self.gate, fwknop) {
+                    warn!(error = %error_chain(&e), "telling the gate about fwknop clients failed");
+                }
+            }
             for p in problems {
                 warn!(path = %p.path, reason = %p.reason, "skipping a client that cannot verify knocks");
             }
@@ -850,4 +867,15 @@ fn interface_exists(name: &str) -> bool {
     };
     // SAFETY: `c` is a valid NUL-terminated string.
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Sets or clears the gate's fwknop flag: whether base64 text on the knock
+/// port is handed over.
+fn set_fwknop_flag(gate: &Gate, on: bool) -> Result<(), GateError> {
+    let mut cfg = gate.config()?;
+    cfg.flags &= !CFG_FWKNOP;
+    if on {
+        cfg.flags |= CFG_FWKNOP;
+    }
+    gate.set_config(&cfg)
 }

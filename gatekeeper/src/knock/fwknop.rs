@@ -30,14 +30,16 @@ use aes::cipher::{BlockDecryptMut, KeyIvInit, block_padding::Pkcs7};
 use base64::{
     Engine,
     alphabet::STANDARD,
-    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose},
 };
 use hmac::{Hmac, Mac};
 use md5::Md5;
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::spec::{PortRange, Proto};
+use crate::spec::{PortRange, PortSet, Proto};
 
 /// The shortest and longest packets fwknopd reads (its `MIN_SPA_DATA_SIZE`
 /// and `MAX_SPA_PACKET_LEN`).
@@ -60,7 +62,7 @@ const B64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum FwknopError {
     #[error("{0} bytes: an fwknop packet is {MIN_LEN}-{MAX_LEN} characters of base64")]
     Length(usize),
@@ -80,14 +82,82 @@ pub enum FwknopError {
     Field(&'static str),
     #[error("message type {0} is not an access request ({1})")]
     MessageType(u8, &'static str),
+    #[error("the client's fwknop {0} is not base64")]
+    Key(&'static str),
 }
 
-/// One device's fwknop keys: `KEY_BASE64` and `HMAC_KEY_BASE64`, decoded.
+/// A client's fwknop keys as its record, `.fwknoprc` and fwknopd's
+/// `access.conf` spell them. fwknop's keys are symmetric: the gateway
+/// holds them as the device does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FwknopKeys {
+    pub key_base64: String,
+    pub hmac_key_base64: String,
+}
+
+impl FwknopKeys {
+    /// Fresh keys of the sizes `fwknop --key-gen` makes: 32 bytes to
+    /// encrypt, 64 for the HMAC.
+    pub fn generate() -> FwknopKeys {
+        let mut key = [0u8; 32];
+        let mut hmac_key = [0u8; 64];
+        OsRng.fill_bytes(&mut key);
+        OsRng.fill_bytes(&mut hmac_key);
+        FwknopKeys {
+            key_base64: general_purpose::STANDARD.encode(key),
+            hmac_key_base64: general_purpose::STANDARD.encode(hmac_key),
+        }
+    }
+
+    /// The keys, decoded and ready to check packets.
+    pub fn key(&self) -> Result<FwknopKey, FwknopError> {
+        let decode = |what, text: &str| {
+            general_purpose::STANDARD
+                .decode(text)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .ok_or(FwknopError::Key(what))
+        };
+        Ok(FwknopKey::new(
+            &decode("key_base64", &self.key_base64)?,
+            &decode("hmac_key_base64", &self.hmac_key_base64)?,
+        ))
+    }
+
+    /// The stanza for the device's `~/.fwknoprc`, so `fwknop -n NAME`
+    /// knocks on `server`'s `port` for what `allow` names: single ports
+    /// as they are, a range by its first port (fwknop asks for single
+    /// ports), ICMP left out (fwknop cannot ask for it).
+    pub fn rc_stanza(&self, name: &str, server: &str, port: u16, allow: &PortSet) -> String {
+        let access: Vec<String> = allow
+            .ranges
+            .iter()
+            .filter(|(proto, _)| *proto != Proto::Icmp)
+            .map(|(proto, ports)| format!("{proto}/{}", ports.lo))
+            .collect();
+        format!(
+            "[{name}]\nSPA_SERVER          {server}\nSPA_SERVER_PORT     {port}\nSPA_SERVER_PROTO    udp\nACCESS              {}\nALLOW_IP            source\nKEY_BASE64          {}\nHMAC_KEY_BASE64     {}\nUSE_HMAC            Y\nHMAC_DIGEST_TYPE    sha256\n",
+            access.join(","),
+            self.key_base64,
+            self.hmac_key_base64
+        )
+    }
+}
+
+/// One device's fwknop keys: `KEY_BASE64` and `HMAC_KEY_BASE64`, decoded
+/// (shown as `FwknopKey(..)`: logs never print them).
 #[derive(Clone)]
 pub struct FwknopKey {
     key: Vec<u8>,
     /// Keyed once: finding a packet's key among many costs one HMAC each.
     mac: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for FwknopKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FwknopKey(..)")
+    }
 }
 
 impl FwknopKey {
@@ -157,6 +227,18 @@ impl<'a> Packet<'a> {
             .map_err(|_| FwknopError::Decrypt)?;
         let text = std::str::from_utf8(plain).map_err(|_| FwknopError::Decrypt)?;
         Spa::parse(text)
+    }
+
+    /// What the replay cache remembers of this packet: its SHA-256 (what
+    /// fwknopd's digest cache keeps), cut to the cache's key size.
+    pub fn replay_id(&self) -> [u8; 24] {
+        let digest = Sha256::new()
+            .chain_update(self.body.as_bytes())
+            .chain_update(&self.hmac)
+            .finalize();
+        let mut id = [0u8; 24];
+        id.copy_from_slice(&digest[..24]);
+        id
     }
 }
 

@@ -16,6 +16,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{
     Carrier,
+    fwknop::{self, FwknopError, FwknopKey, Spa},
     keys::{self, KeyError, KeyId, ServerKeys, SessionKey},
     payload::Payload,
     wire::{self, WireError},
@@ -49,6 +50,8 @@ pub struct Client {
     pub expires: Option<u64>,
     /// Where the portal relays this client's sessions, instead of its default.
     pub portal_upstream: Option<String>,
+    /// Its fwknop keys, if it may knock with the stock fwknop client.
+    pub fwknop: Option<FwknopKey>,
 }
 
 /// How a client stands, as its record says.
@@ -61,6 +64,7 @@ pub struct Standing {
     pub nat: bool,
     pub expires: Option<u64>,
     pub portal_upstream: Option<String>,
+    pub fwknop: Option<FwknopKey>,
 }
 
 /// A client's key id and the session keys it shares with the gateway's
@@ -97,6 +101,7 @@ impl Client {
             nat: standing.nat,
             expires: standing.expires,
             portal_upstream: standing.portal_upstream,
+            fwknop: standing.fwknop,
         }
     }
 
@@ -177,6 +182,9 @@ pub enum Rejection {
     RetiredServerKey {
         until: u64,
     },
+    /// An fwknop packet that is not one, that no enrolled fwknop key
+    /// authenticates, or whose content (once authenticated) is refused.
+    Fwknop(FwknopError),
 }
 
 impl Rejection {
@@ -201,6 +209,9 @@ impl Rejection {
             Rejection::Unbound => "unbound",
             Rejection::SourcePortMismatch { .. } => "source_port_mismatch",
             Rejection::RetiredServerKey { .. } => "retired_server_key",
+            Rejection::Fwknop(FwknopError::Length(_) | FwknopError::NotBase64) => "malformed",
+            Rejection::Fwknop(FwknopError::Unauthenticated) => "unknown_key",
+            Rejection::Fwknop(_) => "bad_payload",
         }
     }
 
@@ -217,6 +228,7 @@ impl Rejection {
                 | Rejection::Stale { .. }
                 | Rejection::Replay
                 | Rejection::Unbound
+                | Rejection::Fwknop(FwknopError::Length(_) | FwknopError::NotBase64 | FwknopError::Unauthenticated)
         )
     }
 }
@@ -254,6 +266,7 @@ impl fmt::Display for Rejection {
                 "sealed for the gateway's previous knock key, accepted until {}: the device must learn the new one (`gatekeeper client refresh`)",
                 crate::clock::rfc3339(*until)
             ),
+            Rejection::Fwknop(e) => write!(f, "{e}"),
         }
     }
 }
@@ -273,6 +286,8 @@ pub struct Checked {
     pub knock_id: Option<[u8; NONCE_LEN]>,
     pub client: Option<String>,
     pub payload: Option<Payload>,
+    /// What an fwknop packet asked for, once it opened.
+    pub fwknop: Option<Spa>,
     /// The knock was sealed for the previous knock key, not the current one.
     pub previous_key: bool,
     pub outcome: Result<Grant, Rejection>,
@@ -312,6 +327,7 @@ impl Verifier {
             knock_id: None,
             client: None,
             payload: None,
+            fwknop: None,
             previous_key: false,
             outcome: Err(Rejection::UnknownKey),
         };
@@ -346,6 +362,7 @@ impl Verifier {
                 knock_id: Some(sealed.nonce),
                 client: None,
                 payload: None,
+                fwknop: None,
                 previous_key: false,
                 outcome: Err(Rejection::Unbound),
             };
@@ -374,6 +391,94 @@ impl Verifier {
             .then(|| client.portal_upstream.clone())
             .flatten();
         (checked, upstream)
+    }
+
+    /// Checks a packet from the stock fwknop client at `unix_now`; its
+    /// grants, one per port it asks for. `record` keeps the packet's
+    /// replay id as [`Verifier::check`] keeps a nonce. The checks follow
+    /// v1's order: the key (found by HMAC), the content, the window, the
+    /// replay cache, then the client's standing, the address, the policy.
+    pub fn check_fwknop(
+        &self,
+        knock: &Knock,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
+    ) -> (Checked, Vec<Grant>) {
+        let mut checked = Checked {
+            knock_id: None,
+            client: None,
+            payload: None,
+            fwknop: None,
+            previous_key: false,
+            outcome: Err(Rejection::UnknownKey),
+        };
+        match self.run_fwknop(knock, unix_now, record, &mut checked) {
+            Ok(grants) => {
+                checked.outcome = grants.first().cloned().ok_or(Rejection::OutsidePolicy);
+                (checked, grants)
+            }
+            Err(rejection) => {
+                checked.outcome = Err(rejection);
+                (checked, Vec::new())
+            }
+        }
+    }
+
+    fn run_fwknop(
+        &self,
+        knock: &Knock,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
+        seen: &mut Checked,
+    ) -> Result<Vec<Grant>, Rejection> {
+        let packet = fwknop::Packet::split(&knock.payload).map_err(Rejection::Fwknop)?;
+        let id = packet.replay_id();
+        seen.knock_id = Some(id);
+        let (client, key) = self
+            .registry
+            .clients()
+            .find_map(|c| c.fwknop.as_ref().filter(|k| packet.authenticated_by(k)).map(|k| (c, k)))
+            .ok_or(Rejection::Fwknop(FwknopError::Unauthenticated))?;
+        seen.client = Some(client.name.clone());
+        let spa = packet.open(key).map_err(Rejection::Fwknop)?;
+        seen.fwknop = Some(spa.clone());
+        let skew = spa.timestamp as i64 - unix_now as i64;
+        if skew.unsigned_abs() > self.window_secs {
+            return Err(Rejection::Stale { skew_secs: skew });
+        }
+        match record(&id, spa.timestamp + self.window_secs + 1) {
+            Ok(true) => {}
+            Ok(false) => return Err(Rejection::Replay),
+            Err(ReplayError::Full) => return Err(Rejection::ReplayCacheFull),
+            Err(ReplayError::Failed(e)) => return Err(Rejection::ReplayCacheFailed(e)),
+        }
+        if !client.enabled {
+            return Err(Rejection::Revoked);
+        }
+        if client.expires.is_some_and(|e| unix_now >= e) {
+            return Err(Rejection::Expired);
+        }
+        // `-s` sends 0.0.0.0: "wherever this packet comes from".
+        let named = spa.allow_ip.to_canonical();
+        if !named.is_unspecified() && named != knock.src.to_canonical() && !client.nat {
+            return Err(Rejection::NatNotAllowed { local: named });
+        }
+        if spa
+            .access
+            .iter()
+            .any(|(proto, ports)| !client.policy.covers(*proto, *ports))
+        {
+            return Err(Rejection::OutsidePolicy);
+        }
+        Ok(spa
+            .access
+            .iter()
+            .map(|(proto, ports)| Grant {
+                key: WhitelistKey::new(map_addr(knock.src), ANY_PORT, proto.number()),
+                ports: *ports,
+                client_id: client.id,
+            })
+            .collect())
     }
 
     fn run(
@@ -518,6 +623,7 @@ mod tests {
             nat,
             expires,
             portal_upstream: None,
+            fwknop: None,
         };
         let mut registry = Registry::default();
         registry.insert(Client::new(

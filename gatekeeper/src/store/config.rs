@@ -16,7 +16,7 @@ use std::{
 };
 
 use gatekeeper_common::maps::{
-    CFG_ANY_TCP, CFG_ANY_UDP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT, MODE_ENFORCE,
+    CFG_ANY_TCP, CFG_ANY_UDP, CFG_FWKNOP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO, Config, MODE_AUDIT, MODE_ENFORCE,
 };
 use serde::Deserialize;
 use thiserror::Error;
@@ -743,8 +743,10 @@ impl Settings {
     /// The CONFIG map entry for these settings, with the host's ephemeral
     /// port range (see [`ephemeral_ports`]). `knock_keys`: the daemon
     /// verifies knocks and keeps the map of enrolled key ids, so the XDP
-    /// program may drop knocks whose key id is not in it.
-    pub fn map_config(&self, ephemeral: (u16, u16), knock_keys: bool) -> Config {
+    /// program may drop knocks whose key id is not in it. `fwknop`: some
+    /// client knocks with fwknop, so its packets on the knock port are
+    /// handed over.
+    pub fn map_config(&self, ephemeral: (u16, u16), knock_keys: bool, fwknop: bool) -> Config {
         let mut flags = 0;
         if self.protect.echo {
             flags |= CFG_PROTECT_ECHO;
@@ -757,6 +759,9 @@ impl Settings {
         }
         if knock_keys {
             flags |= CFG_KNOCK_KEYS;
+        }
+        if fwknop && self.knock_udp_port != 0 {
+            flags |= CFG_FWKNOP;
         }
         Config {
             mode: match self.mode {

@@ -36,6 +36,7 @@ use crate::{
     clock::unix_now,
     knock::{
         credential::Credential,
+        fwknop::FwknopKeys,
         keys::{self, ServerKeys},
     },
     spec::PortSet,
@@ -176,6 +177,9 @@ pub struct ClientRecord {
     pub previous_public_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_key_until: Option<u64>,
+    /// The keys the stock fwknop client knocks with, if it may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwknop: Option<FwknopKeys>,
 }
 
 impl ClientRecord {
@@ -585,6 +589,7 @@ pub trait Store: Send + Sync {
             portal_upstream: new.portal_upstream.clone(),
             previous_public_key: None,
             previous_key_until: None,
+            fwknop: new.fwknop.then(FwknopKeys::generate),
         };
         // Everything the credential needs is read before anything is written.
         let cred = self.credential(&new.name, secret.as_ref(), new.gateway.as_deref())?;
@@ -654,6 +659,8 @@ pub struct NewClient {
     /// How the device names the gateway (an address or a DNS name);
     /// none: the config's `public_addrs`.
     pub gateway: Option<String>,
+    /// Make keys for the stock fwknop client too.
+    pub fwknop: bool,
 }
 
 /// 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit

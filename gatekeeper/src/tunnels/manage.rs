@@ -105,6 +105,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         portal_upstream: None,
         public_key: None,
         gateway: None,
+        fwknop: false,
     });
     let credential = match added {
         Ok((_, credential)) => credential,
@@ -233,6 +234,7 @@ mod tests {
             portal_upstream: None,
             public_key: None,
             gateway: None,
+            fwknop: false,
         })
         .unwrap();
         (s, dir)
@@ -326,6 +328,7 @@ mod tests {
             portal_upstream: None,
             public_key: None,
             gateway: None,
+            fwknop: false,
         })
         .unwrap();
         let clash = issue(s, &new("db", &[], None)).unwrap_err();

@@ -98,6 +98,7 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
         portal_upstream: None,
         public_key: None,
         gateway: None,
+        fwknop: false,
     })?;
     let mut registry = Registry::default();
     registry.insert(Client::new(
@@ -110,6 +111,7 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
             nat: false,
             expires: None,
             portal_upstream: None,
+            fwknop: None,
         },
     ));
     let verifier = Verifier {
