@@ -293,6 +293,20 @@ pub struct Checked {
     pub outcome: Result<Grant, Rejection>,
 }
 
+impl Checked {
+    /// Before anything is known: no client, refused as an unknown key.
+    fn empty() -> Checked {
+        Checked {
+            knock_id: None,
+            client: None,
+            payload: None,
+            fwknop: None,
+            previous_key: false,
+            outcome: Err(Rejection::UnknownKey),
+        }
+    }
+}
+
 pub struct Verifier {
     pub registry: Registry,
     /// Addresses clients may name as `server_ip`; empty: the knock's own
@@ -323,14 +337,7 @@ impl Verifier {
         unix_now: u64,
         record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
     ) -> (Checked, Option<&Client>) {
-        let mut checked = Checked {
-            knock_id: None,
-            client: None,
-            payload: None,
-            fwknop: None,
-            previous_key: false,
-            outcome: Err(Rejection::UnknownKey),
-        };
+        let mut checked = Checked::empty();
         let (outcome, client) = match self.run(knock, unix_now, record, &mut checked) {
             Ok((grant, client)) => (Ok(grant), Some(client)),
             Err(rejection) => (Err(rejection), None),
@@ -393,6 +400,27 @@ impl Verifier {
         (checked, upstream)
     }
 
+    /// The window, then the replay cache: `id` is remembered for as long
+    /// as `timestamp` stays acceptable.
+    fn fresh(
+        &self,
+        id: &[u8; NONCE_LEN],
+        timestamp: u64,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
+    ) -> Result<(), Rejection> {
+        let skew = timestamp as i64 - unix_now as i64;
+        if skew.unsigned_abs() > self.window_secs {
+            return Err(Rejection::Stale { skew_secs: skew });
+        }
+        match record(id, timestamp + self.window_secs + 1) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Rejection::Replay),
+            Err(ReplayError::Full) => Err(Rejection::ReplayCacheFull),
+            Err(ReplayError::Failed(e)) => Err(Rejection::ReplayCacheFailed(e)),
+        }
+    }
+
     /// Checks a packet from the stock fwknop client at `unix_now`; its
     /// grants, one per port it asks for. `record` keeps the packet's
     /// replay id as [`Verifier::check`] keeps a nonce. The checks follow
@@ -404,14 +432,7 @@ impl Verifier {
         unix_now: u64,
         record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
     ) -> (Checked, Vec<Grant>) {
-        let mut checked = Checked {
-            knock_id: None,
-            client: None,
-            payload: None,
-            fwknop: None,
-            previous_key: false,
-            outcome: Err(Rejection::UnknownKey),
-        };
+        let mut checked = Checked::empty();
         match self.run_fwknop(knock, unix_now, record, &mut checked) {
             Ok(grants) => {
                 checked.outcome = grants.first().cloned().ok_or(Rejection::OutsidePolicy);
@@ -442,16 +463,7 @@ impl Verifier {
         seen.client = Some(client.name.clone());
         let spa = packet.open(key).map_err(Rejection::Fwknop)?;
         seen.fwknop = Some(spa.clone());
-        let skew = spa.timestamp as i64 - unix_now as i64;
-        if skew.unsigned_abs() > self.window_secs {
-            return Err(Rejection::Stale { skew_secs: skew });
-        }
-        match record(&id, spa.timestamp + self.window_secs + 1) {
-            Ok(true) => {}
-            Ok(false) => return Err(Rejection::Replay),
-            Err(ReplayError::Full) => return Err(Rejection::ReplayCacheFull),
-            Err(ReplayError::Failed(e)) => return Err(Rejection::ReplayCacheFailed(e)),
-        }
+        self.fresh(&id, spa.timestamp, unix_now, record)?;
         if !client.enabled {
             return Err(Rejection::Revoked);
         }
@@ -506,17 +518,7 @@ impl Verifier {
                 claimed: payload.client_id,
             });
         }
-        let skew = payload.timestamp as i64 - unix_now as i64;
-        if skew.unsigned_abs() > self.window_secs {
-            return Err(Rejection::Stale { skew_secs: skew });
-        }
-        // Remember the nonce for as long as its timestamp stays acceptable.
-        match record(&sealed.nonce, payload.timestamp + self.window_secs + 1) {
-            Ok(true) => {}
-            Ok(false) => return Err(Rejection::Replay),
-            Err(ReplayError::Full) => return Err(Rejection::ReplayCacheFull),
-            Err(ReplayError::Failed(e)) => return Err(Rejection::ReplayCacheFailed(e)),
-        }
+        self.fresh(&sealed.nonce, payload.timestamp, unix_now, record)?;
         if !client.enabled {
             return Err(Rejection::Revoked);
         }
