@@ -183,9 +183,7 @@ impl Audit {
             "detail": detail,
         });
         // What an fwknop packet was (not only once it opened).
-        if knock.carrier != crate::knock::Carrier::ClientHello
-            && !knock.payload.starts_with(&gatekeeper_common::knock::PREFIX)
-        {
+        if knock.is_fwknop() {
             line["format"] = json!("fwknop");
         }
         line

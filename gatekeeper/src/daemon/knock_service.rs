@@ -232,7 +232,7 @@ impl KnockService {
     /// opens what it grants, then audits what happened. In a cluster, an
     /// accepted v1 knock is first claimed (see [`Self::claimed`]).
     pub fn handle(&mut self, gate: &Gate, knock: &Knock) {
-        if !knock.payload.starts_with(&gatekeeper_common::knock::PREFIX) {
+        if knock.is_fwknop() {
             return self.handle_fwknop(gate, knock);
         }
         let expiry = &mut self.expiry;

@@ -38,6 +38,15 @@ pub struct Knock {
     pub seen_ns: u64,
 }
 
+impl Knock {
+    /// Whether this is the stock fwknop client's packet: a packet knock
+    /// without v1's prefix (the gate diverts those only while fwknop
+    /// clients are enrolled).
+    pub fn is_fwknop(&self) -> bool {
+        self.carrier != Carrier::ClientHello && !self.payload.starts_with(&gatekeeper_common::knock::PREFIX)
+    }
+}
+
 /// One enrolled client, ready to verify: its session keys are derived once.
 #[derive(Clone)]
 pub struct Client {
