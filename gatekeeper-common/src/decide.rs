@@ -274,7 +274,7 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> D
         Kind::NotIp => return pass(Reason::NotIp),
         Kind::IcmpControl => return pass(Reason::IcmpControl),
         Kind::Other => return pass(Reason::OtherProtocol),
-        Kind::Malformed | Kind::Fragment | Kind::Tcp | Kind::Udp | Kind::Echo => {}
+        Kind::Malformed | Kind::Fragment | Kind::Tcp | Kind::Udp | Kind::Echo | Kind::EchoReply => {}
     }
     // Read only here: what passes above needs no configuration, and ARP
     // is much of a LAN's traffic.
@@ -286,18 +286,35 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> D
     }
     // Echo has neither port: its entries are any-port entries.
     let (key_proto, sport, dport) = (key_proto(pkt), pkt.sport, pkt.dport);
-    let knock_port = key_proto == proto::UDP && cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
-    if !knock_port && !is_protected(cfg, t, key_proto, dport) {
+    let knock_port = cfg.knock_udp_port != 0 && dport == cfg.knock_udp_port;
+    let udp_knock_port = key_proto == proto::UDP && knock_port;
+    let new_tcp = key_proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // fwknop's raw carriers: a SYN with its packet to the knock port
+    // (`-P tcpraw`), echo requests or replies (`-P icmp`). Only what looks
+    // like its packet is taken; the rest goes on as any other packet.
+    // (`-P tcp` writes into a connection, which the daemon reads.)
+    if cfg.flags & CFG_FWKNOP != 0
+        && ((new_tcp && knock_port) || key_proto == proto::ICMP)
+        && fwknop_shape(frame, pkt).is_none()
+    {
+        return fwknop(frame, pkt, cfg, t);
+    }
+    if pkt.kind == Kind::EchoReply {
+        return pass(Reason::IcmpControl);
+    }
+    if !udp_knock_port && !is_protected(cfg, t, key_proto, dport) {
         return pass(Reason::Unprotected);
     }
-    let new_tcp = key_proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Knocks ride in UDP, in a TCP SYN (never in an established stream) and
     // in echo requests.
     if pkt.knock_prefix && (key_proto != proto::TCP || new_tcp) {
         return knock(frame, pkt, cfg, t);
     }
-    if knock_port && cfg.flags & CFG_FWKNOP != 0 {
-        return fwknop(frame, pkt, cfg, t);
+    if udp_knock_port && cfg.flags & CFG_FWKNOP != 0 {
+        return match fwknop_shape(frame, pkt) {
+            Some(reason) => deny(cfg, reason),
+            None => fwknop(frame, pkt, cfg, t),
+        };
     }
     if is_reply(cfg, key_proto, new_tcp, dport) {
         return pass(Reason::Reply);
@@ -370,19 +387,25 @@ fn knock<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t:
     Decision::new(Action::Divert, Reason::KnockDiverted)
 }
 
-/// What else arrives on the knock port when the daemon reads fwknop's
-/// packets: base64 text with no key id and no nonce in the clear, so only
-/// its length and first two characters are checked here, then the source's
-/// bucket and this CPU's budget. The daemon finds the key by HMAC.
+/// Why a payload cannot be an fwknop packet, or `None` when it may be
+/// one: base64 text with no key id and no nonce in the clear, so only its
+/// length and first two characters are checked here.
 #[inline(always)]
-fn fwknop<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+fn fwknop_shape<F: Frame + ?Sized>(frame: &F, pkt: &Packet) -> Option<Reason> {
     if !knock::plausible_fwknop_len(pkt.payload_len as usize) {
-        return deny(cfg, Reason::KnockBadLength);
+        return Some(Reason::KnockBadLength);
     }
     match frame.load::<2>(pkt.payload_off as usize) {
-        Some([a, b]) if knock::base64_char(a) && knock::base64_char(b) => {}
-        _ => return deny(cfg, Reason::Malformed),
+        Some([a, b]) if knock::base64_char(a) && knock::base64_char(b) => None,
+        _ => Some(Reason::Malformed),
     }
+}
+
+/// A payload shaped like an fwknop packet: the source's bucket and this
+/// CPU's budget decide whether it reaches the daemon, which finds the key
+/// by HMAC.
+#[inline(always)]
+fn fwknop<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
     if !t.admit_knock(pkt.src(frame), cfg) {
         return deny(cfg, Reason::KnockRateLimited);
     }

@@ -53,8 +53,10 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
+const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// What a frame turned out to be.
 #[repr(u8)]
@@ -69,6 +71,9 @@ pub enum Kind {
     Udp,
     /// ICMP or ICMPv6 echo request.
     Echo,
+    /// ICMP or ICMPv6 echo reply: passed like control messages, unless it
+    /// carries an fwknop packet (fwknop's `-P icmp` sends replies).
+    EchoReply,
     /// Every other ICMP/ICMPv6 message: errors (path MTU discovery) and
     /// IPv6 neighbour discovery.
     IcmpControl,
@@ -355,11 +360,17 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, ip: Ip, off: usize, len: usize)
             if len < 8 {
                 return Packet::ip(Kind::Malformed, proto, ip);
             }
-            let echo_request = if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
-            if h[0] != echo_request {
-                return Packet::ip(Kind::IcmpControl, proto, ip);
-            }
-            (Kind::Echo, 0, 0, 0, 8)
+            let (request, reply) = if v6 {
+                (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            } else {
+                (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            };
+            let kind = match h[0] {
+                t if t == request => Kind::Echo,
+                t if t == reply => Kind::EchoReply,
+                _ => return Packet::ip(Kind::IcmpControl, proto, ip),
+            };
+            (kind, 0, 0, 0, 8)
         }
         _ => return Packet::ip(Kind::Other, proto, ip),
     };

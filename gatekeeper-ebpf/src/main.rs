@@ -340,7 +340,7 @@ fn emit(ctx: &XdpContext, frame: &XdpFrame, pkt: &Packet, kind: u32, reason: Rea
         (*ev)._pad2 = 0;
         (*ev).payload_len = 0;
         let len = pkt.payload_len as u32;
-        let carries_payload = matches!(pkt.kind, Kind::Tcp | Kind::Udp | Kind::Echo);
+        let carries_payload = matches!(pkt.kind, Kind::Tcp | Kind::Udp | Kind::Echo | Kind::EchoReply);
         if kind == EVENT_KNOCK && carries_payload && len > 0 && len <= knock::MAX_LEN as u32 {
             let dst = (*ev).payload.as_mut_ptr() as *mut core::ffi::c_void;
             // Same value as `len`, rebuilt through a mask the verifier can

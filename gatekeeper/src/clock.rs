@@ -75,6 +75,34 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
+/// Unix seconds at 00:00 UTC of a date (proleptic Gregorian); `None` for
+/// a date that does not exist or comes before 1970.
+pub fn unix_day(year: u32, month: u32, day: u32) -> Option<u64> {
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if year < 1970 || day == 0 || day > days_in_month {
+        return None;
+    }
+    // Civil date to days, after Howard Hinnant's algorithm.
+    let (y, m, d) = (
+        i64::from(year) - i64::from(month <= 2),
+        i64::from(month),
+        i64::from(day),
+    );
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days).ok().map(|d| d * 86_400)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -82,5 +110,14 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(1_767_225_600), "2026-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+
+    #[test]
+    fn dates_to_unix_days() {
+        assert_eq!(super::unix_day(1970, 1, 1), Some(0));
+        assert_eq!(super::unix_day(2026, 1, 1), Some(1_767_225_600));
+        assert_eq!(super::unix_day(2000, 2, 29), Some(951_782_400));
+        assert_eq!(super::unix_day(2001, 2, 29), None);
+        assert_eq!(super::unix_day(2026, 13, 1), None);
     }
 }

@@ -725,9 +725,8 @@ impl Lab {
         stdout_of(args, out)
     }
 
-    /// Enrolls a device (running `gatekeeper init` first if needed) and
-    /// returns the path of its credential.
-    pub fn enroll(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+    /// Runs `gatekeeper init` for the gateway's addresses, unless done.
+    pub fn init(&self) -> Result<()> {
         if !self.state_dir().join("server.key").exists() {
             self.state_cli(&[
                 "init",
@@ -735,6 +734,13 @@ impl Lab {
                 &format!("{},{}", Role::Gateway.addr(), Role::Gateway.addr6()),
             ])?;
         }
+        Ok(())
+    }
+
+    /// Enrolls a device (running `gatekeeper init` first if needed) and
+    /// returns the path of its credential.
+    pub fn enroll(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        self.init()?;
         let cred = self.scratch.join(format!("{name}.credential.toml"));
         let mut args = vec![
             "client",

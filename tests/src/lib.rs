@@ -13,6 +13,7 @@
 //! - [`channel`]: devices with paired channel identities, and the peers
 //!   channel tests meet: OpenSSH, Tongsuo, tshark.
 //! - [`cluster`]: gateway nodes started on the lab's Redis.
+//! - [`fwknop`]: the stock fwknop client on a lab host.
 //! - [`relay`]: a gateway serving relayed hosts, an agent host that
 //!   reaches only Redis, and the private HTTP service behind it.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
@@ -22,6 +23,7 @@ pub mod channel;
 pub mod clients;
 pub mod cluster;
 pub mod frames;
+pub mod fwknop;
 pub mod lab;
 pub mod model;
 pub mod nmap;

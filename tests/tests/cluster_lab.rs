@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, Result, ensure};
 use gatekeeper_tests::{
     cluster::{knock_and_connect, shared, start_nodes},
+    fwknop,
     lab::{ChildGuard, Daemon, Lab, Role, SHARED_ADDR, eventually, gw, tcp_request},
     nmap,
     redis::{RedisServer, Sentinels},
@@ -159,6 +160,65 @@ fn a_knock_replayed_to_another_node_is_refused() -> Result<()> {
     // Resent from the client's own address, as a replay must be to pass
     // every other check: only the shared replay cache can tell.
     ensure!(knock_reason_at(&lab, 2, seen)? == "replay");
+    Ok(())
+}
+
+#[test]
+fn an_fwknop_packet_opens_every_node_once_and_is_a_replay_on_the_others() -> Result<()> {
+    let (lab, redis, _daemons, _cred) = three_nodes()?;
+    let node = |n: u8, port| SocketAddr::new(Role::Node(n).addr().into(), port);
+    ensure!(
+        !lab.tcp_echo_works(Role::Client, node(2, 22), None)?,
+        "closed before knocking"
+    );
+    // Enrolled while the nodes run: each starts handing fwknop's packets
+    // to its daemon once it has read the new client.
+    let cred = lab.scratch().join("oldphone.credential.toml");
+    let said = lab.state_cli_on(
+        Role::Node(1),
+        &[
+            "client",
+            "add",
+            "oldphone",
+            "--allow",
+            "tcp/22",
+            "--fwknop",
+            "--out",
+            &cred.to_string_lossy(),
+            "--cluster",
+            &redis.url(),
+        ],
+    )?;
+    let (rc, stanza) = fwknop::write_stanza(&lab, &said, "oldphone")?;
+    ensure!(
+        stanza.contains(&format!("SPA_SERVER          {SHARED_ADDR}")),
+        "{stanza}"
+    );
+    let mut packet = Vec::new();
+    let accepted = eventually(Duration::from_secs(15), || {
+        packet = fwknop::knock(&lab, Role::Client, &rc, "oldphone", &["--test"])?;
+        Ok(knock_reason_at(&lab, 1, packet.clone()).is_ok_and(|r| r == "accepted"))
+    })?;
+    ensure!(
+        accepted,
+        "node 1 never accepted the packet: {:?}",
+        knocks_audited(&lab, 1)?
+    );
+    // The grant is every node's; the packet, anywhere else, a replay.
+    ensure!(
+        eventually(Duration::from_secs(5), || lab.tcp_echo_works(
+            Role::Client,
+            node(2, 22),
+            None
+        ))?,
+        "node 2 did not open the grant node 1 published"
+    );
+    for n in [2, 3] {
+        let replay = eventually(Duration::from_secs(10), || {
+            Ok(knock_reason_at(&lab, n, packet.clone()).is_ok_and(|r| r == "replay"))
+        })?;
+        ensure!(replay, "node {n}: {:?}", knocks_audited(&lab, n)?);
+    }
     Ok(())
 }
 

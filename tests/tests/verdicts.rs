@@ -375,6 +375,18 @@ fn hand_written_cases() -> Vec<Case> {
             Reason::Whitelisted,
         ),
         case(
+            "echo reply passes, even one with text, while no client knocks with fwknop",
+            v4(
+                "203.0.113.9",
+                L4::Icmp {
+                    typ: 0,
+                    payload: b"QUJD".repeat(50),
+                },
+            ),
+            Pass,
+            Reason::IcmpControl,
+        ),
+        case(
             "icmp error passes",
             v4(
                 "203.0.113.9",
@@ -700,11 +712,13 @@ fn hand_written_cases() -> Vec<Case> {
 
 /// With fwknop clients enrolled, base64 text on the knock port is handed
 /// over (v1 knocks still go their way); short text and other bytes are
-/// dropped, and text elsewhere is nothing special. The real program and
+/// dropped, and text elsewhere is nothing special. fwknop's raw carriers
+/// (a SYN to the knock port, echo requests and replies) are handed over
+/// when they carry such text, and go their usual way when they do not. The real program and
 /// the model agree, and the handed-over packet reaches the ring whole.
 #[test]
 fn fwknop_text_on_the_knock_port_is_handed_over() -> Result<()> {
-    use Action::{Divert, Drop};
+    use Action::{Divert, Drop, Pass};
     let mut model = standard_model(0);
     model.config.flags |= CFG_FWKNOP;
     let mut h = Harness::new(model)?;
@@ -749,6 +763,66 @@ fn fwknop_text_on_the_knock_port_is_handed_over() -> Result<()> {
             Drop,
             Reason::NotAllowed,
         ),
+        (
+            "-P tcpraw: a SYN with the packet to the knock port",
+            L4::Tcp {
+                sport: 5000,
+                dport: 62201,
+                flags: SYN,
+                payload: text(300),
+            },
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "a SYN with the packet to another port",
+            L4::Tcp {
+                sport: 5000,
+                dport: 22,
+                flags: SYN,
+                payload: text(300),
+            },
+            Drop,
+            Reason::NotAllowed,
+        ),
+        (
+            "-P tcp: the packet inside a connection is the listener's",
+            L4::Tcp {
+                sport: 5000,
+                dport: 62201,
+                flags: ACK | PSH,
+                payload: text(300),
+            },
+            Pass,
+            Reason::Unprotected,
+        ),
+        (
+            "-P icmp: an echo reply with the packet",
+            L4::Icmp {
+                typ: 0,
+                payload: text(300),
+            },
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "--icmp-type 8: an echo request with the packet",
+            L4::Icmp {
+                typ: 8,
+                payload: text(300),
+            },
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "a ping's reply",
+            L4::Icmp {
+                typ: 0,
+                payload: vec![7; 56],
+            },
+            Pass,
+            Reason::IcmpControl,
+        ),
     ];
     for (i, (name, l4, action, reason)) in cases.into_iter().enumerate() {
         // A source each: the per-source bucket never runs dry here.
@@ -758,6 +832,11 @@ fn fwknop_text_on_the_knock_port_is_handed_over() -> Result<()> {
         assert_eq!(kernel, xdp_code(action), "{name}: the program");
     }
     let handed = h.drain_events()?;
+    assert!(
+        handed.iter().filter(|p| **p == text(300)).count() == 3,
+        "the SYN's and the echoes' packets arrive: {:?}",
+        handed.iter().map(|p| (p.len(), p.get(..4))).collect::<Vec<_>>()
+    );
     assert!(
         handed.contains(&text(knock::MAX_LEN)),
         "the longest packet arrives whole"

@@ -174,6 +174,8 @@ fn test() -> Result<()> {
                 "--test",
                 "knock_lab",
                 "--test",
+                "fwknop_lab",
+                "--test",
                 "lifecycle_lab",
                 "--test",
                 "tunnel_lab",

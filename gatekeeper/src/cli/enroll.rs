@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use gatekeeper::{
     clock::{rfc3339, unix_now},
-    knock::{enrollment, keys},
+    knock::{enrollment, fwknop::FwknopKeys, keys},
     private_file,
     spec::{self, PortSet},
     store::NewClient,
@@ -82,7 +82,7 @@ impl Policy {
             portal_upstream: self.portal_upstream,
             public_key,
             gateway,
-            fwknop: false,
+            fwknop: None,
         }
     }
 }
@@ -122,7 +122,7 @@ pub fn rotate_key(args: RotateKey) -> Result<()> {
 }
 
 /// One line on whether the daemon accepts a new device's knocks yet.
-fn say_enrolled(state: &StateArg) {
+pub fn say_enrolled(state: &StateArg) {
     match confirm(state) {
         Confirmed::Applied(_) => println!("the running daemon accepts its knocks now"),
         Confirmed::Nodes(nodes) => println!("every running node accepts its knocks now ({})", nodes.join(", ")),
@@ -184,7 +184,7 @@ pub fn add(
 ) -> Result<()> {
     let store = state.store()?;
     let (rec, cred) = store.add_client(&NewClient {
-        fwknop,
+        fwknop: fwknop.then(FwknopKeys::generate),
         ..policy.new_client(name.clone(), public_key, None)
     })?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential.toml")));

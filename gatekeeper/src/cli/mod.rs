@@ -17,6 +17,8 @@ mod enroll;
 #[cfg(feature = "gateway")]
 mod generate;
 #[cfg(feature = "gateway")]
+mod import;
+#[cfg(feature = "gateway")]
 mod interfaces;
 #[cfg(feature = "gateway")]
 mod maps;
@@ -83,6 +85,9 @@ enum Command {
     Audit(audit::AuditArgs),
     #[cfg(feature = "gateway")]
     Init(enroll::Init),
+    #[cfg(feature = "gateway")]
+    #[command(subcommand)]
+    Import(import::Import),
     #[cfg(feature = "gateway")]
     RotateKey(enroll::RotateKey),
     Keygen(device::Keygen),
@@ -174,6 +179,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Channel(c) => channel::channel(c),
         #[cfg(feature = "gateway")]
         Command::Generate(g) => generate::generate(g),
+        #[cfg(feature = "gateway")]
+        Command::Import(i) => import::import(i),
     }
 }
 

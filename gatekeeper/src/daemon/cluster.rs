@@ -53,8 +53,8 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 /// and publishes them as one message: the node's name, a newline, and the
 /// grants as a JSON array (so a node skips its own messages unparsed).
 /// KEYS: each claim's nonce key, then the batch's grant key. ARGV: node,
-/// then for each claim: nonce expiry (unix s), grant JSON, grant lifetime
-/// (ms). Returns 1 (fresh) or 0 (taken) per claim.
+/// then for each claim: nonce expiry (unix s), its grants' JSON objects
+/// (comma-separated), their longest lifetime (ms). Returns 1 (fresh) or 0 (taken) per claim.
 const CLAIM: &str = r"
 local fresh, out, longest = {}, {}, 0
 for c = 1, #KEYS - 1 do
@@ -252,14 +252,26 @@ impl Link {
     }
 
     /// Claims `nonce` (until `until`, unix seconds) for the knock that
-    /// grants `grant`; the answer comes back as [`Event::Claimed`] with `id`.
-    pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grant: &SharedGrant) {
+    /// grants `grants` (one, or an fwknop packet's one per port); the
+    /// answer comes back as [`Event::Claimed`] with `id`.
+    pub fn claim(&self, id: u64, nonce: &[u8; NONCE_LEN], until: u64, grants: &[SharedGrant]) {
+        let now_ms = crate::clock::unix_now_ms();
         let claim = Claim {
             id,
             nonce_key: format!("gatekeeper:nonce:{}", crate::hex::encode(nonce)),
             until,
-            json: serde_json::to_string(grant).unwrap_or_default(),
-            lifetime_ms: grant.expires_ms.saturating_sub(crate::clock::unix_now_ms()).max(1),
+            // The script joins the fresh claims' texts into one array.
+            json: grants
+                .iter()
+                .filter_map(|g| serde_json::to_string(g).ok())
+                .collect::<Vec<_>>()
+                .join(","),
+            lifetime_ms: grants
+                .iter()
+                .map(|g| g.expires_ms.saturating_sub(now_ms))
+                .max()
+                .unwrap_or(0)
+                .max(1),
         };
         if let Err(e) = self.claims.try_send(claim) {
             let claim = match e {

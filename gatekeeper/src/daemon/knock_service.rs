@@ -2,9 +2,10 @@
 //! the portal found in a ClientHello), open what it grants, and audit it.
 //! It owns the verifier's registry, rebuilt from the store's records
 //! whenever they change, and the index of the replay cache. In a cluster
-//! an accepted knock waits for its nonce to be claimed in the shared
-//! replay cache (one round trip) before it opens anything; grants other
-//! nodes published are checked against the same registry and opened here.
+//! an accepted knock (v1 or fwknop's) waits for its nonce (or replay id)
+//! to be claimed in the shared replay cache (one round trip) before it
+//! opens anything; grants other nodes published are checked against the
+//! same registry and opened here.
 
 use std::{
     cmp::Reverse,
@@ -62,10 +63,10 @@ pub struct KnockService {
 }
 
 /// A cluster node's share of the knocks: the link, and the accepted
-/// knocks waiting for their nonce to be claimed.
+/// knocks (with their grants) waiting for their nonce to be claimed.
 struct Cluster {
     link: Link,
-    pending: HashMap<u64, (Knock, Checked)>,
+    pending: HashMap<u64, (Knock, Checked, Vec<Grant>)>,
     next_id: u64,
     when_unreachable: WhenUnreachable,
     outage: Outage,
@@ -230,30 +231,37 @@ impl KnockService {
 
     /// Verifies one knock (v1, or fwknop's when it lacks v1's prefix);
     /// opens what it grants, then audits what happened. In a cluster, an
-    /// accepted v1 knock is first claimed (see [`Self::claimed`]).
+    /// accepted knock is first claimed (see [`Self::claimed`]).
     pub fn handle(&mut self, gate: &Gate, knock: &Knock) {
-        if knock.is_fwknop() {
-            return self.handle_fwknop(gate, knock);
-        }
         let expiry = &mut self.expiry;
         let mut recorded = None;
-        let checked = self.verifier.check(knock, unix_now(), |nonce, until| {
+        let record = |nonce: &[u8; NONCE_LEN], until| {
             let fresh = record(gate, expiry, nonce, until);
             if matches!(fresh, Ok(true)) {
                 recorded = Some((*nonce, until));
             }
             fresh
-        });
-        if let (Ok(grant), Some(c), Some((nonce, until))) = (&checked.outcome, self.cluster.as_mut(), recorded) {
+        };
+        let (checked, grants) = if knock.is_fwknop() {
+            self.verifier.check_fwknop(knock, unix_now(), record)
+        } else {
+            let checked = self.verifier.check(knock, unix_now(), record);
+            let grants = checked.outcome.as_ref().ok().cloned().into_iter().collect();
+            (checked, grants)
+        };
+        if let (true, Some(c), Some((nonce, until))) = (checked.outcome.is_ok(), self.cluster.as_mut(), recorded) {
             let expires_ms = crate::clock::unix_now_ms().saturating_add(self.open_for_ns / 1_000_000);
-            let shared = SharedGrant::new(c.link.node(), &grant.key, grant.ports, expires_ms, grant.client_id);
+            let shared: Vec<SharedGrant> = grants
+                .iter()
+                .map(|g| SharedGrant::new(c.link.node(), &g.key, g.ports, expires_ms, g.client_id))
+                .collect();
             let id = c.next_id;
             c.next_id += 1;
             c.link.claim(id, &nonce, until, &shared);
-            c.pending.insert(id, (knock.clone(), checked));
+            c.pending.insert(id, (knock.clone(), checked, grants));
             return;
         }
-        self.open(gate, knock, checked, false);
+        self.open_grants(gate, knock, checked, &grants, false);
     }
 
     /// The cluster's answer to the claim on knock `id`'s nonce: a fresh
@@ -263,7 +271,7 @@ impl KnockService {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        let Some((knock, mut checked)) = c.pending.remove(&id) else {
+        let Some((knock, mut checked, grants)) = c.pending.remove(&id) else {
             return;
         };
         let mut alone = false;
@@ -281,7 +289,7 @@ impl KnockService {
                 }
             }
         }
-        self.open(gate, &knock, checked, alone);
+        self.open_grants(gate, &knock, checked, &grants, alone);
     }
 
     /// Opens, in this node's gate, a grant another node published, if the
@@ -360,24 +368,6 @@ impl KnockService {
             })
             .collect();
         c.link.republish(nonces, grants);
-    }
-
-    /// A packet from the stock fwknop client: verified and opened on this
-    /// node alone (its replay id and grants are not shared with a
-    /// cluster's other nodes).
-    fn handle_fwknop(&mut self, gate: &Gate, knock: &Knock) {
-        let expiry = &mut self.expiry;
-        let (checked, grants) = self
-            .verifier
-            .check_fwknop(knock, unix_now(), |id, until| record(gate, expiry, id, until));
-        self.open_grants(gate, knock, checked, &grants, false);
-    }
-
-    /// Opens what an accepted knock grants (`alone`: in a cluster whose
-    /// Redis did not answer), then audits what happened.
-    fn open(&mut self, gate: &Gate, knock: &Knock, checked: Checked, alone: bool) {
-        let grants: Vec<Grant> = checked.outcome.as_ref().ok().cloned().into_iter().collect();
-        self.open_grants(gate, knock, checked, &grants, alone);
     }
 
     /// Opens `grants`, all of an accepted knock's, then audits it.

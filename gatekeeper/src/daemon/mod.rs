@@ -19,6 +19,7 @@
 
 pub mod cluster;
 pub mod coverage;
+pub mod fwknop_tcp;
 pub mod knock_service;
 
 use std::{
@@ -56,7 +57,7 @@ use crate::{
         ring::{self, Record},
         sweeper,
     },
-    knock::{ask::Ask, note::KeyNote},
+    knock::{ask::Ask, note::KeyNote, verify::Knock},
     metrics::{
         Events,
         server::{self as metrics_server, MetricsError},
@@ -121,6 +122,12 @@ pub enum DaemonError {
     },
     #[error("listening for signals")]
     Signal(#[source] std::io::Error),
+    #[error("listening on tcp/{port} for fwknop's `-P tcp` (`[knock] fwknop_tcp`)")]
+    FwknopTcp {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     /// `reason`: the Redis client's error as text (it names its cause).
     #[error("joining the cluster's grants at {location}: {reason}")]
     ClusterLink { location: String, reason: String },
@@ -301,6 +308,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     // Everything the daemon will serve, prepared before the gate goes up.
     let (ask, mut asked) = mpsc::channel::<Ask>(1024);
     let (control_tx, mut control_rx) = mpsc::channel::<Asked>(16);
+    // Knocks read from connections (fwknop's `-P tcp`), not from the ring.
+    let (streamed_tx, mut streamed) = mpsc::channel::<Knock>(256);
+    let mut fwknop_listener = None;
     let mut knocks = None;
     let mut first_change = None;
     let mut cluster_events = None;
@@ -367,6 +377,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             )
             .await?;
             portals.push((Arc::new(portal), listener));
+        }
+        if settings.fwknop_tcp {
+            let port = settings.knock_udp_port;
+            let listener = fwknop_tcp::bind(port)
+                .await
+                .map_err(|source| DaemonError::FwknopTcp { port, source })?;
+            fwknop_listener = Some(listener);
         }
         let socket = files.control_socket();
         let control = control::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
@@ -452,6 +469,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     if let Some(listener) = metrics {
         tokio::spawn(metrics_server::serve(listener, events, control_tx.clone()));
     }
+    if let Some(listener) = fwknop_listener {
+        tokio::spawn(fwknop_tcp::serve(listener, streamed_tx));
+    }
 
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
     // as long as the AsyncFd owns the RingBuf.
@@ -479,6 +499,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 guard.clear_ready();
             }
             Some(event) = next_event(&mut cluster_events) => daemon.cluster_event(event),
+            Some(knock) = streamed.recv() => daemon.knock(&knock, &mut seen),
             Some(ask) = asked.recv() => {
                 if let Some(k) = daemon.knocks.as_mut() {
                     k.service.handle_portal(&daemon.gate, ask);
@@ -538,18 +559,20 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 }
 
 impl Daemon {
+    fn knock(&mut self, knock: &Knock, seen: &mut Seen) {
+        seen.knocks += 1;
+        match self.knocks.as_mut() {
+            Some(k) => k.service.handle(&self.gate, knock),
+            None => info!(event = "knock_received", src = %knock.src, sport = knock.sport, dst = %knock.dst,
+                dport = knock.dport, carrier = knock.carrier.name(), len = knock.payload.len(), total = seen.knocks,
+                "knock received (not verified: the state is not initialised)"),
+        }
+    }
+
     fn record(&mut self, bytes: &[u8], seen: &mut Seen) {
         match ring::decode(bytes) {
             None => seen.unknown += 1,
-            Some(Record::Knock(knock)) => {
-                seen.knocks += 1;
-                match self.knocks.as_mut() {
-                    Some(k) => k.service.handle(&self.gate, &knock),
-                    None => info!(event = "knock_received", src = %knock.src, sport = knock.sport, dst = %knock.dst,
-                        dport = knock.dport, carrier = knock.carrier.name(), len = knock.payload.len(), total = seen.knocks,
-                        "knock received (not verified: the state is not initialised)"),
-                }
-            }
+            Some(Record::Knock(knock)) => self.knock(&knock, seen),
             Some(Record::AuditSample {
                 src,
                 sport,
@@ -844,6 +867,9 @@ fn gated_ports(settings: &Settings, tunnels: bool) -> PortSet {
     let mut ports = settings.protect.clone();
     if let Some(portal) = &settings.portal {
         ports = ports.without(Proto::Tcp, portal.listen.port());
+    }
+    if settings.fwknop_tcp {
+        ports = ports.without(Proto::Tcp, settings.knock_udp_port);
     }
     if let (true, Some(relay)) = (tunnels, &settings.relay) {
         let port = relay.listen.port();

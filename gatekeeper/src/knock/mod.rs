@@ -33,10 +33,12 @@ pub mod wire;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Carrier {
     /// A TCP SYN to the port to open, from the port the client connects from.
+    /// (fwknop's client also sends TCP to the knock port: a SYN with its
+    /// packet, or its packet in a connection, which arrive as this carrier.)
     Syn,
     /// A UDP datagram to the gateway's knock port.
     Udp,
-    /// An ICMP (or ICMPv6) echo request.
+    /// An ICMP (or ICMPv6) echo request (fwknop's client sends replies).
     Icmp,
     /// An extension of a TLS ClientHello, to the portal.
     #[value(skip)]

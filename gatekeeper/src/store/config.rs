@@ -213,6 +213,7 @@ pub enum WhenUnreachable {
 #[serde(deny_unknown_fields)]
 struct KnockSection {
     udp_port: Option<u16>,
+    fwknop_tcp: Option<bool>,
     rate: Option<u32>,
     burst: Option<u32>,
     key_rate: Option<u32>,
@@ -481,6 +482,8 @@ pub struct Settings {
     pub whitelist_capacity: u32,
     /// 0: knocks only on protected ports.
     pub knock_udp_port: u16,
+    /// Listen on TCP at the knock port for fwknop's `-P tcp`.
+    pub fwknop_tcp: bool,
     /// Per-source knock bucket in the XDP program.
     pub knock_rate: u32,
     pub knock_burst: u32,
@@ -681,6 +684,14 @@ impl Settings {
             }
             None => None,
         };
+        let fwknop_tcp = f.knock.fwknop_tcp.unwrap_or(false);
+        if fwknop_tcp && f.knock_udp_port() == 0 {
+            return Err(invalid(
+                "knock.fwknop_tcp",
+                true,
+                "fwknop's `-P tcp` connects to the knock port: set `knock.udp_port` too (62201 is fwknop's)",
+            ));
+        }
         let relay = match cli.relay_listen.or(f.relay.listen) {
             Some(listen) if cluster.is_none() => {
                 return Err(invalid(
@@ -717,6 +728,7 @@ impl Settings {
             sweep_interval: f.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
             whitelist_capacity,
             knock_udp_port: f.knock_udp_port(),
+            fwknop_tcp,
             knock_rate: positive("knock.rate", f.knock.rate, DEFAULT_KNOCK_RATE)?,
             knock_burst: positive("knock.burst", f.knock.burst, DEFAULT_KNOCK_BURST)?,
             knock_key_rate: positive("knock.key_rate", f.knock.key_rate, DEFAULT_KNOCK_KEY_RATE)?,
@@ -818,6 +830,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         whitelist_capacity: pick(over.whitelist_capacity, base.whitelist_capacity),
         knock: KnockSection {
             udp_port: pick(over.knock.udp_port, base.knock.udp_port),
+            fwknop_tcp: pick(over.knock.fwknop_tcp, base.knock.fwknop_tcp),
             rate: pick(over.knock.rate, base.knock.rate),
             burst: pick(over.knock.burst, base.knock.burst),
             key_rate: pick(over.knock.key_rate, base.knock.key_rate),

@@ -589,7 +589,7 @@ pub trait Store: Send + Sync {
             portal_upstream: new.portal_upstream.clone(),
             previous_public_key: None,
             previous_key_until: None,
-            fwknop: new.fwknop.then(FwknopKeys::generate),
+            fwknop: new.fwknop.clone(),
         };
         // Everything the credential needs is read before anything is written.
         let cred = self.credential(&new.name, secret.as_ref(), new.gateway.as_deref())?;
@@ -659,8 +659,9 @@ pub struct NewClient {
     /// How the device names the gateway (an address or a DNS name);
     /// none: the config's `public_addrs`.
     pub gateway: Option<String>,
-    /// Make keys for the stock fwknop client too.
-    pub fwknop: bool,
+    /// Keys for the stock fwknop client too (made by `client add
+    /// --fwknop`, or read by `import fwknop`).
+    pub fwknop: Option<FwknopKeys>,
 }
 
 /// 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit

@@ -220,7 +220,7 @@ mod tests {
             portal_upstream: None,
             public_key: None,
             gateway: None,
-            fwknop: false,
+            fwknop: None,
         }
     }
 

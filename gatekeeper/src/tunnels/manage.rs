@@ -105,7 +105,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         portal_upstream: None,
         public_key: None,
         gateway: None,
-        fwknop: false,
+        fwknop: None,
     });
     let credential = match added {
         Ok((_, credential)) => credential,
@@ -234,7 +234,7 @@ mod tests {
             portal_upstream: None,
             public_key: None,
             gateway: None,
-            fwknop: false,
+            fwknop: None,
         })
         .unwrap();
         (s, dir)
@@ -328,7 +328,7 @@ mod tests {
             portal_upstream: None,
             public_key: None,
             gateway: None,
-            fwknop: false,
+            fwknop: None,
         })
         .unwrap();
         let clash = issue(s, &new("db", &[], None)).unwrap_err();

@@ -333,7 +333,12 @@ fn claim_rate(rows: &mut Vec<Row>) -> Result<()> {
             let (link, mut events) = Link::start(target, "again").await?;
             let grant = bench_grant("again", 1);
             for (id, n) in again.iter().enumerate() {
-                link.claim(id as u64, n, gatekeeper::clock::unix_now() + 120, &grant);
+                link.claim(
+                    id as u64,
+                    n,
+                    gatekeeper::clock::unix_now() + 120,
+                    std::slice::from_ref(&grant),
+                );
             }
             let mut taken = 0;
             let mut answered = 0;
@@ -523,7 +528,7 @@ fn node_worker(
                 gatekeeper::clock::unix_now_ms() + 30_000,
                 grant.client_id,
             );
-            link.claim(id as u64, &nonce, until, &shared);
+            link.claim(id as u64, &nonce, until, std::slice::from_ref(&shared));
             progress.fetch_add(1, Ordering::Relaxed);
             nonces.push(nonce);
             in_flight += 1;

@@ -98,7 +98,7 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
         portal_upstream: None,
         public_key: None,
         gateway: None,
-        fwknop: false,
+        fwknop: None,
     })?;
     let mut registry = Registry::default();
     registry.insert(Client::new(

@@ -22,9 +22,13 @@
 //!   client timeout for type 3, and last the SHA-256 digest (base64) of
 //!   everything before it.
 //!
+//! [`access`] reads fwknopd's `access.conf` for `gatekeeper import fwknop`.
+//!
 //! Accepted: access requests (type 1) and access requests with a client
 //! timeout (type 3). Commands (0) are never run, and the NAT types (2, 4,
 //! 5, 6), which ask fwknopd to forward ports, are refused by name.
+
+pub mod access;
 
 use aes::cipher::{BlockDecryptMut, KeyIvInit, block_padding::Pkcs7};
 use base64::{
