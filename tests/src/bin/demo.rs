@@ -16,6 +16,7 @@ use gatekeeper_tests::{
     clients::{LINUX, client_bin},
     cluster::{knock_and_connect, start_nodes},
     frames::Rng,
+    fwknop,
     lab::{Lab, Role, SHARED_ADDR, eventually, gatekeeper_bin, output_within},
     nmap,
     redis::RedisServer,
@@ -321,6 +322,12 @@ fn main() -> Result<()> {
 
     step(
         13,
+        "An old phone keeps its stock fwknop client: enrolled with --fwknop while the daemon runs, it knocks unchanged",
+    );
+    old_phone(&mut lab)?;
+
+    step(
+        14,
         "A broken file in the state, then a revocation the running daemon confirms",
     );
     std::fs::write(
@@ -335,7 +342,7 @@ fn main() -> Result<()> {
     show("gatekeeper status", &lab.state_cli(&["status"])?);
 
     step(
-        14,
+        15,
         "What the gate holds and what it did: the maps, the audit trail searched, the metrics Prometheus reads",
     );
     show("gatekeeper whitelist list", &lab.cli_ok(&["whitelist", "list"])?);
@@ -362,7 +369,7 @@ fn main() -> Result<()> {
     ensure!(!picked.is_empty(), "the metrics endpoint served nothing");
     show("curl -s http://127.0.0.1:9477/metrics | grep ...", &picked);
 
-    step(15, "Cleaning up: stopping the daemon, detaching, removing the lab");
+    step(16, "Cleaning up: stopping the daemon, detaching, removing the lab");
     drop(daemon);
     show("gatekeeper detach", &lab.cli_ok(&["detach"])?);
     drop(lab);
@@ -372,8 +379,56 @@ fn main() -> Result<()> {
     relay()?;
     channel()?;
     println!(
-        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a phone enrolled with a key it made itself and followed a rotation of the gateway's knock key; a broken file blocked nothing and the revocation was confirmed; the audit trail was searched and the metrics counted every knock; a service behind a NAT was published through a tunnel, paused, resumed and stopped by its agent's operator; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
+        "\ndone: a full scan saw only the portal; one client got into ssh by an operator's entry, into web by a knock and through the portal, also during a flood; strangers got the guidance page; a tunnel around the gate was named and closed; a phone enrolled with a key it made itself and followed a rotation of the gateway's knock key; an old phone got in with the stock fwknop client; a broken file blocked nothing and the revocation was confirmed; the audit trail was searched and the metrics counted every knock; a service behind a NAT was published through a tunnel, paused, resumed and stopped by its agent's operator; three gateways behind one address let the client in wherever its knock and its connection landed, and all three confirmed its revocation; an agent that reaches only Redis published a web service through both nodes of a relay, until it was revoked; an unmodified ssh crossed a channel under the SM suite and sshd saw its real address, while a peer outside the policy and an unpinned one were refused."
     );
+    Ok(())
+}
+
+/// Step 13: a device on another host (10.77.0.6) with Debian's fwknop
+/// client and the stanza `client add --fwknop` printed.
+fn old_phone(lab: &mut Lab) -> Result<()> {
+    lab.add_host(Role::Agent)?;
+    let web = SocketAddr::from((Role::Gateway.addr(), 8080));
+    let cred = lab.scratch().join("oldphone.credential.toml");
+    let cred = cred.to_str().context("utf-8 path")?;
+    println!("$ gatekeeper client add oldphone --allow tcp/8000-8100 --fwknop");
+    let said = lab.state_cli(&[
+        "client",
+        "add",
+        "oldphone",
+        "--allow",
+        "tcp/8000-8100",
+        "--fwknop",
+        "--out",
+        cred,
+    ])?;
+    let (rc, stanza) = fwknop::write_stanza(lab, &said, "oldphone")?;
+    for line in stanza.lines().filter(|l| !l.contains("KEY")) {
+        println!("  {line}");
+    }
+    println!("  KEY_BASE64 ..., HMAC_KEY_BASE64 ...   (its ~/.fwknoprc stanza, handed over privately)");
+    let before = lab.tcp_echo_works(Role::Agent, web, None)?;
+    println!("  phone -> 10.77.0.1:8080: {}", ok(before));
+    ensure!(!before, "the phone got in before knocking");
+    println!("$ fwknop -n oldphone -A tcp/8080   (on the phone, unchanged)");
+    // The daemon confirmed the enrollment; the first knock normally opens.
+    let opened = eventually(Duration::from_secs(10), || {
+        fwknop::knock(lab, Role::Agent, &rc, "oldphone", &["-A", "tcp/8080"])?;
+        eventually(Duration::from_secs(2), || lab.tcp_echo_works(Role::Agent, web, None))
+    })?;
+    println!("  phone -> 10.77.0.1:8080: {}", ok(opened));
+    ensure!(opened, "the fwknop knock did not open: {:?}", lab.audit()?.last());
+    let audit = lab.audit()?;
+    let line = audit
+        .iter()
+        .rev()
+        .find(|l| l["format"] == "fwknop")
+        .context("no fwknop audit line")?;
+    println!(
+        "  audit: {} {} (format {}, user {}, access {})",
+        line["client"], line["result"], line["format"], line["request"]["user"], line["request"]["access"]
+    );
+    println!("  (`gatekeeper import fwknop /etc/fwknop/access.conf` takes over a whole fwknopd gateway's devices)");
     Ok(())
 }
 

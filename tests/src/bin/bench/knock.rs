@@ -35,6 +35,7 @@ use gatekeeper::{
     gate::{Gate, GateError, loader},
     knock::{
         Carrier,
+        fwknop::FwknopKeys,
         send::{Knocker, Request},
         verify::{Client, ClientKeys, Knock, Registry, ReplayError, Standing, Verifier},
     },
@@ -149,6 +150,97 @@ impl Drop for TempState {
     }
 }
 
+/// fwknop clients enrolled in the HMAC-search measurement.
+const FWKNOP_CLIENTS: usize = 300;
+
+/// fwknop packets verified per second on one core with
+/// [`FWKNOP_CLIENTS`] fwknop clients enrolled, each packet from the
+/// client the daemon tries last: fwknop sends no key id, so the daemon
+/// tries each client's HMAC key, and this one's is found after every
+/// other's.
+fn fwknop_verification_rate() -> Result<f64> {
+    const PACKETS: usize = 200;
+    const ROUNDS: usize = 20;
+    let dir = TempState(std::env::temp_dir().join(format!("gk-bench-fwknop-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let store = FileStore::new(&dir.0);
+    let gw: IpAddr = "192.0.2.1".parse()?;
+    store.init(&[gw], false)?;
+    let server = store.server_keys()?;
+    let mut registry = Registry::default();
+    let mut keys_of = std::collections::HashMap::new();
+    for i in 0..FWKNOP_CLIENTS {
+        let (rec, _) = store.add_client(&NewClient {
+            name: format!("old{i}"),
+            allow: "udp/5353".parse()?,
+            expires_in: None,
+            nat: false,
+            portal_upstream: None,
+            public_key: None,
+            gateway: None,
+            fwknop: Some(FwknopKeys::generate()),
+        })?;
+        let keys = rec.fwknop.clone().context("fwknop keys")?;
+        registry.insert(Client::new(
+            ClientKeys::derive(&server, &rec.public()?)?,
+            Standing {
+                name: rec.name.clone(),
+                id: rec.id,
+                policy: rec.policy(),
+                enabled: true,
+                nat: false,
+                expires: None,
+                portal_upstream: None,
+                fwknop: Some(keys.key()?),
+            },
+        ));
+        keys_of.insert(rec.name.clone(), keys);
+    }
+    let tried_last = registry.clients().last().context("no client")?.name.clone();
+    let last = keys_of.remove(&tried_last).context("the last client's keys")?;
+    let verifier = Verifier {
+        registry,
+        server_addrs: vec![gw],
+        window_secs: 120,
+        previous_key_until: None,
+    };
+    let src: IpAddr = "10.0.0.2".parse()?;
+    let packets: Vec<Knock> = (0..PACKETS)
+        .map(|_| {
+            Ok(Knock {
+                src,
+                dst: gw,
+                sport: 40000,
+                dport: KNOCK_PORT,
+                carrier: Carrier::Udp,
+                payload: spa_packet(
+                    &dir.0,
+                    &gw.to_string(),
+                    &src.to_string(),
+                    &last.key_base64,
+                    &last.hmac_key_base64,
+                )?,
+                seen_ns: 0,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let now = gatekeeper::clock::unix_now();
+    let started = Instant::now();
+    let mut accepted = 0;
+    for _ in 0..ROUNDS {
+        // Every round accepts every packet again: the replay cache is
+        // measured with v1's knocks above.
+        accepted += packets
+            .iter()
+            .filter(|k| verifier.check_fwknop(k, now, |_, _| Ok(true)).0.outcome.is_ok())
+            .count();
+    }
+    let rate = (PACKETS * ROUNDS) as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(accepted == PACKETS * ROUNDS, "only {accepted} fwknop packets verified");
+    println!("      {rate:.0}/s fwknop packets, the HMAC key found after {FWKNOP_CLIENTS} clients' keys");
+    Ok(rate)
+}
+
 fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     const N: usize = 100_000;
     println!("[1/3] verifying {N} distinct knocks on one core");
@@ -188,6 +280,7 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         "only {accepted} of {N} knocks verified with the pinned replay map"
     );
     println!("      {in_memory:.0}/s with an in-memory replay set, {pinned:.0}/s with the pinned replay map");
+    let fwknop = fwknop_verification_rate()?;
     rows.push(Row {
         what: "knocks verified/s, one core, in-memory replay set".into(),
         value: in_memory,
@@ -199,6 +292,13 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         value: pinned,
         unit: "knocks/s",
         ratio: Some((pinned / 100_000.0, ">=", 1.0)),
+    });
+    rows.push(Row {
+        what: format!("fwknop packets verified/s, one core, {FWKNOP_CLIENTS} fwknop clients"),
+        value: fwknop,
+        unit: "packets/s",
+        // Against fwknopd's own pace, a few thousand a second (below).
+        ratio: None,
     });
     Ok(())
 }
@@ -281,12 +381,35 @@ fn summarize(name: &str, mut samples: Vec<Duration>, failed: usize) -> (f64, f64
 }
 
 fn latency(rows: &mut Vec<Row>) -> Result<()> {
-    println!("[2/3] knock-to-open latency, {TRIALS} knocks each: gatekeeper, then fwknopd");
+    println!(
+        "[2/3] knock-to-open latency, {TRIALS} knocks each: gatekeeper (v1, then the stock fwknop client's packets), then fwknopd"
+    );
     let lab = Lab::new()?;
     let stop = Arc::new(AtomicBool::new(false));
     let echo = pinned_echo(&lab, PROBE_PORT, SERVER_CPU, stop.clone())?;
 
     let cred = lab.enroll("bench", &["--allow", "udp/5353"])?;
+    let said = lab.state_cli(&[
+        "client",
+        "add",
+        "oldphone",
+        "--allow",
+        "udp/5353",
+        "--fwknop",
+        "--out",
+        lab.scratch()
+            .join("oldphone.credential.toml")
+            .to_str()
+            .context("utf-8 path")?,
+    ])?;
+    let (_, stanza) = gatekeeper_tests::fwknop::write_stanza(&lab, &said, "oldphone")?;
+    let stanza_value = |name: &str| {
+        stanza
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .with_context(|| format!("no {name} in {stanza}"))
+    };
+    let (key, hmac) = (stanza_value("KEY_BASE64")?, stanza_value("HMAC_KEY_BASE64")?);
     // One source and one key knock a thousand times in a row: lift the
     // per-source and per-key knock limits, which would otherwise (rightly)
     // drop most of them.
@@ -315,6 +438,20 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
         }
         std::thread::sleep(BETWEEN_TRIALS);
     }
+    // The stock fwknop client's packets, on the same daemon.
+    let (gw, client) = (Role::Gateway.addr().to_string(), Role::Client.addr().to_string());
+    let packets: Vec<Vec<u8>> = (0..TRIALS)
+        .map(|_| spa_packet(lab.scratch(), &gw, &client, &key, &hmac))
+        .collect::<Result<_>>()?;
+    let (mut old, mut old_failed) = (Vec::new(), 0);
+    for packet in packets {
+        gate.whitelist_flush()?;
+        match time_to_open(&lab, packet)? {
+            Some(d) => old.push(d),
+            None => old_failed += 1,
+        }
+        std::thread::sleep(BETWEEN_TRIALS);
+    }
     drop(daemon);
     lab.cli_ok(&["detach"])?;
 
@@ -322,7 +459,7 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
     let fwknopd = Fwknopd::start(&lab)?;
     pin_process(fwknopd.child.id(), SERVER_CPU)?;
     for _ in 0..TRIALS {
-        let packet = fwknopd.spa_packet(&lab)?;
+        let packet = spa_packet(lab.scratch(), &gw, &client, &fwknopd.key, &fwknopd.hmac)?;
         lab.exec(Role::Gateway, &["iptables", "-F", "FWKNOP_INPUT"])?;
         match time_to_open(&lab, packet)? {
             Some(d) => theirs.push(d),
@@ -333,15 +470,35 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
     drop(fwknopd);
     stop.store(true, Ordering::Relaxed);
     let _ = echo.join();
-    if ours.is_empty() || theirs.is_empty() {
+    if ours.is_empty() || old.is_empty() || theirs.is_empty() {
         bail!(
-            "no knock opened: gatekeeper {} of {TRIALS}, fwknopd {} of {TRIALS}",
+            "no knock opened: gatekeeper {} of {TRIALS}, fwknop packets on gatekeeper {} of {TRIALS}, fwknopd {} of {TRIALS}",
             ours.len(),
+            old.len(),
             theirs.len()
         );
     }
     let (g50, g99) = summarize("gatekeeper", ours, ours_failed);
+    let (o50, o99) = summarize("fwknop packets on gatekeeper", old, old_failed);
     let (f50, f99) = summarize("fwknopd 2.6.10 + iptables", theirs, theirs_failed);
+    rows.push(Row {
+        what: "knock-to-open p50, fwknop packets: gatekeeper vs fwknopd".into(),
+        value: o50,
+        unit: "ms",
+        ratio: Some((o50 / f50, "<=", 1.0)),
+    });
+    rows.push(Row {
+        what: "knock-to-open p99, fwknop packets: gatekeeper vs fwknopd".into(),
+        value: o99,
+        unit: "ms",
+        ratio: Some((o99 / f99, "<=", 1.0)),
+    });
+    rows.push(Row {
+        what: "knock-to-open p50, fwknop packets vs v1 knocks on gatekeeper".into(),
+        value: o50,
+        unit: "ms",
+        ratio: Some((o50 / g50, "<=", 1.5)),
+    });
     rows.push(Row {
         what: "knock-to-open p50, gatekeeper vs fwknopd".into(),
         value: g50,
@@ -447,37 +604,26 @@ impl Fwknopd {
         }
         Ok(Fwknopd { child, key, hmac })
     }
+}
 
-    /// A fresh SPA packet from the client for udp/5353, built but not sent.
-    fn spa_packet(&self, lab: &Lab) -> Result<Vec<u8>> {
-        let path = lab.scratch().join("fwknop/spa.packet");
-        let _ = std::fs::remove_file(&path);
-        let path_arg = path.to_str().context("utf-8 path")?;
-        let gw = Role::Gateway.addr().to_string();
-        let client = Role::Client.addr().to_string();
-        let port = PROBE_PORT.to_string();
-        let open = format!("udp/{port}");
-        lab.exec(
-            Role::Client,
-            &[
-                "fwknop",
-                "-A",
-                &open,
-                "-a",
-                &client,
-                "-D",
-                &gw,
-                "--key-base64-rijndael",
-                &self.key,
-                "--key-base64-hmac",
-                &self.hmac,
-                "--save-packet",
-                path_arg,
-                "--test",
-            ],
-        )?;
-        Ok(std::fs::read_to_string(&path)?.trim().as_bytes().to_vec())
-    }
+/// A fresh SPA packet from the stock fwknop client asking to open
+/// udp/5353 for `client` on `gw`, built (`--test`) but not sent; `dir`
+/// holds its rc file and the packet.
+fn spa_packet(dir: &Path, gw: &str, client: &str, key: &str, hmac: &str) -> Result<Vec<u8>> {
+    let path = dir.join("spa.packet");
+    let _ = std::fs::remove_file(&path);
+    let open = format!("udp/{PROBE_PORT}");
+    let out = Command::new("fwknop")
+        .arg("--rc-file")
+        .arg(dir.join("bench.fwknoprc"))
+        .args(["-A", &open, "-a", client, "-D", gw, "--use-hmac"])
+        .args(["--key-base64-rijndael", key, "--key-base64-hmac", hmac])
+        .arg("--save-packet")
+        .arg(&path)
+        .arg("--test")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "fwknop: {}", String::from_utf8_lossy(&out.stdout));
+    Ok(std::fs::read_to_string(&path)?.trim().as_bytes().to_vec())
 }
 
 impl Drop for Fwknopd {
