@@ -9,7 +9,8 @@ use crate::{
     knock,
     maps::{
         ANY_PORT, AllowValue, CFG_ALLOWLIST, CFG_ANY_TCP, CFG_ANY_UDP, CFG_FWKNOP, CFG_KNOCK_KEYS, CFG_PROTECT_ECHO,
-        Config, KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, PresenceCount, WhitelistKey, WhitelistValue, protected_slot,
+        Config, KEY_ID_LEN, MODE_AUDIT, NONCE_LEN, PresenceCount, TAG_KEY_SLOTS, TagKey, WhitelistKey, WhitelistValue,
+        protected_slot,
     },
     parse::{Addr, Frame, Kind, Packet, TCP_ACK, TCP_SYN},
     proto,
@@ -37,7 +38,8 @@ pub enum Reason {
     KnockBadLength,
     /// The ring buffer had no room; set by the XDP program, not by [`decide`].
     KnockRingFull,
-    /// The key id names no enrolled client.
+    /// The key id names no enrolled client, or a v2 knock's flood tag is
+    /// not one an enrolled device made.
     KnockUnknownKey,
     /// The nonce is in the replay cache: a knock seen before.
     KnockReplayed,
@@ -222,6 +224,8 @@ pub trait Tables {
     fn replayed(&self, nonce: &[u8; NONCE_LEN]) -> bool;
     /// Takes a token from this CPU's knock budget.
     fn admit_budget(&self, cfg: &Config) -> bool;
+    /// Flood tag key `slot` (KNOCK_TAG_KEYS); all zeros when unused.
+    fn tag_key(&self, slot: u32) -> TagKey;
     /// The current CLOCK_MONOTONIC_COARSE time in ns. Asked for only when an entry
     /// was found, so dropping a stranger never reads the clock.
     fn now(&self) -> u64;
@@ -310,6 +314,9 @@ pub fn decide<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, t: &T) -> D
     if pkt.knock_prefix && (key_proto != proto::TCP || new_tcp) {
         return knock(frame, pkt, cfg, t);
     }
+    if pkt.knock_v2 && (key_proto != proto::TCP || new_tcp) {
+        return knock_v2(frame, pkt, cfg, t);
+    }
     if udp_knock_port && cfg.flags & CFG_FWKNOP != 0 {
         return match fwknop_shape(frame, pkt) {
             Some(reason) => deny(cfg, reason),
@@ -372,19 +379,86 @@ fn knock<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t:
     if keys && !t.known_key(&key_id) {
         return deny(cfg, Reason::KnockUnknownKey);
     }
-    if t.replayed(&nonce) {
+    admit(frame, pkt, cfg, t, &nonce, keys.then_some(&key_id))
+}
+
+/// What every knock meets once its key id (or its flood tag) passed: the
+/// replay cache, the source's bucket, the key's own bucket (v1's: v2
+/// names no key), this CPU's budget.
+#[inline(always)]
+fn admit<F: Frame + ?Sized, T: Tables>(
+    frame: &F,
+    pkt: &Packet,
+    cfg: &Config,
+    t: &T,
+    nonce: &[u8; NONCE_LEN],
+    key_id: Option<&[u8; KEY_ID_LEN]>,
+) -> Decision {
+    if t.replayed(nonce) {
         return deny(cfg, Reason::KnockReplayed);
     }
     if !t.admit_knock(pkt.src(frame), cfg) {
         return deny(cfg, Reason::KnockRateLimited);
     }
-    if keys && !t.admit_key(&key_id, cfg) {
+    if let Some(key_id) = key_id
+        && !t.admit_key(key_id, cfg)
+    {
         return deny(cfg, Reason::KnockKeyRateLimited);
     }
     if !t.admit_budget(cfg) {
         return deny(cfg, Reason::KnockOverBudget);
     }
     Decision::new(Action::Divert, Reason::KnockDiverted)
+}
+
+/// A v2 knock carries no key id: its flood tag, which only a device that
+/// holds the gateway's public knock key can make, stands in for the key
+/// id check (so garbage dies here, whatever source it spoofs); then the
+/// replay cache, the source's bucket and this CPU's budget.
+#[inline(always)]
+fn knock_v2<F: Frame + ?Sized, T: Tables>(frame: &F, pkt: &Packet, cfg: &Config, t: &T) -> Decision {
+    if !knock::plausible_v2_len(pkt.payload_len as usize) {
+        return deny(cfg, Reason::KnockBadLength);
+    }
+    let off = pkt.payload_off as usize;
+    // Opaque to the optimiser, as in `knock`.
+    let nonce_off = core::hint::black_box(off + pkt.payload_len as usize - NONCE_LEN);
+    let Some((words, tag)) = tag_input(frame, off + knock::V2_EPHEMERAL_AT, nonce_off) else {
+        return deny(cfg, Reason::Malformed);
+    };
+    let Some(nonce) = frame.load::<NONCE_LEN>(nonce_off) else {
+        return deny(cfg, Reason::Malformed);
+    };
+    let mut made = false;
+    for slot in 0..TAG_KEY_SLOTS {
+        let key = t.tag_key(slot);
+        made |= key != [0, 0] && knock::flood_tag(key, &words) == tag;
+    }
+    if !made {
+        return deny(cfg, Reason::KnockUnknownKey);
+    }
+    admit(frame, pkt, cfg, t, &nonce, None)
+}
+
+/// What a v2 knock's flood tag is computed over (the ephemeral key at
+/// `ephemeral_at`, then the nonce at `nonce_at`, as seven little-endian
+/// words) and the tag itself, right after the ephemeral key. Read a word
+/// at a time: byte arrays cost the BPF backend a load and a shift per byte.
+/// Each offset is opaque to the optimiser, which would otherwise check the
+/// first word's bounds and read the next ones past them.
+#[inline(always)]
+fn tag_input<F: Frame + ?Sized>(frame: &F, ephemeral_at: usize, nonce_at: usize) -> Option<([u64; 7], u64)> {
+    let word = |at: usize| frame.load::<8>(core::hint::black_box(at)).map(u64::from_le_bytes);
+    let words = [
+        word(ephemeral_at)?,
+        word(ephemeral_at + 8)?,
+        word(ephemeral_at + 16)?,
+        word(ephemeral_at + 24)?,
+        word(nonce_at)?,
+        word(nonce_at + 8)?,
+        word(nonce_at + 16)?,
+    ];
+    Some((words, word(ephemeral_at + 32)?))
 }
 
 /// Why a payload cannot be an fwknop packet, or `None` when it may be

@@ -26,6 +26,12 @@ pub const KNOCK_KEYS: &str = "KNOCK_KEYS";
 /// One knock bucket per CPU, whatever the source: the most knocks per
 /// second the daemon is ever handed.
 pub const KNOCK_BUDGET: &str = "KNOCK_BUDGET";
+/// The keys a v2 knock's flood tag may be made under
+/// ([`crate::knock::flood_tag`]): the one every enrolled device derives
+/// from the gateway's current knock key and, while a rotation's overlap
+/// lasts, the previous one. An all-zero slot is unused. Written by the
+/// daemon.
+pub const KNOCK_TAG_KEYS: &str = "KNOCK_TAG_KEYS";
 
 /// Which interface each program instance counts under: slot i holds the
 /// name of the interface whose instance was loaded with slot i. Written and
@@ -45,7 +51,7 @@ pub const IFACES: &str = "IFACES";
 pub const PRESENCE: &str = "PRESENCE";
 
 /// Every map the daemon pins, in a fixed order.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     WHITELIST,
     ALLOWLIST,
     PROTECTED,
@@ -58,6 +64,7 @@ pub const ALL: [&str; 12] = [
     KNOCK_BUDGET,
     IFACES,
     PRESENCE,
+    KNOCK_TAG_KEYS,
 ];
 
 pub const WHITELIST_MAX: u32 = 1 << 20;
@@ -69,6 +76,10 @@ pub const EVENTS_BYTES: u32 = 1 << 22;
 pub const REPLAY_MAX: u32 = 1 << 18;
 pub const NONCE_LEN: usize = 24;
 pub const KNOCK_KEYS_MAX: u32 = 1 << 16;
+/// Slots in KNOCK_TAG_KEYS: the current key and the previous one.
+pub const TAG_KEY_SLOTS: u32 = 2;
+/// A flood tag key: SipHash's two key words.
+pub type TagKey = [u64; 2];
 /// Interfaces one gate can span, each with its own counters.
 pub const MAX_IFACES: u32 = 32;
 /// An interface's name as the kernel limits it (IFNAMSIZ), NUL-padded.

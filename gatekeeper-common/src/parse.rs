@@ -96,6 +96,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The L4 payload starts with the knock prefix.
     pub knock_prefix: bool,
+    /// The L4 payload starts with knock v2's prefix.
+    pub knock_v2: bool,
     /// Ports for TCP and UDP; 0 otherwise.
     pub sport: u16,
     pub dport: u16,
@@ -134,6 +136,7 @@ impl Packet {
             proto,
             tcp_flags: 0,
             knock_prefix: false,
+            knock_v2: false,
             sport: 0,
             dport: 0,
             payload_off: 0,
@@ -375,11 +378,17 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, ip: Ip, off: usize, len: usize)
         _ => return Packet::ip(Kind::Other, proto, ip),
     };
     let payload_len = len - header;
+    let prefix = if payload_len >= knock::PREFIX.len() {
+        f.load::<3>(off + header)
+    } else {
+        None
+    };
     Packet {
         kind,
         proto,
         tcp_flags,
-        knock_prefix: payload_len >= knock::PREFIX.len() && f.load::<3>(off + header) == Some(knock::PREFIX),
+        knock_prefix: prefix == Some(knock::PREFIX),
+        knock_v2: prefix == Some(knock::PREFIX_V2),
         sport,
         dport,
         payload_off: (off + header) as u16,

@@ -20,7 +20,8 @@ use gatekeeper_common::{
     maps::{
         ALLOWLIST_MAX, AllowValue, BPF_F_MMAPABLE, Config, EVENT_AUDIT_SAMPLE, EVENT_KNOCK, EVENTS_BYTES, Event,
         IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX, KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PRESENCE_SLOTS,
-        PROTECTED_WORDS, PresenceCount, REPLAY_MAX, WHITELIST_MAX, WhitelistKey, WhitelistValue, presence_slot,
+        PROTECTED_WORDS, PresenceCount, REPLAY_MAX, TAG_KEY_SLOTS, TagKey, WHITELIST_MAX, WhitelistKey, WhitelistValue,
+        presence_slot,
     },
     parse::{Addr, Frame, Kind, MAX_FRAME, Packet, parse, parse_ip},
     ratelimit,
@@ -47,6 +48,8 @@ static REPLAY: HashMap<[u8; NONCE_LEN], u64> = HashMap::with_max_entries(REPLAY_
 static KNOCK_KEYS: HashMap<[u8; KEY_ID_LEN], KnockBucket> = HashMap::with_max_entries(KNOCK_KEYS_MAX, 0);
 #[map]
 static KNOCK_BUDGET: PerCpuArray<KnockBucket> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static KNOCK_TAG_KEYS: Array<TagKey> = Array::with_max_entries(TAG_KEY_SLOTS, 0);
 /// How many whitelist entries of each kind each source slot holds;
 /// userspace keeps it, the program only reads it.
 #[map]
@@ -242,6 +245,11 @@ impl Tables for Maps {
             *bucket = next;
             allowed
         }
+    }
+
+    #[inline(always)]
+    fn tag_key(&self, slot: u32) -> TagKey {
+        KNOCK_TAG_KEYS.get(slot).copied().unwrap_or([0, 0])
     }
 
     #[inline(always)]

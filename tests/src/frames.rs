@@ -304,6 +304,22 @@ pub fn knock_payload(len: usize) -> Vec<u8> {
     p
 }
 
+/// A v2 knock payload of `len` bytes (at least `V2_MIN_LEN`) whose flood
+/// tag is made under `key`, with `seed` in its ephemeral key and nonce.
+pub fn knock_v2_payload(len: usize, key: [u64; 2], seed: u8) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect();
+    p[..3].copy_from_slice(&knock::PREFIX_V2);
+    let mut ephemeral = [0u8; 32];
+    ephemeral.copy_from_slice(&p[knock::V2_EPHEMERAL_AT..knock::V2_EPHEMERAL_AT + 32]);
+    let mut nonce = [0u8; 24];
+    nonce.copy_from_slice(&p[len - 24..]);
+    let tag = knock::flood_tag(key, &knock::tag_words(&ephemeral, &nonce));
+    p[knock::V2_TAG_AT..knock::V2_TAG_AT + 8].copy_from_slice(&tag.to_le_bytes());
+    p
+}
+
 /// The key id every [`knock_payload`] of plausible length carries.
 pub fn knock_key_id() -> [u8; 16] {
     let p = knock_payload(knock::MIN_LEN);

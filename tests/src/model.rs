@@ -15,8 +15,8 @@ use gatekeeper::{
 use gatekeeper_common::{
     decide::{Decision, Tables, decide},
     maps::{
-        ANY_PORT, AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, PresenceCount, WhitelistKey,
-        WhitelistValue,
+        ANY_PORT, AllowValue, CFG_ALLOWLIST, Config, KEY_ID_LEN, KnockBucket, NONCE_LEN, PresenceCount, TAG_KEY_SLOTS,
+        TagKey, WhitelistKey, WhitelistValue,
     },
     parse::{Addr, Packet, parse, parse_ip},
     ratelimit,
@@ -35,6 +35,8 @@ pub struct Model {
     pub replay: HashSet<[u8; NONCE_LEN]>,
     /// The knock budget of the one CPU the tests run on.
     pub budget: Cell<KnockBucket>,
+    /// KNOCK_TAG_KEYS: the keys v2 knocks' flood tags may be made under.
+    pub tag_keys: [TagKey; TAG_KEY_SLOTS as usize],
     now: Cell<u64>,
 }
 
@@ -52,6 +54,7 @@ impl Model {
             knock_keys: RefCell::new(HashMap::new()),
             replay: HashSet::new(),
             budget: Cell::new(ratelimit::full(config.knock_budget_burst, 0)),
+            tag_keys: [[0, 0]; TAG_KEY_SLOTS as usize],
             now: Cell::new(0),
         }
     }
@@ -83,6 +86,7 @@ impl Model {
         let keys: BTreeSet<[u8; KEY_ID_LEN]> = self.knock_keys.borrow().keys().copied().collect();
         gate.sync_knock_keys(&keys, ratelimit::full(self.config.knock_key_burst, 0))?;
         gate.fill_knock_budget(self.budget.get())?;
+        gate.set_tag_keys(&self.tag_keys)?;
         for nonce in &self.replay {
             gate.replay_record(nonce, u64::MAX)?;
         }
@@ -200,6 +204,10 @@ impl Tables for Model {
         );
         self.budget.set(b);
         ok
+    }
+
+    fn tag_key(&self, slot: u32) -> TagKey {
+        self.tag_keys.get(slot as usize).copied().unwrap_or([0, 0])
     }
 
     fn now(&self) -> u64 {

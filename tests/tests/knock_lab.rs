@@ -156,12 +156,61 @@ fn the_knock_cli_and_connect_work_from_the_client() -> Result<()> {
 }
 
 #[test]
+fn v2_knocks_name_no_device_and_older_credentials_still_knock_v1() -> Result<()> {
+    let (lab, _daemon, cred) = lab_with_client(&[])?;
+    let text = std::fs::read_to_string(&cred)?;
+    assert!(text.contains("knock_version = 2"), "the gateway announces v2: {text}");
+    let (key_id, a, b) = lab.with_knocker(Role::Client, &cred, |k, server| {
+        Ok((k.key_id(), k.build(server, &tcp22(), 0)?, k.build(server, &tcp22(), 0)?))
+    })?;
+    for packet in [&a, &b] {
+        assert!(packet.starts_with(&gatekeeper_common::knock::PREFIX_V2));
+        assert!(
+            !packet.windows(16).any(|w| w == key_id),
+            "the key id is not on the wire"
+        );
+    }
+    let alike = a.iter().zip(&b).skip(3).filter(|(x, y)| x == y).count();
+    assert!(alike < a.len() / 32, "two knocks of one device share {alike} bytes");
+    send_udp(&lab, Role::Client, a)?;
+    let line = audit_line(&lab, 0)?;
+    assert_eq!(
+        (&line["result"], &line["format"], &line["client"]),
+        (&"accepted".into(), &"v2".into(), &"laptop".into()),
+        "{line}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || lab.tcp_echo_works(
+            Role::Client,
+            gw(22),
+            None
+        ))?,
+        "the v2 knock opened tcp/22"
+    );
+    // A credential from before v2 (no knock_version) knocks v1, accepted.
+    let old = lab.scratch().join("old.credential.toml");
+    gatekeeper::private_file::write(&old, &text.replace("knock_version = 2\n", ""))?;
+    let v1 = lab.with_knocker(Role::Client, &old, |k, server| Ok(k.build(server, &tcp22(), 0)?))?;
+    assert!(v1.starts_with(&gatekeeper_common::knock::PREFIX) && v1.windows(16).any(|w| w == key_id));
+    send_udp(&lab, Role::Client, v1)?;
+    let line = audit_line(&lab, 1)?;
+    assert_eq!(
+        (&line["result"], &line["format"]),
+        (&"accepted".into(), &"v1".into()),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[test]
 fn replays_forgeries_and_wrong_requests_are_refused_and_audited() -> Result<()> {
     let (lab, _daemon, cred) = lab_with_client(&[])?;
     let (good, crafted) = lab.with_knocker(Role::Client, &cred, |k, server| {
         let good = k.build(server, &tcp22(), 0)?;
         let mut flipped = k.build(server, &tcp22(), 0)?;
-        flipped[30] ^= 0x40;
+        // Inside the sealed payload, whatever the knock's version.
+        let n = flipped.len();
+        flipped[n - 30] ^= 0x40;
         let mut stale = k.payload(server, &tcp22(), 0)?;
         stale.timestamp = unix_now() - 600;
         let mut elsewhere = k.payload(server, &tcp22(), 0)?;

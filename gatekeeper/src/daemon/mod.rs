@@ -57,7 +57,7 @@ use crate::{
         ring::{self, Record},
         sweeper,
     },
-    knock::{ask::Ask, note::KeyNote, verify::Knock},
+    knock::{ask::Ask, note::KeyNote, verify::Knock, wire},
     metrics::{
         Events,
         server::{self as metrics_server, MetricsError},
@@ -705,6 +705,9 @@ impl Daemon {
             k.gateway.set_records(snapshot.tunnels.clone());
             if let Some(keys) = &snapshot.server_keys {
                 k.gateway.set_note(KeyNote::of(keys));
+                if let Err(e) = self.gate.set_tag_keys(&wire::v2::tag_keys(keys)) {
+                    warn!(error = %error_chain(&e), "writing v2 knocks' flood tag keys into the gate failed");
+                }
             }
             if let Some(relay) = &k.relay {
                 relay.set_records(snapshot);

@@ -82,7 +82,7 @@ impl Layout {
     }
 }
 
-const LAYOUTS: [Layout; 12] = {
+const LAYOUTS: [Layout; 13] = {
     use std::mem::size_of;
 
     use gatekeeper_common::{
@@ -90,7 +90,7 @@ const LAYOUTS: [Layout; 12] = {
         maps::{
             ALLOWLIST_MAX, AllowValue, Config, EVENTS_BYTES, IFACE_NAME_LEN, KEY_ID_LEN, KNOCK_KEYS_MAX,
             KNOCK_RATE_MAX, KnockBucket, MAX_IFACES, NONCE_LEN, PRESENCE_SLOTS, PROTECTED_WORDS, REPLAY_MAX,
-            WhitelistKey, WhitelistValue,
+            TAG_KEY_SLOTS, TagKey, WhitelistKey, WhitelistValue,
         },
     };
     const fn layout(name: &'static str, key: usize, value: usize, entries: Option<u32>, keeps_state: bool) -> Layout {
@@ -141,6 +141,13 @@ const LAYOUTS: [Layout; 12] = {
         layout(names::IFACES, 4, IFACE_NAME_LEN, Some(MAX_IFACES), false),
         // Rebuilt from the whitelist when replaced (see `load_pinned`).
         layout(names::PRESENCE, 4, 8, Some(PRESENCE_SLOTS), false),
+        layout(
+            names::KNOCK_TAG_KEYS,
+            4,
+            size_of::<TagKey>(),
+            Some(TAG_KEY_SLOTS),
+            false,
+        ),
     ]
 };
 

@@ -13,7 +13,7 @@ use gatekeeper_common::{
     decide::{Reason, STATS_LEN, counter_index, entry_is_live},
     maps::{
         self as names, AllowValue, CFG_ALLOWLIST, Config, FLAG_OPERATOR, IFACE_NAME_LEN, KEY_ID_LEN, KnockBucket,
-        MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, WhitelistKey, WhitelistValue,
+        MAX_IFACES, NONCE_LEN, PROTECTED_WORDS, TAG_KEY_SLOTS, TagKey, WhitelistKey, WhitelistValue,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -507,6 +507,17 @@ impl Gate {
             }
         }
         Ok((added, removed))
+    }
+
+    /// Writes the keys v2 knocks' flood tags may be made under (all zeros:
+    /// an unused slot).
+    pub fn set_tag_keys(&self, keys: &[TagKey; TAG_KEY_SLOTS as usize]) -> Result<(), GateError> {
+        let mut map: Array<MapData, TagKey> =
+            Array::try_from(self.map(names::KNOCK_TAG_KEYS)?).map_err(self.err(names::KNOCK_TAG_KEYS))?;
+        for (slot, key) in (0u32..).zip(keys) {
+            map.set(slot, key, 0).map_err(self.err(names::KNOCK_TAG_KEYS))?;
+        }
+        Ok(())
     }
 
     /// Gives every CPU's knock budget the bucket `full`.

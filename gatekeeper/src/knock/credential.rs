@@ -59,6 +59,10 @@ pub struct Credential {
     /// unless the operator configured another one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
+    /// The newest knock format the gateway reads: 2 (`docs/knock-v2.md`)
+    /// from gateways that announce it; older credentials: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knock_version: Option<u8>,
 }
 
 /// A device file's text, decrypted if it is encrypted at rest.

@@ -145,6 +145,7 @@ mod tests {
             knock_port: 62201,
             tunnel_port: Some(7443),
             tls_fingerprint: None,
+            knock_version: Some(2),
         };
         assert_eq!(credential_from_line(&credential_line(&cred)).unwrap(), cred);
         cred.secret_key = Some(keys::encode(&[1; 32]));

@@ -73,12 +73,12 @@ impl Journal {
         request: String,
         outcome: &str,
     ) {
-        let Ok(sealed) = wire::split(packet) else {
+        let Ok(nonce) = wire::nonce_of(packet) else {
             return;
         };
         let sent = Sent {
             time: rfc3339(unix_now()),
-            knock_id: crate::hex::encode(&sealed.nonce),
+            knock_id: crate::hex::encode(&nonce),
             client: client.to_string(),
             carrier: carrier.name().to_string(),
             target,

@@ -38,12 +38,40 @@ pub struct Knock {
     pub seen_ns: u64,
 }
 
+/// Which wire format a knock is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    V1,
+    /// No device identity on the wire (`docs/knock-v2.md`).
+    V2,
+    /// The stock fwknop client's packet.
+    Fwknop,
+}
+
+impl Format {
+    /// The name the audit log records.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Format::V1 => "v1",
+            Format::V2 => "v2",
+            Format::Fwknop => "fwknop",
+        }
+    }
+}
+
 impl Knock {
-    /// Whether this is the stock fwknop client's packet: a packet knock
-    /// without v1's prefix (the gate diverts those only while fwknop
-    /// clients are enrolled).
-    pub fn is_fwknop(&self) -> bool {
-        self.carrier != Carrier::ClientHello && !self.payload.starts_with(&gatekeeper_common::knock::PREFIX)
+    /// The knock's format, by its prefix. A packet knock with neither
+    /// prefix is fwknop's (the gate diverts those only while fwknop
+    /// clients are enrolled); anything else in a ClientHello is read as v1
+    /// and refused as malformed.
+    pub fn format(&self) -> Format {
+        if self.payload.starts_with(&wire::v2::PREFIX) {
+            Format::V2
+        } else if self.carrier != Carrier::ClientHello && !self.payload.starts_with(&gatekeeper_common::knock::PREFIX) {
+            Format::Fwknop
+        } else {
+            Format::V1
+        }
     }
 }
 
@@ -316,6 +344,14 @@ impl Checked {
     }
 }
 
+/// A knock whose sender is known: the client its key names, its nonce,
+/// and its payload as that client's key opened it (or why not).
+struct Unsealed<'a> {
+    client: &'a Client,
+    nonce: [u8; NONCE_LEN],
+    payload: Result<Payload, WireError>,
+}
+
 pub struct Verifier {
     pub registry: Registry,
     /// Addresses clients may name as `server_ip`; empty: the knock's own
@@ -324,10 +360,39 @@ pub struct Verifier {
     pub window_secs: u64,
     /// Until when (unix seconds) knocks sealed for the previous knock key
     /// are accepted; none: no rotation has happened.
-    pub previous_key_until: Option<u64>,
+    previous_until: Option<u64>,
+    /// The gateway's knock keys as v2 opens knocks with them: the current
+    /// one, then the previous one after a rotation.
+    gateway_keys: Vec<wire::v2::GatewayKey>,
 }
 
 impl Verifier {
+    /// A verifier for `registry`'s clients, knocking on `server_addrs`
+    /// (none: whatever address a knock was sent to) within `window_secs`;
+    /// it knows no knock key until [`Verifier::set_server`].
+    pub fn new(registry: Registry, server_addrs: Vec<IpAddr>, window_secs: u64) -> Verifier {
+        Verifier {
+            registry,
+            server_addrs,
+            window_secs,
+            previous_until: None,
+            gateway_keys: Vec::new(),
+        }
+    }
+
+    /// The gateway's knock keys: v2 knocks are opened with them, and
+    /// knocks sealed for the previous one are accepted until its overlap
+    /// ends.
+    pub fn set_server(&mut self, server: &ServerKeys) {
+        self.previous_until = server.previous.as_ref().map(|p| p.accepted_until);
+        let previous = server.previous.as_ref().map(|p| &p.secret);
+        self.gateway_keys = [Some(&server.current), previous]
+            .into_iter()
+            .flatten()
+            .map(wire::v2::GatewayKey::new)
+            .collect();
+    }
+
     /// Checks `knock` at `unix_now`. `record` stores a nonce until the given
     /// unix time and says whether it was new (`Ok(false)`: seen before).
     pub fn check(
@@ -371,11 +436,11 @@ impl Verifier {
     ) -> (Checked, Option<String>) {
         // Before the replay cache: a copied extension must not use up the
         // owner's knock.
-        if let Ok(sealed) = wire::split(&conn.payload)
-            && sealed.nonce != *binding
+        if let Ok(nonce) = wire::nonce_of(&conn.payload)
+            && nonce != *binding
         {
             let unbound = Checked {
-                knock_id: Some(sealed.nonce),
+                knock_id: Some(nonce),
                 client: None,
                 payload: None,
                 fwknop: None,
@@ -502,14 +567,10 @@ impl Verifier {
             .collect())
     }
 
-    fn run(
-        &self,
-        knock: &Knock,
-        unix_now: u64,
-        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
-        seen: &mut Checked,
-    ) -> Result<(Grant, &Client), Rejection> {
-        let sealed = wire::split(&knock.payload).map_err(Rejection::Malformed)?;
+    /// A v1 knock's client (named by its key id), nonce, and payload as
+    /// its session key opened it (the previous key's, after a rotation).
+    fn open_v1<'a>(&'a self, packet: &[u8], seen: &mut Checked) -> Result<Unsealed<'a>, Rejection> {
+        let sealed = wire::split(packet).map_err(Rejection::Malformed)?;
         seen.knock_id = Some(sealed.nonce);
         let client = self.registry.by_key.get(&sealed.key_id).ok_or(Rejection::UnknownKey)?;
         seen.client = Some(client.name.clone());
@@ -517,7 +578,57 @@ impl Verifier {
             (Err(WireError::Tag), Some(previous)) => sealed.open(previous).inspect(|_| seen.previous_key = true),
             (outcome, _) => outcome,
         };
-        let payload = opened.map_err(|e| match e {
+        Ok(Unsealed {
+            client,
+            nonce: sealed.nonce,
+            payload: opened,
+        })
+    }
+
+    /// A v2 knock's client, nonce and payload: the flood tag, then the
+    /// sealed identity under the current knock key (the previous one
+    /// after a rotation) names the client, whose session key with that
+    /// knock key opens the payload.
+    fn open_v2<'a>(&'a self, packet: &[u8], seen: &mut Checked) -> Result<Unsealed<'a>, Rejection> {
+        let sealed = wire::v2::split(packet).map_err(Rejection::Malformed)?;
+        seen.knock_id = Some(sealed.nonce);
+        let (opened, which) = self
+            .gateway_keys
+            .iter()
+            .enumerate()
+            .find_map(|(i, key)| sealed.identity(key).ok().map(|o| (o, i)))
+            .ok_or(Rejection::UnknownKey)?;
+        let client = self
+            .registry
+            .by_key
+            .get(&keys::key_id(&opened.client))
+            .ok_or(Rejection::UnknownKey)?;
+        seen.client = Some(client.name.clone());
+        seen.previous_key = which > 0;
+        let session = match (seen.previous_key, &client.keys.previous) {
+            (false, _) => client.keys.current,
+            (true, Some(previous)) => *previous,
+            (true, None) => return Err(Rejection::BadTag),
+        };
+        Ok(Unsealed {
+            client,
+            nonce: sealed.nonce,
+            payload: sealed.open(&opened, &session, &self.gateway_keys[which]),
+        })
+    }
+
+    fn run(
+        &self,
+        knock: &Knock,
+        unix_now: u64,
+        record: impl FnOnce(&[u8; NONCE_LEN], u64) -> Result<bool, ReplayError>,
+        seen: &mut Checked,
+    ) -> Result<(Grant, &Client), Rejection> {
+        let Unsealed { client, nonce, payload } = match knock.format() {
+            Format::V2 => self.open_v2(&knock.payload, seen)?,
+            Format::V1 | Format::Fwknop => self.open_v1(&knock.payload, seen)?,
+        };
+        let payload = payload.map_err(|e| match e {
             WireError::Tag => Rejection::BadTag,
             other => Rejection::BadPayload(other.to_string()),
         })?;
@@ -527,11 +638,11 @@ impl Verifier {
                 claimed: payload.client_id,
             });
         }
-        self.fresh(&sealed.nonce, payload.timestamp, unix_now, record)?;
+        self.fresh(&nonce, payload.timestamp, unix_now, record)?;
         if !client.enabled {
             return Err(Rejection::Revoked);
         }
-        if let (true, Some(until)) = (seen.previous_key, self.previous_key_until)
+        if let (true, Some(until)) = (seen.previous_key, self.previous_until)
             && unix_now >= until
         {
             return Err(Rejection::RetiredServerKey { until });
@@ -602,8 +713,15 @@ mod tests {
         (v, knocker(&device, &server))
     }
 
-    /// The knocker of `device`, which knows `server` as the gateway's key.
+    /// The knocker of `device`, which knows `server` as the gateway's key
+    /// and sends v1 knocks.
     fn knocker(device: &StaticSecret, server: &StaticSecret) -> Knocker {
+        versioned_knocker(device, server, None)
+    }
+
+    /// [`knocker`], sending the knock version a credential with
+    /// `knock_version` asks for.
+    fn versioned_knocker(device: &StaticSecret, server: &StaticSecret, knock_version: Option<u8>) -> Knocker {
         let cred = Credential {
             name: "dev".into(),
             secret_key: Some(keys::encode(&device.to_bytes())),
@@ -613,6 +731,7 @@ mod tests {
             knock_port: 62201,
             tunnel_port: None,
             tls_fingerprint: None,
+            knock_version,
         };
         Knocker::new(cred).unwrap()
     }
@@ -641,43 +760,81 @@ mod tests {
             ClientKeys::derive(server, &PublicKey::from(&device)).unwrap(),
             standing,
         ));
-        let v = Verifier {
-            registry,
-            server_addrs: vec![GW.parse().unwrap()],
-            window_secs: 120,
-            previous_key_until: server.previous.as_ref().map(|p| p.accepted_until),
-        };
+        let mut v = Verifier::new(registry, vec![GW.parse().unwrap()], 120);
+        v.set_server(server);
         (v, device, server.current.clone())
     }
 
     #[test]
     fn the_previous_key_holds_for_the_overlap_then_is_refused_by_name() {
-        let before = ServerKeys::new(keys::generate());
-        let now = unix_now();
-        let after = before.rotate(now, 60);
-        let (mut v, device, current) = setup_with(&after, "tcp/22", None, true);
-        let old = knocker(&device, &before.current);
-        let new = knocker(&device, &current);
+        for version in [None, Some(2)] {
+            let before = ServerKeys::new(keys::generate());
+            let now = unix_now();
+            let after = before.rotate(now, 60);
+            let (mut v, device, current) = setup_with(&after, "tcp/22", None, true);
+            let old = versioned_knocker(&device, &before.current, version);
+            let new = versioned_knocker(&device, &current, version);
+            let gw: IpAddr = GW.parse().unwrap();
+            let mut seen = HashSet::new();
+            let mut knock_with = |v: &Verifier, k: &Knocker, at: u64| {
+                let packet = k.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+                v.check(&knock(packet, "10.0.0.2", 40000, Carrier::Udp), at, |n, _| {
+                    Ok(seen.insert(*n))
+                })
+            };
+            let during = knock_with(&v, &old, now);
+            assert!(
+                during.outcome.is_ok() && during.previous_key,
+                "{version:?}: {:?}",
+                during.outcome
+            );
+            let fresh = knock_with(&v, &new, now);
+            assert!(fresh.outcome.is_ok() && !fresh.previous_key, "{version:?}");
+            let late = knock_with(&v, &old, now + 60);
+            assert_eq!(late.outcome, Err(Rejection::RetiredServerKey { until: now + 60 }));
+            assert!(
+                !late.outcome.unwrap_err().unproven(),
+                "audited one by one, with the client named"
+            );
+            v.set_server(&ServerKeys::new(current));
+            assert!(knock_with(&v, &new, now + 60).outcome.is_ok());
+        }
+    }
+
+    #[test]
+    fn a_v2_knock_names_its_client_only_to_the_gateway() {
+        let server = ServerKeys::new(keys::generate());
+        let (v, device, current) = setup_with(&server, "tcp/22", None, true);
         let gw: IpAddr = GW.parse().unwrap();
-        let mut seen = HashSet::new();
-        let mut knock_with = |v: &Verifier, k: &Knocker, at: u64| {
-            let packet = k.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
-            v.check(&knock(packet, "10.0.0.2", 40000, Carrier::Udp), at, |n, _| {
-                Ok(seen.insert(*n))
-            })
-        };
-        let during = knock_with(&v, &old, now);
-        assert!(during.outcome.is_ok() && during.previous_key, "{:?}", during.outcome);
-        let fresh = knock_with(&v, &new, now);
-        assert!(fresh.outcome.is_ok() && !fresh.previous_key);
-        let late = knock_with(&v, &old, now + 60);
-        assert_eq!(late.outcome, Err(Rejection::RetiredServerKey { until: now + 60 }));
+        let k = versioned_knocker(&device, &current, Some(2));
+        let packet = k.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+        assert!(packet.starts_with(&wire::v2::PREFIX));
         assert!(
-            !late.outcome.unwrap_err().unproven(),
-            "audited one by one, with the client named"
+            !packet
+                .windows(16)
+                .any(|w| w == v.registry.clients().next().unwrap().key_id()),
+            "no key id in the clear"
         );
-        v.previous_key_until = None;
-        assert!(knock_with(&v, &new, now + 60).outcome.is_ok());
+        let checked = v.check(&knock(packet, "10.0.0.2", 40000, Carrier::Udp), unix_now(), |_, _| {
+            Ok(true)
+        });
+        assert!(checked.outcome.is_ok(), "{:?}", checked.outcome);
+        assert_eq!(checked.client.as_deref(), Some("dev"));
+
+        // Sealed for another gateway: no flood tag of ours, nobody's knock.
+        let elsewhere = versioned_knocker(&device, &keys::generate(), Some(2));
+        let packet = elsewhere.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+        assert_eq!(
+            check(&v, &knock(packet, "10.0.0.2", 1, Carrier::Udp)),
+            Err(Rejection::UnknownKey)
+        );
+        // A device the gateway never enrolled, with its real key.
+        let stranger = versioned_knocker(&keys::generate(), &current, Some(2));
+        let packet = stranger.build(gw, &req(Proto::Tcp, 22, 22), 0).unwrap();
+        assert_eq!(
+            check(&v, &knock(packet, "10.0.0.2", 1, Carrier::Udp)),
+            Err(Rejection::UnknownKey)
+        );
     }
 
     fn knock(payload: Vec<u8>, src: &str, sport: u16, carrier: Carrier) -> Knock {

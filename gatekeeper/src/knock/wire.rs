@@ -20,6 +20,8 @@ use super::{
     payload::Payload,
 };
 
+pub mod v2;
+
 pub const NONCE_LEN: usize = 24;
 const HEADER_LEN: usize = 3 + 16;
 
@@ -35,6 +37,8 @@ pub enum WireError {
     Json(String),
     #[error("the payload is too large for one knock ({0} bytes)")]
     TooLarge(usize),
+    #[error("the ephemeral key is a low-order point")]
+    LowOrder,
 }
 
 /// A knock split into its parts, before decryption.
@@ -85,6 +89,16 @@ impl Sealed<'_> {
     }
 }
 
+/// The nonce of a v1 or a v2 knock: its id in the audit trail and in the
+/// device's journal.
+pub fn nonce_of(packet: &[u8]) -> Result<[u8; NONCE_LEN], WireError> {
+    if packet.starts_with(&v2::PREFIX) {
+        v2::split(packet).map(|s| s.nonce)
+    } else {
+        split(packet).map(|s| s.nonce)
+    }
+}
+
 /// Builds a knock: `payload` sealed under `key` with `nonce`.
 pub fn seal(
     key_id: &KeyId,
@@ -127,11 +141,9 @@ mod tests {
     use super::*;
     use crate::knock::keys::{key_id, session_key};
 
-    const DOC: &str = include_str!("../../../docs/knock-v1.md");
-
-    /// The `name = value` lines of the doc's test vector.
-    fn vector() -> HashMap<&'static str, &'static str> {
-        DOC.lines()
+    /// The `name = value` lines of a format document's test vector.
+    pub(super) fn vector(doc: &'static str) -> HashMap<&'static str, &'static str> {
+        doc.lines()
             .filter_map(|l| l.split_once(" = "))
             .map(|(k, v)| (k.trim(), v.trim()))
             .collect()
@@ -141,13 +153,17 @@ mod tests {
         crate::hex::decode(s).unwrap()
     }
 
-    fn arr<const N: usize>(s: &str) -> [u8; N] {
+    pub(super) fn arr<const N: usize>(s: &str) -> [u8; N] {
         unhex(s).try_into().unwrap()
+    }
+
+    fn v1_vector() -> HashMap<&'static str, &'static str> {
+        vector(include_str!("../../../docs/knock-v1.md"))
     }
 
     #[test]
     fn implementation_matches_the_documented_vector() {
-        let v = vector();
+        let v = v1_vector();
         let server = StaticSecret::from(arr::<32>(v["server_secret"]));
         let client = StaticSecret::from(arr::<32>(v["client_secret"]));
         let (sp, cp) = (PublicKey::from(&server), PublicKey::from(&client));
@@ -173,7 +189,7 @@ mod tests {
 
     #[test]
     fn any_flipped_byte_is_refused() {
-        let v = vector();
+        let v = v1_vector();
         let k = arr::<32>(v["session_key"]);
         let packet = unhex(v["packet"]);
         for i in 0..packet.len() {

@@ -620,6 +620,7 @@ pub trait Store: Send + Sync {
             knock_port: config.knock_udp_port(),
             tunnel_port: Some(config.tunnel_port()),
             tls_fingerprint: Some(self.identity()?.fingerprint().to_string()),
+            knock_version: Some(2),
         })
     }
 

@@ -167,9 +167,10 @@ fn main() -> Result<()> {
     let audit = lab.audit()?;
     let line = audit.last().context("no audit line")?;
     println!(
-        "  audit: {} {} from {}:{}, opened ports {} for that source port",
-        line["client"], line["result"], line["src"], line["sport"], line["opened"]["ports"]
+        "  audit: {} {} from {}:{}, opened ports {} for that source port (knock format {}: the packet named no device, only the gateway could tell)",
+        line["client"], line["result"], line["src"], line["sport"], line["opened"]["ports"], line["format"]
     );
+    ensure!(line["format"] == "v2", "the device knocked {}, not v2", line["format"]);
 
     step(8, "The intruder still sees nothing");
     let again = nmap::scan(&lab, Role::Intruder, "-sS", "22,8000-8100", &gw.to_string())?;

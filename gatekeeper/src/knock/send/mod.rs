@@ -75,6 +75,9 @@ pub struct Knocker {
     cred: Credential,
     key_id: KeyId,
     key: SessionKey,
+    /// The device's and the gateway's public keys, which v2 knocks need.
+    public: PublicKey,
+    server: PublicKey,
     /// Read once: the portal client seals a knock per connection.
     hostname: String,
     /// The gateway's address as last resolved, and when: a long-running
@@ -113,6 +116,8 @@ impl Knocker {
             cred,
             key_id,
             key,
+            public: PublicKey::from(&secret),
+            server,
             hostname: crate::platform::hostname(),
             resolved: Mutex::new(None),
             journal: None,
@@ -139,6 +144,11 @@ impl Knocker {
 
     pub fn name(&self) -> &str {
         &self.cred.name
+    }
+
+    /// The key id v1 knocks carry in the clear (and v2 knocks hide).
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
     }
 
     pub fn knock_port(&self) -> u16 {
@@ -211,8 +221,20 @@ impl Knocker {
     }
 
     /// Seals `payload` with `nonce`, which must never repeat for this
-    /// credential (the portal derives it from a ClientHello).
+    /// credential (the portal derives it from a ClientHello): as a v2
+    /// knock when the credential says the gateway reads them, else v1.
     pub fn seal_with_nonce(&self, payload: &Payload, nonce: &[u8; NONCE_LEN]) -> Result<Vec<u8>, ClientError> {
+        if self.cred.knock_version.unwrap_or(1) >= 2 {
+            let ephemeral = keys::generate();
+            return Ok(wire::v2::seal(
+                &self.public,
+                &self.key,
+                &self.server,
+                &ephemeral,
+                nonce,
+                payload,
+            )?);
+        }
         Ok(wire::seal(&self.key_id, &self.key, nonce, payload)?)
     }
 

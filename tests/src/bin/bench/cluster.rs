@@ -415,7 +415,7 @@ struct ClaimRun {
 fn claims(lab: &Lab, url: &str, kill: Option<RedisServer>, redis_pid: Option<u32>) -> Result<ClaimRun> {
     const IN_FLIGHT: usize = 512;
     let target = RedisTarget::parse(url)?;
-    let (verifier, knocks, _dir) = verifier_and_knocks(CLAIMS)?;
+    let (verifier, knocks, _dir) = verifier_and_knocks(CLAIMS, 1)?;
     let verifier = std::sync::Arc::new(verifier);
     let shares: Vec<Vec<Knock>> = (0..usize::from(NODES))
         .map(|w| knocks.iter().skip(w).step_by(usize::from(NODES)).cloned().collect())

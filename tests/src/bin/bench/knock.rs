@@ -1,22 +1,26 @@
 //! `cargo xtask bench knock`:
 //!
 //! 1. Knocks verified per second on one core: the daemon's verifier over
-//!    100,000 distinct valid knocks, with an in-memory replay set and with
-//!    the pinned replay map the daemon really uses. Target: 100,000/s.
+//!    100,000 distinct valid v1 knocks, with an in-memory replay set and
+//!    with the pinned replay map the daemon really uses (target 100,000/s);
+//!    20,000 v2 knocks, which cost an X25519 more (target 30,000/s); the
+//!    stock fwknop client's packets with 300 fwknop clients enrolled, the
+//!    packet's key tried last.
 //! 2. Knock-to-open latency, p50 and p99 over 1,000 knocks each: from the
 //!    client sending a UDP knock to the first UDP probe (sent every 20 µs)
-//!    that the opened port echoes back. Gatekeeper against fwknopd 2.6.10
-//!    from Debian (UDP server mode, iptables) in the same lab, with
-//!    pre-built knocks and SPA packets on both sides so neither pays for
-//!    process start-up, and 5 ms between trials. Target: p99 under 2 ms.
+//!    that the opened port echoes back. Gatekeeper with v2 knocks and with
+//!    the stock fwknop client's packets, against fwknopd 2.6.10 from
+//!    Debian (UDP server mode, iptables) in the same lab, with pre-built
+//!    packets on every side so none pays for process start-up, and 5 ms
+//!    between trials. Target: p99 under 2 ms.
 //! 3. Spoofed floods at the generator's top rate, a fresh source address
-//!    per packet (XDP_TX live frames), while a real client knocks 50 times:
-//!    (a) garbage knocks and replays of a captured knock, (b) knocks
-//!    carrying another enrolled client's key id (leaked: v1 sends it in
-//!    the clear). Measured: the flood's rate, knocks that reach the daemon
-//!    per second, the real knocks' p99 and slowest time to open (target
-//!    100 ms), the daemon's memory before and after, audit bytes per
-//!    second.
+//!    per packet (XDP_TX live frames), while a real client knocks 50 times
+//!    (v2): (a) v1 and v2 garbage and replays of a captured knock, (b) v1
+//!    knocks carrying another enrolled client's key id (leaked: v1 sends
+//!    it in the clear). Measured: the flood's rate, knocks that reach the
+//!    daemon per second, the real knocks' p99 and slowest time to open
+//!    (target 100 ms), the daemon's memory before and after, audit bytes
+//!    per second.
 
 use std::{
     collections::HashSet,
@@ -83,15 +87,16 @@ fn udp5353() -> Request {
     }
 }
 
-/// A verifier for one enrolled client and `n` distinct valid knocks from
-/// it, with the temporary state directory they came from (removed on drop).
-pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, TempState)> {
-    let dir = TempState(std::env::temp_dir().join(format!("gk-bench-knock-{}-{n}", std::process::id())));
+/// A verifier for one enrolled client and `n` distinct valid knocks of
+/// `version` (1 or 2) from it, with the temporary state directory they
+/// came from (removed on drop).
+pub(crate) fn verifier_and_knocks(n: usize, version: u8) -> Result<(Verifier, Vec<Knock>, TempState)> {
+    let dir = TempState(std::env::temp_dir().join(format!("gk-bench-knock-{}-{n}-v{version}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     let store = FileStore::new(&dir.0);
     let gw: IpAddr = "192.0.2.1".parse()?;
     store.init(&[gw], false)?;
-    let (rec, cred) = store.add_client(&NewClient {
+    let (rec, mut cred) = store.add_client(&NewClient {
         name: "bench".into(),
         allow: "udp/5353".parse()?,
         expires_in: None,
@@ -115,12 +120,9 @@ pub(crate) fn verifier_and_knocks(n: usize) -> Result<(Verifier, Vec<Knock>, Tem
             fwknop: None,
         },
     ));
-    let verifier = Verifier {
-        registry,
-        server_addrs: vec![gw],
-        window_secs: 120,
-        previous_key_until: None,
-    };
+    let mut verifier = Verifier::new(registry, vec![gw], 120);
+    verifier.set_server(&store.server_keys()?);
+    cred.knock_version = Some(version);
     let k = Knocker::new(cred)?;
     let src: IpAddr = "10.0.0.2".parse()?;
     let mut payload = k.payload(gw, &udp5353(), 0)?;
@@ -148,6 +150,24 @@ impl Drop for TempState {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// v2 knocks verified per second on one core (in-memory replay set):
+/// each costs an X25519 with the knock's ephemeral key on top of v1's work.
+fn v2_verification_rate() -> Result<f64> {
+    const N: usize = 20_000;
+    let (verifier, knocks, _dir) = verifier_and_knocks(N, 2)?;
+    let now = gatekeeper::clock::unix_now();
+    let mut seen = HashSet::with_capacity(N);
+    let started = Instant::now();
+    let accepted = knocks
+        .iter()
+        .filter(|d| verifier.check(d, now, |n, _| Ok(seen.insert(*n))).outcome.is_ok())
+        .count();
+    let rate = N as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(accepted == N, "only {accepted} of {N} v2 knocks verified");
+    println!("      {rate:.0}/s v2 knocks (no key id: one more X25519 each), in-memory replay set");
+    Ok(rate)
 }
 
 /// fwknop clients enrolled in the HMAC-search measurement.
@@ -198,12 +218,8 @@ fn fwknop_verification_rate() -> Result<f64> {
     }
     let tried_last = registry.clients().last().context("no client")?.name.clone();
     let last = keys_of.remove(&tried_last).context("the last client's keys")?;
-    let verifier = Verifier {
-        registry,
-        server_addrs: vec![gw],
-        window_secs: 120,
-        previous_key_until: None,
-    };
+    let mut verifier = Verifier::new(registry, vec![gw], 120);
+    verifier.set_server(&server);
     let src: IpAddr = "10.0.0.2".parse()?;
     let packets: Vec<Knock> = (0..PACKETS)
         .map(|_| {
@@ -244,7 +260,7 @@ fn fwknop_verification_rate() -> Result<f64> {
 fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
     const N: usize = 100_000;
     println!("[1/3] verifying {N} distinct knocks on one core");
-    let (verifier, knocks, _dir) = verifier_and_knocks(N)?;
+    let (verifier, knocks, _dir) = verifier_and_knocks(N, 1)?;
     let now = gatekeeper::clock::unix_now();
 
     let mut seen = HashSet::with_capacity(N);
@@ -280,6 +296,7 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         "only {accepted} of {N} knocks verified with the pinned replay map"
     );
     println!("      {in_memory:.0}/s with an in-memory replay set, {pinned:.0}/s with the pinned replay map");
+    let v2 = v2_verification_rate()?;
     let fwknop = fwknop_verification_rate()?;
     rows.push(Row {
         what: "knocks verified/s, one core, in-memory replay set".into(),
@@ -292,6 +309,18 @@ fn verification_rate(rows: &mut Vec<Row>) -> Result<()> {
         value: pinned,
         unit: "knocks/s",
         ratio: Some((pinned / 100_000.0, ">=", 1.0)),
+    });
+    rows.push(Row {
+        what: "v2 knocks verified/s, one core, in-memory replay set".into(),
+        value: v2,
+        unit: "knocks/s",
+        ratio: Some((v2 / 30_000.0, ">=", 1.0)),
+    });
+    rows.push(Row {
+        what: "v2 knocks verified/s as a share of v1's, same conditions".into(),
+        value: v2 / in_memory,
+        unit: "x of v1",
+        ratio: None,
     });
     rows.push(Row {
         what: format!("fwknop packets verified/s, one core, {FWKNOP_CLIENTS} fwknop clients"),
@@ -382,7 +411,7 @@ fn summarize(name: &str, mut samples: Vec<Duration>, failed: usize) -> (f64, f64
 
 fn latency(rows: &mut Vec<Row>) -> Result<()> {
     println!(
-        "[2/3] knock-to-open latency, {TRIALS} knocks each: gatekeeper (v1, then the stock fwknop client's packets), then fwknopd"
+        "[2/3] knock-to-open latency, {TRIALS} knocks each: gatekeeper (v2 knocks, then the stock fwknop client's packets), then fwknopd"
     );
     let lab = Lab::new()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -478,7 +507,7 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
             theirs.len()
         );
     }
-    let (g50, g99) = summarize("gatekeeper", ours, ours_failed);
+    let (g50, g99) = summarize("gatekeeper, v2 knocks", ours, ours_failed);
     let (o50, o99) = summarize("fwknop packets on gatekeeper", old, old_failed);
     let (f50, f99) = summarize("fwknopd 2.6.10 + iptables", theirs, theirs_failed);
     rows.push(Row {
@@ -494,25 +523,25 @@ fn latency(rows: &mut Vec<Row>) -> Result<()> {
         ratio: Some((o99 / f99, "<=", 1.0)),
     });
     rows.push(Row {
-        what: "knock-to-open p50, fwknop packets vs v1 knocks on gatekeeper".into(),
+        what: "knock-to-open p50, fwknop packets vs v2 knocks on gatekeeper".into(),
         value: o50,
         unit: "ms",
         ratio: Some((o50 / g50, "<=", 1.5)),
     });
     rows.push(Row {
-        what: "knock-to-open p50, gatekeeper vs fwknopd".into(),
+        what: "knock-to-open p50, v2 knocks: gatekeeper vs fwknopd".into(),
         value: g50,
         unit: "ms",
         ratio: Some((g50 / f50, "<=", 1.0)),
     });
     rows.push(Row {
-        what: "knock-to-open p99, gatekeeper vs fwknopd".into(),
+        what: "knock-to-open p99, v2 knocks: gatekeeper vs fwknopd".into(),
         value: g99,
         unit: "ms",
         ratio: Some((g99 / f99, "<=", 1.0)),
     });
     rows.push(Row {
-        what: "knock-to-open p99, gatekeeper vs the 2 ms target".into(),
+        what: "knock-to-open p99, v2 knocks vs the 2 ms target".into(),
         value: g99,
         unit: "ms",
         ratio: Some((g99 / 2.0, "<=", 1.0)),
@@ -636,8 +665,9 @@ impl Drop for Fwknopd {
 /// What a spoofed flood carries.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Flood {
-    /// Garbage with the knock prefix (unknown key ids), and replays of a
-    /// knock captured from the real client.
+    /// Garbage with the knock prefixes (v1's with unknown key ids, v2's
+    /// without a valid flood tag), and replays of a knock captured from
+    /// the real client.
     GarbageAndReplays,
     /// Knocks with a bad tag and another enrolled client's key id.
     LeakedKeyId,
@@ -646,7 +676,7 @@ enum Flood {
 fn flood(rows: &mut Vec<Row>, kind: Flood) -> Result<()> {
     const KNOCKS: usize = 50;
     let (step, what) = match kind {
-        Flood::GarbageAndReplays => ("3a", "garbage and replays of a captured knock"),
+        Flood::GarbageAndReplays => ("3a", "v1 and v2 garbage and replays of a captured knock"),
         Flood::LeakedKeyId => ("3b", "knocks with a leaked key id of another client"),
     };
     println!(
@@ -654,8 +684,12 @@ fn flood(rows: &mut Vec<Row>, kind: Flood) -> Result<()> {
     );
     let mut lab = Lab::direct()?;
     lab.serve_udp_echo(Role::Gateway, PROBE_PORT)?;
+    // The real client knocks v2, as credentials now announce.
     let cred = lab.enroll("bench", &["--allow", "udp/5353"])?;
+    // The leaked credential's knocks are v1, whose key id is in the clear.
     let leaked = lab.enroll("leaked", &["--allow", "udp/5353"])?;
+    let text = std::fs::read_to_string(&leaked)?;
+    gatekeeper::private_file::write(&leaked, &text.replace("knock_version = 2\n", ""))?;
     // Default knock limits: per source 20/s (bursts of 40), per key 10/s
     // (20), 2,000 a second per CPU.
     let daemon = lab.start_daemon(&["--protect", "udp/5353"])?;
@@ -672,11 +706,14 @@ fn flood(rows: &mut Vec<Row>, kind: Flood) -> Result<()> {
             }
             let mut garbage = gatekeeper_common::knock::PREFIX.to_vec();
             garbage.extend(Rng::new(99).bytes(120));
-            vec![garbage, captured]
+            let mut garbage_v2 = gatekeeper_common::knock::PREFIX_V2.to_vec();
+            garbage_v2.extend(Rng::new(98).bytes(300));
+            vec![garbage, garbage_v2, captured]
         }
         Flood::LeakedKeyId => {
             let mut forged = lab.with_knocker(Role::Client, &leaked, |k, gw| Ok(k.build(gw, &udp5353(), 0)?))?;
-            forged[30] ^= 0x40;
+            let n = forged.len();
+            forged[n - 30] ^= 0x40;
             vec![forged]
         }
     };
@@ -732,7 +769,7 @@ fn flood(rows: &mut Vec<Row>, kind: Flood) -> Result<()> {
     let (_, p99) = summarize("real knocks during the flood", samples.clone(), failed);
     let worst = samples.iter().max().map(|d| d.as_secs_f64() * 1e3).unwrap_or(p99);
     let label = match kind {
-        Flood::GarbageAndReplays => "garbage + replays",
+        Flood::GarbageAndReplays => "v1 and v2 garbage + replays",
         Flood::LeakedKeyId => "leaked key id",
     };
     rows.push(Row {
