@@ -137,11 +137,15 @@ fn a_knock_whose_entry_cannot_be_written_is_audited_as_failed() -> Result<()> {
 
 #[test]
 fn refusals_past_the_threshold_are_summarized_rotated_and_reopened() -> Result<()> {
+    // Enough rotated files that no line is lost however many seconds the
+    // daemon takes over the refusals (each second writes up to 10 lines
+    // and a summary).
+    const KEEP: u32 = 9;
     let lab = Lab::new()?;
     let alice = lab.enroll("alice", &["--allow", "tcp/22"])?;
     let (mut daemon, _) = daemon_with(
         &lab,
-        &format!("{UNLIMITED_KNOCKS}[audit]\nrefusals_per_sec = 10\nmax_size = \"2KiB\"\nkeep = 2\n"),
+        &format!("{UNLIMITED_KNOCKS}[audit]\nrefusals_per_sec = 10\nmax_size = \"2KiB\"\nkeep = {KEEP}\n"),
     )?;
     const KNOCKS: usize = 2000;
     send_many(&lab, bad_tag_knock(&lab, &alice)?, KNOCKS)?;
@@ -150,7 +154,7 @@ fn refusals_past_the_threshold_are_summarized_rotated_and_reopened() -> Result<(
     let rotated = |i: u32| PathBuf::from(format!("{}.{i}", log.display()));
     let all = || -> Result<Vec<serde_json::Value>> {
         let mut lines = Vec::new();
-        for path in [rotated(2), rotated(1), log.clone()] {
+        for path in (1..=KEEP).rev().map(rotated).chain([log.clone()]) {
             for l in std::fs::read_to_string(&path).unwrap_or_default().lines() {
                 lines.push(serde_json::from_str(l).with_context(|| format!("a torn line in {}", path.display()))?);
             }
@@ -174,7 +178,9 @@ fn refusals_past_the_threshold_are_summarized_rotated_and_reopened() -> Result<(
         eventually(Duration::from_secs(10), || Ok(
             told(&all()?) >= diverted()? && diverted()? > 0
         ))?,
-        "every refusal the daemon saw is written or counted"
+        "every refusal the daemon saw is written or counted: {} told of {}",
+        told(&all()?),
+        diverted()?
     );
     let lines = all()?;
     let written = lines.iter().filter(|l| l["reason"] == "bad_tag").count();
@@ -190,7 +196,7 @@ fn refusals_past_the_threshold_are_summarized_rotated_and_reopened() -> Result<(
         let size = std::fs::metadata(&path)?.len();
         assert!(size < 2 * 1024 + 4096, "{} is {size} bytes", path.display());
     }
-    assert!(!rotated(3).exists(), "only `keep` rotated files stay");
+    assert!(!rotated(KEEP + 1).exists(), "only `keep` rotated files stay");
 
     // logrotate moves the file away and sends SIGHUP: the daemon writes a new one.
     std::fs::rename(&log, lab.scratch().join("moved.log"))?;
