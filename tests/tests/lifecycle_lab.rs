@@ -388,21 +388,43 @@ fn a_rotation_keeps_a_refreshed_device_and_refuses_a_stale_one_after_the_overlap
         "{line}"
     );
 
-    // After the overlap: the refreshed device still gets in, the stale one
-    // is refused by name, and cannot fetch the note with the old key either.
+    // After the overlap: the refreshed device still gets in. The stale
+    // one's v2 knocks die in the gate (the retired key's flood tag key left
+    // it with the overlap, so a leaked one is dead too); its v1 knocks,
+    // whose key id names it, are refused by name. It cannot fetch the note
+    // with the old key either.
     let wait = until.saturating_sub(gatekeeper::clock::unix_now()) + 1;
     ensure!(wait <= 10, "the overlap ends within the test's bound");
     std::thread::sleep(Duration::from_secs(wait));
     ensure!(knock(&lab, Role::Client, &fresh, 42003)?.status.success());
     ensure!(knock_line(&lab, "fresh", 42003)?["result"] == "accepted");
     ensure!(reaches(&lab, Role::Client, 42003)?);
+    let unknown = |lab: &Lab| -> Result<u64> {
+        let stats = json(&lab.cli_ok(&["stats", "--json"])?)?;
+        Ok(stats["knock_unknown_key"].as_u64().unwrap_or(0))
+    };
+    let before = unknown(&lab)?;
     ensure!(knock(&lab, Role::Intruder, &stale, 42004)?.status.success());
-    let line = knock_line(&lab, "stale", 42004)?;
+    ensure!(
+        eventually(Duration::from_secs(3), || Ok(unknown(&lab)? > before))?,
+        "the gate drops the stale device's v2 knock by its flood tag"
+    );
+    ensure!(!reaches(&lab, Role::Intruder, 42004)?, "the stale device stays out");
+    let stale_v1 = stale.with_extension("v1.toml");
+    let text = std::fs::read_to_string(&stale)?;
+    ensure!(text.contains("knock_version = 2\n"), "{text}");
+    gatekeeper::private_file::write(&stale_v1, &text.replace("knock_version = 2\n", ""))?;
+    ensure!(knock(&lab, Role::Intruder, &stale_v1, 42005)?.status.success());
+    let line = knock_line(&lab, "stale", 42005)?;
     ensure!(
         line["result"] == "rejected" && line["reason"] == "retired_server_key",
         "{line}"
     );
-    ensure!(!reaches(&lab, Role::Intruder, 42004)?, "the stale device stays out");
+    ensure!(!reaches(&lab, Role::Intruder, 42005)?, "the stale device stays out");
+    ensure!(
+        lab.audit()?.iter().all(|l| l["request"]["local_port"] != 42004),
+        "the dropped v2 knock never reached the daemon"
+    );
     let late = on(
         &lab,
         Role::Intruder,

@@ -38,10 +38,15 @@ pub struct Init {
 /// Make the gateway's next knock key; the current one stays accepted for an overlap.
 ///
 /// Devices learn the new key with `client refresh`, which asks the gateway;
-/// after --overlap the old key's knocks are refused and audited as
-/// `retired_server_key`. New credentials name the new key at once.
+/// after --overlap the old key's v1 knocks are refused and audited as
+/// `retired_server_key`, and its v2 knocks are dropped by the gate (their
+/// flood tag key leaves it). New credentials name the new key at once.
 ///
 /// Example: gatekeeper rotate-key --overlap 7d
+///
+/// After a credential leaked: gatekeeper client revoke NAME, then
+/// gatekeeper rotate-key --overlap 1h (the leaked v2 flood tag key is
+/// dead an hour later; the revoked credential cannot learn the new one).
 #[derive(Args, Debug)]
 pub struct RotateKey {
     #[command(flatten)]

@@ -32,7 +32,7 @@ use std::{
 };
 
 use gatekeeper_common::{
-    maps::{CFG_FWKNOP, KEY_ID_LEN},
+    maps::{CFG_FWKNOP, KEY_ID_LEN, TAG_KEY_SLOTS, TagKey},
     ratelimit,
 };
 use serde_json::json;
@@ -57,7 +57,7 @@ use crate::{
         ring::{self, Record},
         sweeper,
     },
-    knock::{ask::Ask, note::KeyNote, verify::Knock, wire},
+    knock::{ask::Ask, keys::ServerKeys, note::KeyNote, verify::Knock, wire},
     metrics::{
         Events,
         server::{self as metrics_server, MetricsError},
@@ -182,8 +182,39 @@ struct Daemon {
     /// Some client knocks with fwknop: the gate hands over base64 text on
     /// the knock port.
     fwknop: bool,
+    /// The v2 flood tag keys in the gate.
+    tag_keys: TagKeys,
     /// What happened since the start, counted for metrics and status.
     events: Arc<Events>,
+}
+
+/// The gateway's knock keys, and the v2 flood tag keys last written into
+/// the gate for them (none: not yet, or the write failed). The previous
+/// key's tag key leaves the gate when its overlap ends.
+#[derive(Default)]
+struct TagKeys {
+    server: Option<ServerKeys>,
+    written: Option<[TagKey; TAG_KEY_SLOTS as usize]>,
+}
+
+impl TagKeys {
+    /// Writes the tag keys the gate should hold now, if they changed:
+    /// after a reload, and when a rotation's overlap ends.
+    fn sync(&mut self, gate: &Gate) {
+        let Some(keys) = &self.server else {
+            return;
+        };
+        let wanted = wire::v2::tag_keys(keys, unix_now());
+        if self.written == Some(wanted) {
+            return;
+        }
+        match gate.set_tag_keys(&wanted) {
+            Ok(()) => self.written = Some(wanted),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "writing v2 knocks' flood tag keys into the gate failed; retrying in 2 s")
+            }
+        }
+    }
 }
 
 /// A cluster node: the shared store, and what the node last reported
@@ -427,6 +458,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         cluster_lost: false,
         entries: 0,
         fwknop: false,
+        tag_keys: TagKeys::default(),
         events: events.clone(),
     };
     if let Some(change) = first_change {
@@ -517,6 +549,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 if let Some(c) = daemon.coverage.as_mut() {
                     c.look(&daemon.gate);
                 }
+                daemon.tag_keys.sync(&daemon.gate);
             }
             _ = hangup.recv() => {
                 if let Some(k) = &daemon.knocks {
@@ -705,9 +738,8 @@ impl Daemon {
             k.gateway.set_records(snapshot.tunnels.clone());
             if let Some(keys) = &snapshot.server_keys {
                 k.gateway.set_note(KeyNote::of(keys));
-                if let Err(e) = self.gate.set_tag_keys(&wire::v2::tag_keys(keys)) {
-                    warn!(error = %error_chain(&e), "writing v2 knocks' flood tag keys into the gate failed");
-                }
+                self.tag_keys.server = Some(keys.clone());
+                self.tag_keys.sync(&self.gate);
             }
             if let Some(relay) = &k.relay {
                 relay.set_records(snapshot);

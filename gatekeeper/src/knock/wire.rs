@@ -37,7 +37,7 @@ pub enum WireError {
     Json(String),
     #[error("the payload is too large for one knock ({0} bytes)")]
     TooLarge(usize),
-    #[error("the ephemeral key is a low-order point")]
+    #[error("a public key in the knock, or the gateway's, is a low-order point: no shared secret")]
     LowOrder,
 }
 

@@ -41,7 +41,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::{NONCE_LEN, WireError};
 use crate::knock::{
-    keys::{ServerKeys, SessionKey},
+    keys::{Agreement, ServerKeys, SessionKey},
     payload::Payload,
 };
 
@@ -54,10 +54,17 @@ const PAD_TO: usize = 64;
 
 pub const PREFIX: [u8; 3] = PREFIX_V2;
 
-/// The flood tag keys the gate accepts for the gateway's knock keys: the
-/// current one's, and the previous one's after a rotation (else unused).
-pub fn tag_keys(server: &ServerKeys) -> [TagKey; TAG_KEY_SLOTS as usize] {
-    let previous = server.previous.as_ref().map(|p| tag_key(&PublicKey::from(&p.secret)));
+/// The flood tag keys the gate accepts at `unix_now` for the gateway's
+/// knock keys: the current one's, and the previous one's while a
+/// rotation's overlap lasts (else unused). Once it ends the gate drops
+/// the old key's v2 knocks, so a tag key that leaked is dead after one
+/// rotation with a short overlap, whoever still holds it.
+pub fn tag_keys(server: &ServerKeys, unix_now: u64) -> [TagKey; TAG_KEY_SLOTS as usize] {
+    let previous = server
+        .previous
+        .as_ref()
+        .filter(|p| unix_now < p.accepted_until)
+        .map(|p| tag_key(&PublicKey::from(&p.secret)));
     [tag_key(&PublicKey::from(&server.current)), previous.unwrap_or([0, 0])]
 }
 
@@ -108,15 +115,6 @@ fn expand(ikm: &[u8], info: &[u8]) -> [u8; 32] {
     key
 }
 
-/// The shared secret of `own` and `peer`, refusing a low-order point.
-fn agree(own: &StaticSecret, peer: &PublicKey) -> Result<[u8; 32], WireError> {
-    let shared = own.diffie_hellman(peer);
-    if !shared.was_contributory() {
-        return Err(WireError::LowOrder);
-    }
-    Ok(*shared.as_bytes())
-}
-
 /// Builds a v2 knock from the client `client` (whose v1 session key with
 /// `server` is `session`), with the ephemeral secret `ephemeral` and
 /// `nonce`, both fresh per knock.
@@ -131,7 +129,9 @@ pub fn seal(
     let mut plain = serde_json::to_vec(payload).map_err(|e| WireError::Json(e.to_string()))?;
     plain.resize(plain.len().div_ceil(PAD_TO) * PAD_TO, b' ');
     let e = PublicKey::from(ephemeral);
-    let es = agree(ephemeral, server)?;
+    let es = Agreement::new(ephemeral)
+        .agree(server)
+        .map_err(|_| WireError::LowOrder)?;
     let mut out = Vec::with_capacity(PAYLOAD_AT + plain.len() + 16 + NONCE_LEN);
     out.extend_from_slice(&PREFIX_V2);
     out.extend_from_slice(e.as_bytes());
@@ -182,7 +182,7 @@ pub fn split(packet: &[u8]) -> Result<Sealed<'_>, WireError> {
 /// secret, its public half and its flood tag key (each of which costs
 /// about what an agreement does to derive).
 pub struct GatewayKey {
-    secret: StaticSecret,
+    secret: Agreement,
     public: PublicKey,
     tag: TagKey,
 }
@@ -191,7 +191,7 @@ impl GatewayKey {
     pub fn new(secret: &StaticSecret) -> GatewayKey {
         let public = PublicKey::from(secret);
         GatewayKey {
-            secret: secret.clone(),
+            secret: Agreement::new(secret),
             public,
             tag: tag_key(&public),
         }
@@ -228,7 +228,7 @@ impl Sealed<'_> {
             return Err(WireError::Tag);
         }
         let e = self.ephemeral();
-        let es = agree(&gateway.secret, &e)?;
+        let es = gateway.secret.agree(&e).map_err(|_| WireError::LowOrder)?;
         let plain = XChaCha20Poly1305::new((&identity_key(&es, &e, &gateway.public)).into())
             .decrypt(
                 XNonce::from_slice(&self.nonce),
@@ -310,6 +310,17 @@ mod tests {
         let opened = sealed.identity(&gateway).unwrap();
         assert_eq!(opened.client, client);
         assert_eq!(sealed.open(&opened, &session, &gateway).unwrap(), payload);
+    }
+
+    #[test]
+    fn the_previous_tag_key_lasts_as_long_as_the_overlap() {
+        let old = ServerKeys::new(crate::knock::keys::generate());
+        let rotated = old.rotate(1000, 60);
+        let [current, previous] = tag_keys(&rotated, 1059);
+        assert_eq!(current, tag_key(&rotated.public()));
+        assert_eq!(previous, tag_key(&old.public()));
+        assert_eq!(tag_keys(&rotated, 1060), [current, [0, 0]]);
+        assert_eq!(tag_keys(&old, 1059)[1], [0, 0]);
     }
 
     #[test]
