@@ -141,6 +141,8 @@ fn enrollment_guards_keys_and_names() -> Result<()> {
         "laptop",
         "--allow",
         "tcp/22",
+        "--open-for",
+        "2m",
         "--out",
         cred,
         "--state-dir",
@@ -167,6 +169,10 @@ fn enrollment_guards_keys_and_names() -> Result<()> {
             "bad client name",
         ),
         (vec!["client", "add", "x", "--allow", "tcp/0"], "\"0\""),
+        (
+            vec!["client", "add", "x", "--allow", "tcp/22", "--open-for", "500ms"],
+            "500ms is under a second",
+        ),
         (vec!["client", "revoke", "nobody"], "no client named"),
     ] {
         let mut full = args.clone();
@@ -198,6 +204,7 @@ fn enrollment_guards_keys_and_names() -> Result<()> {
     let json: serde_json::Value = serde_json::from_slice(&list.stdout)?;
     assert_eq!(json["clients"][0]["name"], "laptop");
     assert_eq!(json["clients"][0]["status"], "enabled");
+    assert_eq!(json["clients"][0]["open_for_secs"], 120);
     assert_eq!(json["problems"], serde_json::json!([]));
     std::fs::remove_dir_all(&dir)?;
     Ok(())

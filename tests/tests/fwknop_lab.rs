@@ -289,11 +289,9 @@ fn an_access_conf_imports_and_its_devices_knock_unchanged() -> Result<()> {
     let (code, said) = import(&lab, &conf, &["--dry-run"])?;
     assert_eq!(code, Some(1), "stanzas were refused: {said}");
     assert_eq!(said["imported"][0]["name"], "fwknop-1", "{said}");
+    assert_eq!(said["imported"][0]["open_for_secs"], 60, "FW_ACCESS_TIMEOUT: {said}");
     let notes = said["imported"][0]["notes"].to_string();
-    assert!(
-        notes.contains("FW_ACCESS_TIMEOUT") && notes.contains("REQUIRE_SOURCE_ADDRESS"),
-        "{said}"
-    );
+    assert!(notes.contains("REQUIRE_SOURCE_ADDRESS"), "{said}");
     let refused = said["refused"].to_string();
     assert!(refused.contains("--any-source") && refused.contains("GPG"), "{said}");
     assert!(
@@ -314,21 +312,44 @@ fn an_access_conf_imports_and_its_devices_knock_unchanged() -> Result<()> {
         "imported twice: {again}"
     );
 
-    // Each device knocks with its old stanza and gets in.
+    // Each device knocks with its old stanza and gets in: the first for
+    // its FW_ACCESS_TIMEOUT, the second for what it asks (`-f 5`), which
+    // may shorten the default, never lengthen it.
     let _daemon = lab.start_daemon(&["--protect", PROTECT])?;
     let devices = [
-        "KEY_BASE64 Zndrbm9wIGltcG9ydDogYSAzMi1ieXRlIGtleSEhISE=\nHMAC_KEY_BASE64 Zndrbm9wIGltcG9ydDogdGhlIEhNQUMga2V5LCBzaXh0eS1mb3VyIGJ5dGVzIG9mIGl0IGF0IGxlYXN0ISEhIQ==\n",
-        "KEY passphrase-of-the-second-device\nHMAC_KEY hmac-passphrase-of-the-second-device\n",
+        (
+            "KEY_BASE64 Zndrbm9wIGltcG9ydDogYSAzMi1ieXRlIGtleSEhISE=\nHMAC_KEY_BASE64 Zndrbm9wIGltcG9ydDogdGhlIEhNQUMga2V5LCBzaXh0eS1mb3VyIGJ5dGVzIG9mIGl0IGF0IGxlYXN0ISEhIQ==\n",
+            &[][..],
+            60,
+        ),
+        (
+            "KEY passphrase-of-the-second-device\nHMAC_KEY hmac-passphrase-of-the-second-device\n",
+            &["-f", "5"][..],
+            5,
+        ),
     ];
-    for (n, keys) in devices.iter().enumerate() {
+    for (n, (keys, extra, for_secs)) in devices.iter().enumerate() {
         let rc = lab.scratch().join(format!("device{n}.fwknoprc"));
         let stanza = format!("[laptop]\nSPA_SERVER 10.77.0.1\nACCESS tcp/22\nALLOW_IP 10.77.0.2\nUSE_HMAC Y\n{keys}");
         gatekeeper::private_file::write(&rc, &stanza)?;
-        fwknop(&lab, &rc, &[])?;
+        fwknop(&lab, &rc, extra)?;
         let name = format!("fwknop-{}", n + 1);
-        audited(&lab, &name, |l| {
+        let line = audited(&lab, &name, |l| {
             l["client"] == name.as_str() && l["result"] == "accepted"
         })?;
+        assert_eq!(line["opened"]["for_secs"], *for_secs, "{line}");
+        if n == 0 {
+            // The gate's entry lasts the minute, not the default 30 s.
+            let list: serde_json::Value = serde_json::from_str(&lab.cli_ok(&["whitelist", "list", "--json"])?)?;
+            let ttl = list.to_string();
+            let ttl_ms = list
+                .as_array()
+                .or(list["entries"].as_array())
+                .and_then(|e| e.first())
+                .and_then(|e| e["ttl_ms"].as_u64())
+                .with_context(|| format!("no entry: {ttl}"))?;
+            assert!((45_000..=60_000).contains(&ttl_ms), "{ttl}");
+        }
     }
     assert!(client_gets_in(&lab, gw(22))?, "the imported devices got in");
     Ok(())

@@ -75,6 +75,10 @@ pub struct Policy {
     /// --portal-upstream (e.g. 127.0.0.1:8080). Its policy must allow the portal's port.
     #[arg(long, value_name = "HOST:PORT", value_parser = spec::upstream)]
     portal_upstream: Option<String>,
+    /// How long its knocks open the gate (whole seconds or more, e.g. 2m); default:
+    /// the daemon's `[knock] open_for`. Connections made in that time stay up.
+    #[arg(long, value_name = "DURATION", value_parser = open_for)]
+    open_for: Option<Duration>,
 }
 
 impl Policy {
@@ -88,8 +92,17 @@ impl Policy {
             public_key,
             gateway,
             fwknop: None,
+            open_for: self.open_for,
         }
     }
+}
+
+fn open_for(s: &str) -> Result<Duration, String> {
+    let d = spec::duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s} is under a second: give whole seconds or more (e.g. 30s)"));
+    }
+    Ok(d)
 }
 
 fn parse_ports(s: &str) -> Result<PortSet, spec::SpecError> {
@@ -276,7 +289,7 @@ pub fn list(json: bool, state: StateArg) -> Result<()> {
         let rows: Vec<_> = snapshot
             .clients
             .iter()
-            .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": c.status(now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key, "portal_upstream": c.portal_upstream}))
+            .map(|c| json!({"name": c.name, "id": c.id, "allow": c.allow, "status": c.status(now), "nat": c.nat, "expires": c.expires, "created": c.created, "public_key": c.public_key, "portal_upstream": c.portal_upstream, "open_for_secs": c.open_for}))
             .collect();
         println!("{}", json!({"clients": rows, "problems": snapshot.problems}));
         return Ok(());
@@ -285,21 +298,23 @@ pub fn list(json: bool, state: StateArg) -> Result<()> {
         println!("no clients enrolled: gatekeeper client add NAME --allow tcp/22");
     } else {
         println!(
-            "{:<24} {:>4} {:<8} {:<5} {:<12} ALLOW",
-            "NAME", "ID", "STATUS", "NAT", "EXPIRES"
+            "{:<24} {:>4} {:<8} {:<5} {:<12} {:<9} ALLOW",
+            "NAME", "ID", "STATUS", "NAT", "EXPIRES", "OPENS FOR"
         );
         for c in &snapshot.clients {
             let expires = c
                 .expires
                 .map(|e| rfc3339(e)[..10].to_string())
                 .unwrap_or_else(|| "never".into());
+            let open_for = c.open_for.map_or_else(|| "default".into(), |s| format!("{s}s"));
             println!(
-                "{:<24} {:>4} {:<8} {:<5} {:<12} {}",
+                "{:<24} {:>4} {:<8} {:<5} {:<12} {:<9} {}",
                 c.name,
                 c.id,
                 c.status(now),
                 if c.nat { "yes" } else { "no" },
                 expires,
+                open_for,
                 c.allow
             );
         }

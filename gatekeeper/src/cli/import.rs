@@ -80,7 +80,7 @@ fn fwknop(args: FwknopImport) -> Result<()> {
         });
         match added {
             Ok(m) => imported.push(json!({"line": stanza.line, "name": name, "allow": m.allow.to_string(),
-                "expires": m.expires.map(gatekeeper::clock::rfc3339), "notes": m.notes})),
+                "expires": m.expires.map(gatekeeper::clock::rfc3339), "open_for_secs": m.open_for, "notes": m.notes})),
             Err(why) => refused.push(json!({"line": stanza.line, "name": name, "reasons": why})),
         }
     }
@@ -116,6 +116,7 @@ fn new_client(name: &str, mapped: &Mapped, now: u64) -> NewClient {
         public_key: None,
         gateway: None,
         fwknop: Some(mapped.keys.clone()),
+        open_for: mapped.open_for.map(Duration::from_secs),
     }
 }
 
@@ -123,10 +124,14 @@ fn say(args: &FwknopImport, imported: &[serde_json::Value], refused: &[serde_jso
     let verb = if args.dry_run { "would import" } else { "imported" };
     for i in imported {
         println!(
-            "{verb} {} (stanza at line {}): allowed {}{}",
+            "{verb} {} (stanza at line {}): allowed {}{}{}",
             i["name"].as_str().unwrap_or_default(),
             i["line"],
             i["allow"].as_str().unwrap_or_default(),
+            i["open_for_secs"]
+                .as_u64()
+                .map(|s| format!(", opened for {s} s"))
+                .unwrap_or_default(),
             i["expires"]
                 .as_str()
                 .map(|e| format!(", until {e}"))

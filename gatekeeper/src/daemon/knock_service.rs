@@ -11,6 +11,7 @@ use std::{
     cmp::Reverse,
     collections::{BTreeSet, BinaryHeap, HashMap},
     net::IpAddr,
+    time::Duration,
 };
 
 use super::cluster::{Claimed, Link, Outage, SharedGrant};
@@ -53,7 +54,6 @@ pub struct KnockService {
     expiry: Option<Expiry>,
     verifier: Verifier,
     audit: Audit,
-    open_for_ns: u64,
     /// Where authorized portal sessions go unless their client names a place.
     portal_upstream: Option<String>,
     /// The relay's HTTP port, where this node serves relayed hosts.
@@ -97,9 +97,9 @@ impl KnockService {
                 Registry::default(),
                 server_addrs(settings),
                 settings.knock_window.as_secs(),
+                settings.knock_open_for,
             ),
             audit,
-            open_for_ns: settings.knock_open_for.as_nanos().min(u64::MAX as u128) as u64,
             portal_upstream: settings.portal.as_ref().map(|p| p.upstream.clone()),
             relay_port: settings.relay.as_ref().map(|r| r.listen.port()),
             tunnel_port: settings.tunnel_port,
@@ -179,6 +179,7 @@ impl KnockService {
                 expires: rec.expires,
                 portal_upstream: rec.portal_upstream.clone(),
                 fwknop: None,
+                open_for: rec.open_for.map(Duration::from_secs),
             };
             let standing = match rec.fwknop.as_ref().map(|k| k.key()) {
                 Some(Ok(key)) => Standing {
@@ -251,10 +252,13 @@ impl KnockService {
             (checked, grants)
         };
         if let (true, Some(c), Some((nonce, until))) = (checked.outcome.is_ok(), self.cluster.as_mut(), recorded) {
-            let expires_ms = crate::clock::unix_now_ms().saturating_add(self.open_for_ns / 1_000_000);
+            let now_ms = crate::clock::unix_now_ms();
             let shared: Vec<SharedGrant> = grants
                 .iter()
-                .map(|g| SharedGrant::new(c.link.node(), &g.key, g.ports, expires_ms, g.client_id))
+                .map(|g| {
+                    let expires_ms = now_ms.saturating_add(g.open_for.as_millis().min(u64::MAX as u128) as u64);
+                    SharedGrant::new(c.link.node(), &g.key, g.ports, expires_ms, g.client_id)
+                })
                 .collect();
             let id = c.next_id;
             c.next_id += 1;
@@ -375,8 +379,10 @@ impl KnockService {
     fn open_grants(&mut self, gate: &Gate, knock: &Knock, checked: Checked, grants: &[Grant], alone: bool) {
         let opened = checked.outcome.is_ok().then(|| {
             // A fresh knock for a live entry extends it and adds its ports.
-            let expires = clock::now_ns().saturating_add(self.open_for_ns);
+            let now = clock::now_ns();
+            let open_for = grants.first().map_or(Duration::ZERO, |g| g.open_for);
             let written = grants.iter().try_for_each(|grant| {
+                let expires = now.saturating_add(grant.open_for.as_nanos().min(u64::MAX as u128) as u64);
                 gate.whitelist_grant(&grant.key, grant.ports, expires, 0, grant.client_id)
                     .map(drop)
             });
@@ -390,7 +396,7 @@ impl KnockService {
                         .map(|g| format!("{}-{}", g.ports.lo, g.ports.hi))
                         .collect::<Vec<_>>()
                         .join(","),
-                    for_secs: self.open_for_ns / 1_000_000_000,
+                    for_secs: open_for.as_secs(),
                     alone,
                 },
                 Err(e) => {

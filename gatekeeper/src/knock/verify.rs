@@ -9,7 +9,7 @@
 //! captured knock replayed any number of times is one `replay` each time,
 //! whoever sent it, and never a second line about its client.
 
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::{collections::HashMap, fmt, net::IpAddr, time::Duration};
 
 use gatekeeper_common::maps::{ANY_PORT, NONCE_LEN, WhitelistKey};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -89,6 +89,8 @@ pub struct Client {
     pub portal_upstream: Option<String>,
     /// Its fwknop keys, if it may knock with the stock fwknop client.
     pub fwknop: Option<FwknopKey>,
+    /// How long its knocks open the gate; none: the verifier's default.
+    pub open_for: Option<Duration>,
 }
 
 /// How a client stands, as its record says.
@@ -102,6 +104,7 @@ pub struct Standing {
     pub expires: Option<u64>,
     pub portal_upstream: Option<String>,
     pub fwknop: Option<FwknopKey>,
+    pub open_for: Option<Duration>,
 }
 
 /// A client's key id and the session keys it shares with the gateway's
@@ -139,6 +142,7 @@ impl Client {
             expires: standing.expires,
             portal_upstream: standing.portal_upstream,
             fwknop: standing.fwknop,
+            open_for: standing.open_for,
         }
     }
 
@@ -314,6 +318,9 @@ pub struct Grant {
     pub key: WhitelistKey,
     pub ports: PortRange,
     pub client_id: u32,
+    /// How long the entry stays open (connections made in that time stay
+    /// up while they are active).
+    pub open_for: Duration,
 }
 
 /// The result of checking one knock, with what is known for the audit log
@@ -358,6 +365,9 @@ pub struct Verifier {
     /// destination address.
     pub server_addrs: Vec<IpAddr>,
     pub window_secs: u64,
+    /// How long an accepted knock opens the gate, unless its client's
+    /// record says otherwise.
+    pub open_for: Duration,
     /// Until when (unix seconds) knocks sealed for the previous knock key
     /// are accepted; none: no rotation has happened.
     previous_until: Option<u64>,
@@ -368,13 +378,15 @@ pub struct Verifier {
 
 impl Verifier {
     /// A verifier for `registry`'s clients, knocking on `server_addrs`
-    /// (none: whatever address a knock was sent to) within `window_secs`;
-    /// it knows no knock key until [`Verifier::set_server`].
-    pub fn new(registry: Registry, server_addrs: Vec<IpAddr>, window_secs: u64) -> Verifier {
+    /// (none: whatever address a knock was sent to) within `window_secs`,
+    /// opening for `open_for` by default; it knows no knock key until
+    /// [`Verifier::set_server`].
+    pub fn new(registry: Registry, server_addrs: Vec<IpAddr>, window_secs: u64, open_for: Duration) -> Verifier {
         Verifier {
             registry,
             server_addrs,
             window_secs,
+            open_for,
             previous_until: None,
             gateway_keys: Vec::new(),
         }
@@ -556,6 +568,12 @@ impl Verifier {
         {
             return Err(Rejection::OutsidePolicy);
         }
+        // fwknop's `-f SECONDS` may shorten what the client's policy
+        // opens, never lengthen it.
+        let open_for = match spa.client_timeout {
+            Some(asked) if asked > 0 => self.open_for(client).min(Duration::from_secs(asked.into())),
+            _ => self.open_for(client),
+        };
         Ok(spa
             .access
             .iter()
@@ -563,6 +581,7 @@ impl Verifier {
                 key: WhitelistKey::new(map_addr(knock.src), ANY_PORT, proto.number()),
                 ports: *ports,
                 client_id: client.id,
+                open_for,
             })
             .collect())
     }
@@ -687,8 +706,14 @@ impl Verifier {
             key: WhitelistKey::new(map_addr(knock.src), src_port, proto.number()),
             ports,
             client_id: client.id,
+            open_for: self.open_for(client),
         };
         Ok((grant, client))
+    }
+
+    /// How long `client`'s knocks open the gate.
+    fn open_for(&self, client: &Client) -> Duration {
+        client.open_for.unwrap_or(self.open_for)
     }
 }
 
@@ -754,13 +779,14 @@ mod tests {
             expires,
             portal_upstream: None,
             fwknop: None,
+            open_for: None,
         };
         let mut registry = Registry::default();
         registry.insert(Client::new(
             ClientKeys::derive(server, &PublicKey::from(&device)).unwrap(),
             standing,
         ));
-        let mut v = Verifier::new(registry, vec![GW.parse().unwrap()], 120);
+        let mut v = Verifier::new(registry, vec![GW.parse().unwrap()], 120, Duration::from_secs(30));
         v.set_server(server);
         (v, device, server.current.clone())
     }
@@ -864,7 +890,7 @@ mod tests {
 
     #[test]
     fn what_each_carrier_opens() {
-        let (v, k) = setup("tcp/22,udp/53,icmp", None, true);
+        let (mut v, k) = setup("tcp/22,udp/53,icmp", None, true);
         let gw: IpAddr = GW.parse().unwrap();
         let seal = |r: &Request, local_port| {
             k.seal(&Payload {
@@ -906,6 +932,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!((g.key.proto, g.ports.lo, g.ports.hi), (1, 0, 65535));
+        assert_eq!(g.open_for, Duration::from_secs(30), "the verifier's default");
+        for c in v.registry.by_key.values_mut() {
+            c.open_for = Some(Duration::from_secs(90));
+        }
+        let g = check(
+            &v,
+            &knock(seal(&req(Proto::Udp, 53, 53), 0), "10.0.0.2", 5555, Carrier::Udp),
+        )
+        .unwrap();
+        assert_eq!(g.open_for, Duration::from_secs(90), "the client's own");
         assert!(matches!(
             check(
                 &v,

@@ -380,6 +380,7 @@ mod tests {
             public_key: None,
             gateway: None,
             fwknop: None,
+            open_for: None,
         }
     }
 

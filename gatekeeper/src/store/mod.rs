@@ -180,6 +180,9 @@ pub struct ClientRecord {
     /// The keys the stock fwknop client knocks with, if it may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fwknop: Option<FwknopKeys>,
+    /// Seconds its knocks open the gate for; none: `[knock] open_for`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<u64>,
 }
 
 impl ClientRecord {
@@ -590,6 +593,7 @@ pub trait Store: Send + Sync {
             previous_public_key: None,
             previous_key_until: None,
             fwknop: new.fwknop.clone(),
+            open_for: new.open_for.map(|d| d.as_secs().max(1)),
         };
         // Everything the credential needs is read before anything is written.
         let cred = self.credential(&new.name, secret.as_ref(), new.gateway.as_deref())?;
@@ -663,6 +667,8 @@ pub struct NewClient {
     /// Keys for the stock fwknop client too (made by `client add
     /// --fwknop`, or read by `import fwknop`).
     pub fwknop: Option<FwknopKeys>,
+    /// How long its knocks open the gate; none: `[knock] open_for`.
+    pub open_for: Option<Duration>,
 }
 
 /// 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit

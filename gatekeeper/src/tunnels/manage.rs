@@ -106,6 +106,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
         public_key: None,
         gateway: None,
         fwknop: None,
+        open_for: None,
     });
     let credential = match added {
         Ok((_, credential)) => credential,
@@ -235,6 +236,7 @@ mod tests {
             public_key: None,
             gateway: None,
             fwknop: None,
+            open_for: None,
         })
         .unwrap();
         (s, dir)
@@ -329,6 +331,7 @@ mod tests {
             public_key: None,
             gateway: None,
             fwknop: None,
+            open_for: None,
         })
         .unwrap();
         let clash = issue(s, &new("db", &[], None)).unwrap_err();

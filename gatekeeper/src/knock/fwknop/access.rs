@@ -45,6 +45,8 @@ pub struct Mapped {
     pub keys: FwknopKeys,
     /// Unix seconds after which its knocks are refused.
     pub expires: Option<u64>,
+    /// Seconds its knocks open the gate for (`FW_ACCESS_TIMEOUT`).
+    pub open_for: Option<u64>,
     /// Settings Gatekeeper does another way, each with how.
     pub notes: Vec<String>,
 }
@@ -149,11 +151,21 @@ impl Stanza {
                     ));
                 }
                 ("SOURCE" | "OPEN_PORTS" | "KEY_BASE64" | "KEY" | "HMAC_KEY_BASE64" | "HMAC_KEY", _) => {}
-                ("ACCESS_EXPIRE" | "ACCESS_EXPIRE_EPOCH", _) => {}
+                ("ACCESS_EXPIRE" | "ACCESS_EXPIRE_EPOCH" | "FW_ACCESS_TIMEOUT", _) => {}
                 (key, _) => notes.push(format!("line {}: {key} {}: {}", s.line, s.value, unmapped(key))),
             }
         }
         let expires = self.expires(&mut refused);
+        let open_for = self.get("FW_ACCESS_TIMEOUT").and_then(|s| {
+            let secs = s.value.parse::<u64>().ok().filter(|&n| n > 0);
+            if secs.is_none() {
+                refused.push(format!(
+                    "line {}: FW_ACCESS_TIMEOUT {} is not a number of seconds",
+                    s.line, s.value
+                ));
+            }
+            secs
+        });
         if expires.is_some_and(|e| e <= unix_now) {
             refused.push("its access has expired (ACCESS_EXPIRE)".to_string());
         }
@@ -165,6 +177,7 @@ impl Stanza {
                     hmac_key_base64: STANDARD.encode(hmac_key),
                 },
                 expires,
+                open_for,
                 notes,
             }),
             _ => Err(refused),
@@ -214,8 +227,8 @@ impl Stanza {
 /// How Gatekeeper handles what an imported stanza's `key` set.
 fn unmapped(key: &str) -> &'static str {
     match key {
-        "FW_ACCESS_TIMEOUT" | "MAX_FW_TIMEOUT" => {
-            "not mapped: every knock opens for `[knock] open_for`, and connections made in that time stay up"
+        "MAX_FW_TIMEOUT" => {
+            "not needed: a packet's client timeout (`fwknop -f`) may shorten what FW_ACCESS_TIMEOUT (else `[knock] open_for`) opens, never lengthen it"
         }
         "REQUIRE_SOURCE_ADDRESS" => {
             "not mapped: a packet naming 0.0.0.0 (`-s`) opens for the address it came from; one naming another address is refused unless the client may be behind NAT"
@@ -250,7 +263,8 @@ mod tests {
         assert_eq!(first.allow.to_string(), "tcp/22,udp/53");
         assert_eq!(first.keys.key_base64, "a2V5");
         assert_eq!(first.expires, Some(1_896_048_000));
-        assert!(first.notes[0].contains("FW_ACCESS_TIMEOUT 60"), "{:?}", first.notes);
+        assert_eq!(first.open_for, Some(60));
+        assert!(first.notes.is_empty(), "{:?}", first.notes);
         let refused = stanzas[1].map(NOW, false).unwrap_err();
         assert!(refused[0].contains("--any-source"), "{refused:?}");
         let second = stanzas[1].map(NOW, true).unwrap();
@@ -259,7 +273,7 @@ mod tests {
 
     #[test]
     fn what_cannot_be_imported_is_refused_with_each_reason() {
-        let text = "SOURCE ANY\nGPG_DECRYPT_ID ABCD\nENCRYPTION_MODE legacy\nACCESS_EXPIRE 01/01/2020\n";
+        let text = "SOURCE ANY\nGPG_DECRYPT_ID ABCD\nENCRYPTION_MODE legacy\nACCESS_EXPIRE 01/01/2020\nFW_ACCESS_TIMEOUT soon\n";
         let refused = parse(text).unwrap()[0].map(NOW, false).unwrap_err();
         let all = refused.join("\n");
         for needle in [
@@ -268,6 +282,7 @@ mod tests {
             "HMAC_KEY_BASE64",
             "ENCRYPTION_MODE legacy",
             "expired",
+            "line 5: FW_ACCESS_TIMEOUT soon is not a number of seconds",
         ] {
             assert!(all.contains(needle), "{needle}: {all}");
         }

@@ -108,6 +108,7 @@ pub(crate) fn verifier_and_knocks(n: usize, version: u8) -> Result<(Verifier, Ve
         public_key: None,
         gateway: None,
         fwknop: None,
+        open_for: None,
     })?;
     let mut registry = Registry::default();
     registry.insert(Client::new(
@@ -121,9 +122,10 @@ pub(crate) fn verifier_and_knocks(n: usize, version: u8) -> Result<(Verifier, Ve
             expires: None,
             portal_upstream: None,
             fwknop: None,
+            open_for: None,
         },
     ));
-    let mut verifier = Verifier::new(registry, vec![gw], 120);
+    let mut verifier = Verifier::new(registry, vec![gw], 120, Duration::from_secs(30));
     verifier.set_server(&store.server_keys()?);
     cred.knock_version = Some(version);
     let k = Knocker::new(cred)?;
@@ -202,6 +204,7 @@ fn fwknop_verification_rate() -> Result<f64> {
             public_key: None,
             gateway: None,
             fwknop: Some(FwknopKeys::generate()),
+            open_for: None,
         })?;
         let keys = rec.fwknop.clone().context("fwknop keys")?;
         registry.insert(Client::new(
@@ -215,13 +218,14 @@ fn fwknop_verification_rate() -> Result<f64> {
                 expires: None,
                 portal_upstream: None,
                 fwknop: Some(keys.key()?),
+                open_for: None,
             },
         ));
         keys_of.insert(rec.name.clone(), keys);
     }
     let tried_last = registry.clients().last().context("no client")?.name.clone();
     let last = keys_of.remove(&tried_last).context("the last client's keys")?;
-    let mut verifier = Verifier::new(registry, vec![gw], 120);
+    let mut verifier = Verifier::new(registry, vec![gw], 120, Duration::from_secs(30));
     verifier.set_server(&server);
     let src: IpAddr = "10.0.0.2".parse()?;
     let packets: Vec<Knock> = (0..PACKETS)
