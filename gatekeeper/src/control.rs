@@ -159,6 +159,29 @@ pub struct Status {
     /// The relay's public side, where this node serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<crate::relay::gateway::RelayStatus>,
+    /// The certificates the listeners serve.
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+/// A certificate a listener serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// The listeners serving it: "tunnel", "portal".
+    pub serves: Vec<String>,
+    /// Where it is kept: the state, or the operator's certificate file.
+    pub source: String,
+    pub subject: String,
+    pub issuer: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// When the gateway renews it (unix seconds); none: it does not (a
+    /// CA's certificate, or one made by an earlier release).
+    pub renews_at: Option<u64>,
+    /// The SHA-256 pin of its public key, as tokens and credentials carry.
+    pub pin: String,
+    /// What needs the operator: a failed renewal, an identifying default.
+    pub problem: Option<String>,
 }
 
 /// A node's view of its cluster.

@@ -48,6 +48,8 @@ pub enum Role {
     /// A host of its own on the lab network (`Lab::cluster`), for a tunnel
     /// agent and the private service it publishes.
     Agent,
+    /// A host of its own on the lab network (`Lab::add_host`), for an ACME CA.
+    Ca,
     /// Gateway node N (1-based) of a cluster behind a router
     /// (`Lab::cluster`): its uplink is `gw0` at 10.80.N.2.
     Node(u8),
@@ -66,6 +68,7 @@ impl Role {
             Role::NatB => "nb".into(),
             Role::Store => "st".into(),
             Role::Agent => "ag".into(),
+            Role::Ca => "ca".into(),
             Role::Node(n) => format!("n{n}"),
         }
     }
@@ -93,6 +96,7 @@ impl Role {
             Role::Router => 4,
             Role::Store => 5,
             Role::Agent => 6,
+            Role::Ca => 7,
             Role::Node(n) => 10 + n,
         }
     }
@@ -108,6 +112,7 @@ impl Role {
             Role::NatB => "nb0",
             Role::Store => "st0",
             Role::Agent => "ag0",
+            Role::Ca => "ca0",
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   reaches only Redis, and the private HTTP service behind it.
 //! - [`traffic`]: line-rate floods from an XDP_TX program on live frames.
 //! - [`tun`]: a tun device a test drives like a VPN daemon.
+//! - [`pki`]: a certificate authority of a test's own.
+//! - [`pebble`]: Pebble, an ACME CA, on a lab host.
 
 pub mod channel;
 pub mod clients;
@@ -27,6 +29,8 @@ pub mod fwknop;
 pub mod lab;
 pub mod model;
 pub mod nmap;
+pub mod pebble;
+pub mod pki;
 pub mod redis;
 pub mod relay;
 pub mod traffic;

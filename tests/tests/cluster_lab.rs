@@ -10,6 +10,7 @@ use gatekeeper_tests::{
     fwknop,
     lab::{ChildGuard, Daemon, Lab, Role, SHARED_ADDR, eventually, gw, tcp_request},
     nmap,
+    pki::LabCa,
     redis::{RedisServer, Sentinels},
 };
 
@@ -642,25 +643,18 @@ fn all_nodes_whitelist(lab: &Lab, url: &str) -> Result<serde_json::Value> {
 fn nodes_reach_redis_over_tls_and_check_its_certificate() -> Result<()> {
     let mut lab = Lab::cluster(NODES)?;
     // A CA of the lab's own, and a certificate for the Redis host's address.
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Names of their own: a leaf named like its issuer reads as self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "gatekeeper lab CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "lab redis");
-    params.subject_alt_names = vec![rcgen::SanType::IpAddress(Role::Store.addr().into())];
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    let ca = LabCa::new("gatekeeper lab CA")?;
+    let issued = ca.issue(
+        "lab redis",
+        vec![rcgen::SanType::IpAddress(Role::Store.addr().into())],
+        Vec::new(),
+    )?;
     let dir = lab.scratch().join("redis-tls");
     std::fs::create_dir_all(&dir)?;
     let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("redis.pem"), dir.join("redis.key"));
     std::fs::write(&ca_file, ca.pem())?;
-    std::fs::write(&cert_file, cert.pem())?;
-    std::fs::write(&key_file, key.serialize_pem())?;
+    std::fs::write(&cert_file, &issued.cert)?;
+    std::fs::write(&key_file, &issued.key)?;
     let redis = RedisServer::start_tls(&lab, Role::Store, 6390, &cert_file, &key_file, &ca_file)?;
     let url = redis.url();
     ensure!(url.starts_with("rediss://"), "{url}");

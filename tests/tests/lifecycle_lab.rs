@@ -361,14 +361,30 @@ fn a_rotation_keeps_a_refreshed_device_and_refuses_a_stale_one_after_the_overlap
     );
     ensure!(reaches(&lab, Role::Intruder, 42001)?);
 
+    // The fresh device's credential is from before key pins: it pins the
+    // gateway's whole certificate, and the refresh makes it pin the key.
+    let cert = json(&lab.state_cli(&["cert", "show", "--json"])?)?;
+    let (key_pin, whole) = (
+        cert["pin"].as_str().context("pin")?,
+        cert["certificate_sha256"].as_str().context("sha")?,
+    );
+    let text = std::fs::read_to_string(&fresh)?;
+    ensure!(text.contains(key_pin), "new credentials pin the key: {text}");
+    gatekeeper::private_file::write(&fresh, &text.replace(key_pin, whole))?;
     let refreshed = json(&on_ok(
         &lab,
         Role::Client,
         &["client", "refresh", "--credential", path(&fresh), "--json"],
     )?)?;
     ensure!(
-        refreshed["changed"] == true && refreshed["server_public_key"] == new_key.as_str(),
+        refreshed["changed"] == true
+            && refreshed["server_public_key"] == new_key.as_str()
+            && refreshed["repinned"] == true,
         "{refreshed}"
+    );
+    ensure!(
+        std::fs::read_to_string(&fresh)?.contains(key_pin),
+        "it pins the key now"
     );
     ensure!(
         lab.audit()?
@@ -380,7 +396,7 @@ fn a_rotation_keeps_a_refreshed_device_and_refuses_a_stale_one_after_the_overlap
         Role::Client,
         &["client", "refresh", "--credential", path(&fresh), "--json"],
     )?)?;
-    ensure!(again["changed"] == false, "{again}");
+    ensure!(again["changed"] == false && again["repinned"] == false, "{again}");
     ensure!(knock(&lab, Role::Client, &fresh, 42002)?.status.success());
     let line = knock_line(&lab, "fresh", 42002)?;
     ensure!(

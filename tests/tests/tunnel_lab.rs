@@ -233,7 +233,7 @@ fn wrong_tokens_and_wrong_fingerprints_are_refused_clearly() -> Result<()> {
                 fingerprint: "11".repeat(32),
                 ..good.clone()
             },
-            "fingerprint",
+            "public key pin",
         ),
     ] {
         let file = lab.scratch().join("bad.token");
@@ -501,6 +501,125 @@ fn pause_resume_update_and_reissue_act_on_live_sessions() -> Result<()> {
     gatekeeper::private_file::write(&new_file, new_token.trim())?;
     let _agent = start_agent(&lab, &new_file)?;
     anyhow::ensure!(answers_soon(&lab)?, "the new token publishes the same port");
+    Ok(())
+}
+
+/// `gatekeeper cert show --json`.
+fn cert_show(lab: &Lab) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&lab.state_cli(&["cert", "show", "--json"])?)?)
+}
+
+#[test]
+fn the_tunnel_certificate_is_renewed_under_live_sessions_and_agents_keep_connecting() -> Result<()> {
+    let (lab, _daemon, cred, token_file) = setup()?;
+    let before = cert_show(&lab)?;
+    anyhow::ensure!(
+        before["subject"] == "CN=10.77.0.1" && before["issuer"] == before["subject"],
+        "named after the gateway's address, like any server: {before}"
+    );
+    let lifetime =
+        before["not_after"].as_u64().context("not_after")? - before["not_before"].as_u64().context("not_before")?;
+    anyhow::ensure!(
+        (364 * 86_400..=366 * 86_400).contains(&lifetime),
+        "valid for about a year: {before}"
+    );
+
+    // A token from before key pins pins the whole certificate: it works
+    // until the certificate is renewed.
+    let good = gatekeeper::tunnels::Token::decode(&std::fs::read_to_string(&token_file)?)?;
+    anyhow::ensure!(good.fingerprint == before["pin"], "new tokens pin the key: {before}");
+    let old_style = lab.scratch().join("old-style.token");
+    let whole = before["certificate_sha256"].as_str().context("certificate_sha256")?;
+    gatekeeper::private_file::write(
+        &old_style,
+        &gatekeeper::tunnels::Token {
+            fingerprint: whole.to_string(),
+            ..good.clone()
+        }
+        .encode(),
+    )?;
+    let agent = start_agent(&lab, &old_style)?;
+    udp_knock(&lab, Role::Client, &cred, PUBLIC_PORT)?;
+    let mut during = live_connection(&lab)?;
+
+    let renewed: serde_json::Value = serde_json::from_str(&lab.state_cli(&["cert", "renew", "--json"])?)?;
+    anyhow::ensure!(
+        renewed["pin"] == before["pin"]
+            && renewed["certificate_sha256"] != before["certificate_sha256"]
+            && renewed["serial"] != before["serial"],
+        "the same key, a new certificate: {before} / {renewed}"
+    );
+    let replaced = audited(&lab, "certificate_replaced", |l| l["serial"] == renewed["serial"])?;
+    anyhow::ensure!(replaced["serves"] == serde_json::json!(["tunnel"]), "{replaced}");
+    anyhow::ensure!(still_echoes(&mut during), "a session up before the renewal carries on");
+    let status: serde_json::Value = serde_json::from_str(&lab.state_cli(&["status", "--json"])?)?;
+    let served = &status["certificates"][0];
+    anyhow::ensure!(
+        served["subject"] == "CN=10.77.0.1"
+            && served["pin"] == before["pin"]
+            && served["problem"].is_null()
+            && served["renews_at"].as_u64() > Some(renewed["not_before"].as_u64().unwrap_or(0) + 200 * 86_400),
+        "status shows the served certificate: {served}"
+    );
+
+    // The agent's next session meets the new certificate: the old-style
+    // pin is refused by name, the token's key pin connects.
+    drop(during);
+    drop(agent);
+    anyhow::ensure!(
+        eventually(Duration::from_secs(10), || Ok(!connected(&lab)?))?,
+        "the agent is gone"
+    );
+    let forward = format!("127.0.0.1:{PRIVATE_PORT}");
+    let stale = ChildGuard::new(lab.spawn_gatekeeper(
+        Role::NatA,
+        &[
+            "agent",
+            "--token-file",
+            old_style.to_str().context("utf-8")?,
+            "--forward",
+            &forward,
+        ],
+    )?);
+    let said = String::from_utf8_lossy(&stale.output_within(Duration::from_secs(30))?.stderr).into_owned();
+    anyhow::ensure!(said.contains("public key pin"), "the stale pin is named: {said}");
+    let _agent = start_agent(&lab, &token_file)?;
+    assert_eq!(connect_echo(&lab, &cred, b"after renewal\n")?, b"after renewal\n");
+    Ok(())
+}
+
+#[test]
+fn the_daemon_renews_a_certificate_that_is_due_and_the_key_pin_holds() -> Result<()> {
+    let mut lab = Lab::with_nat()?;
+    lab.serve_tcp_echo(Role::NatA, PRIVATE_PORT)?;
+    lab.init()?;
+    let token = lab.state_cli(&["tunnel", "issue", "web", "--owner", "ops"])?;
+    let token_file = lab.scratch().join("web.token");
+    gatekeeper::private_file::write(&token_file, token.trim())?;
+    // A certificate for the state's key, long past two thirds of its
+    // validity, as a gateway that was off for a year would hold.
+    let key_pem = std::fs::read_to_string(lab.state_dir().join("gateway.key"))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)?;
+    let mut params = rcgen::CertificateParams::new(vec!["10.77.0.1".to_string()])?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "10.77.0.1");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    std::fs::write(lab.state_dir().join("gateway.crt"), params.self_signed(&key)?.pem())?;
+    let stale = cert_show(&lab)?;
+
+    let _daemon = lab.start_daemon(&["--protect", "tcp/22", "--config", &config(&lab, "")?])?;
+    let renewed = audited(&lab, "certificate_renewed", |l| {
+        l["serves"] == serde_json::json!(["tunnel"])
+    })?;
+    let now = cert_show(&lab)?;
+    anyhow::ensure!(
+        now["pin"] == stale["pin"]
+            && now["serial"] == renewed["serial"]
+            && now["not_after"].as_u64() > Some(1_800_000_000),
+        "renewed with the same key, for a year: {stale} / {now} / {renewed}"
+    );
+    let _agent = start_agent(&lab, &token_file)?;
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! private network dials the gateway, and public connections to the gateway
 //! are relayed to it. Independent of eBPF.
 //!
-//! - [`tls`]: the gateway's self-generated certificate and the agent's
-//!   pinning of it by SHA-256 fingerprint (no CA involved).
+//! - [`tls`]: the gateway's self-signed certificate, its renewal with the
+//!   same key, and the agent's pinning of that key by SHA-256 (no CA).
 //! - [`frame`]: the frames both sides exchange inside the session.
 //! - [`record`]: the session's own record layer once TLS has agreed a
 //!   secret: independent halves, many frames per record.

@@ -201,6 +201,8 @@ fn test() -> Result<()> {
                 "channel_lab",
                 "--test",
                 "clients_lab",
+                "--test",
+                "certificates_lab",
             ],
         ),
     ];

@@ -37,6 +37,11 @@ const PACKAGES: &[&str] = &[
     "tshark",
     "stunnel4",
     "prometheus",
+    // The portal's certificates: an ACME server, and a TLS scanner.
+    "pebble",
+    "testssl.sh",
+    // certutil: the NSS database headless Chromium trusts the ACME root in.
+    "libnss3-tools",
     // The package test: `man -w` and `systemd-analyze verify`.
     "man-db",
     "systemd",

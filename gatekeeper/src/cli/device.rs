@@ -226,14 +226,22 @@ pub fn refresh(path: &Path, server: Option<IpAddr>, timeout: Duration, json: boo
     let k = Knocker::new(Credential::load_text(&text, path)?)
         .with_context(|| format!("the credential {}", path.display()))?;
     let at = k.server(server)?;
-    let note = note::fetch(&k, at, timeout)?;
+    let note::Fetched { note, tls_pin } = note::fetch(&k, at, timeout)?;
     // The file as written (its key stays where it is), with the new key,
     // encrypted again if it was.
     let mut cred = Credential::parse(&text, path)?;
     let changed = cred.server_public_key != note.server_public_key;
-    if changed {
+    // A credential from before key pins pins the gateway's whole
+    // certificate: it now pins the key, which renewals keep.
+    let repinned = tls_pin
+        .map(|p| p.to_string())
+        .filter(|p| cred.tls_fingerprint.as_ref() != Some(p));
+    if changed || repinned.is_some() {
         keys::decode_public(&note.server_public_key).context("the gateway's key note")?;
         cred.server_public_key = note.server_public_key.clone();
+        if let Some(pin) = &repinned {
+            cred.tls_fingerprint = Some(pin.clone());
+        }
         let mut text = cred.to_file_text();
         if let Some(p) = &passphrase {
             text = encrypted_file::encrypt(&text, p);
@@ -243,7 +251,7 @@ pub fn refresh(path: &Path, server: Option<IpAddr>, timeout: Duration, json: boo
     if json {
         println!(
             "{}",
-            json!({"changed": changed, "server_public_key": note.server_public_key, "previous_accepted_until": note.previous_accepted_until})
+            json!({"changed": changed, "server_public_key": note.server_public_key, "previous_accepted_until": note.previous_accepted_until, "repinned": repinned.is_some()})
         );
         return Ok(());
     }
@@ -255,6 +263,9 @@ pub fn refresh(path: &Path, server: Option<IpAddr>, timeout: Duration, json: boo
         );
     } else {
         println!("{} is up to date with the gateway's knock key", path.display());
+    }
+    if let Some(pin) = repinned {
+        println!("it now pins the gateway's public key {pin}, which certificate renewals keep");
     }
     Ok(())
 }

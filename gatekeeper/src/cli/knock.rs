@@ -116,8 +116,8 @@ pub struct Connect {
     /// TARGET is a portal: knock inside TLS instead of with a SYN.
     #[arg(long)]
     portal: bool,
-    /// With --portal: SHA-256 of the portal's certificate, if it is not the
-    /// gateway's own [default: the credential's tls_fingerprint].
+    /// With --portal: SHA-256 pin of the portal's public key, if its
+    /// certificate is not the gateway's own [default: the credential's tls_fingerprint].
     #[arg(long, value_name = "HEX", requires = "portal")]
     fingerprint: Option<tunnel::tls::Fingerprint>,
     /// How long each connection attempt may take.

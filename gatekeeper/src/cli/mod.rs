@@ -11,6 +11,8 @@ mod portal;
 #[cfg(feature = "gateway")]
 mod audit;
 #[cfg(feature = "gateway")]
+mod cert;
+#[cfg(feature = "gateway")]
 mod channel;
 #[cfg(feature = "gateway")]
 mod enroll;
@@ -90,6 +92,9 @@ enum Command {
     Import(import::Import),
     #[cfg(feature = "gateway")]
     RotateKey(enroll::RotateKey),
+    #[cfg(feature = "gateway")]
+    #[command(subcommand)]
+    Cert(cert::Cert),
     Keygen(device::Keygen),
     Encrypt(device::Encrypt),
     Decrypt(device::Decrypt),
@@ -160,6 +165,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Init(i) => enroll::init(i),
         #[cfg(feature = "gateway")]
         Command::RotateKey(r) => enroll::rotate_key(r),
+        #[cfg(feature = "gateway")]
+        Command::Cert(c) => cert::cert(c),
         Command::Keygen(k) => device::keygen(k),
         Command::Encrypt(e) => device::encrypt(e),
         Command::Decrypt(d) => device::decrypt(d),

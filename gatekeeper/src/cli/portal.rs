@@ -20,8 +20,8 @@ use super::{JournalArg, LogFormat, knocker};
 /// Each local connection becomes one TLS session to the portal whose
 /// ClientHello carries a fresh knock bound to it; the portal relays it to
 /// its upstream. Point a browser, curl or any TCP client at the local
-/// address. The portal's certificate is pinned: by the credential's
-/// fingerprint (the gateway's own certificate), or by --fingerprint.
+/// address. The portal's public key is pinned: by the credential's
+/// tls_fingerprint (the gateway's own key), or by --fingerprint.
 ///
 /// Example: gatekeeper portal --credential laptop.credential.toml -L 127.0.0.1:8443 gw.example.net:443
 #[derive(Args, Debug)]
@@ -34,8 +34,9 @@ pub struct PortalArgs {
     listen: SocketAddr,
     /// The portal: HOST:PORT.
     portal: String,
-    /// SHA-256 of the portal's certificate, if it is not the gateway's own
-    /// (the daemon logs it as `fingerprint` when the portal starts).
+    /// SHA-256 pin of the portal's public key, if its certificate is not the
+    /// gateway's own (the daemon logs it as `pin` when the portal starts,
+    /// and `gatekeeper status` shows it); a whole certificate's SHA-256 also works.
     #[arg(long, value_name = "HEX")]
     fingerprint: Option<Fingerprint>,
     /// The host name to ask the portal for (TLS SNI): a relayed host

@@ -114,6 +114,24 @@ fn print(s: &Status) {
         Some(listen) => println!("portal:   {listen}"),
         None => println!("portal:   off"),
     }
+    for c in &s.certificates {
+        let renews = c.renews_at.map_or_else(
+            || "not renewed by the gateway".into(),
+            |at| format!("renews {}", rfc3339(at)),
+        );
+        println!(
+            "cert:     {} ({}): {}, issued by {}, expires {}, {renews}",
+            c.serves.join(" and "),
+            c.source,
+            c.subject,
+            c.issuer,
+            rfc3339(c.not_after)
+        );
+        println!("  key pin {}", c.pin);
+        if let Some(problem) = &c.problem {
+            println!("  PROBLEM: {problem}");
+        }
+    }
     let a = &s.audit;
     if !a.path.is_empty() {
         println!(

@@ -16,7 +16,10 @@
 //! - [`knock_service`]: verifying knocks, opening what they grant.
 //! - [`cluster`]: what a cluster node shares at once: the replay cache and
 //!   the grants.
+//! - [`certificates`]: the served certificates, renewed and replaced
+//!   while the listeners serve.
 
+pub mod certificates;
 pub mod cluster;
 pub mod coverage;
 pub mod fwknop_tcp;
@@ -62,18 +65,23 @@ use crate::{
         Events,
         server::{self as metrics_server, MetricsError},
     },
-    portal::listener::{Portal, PortalError},
+    portal::{
+        self,
+        acme::{Acme, Failure},
+        listener::{Portal, PortalError},
+    },
     relay::gateway::{RelayError, RelayGateway},
     spec::{PortRange, PortSet, Proto},
     store::{
         Store, StoreError, Version,
         cluster::{ClusterStore, NodeReport},
-        config::{Settings, ephemeral_ports},
+        config::{PortalCertificate, Settings, ephemeral_ports},
         files::FileStore,
         watch::{Change, Watcher},
     },
     tunnels::gateway::{Gateway, GatewayError, SessionTiming},
 };
+use certificates::{CertificateError, Served};
 use cluster::{Event, Link};
 use coverage::Coverage;
 use knock_service::KnockService;
@@ -98,6 +106,12 @@ pub enum DaemonError {
     NoSuchInterface(String),
     #[error(transparent)]
     Portal(#[from] PortalError),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
+    #[error(
+        "[portal.acme] is not available in a cluster: the CA's validation may land on any node. Have your ACME client write the certificate to every node and set [portal] cert and key"
+    )]
+    AcmeInCluster,
     #[error(
         "the portal verifies knocks with the state's keys, and {0} is not initialised: run `gatekeeper init --state-dir {0} --public-addr ADDR` first"
     )]
@@ -158,6 +172,8 @@ struct Knocks {
     gateway: Arc<Gateway>,
     /// The relay's public side, on a cluster node that serves it.
     relay: Option<RelayGateway>,
+    /// The gateway's certificate first, then the portal's own, if any.
+    certificates: Vec<Served>,
 }
 
 /// The running daemon's parts the loop and the control socket need.
@@ -369,10 +385,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             service.join(link, c.when_unreachable);
             cluster_events = Some(events);
         }
-        let identity = store.identity()?;
+        let mut own = Served::gateway(store.clone())?;
         let (gateway, tunnel_listener) = Gateway::bind(
             settings.tunnel_port,
-            &identity,
+            own.serve("tunnel"),
+            own.pin(),
             SessionTiming {
                 heartbeat: settings.tunnel_heartbeat,
                 rekey: settings.tunnel_rekey,
@@ -397,11 +414,31 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             }
             _ => None,
         };
+        let mut certificates = vec![own];
         if let Some(p) = &settings.portal {
+            let index = match &p.certificate {
+                PortalCertificate::Gateway => 0,
+                PortalCertificate::Files { cert, key } => {
+                    certificates.push(Served::files(cert, key, store.config()?.certificate_names())?);
+                    certificates.len() - 1
+                }
+                PortalCertificate::Acme(a) => {
+                    if cluster.is_some() {
+                        return Err(DaemonError::AcmeInCluster);
+                    }
+                    let acme = Acme::new(a.clone(), &settings.state_dir);
+                    let failure = Failure::default();
+                    let served = Served::acme(&acme, a, failure.clone())?;
+                    tokio::spawn(portal::acme::run(acme, served.live(), failure, audit.clone()));
+                    certificates.push(served);
+                    certificates.len() - 1
+                }
+            };
+            let served = &mut certificates[index];
             let (portal, listener) = Portal::prepare(
                 p,
-                identity,
-                &settings.public_addrs,
+                served.serve("portal"),
+                served.pin(),
                 ask.clone(),
                 audit.clone(),
                 relay.clone(),
@@ -427,6 +464,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             audit,
             gateway,
             relay,
+            certificates,
         });
     } else {
         info!(state_dir = %settings.state_dir.display(), "the state is not initialised: the gate runs without knocks, tunnels or a control socket (`gatekeeper init` sets them up)");
@@ -550,6 +588,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                     c.look(&daemon.gate);
                 }
                 daemon.tag_keys.sync(&daemon.gate);
+                daemon.look_at_certificates();
             }
             _ = hangup.recv() => {
                 if let Some(k) = &daemon.knocks {
@@ -666,6 +705,16 @@ impl Daemon {
             self.apply(change, false);
         }
         self.report();
+    }
+
+    /// Renews what is due, and serves what the state now holds.
+    fn look_at_certificates(&mut self) {
+        if let Some(k) = self.knocks.as_mut() {
+            let now = unix_now();
+            for served in &mut k.certificates {
+                served.look(&k.audit, now);
+            }
+        }
     }
 
     /// In a cluster, tells the others what is in force here.
@@ -882,6 +931,10 @@ impl Daemon {
             counters,
             cluster: self.node.as_ref().map(Node::status),
             relay,
+            certificates: self
+                .knocks
+                .as_ref()
+                .map_or_else(Vec::new, |k| k.certificates.iter().map(Served::status).collect()),
         }
     }
 }

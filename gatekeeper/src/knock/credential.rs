@@ -55,8 +55,9 @@ pub struct Credential {
     /// next knock key (`client refresh`); older credentials: the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_port: Option<u16>,
-    /// SHA-256 of the gateway's TLS certificate, which the portal presents
-    /// unless the operator configured another one.
+    /// The SHA-256 pin of the gateway's TLS public key (the portal presents
+    /// it unless the operator configured another certificate). Older
+    /// credentials pin the whole certificate; `client refresh` updates them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
     /// The newest knock format the gateway reads: 2 (`docs/knock-v2.md`)

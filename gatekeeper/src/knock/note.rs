@@ -72,9 +72,19 @@ pub enum NoteError {
     Unreadable { at: SocketAddr, reason: String },
 }
 
+/// What a device learns from its gateway: the knock keys, and the pin of
+/// the key the gateway's certificate has, seen over the pinned connection
+/// (a credential from before key pins pins the whole certificate, which
+/// the next renewal changes).
+#[derive(Debug)]
+pub struct Fetched {
+    pub note: KeyNote,
+    pub tls_pin: Option<Fingerprint>,
+}
+
 /// Knocks for the tunnel listener at `server` and reads the key note
 /// there, trusting only the certificate the credential pins.
-pub fn fetch(k: &Knocker, server: IpAddr, timeout: Duration) -> Result<KeyNote, NoteError> {
+pub fn fetch(k: &Knocker, server: IpAddr, timeout: Duration) -> Result<Fetched, NoteError> {
     let pin = k.tls_fingerprint().ok_or(NoteError::NoPin)?;
     let pin: Fingerprint = pin.parse()?;
     let at = SocketAddr::new(server, k.tunnel_port());
@@ -88,12 +98,19 @@ pub fn fetch(k: &Knocker, server: IpAddr, timeout: Duration) -> Result<KeyNote, 
     let name = ServerName::try_from("gatekeeper").expect("a valid DNS name");
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(TlsError::from)?;
     let mut text = Vec::new();
-    rustls::StreamOwned::new(conn, tcp)
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    (&mut stream)
         .take(MAX_NOTE)
         .read_to_end(&mut text)
         .map_err(|e| io(tunnel::tls::PinMismatch::explain(e)))?;
-    serde_json::from_slice(&text).map_err(|e| NoteError::Unreadable {
+    let tls_pin = stream
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(Fingerprint::of_key);
+    let note = serde_json::from_slice(&text).map_err(|e| NoteError::Unreadable {
         at,
         reason: e.to_string(),
-    })
+    })?;
+    Ok(Fetched { note, tls_pin })
 }

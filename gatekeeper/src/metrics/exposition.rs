@@ -151,6 +151,18 @@ fn status_registry(s: &Status) -> Registry {
         a.write_errors,
     );
 
+    let expiry = Labelled::<Gauge>::default();
+    for c in &s.certificates {
+        expiry
+            .get_or_create(&vec![("serves", c.serves.join(",")), ("subject", c.subject.clone())])
+            .set(c.not_after.min(i64::MAX as u64) as i64);
+    }
+    r.register(
+        "certificate_expiry_seconds",
+        "When each served certificate expires, unix seconds; the daemon renews its own a third of its lifetime ahead",
+        expiry,
+    );
+
     if let Some(c) = &s.cluster {
         let nodes = Labelled::<Gauge>::default();
         for state in ["running", "silent"] {
@@ -237,6 +249,7 @@ mod tests {
             counters: BTreeMap::new(),
             cluster: None,
             relay: None,
+            certificates: Vec::new(),
         }
     }
 

@@ -12,6 +12,10 @@
 //! Client downloads (`[portal.downloads]`) are written where the page has
 //! the comment [`DOWNLOADS_MARK`]; a page without it cannot carry them,
 //! and says so at start.
+//!
+//! A browser that negotiated HTTP/2 (ALPN `h2`) gets the same page and
+//! headers over it, from hyper; every other visitor gets the HTTP/1.1
+//! bytes.
 
 use std::{
     io,
@@ -20,6 +24,10 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, header::HeaderValue, server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -79,7 +87,11 @@ pub enum GuidanceError {
 /// The one response every unauthorized request gets.
 #[derive(Clone, Debug)]
 pub struct Guidance {
+    /// Over HTTP/1.1: status line, headers and body, as sent.
     response: Vec<u8>,
+    /// For HTTP/2: the same headers (but `Connection`) and body.
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
 }
 
 /// Where the page's files come from.
@@ -121,8 +133,9 @@ impl Source<'_> {
 }
 
 impl Guidance {
-    /// The page from `dir`, or the built-in one, linking to `downloads`.
-    pub fn load(dir: Option<&Path>, downloads: &[Download]) -> Result<Guidance, GuidanceError> {
+    /// The page from `dir`, or the built-in one, linking to `downloads`;
+    /// with `hsts`, browsers are told to use HTTPS alone for that long.
+    pub fn load(dir: Option<&Path>, downloads: &[Download], hsts: Option<Duration>) -> Result<Guidance, GuidanceError> {
         let source = dir.map_or(Source::BuiltIn, Source::Folder);
         let html = source.text("index.html")?;
         let body = inline(&source, "index.html", &html, &["href=\"", "src=\"", "href='", "src='"])?;
@@ -137,15 +150,28 @@ impl Guidance {
                 size: body.len(),
             });
         }
-        let mut response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
-             Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
-             Connection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
+        let mut headers = vec![
+            ("content-type", "text/html; charset=utf-8".to_string()),
+            ("content-length", body.len().to_string()),
+            ("cache-control", "no-store".into()),
+            ("x-content-type-options", "nosniff".into()),
+            ("referrer-policy", "no-referrer".into()),
+        ];
+        if let Some(age) = hsts {
+            headers.push(("strict-transport-security", format!("max-age={}", age.as_secs())));
+        }
+        let mut head = String::from("HTTP/1.1 200 OK\r\n");
+        for (name, value) in &headers {
+            head.push_str(&format!("{}: {value}\r\n", title_case(name)));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        let mut response = head.into_bytes();
         response.extend_from_slice(body.as_bytes());
-        Ok(Guidance { response })
+        Ok(Guidance {
+            response,
+            headers,
+            body: Bytes::from(body),
+        })
     }
 
     /// The exact bytes every request is answered with.
@@ -170,6 +196,40 @@ impl Guidance {
         stream.write_all(&self.response).await?;
         stream.shutdown().await
     }
+
+    /// Answers one visitor over HTTP/2: the page for every stream it
+    /// opens, until it closes or [`REQUEST_TIMEOUT`] passes.
+    pub async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S) -> io::Result<()> {
+        let page = self.clone();
+        let service = service_fn(move |_request| {
+            let mut response = Response::new(Full::new(page.body.clone()));
+            for (name, value) in &page.headers {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    response.headers_mut().insert(*name, value);
+                }
+            }
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        });
+        let connection = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service);
+        match timeout(REQUEST_TIMEOUT, connection).await {
+            Ok(served) => served.map_err(io::Error::other),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// `content-type` as `Content-Type`, as HTTP/1.1 peers are used to.
+fn title_case(name: &str) -> String {
+    name.split('-')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// The downloads as HTML; nothing when there are none. Labels and URLs
@@ -286,7 +346,7 @@ mod tests {
 
     #[test]
     fn the_built_in_page_is_self_contained() {
-        let g = Guidance::load(None, &[]).unwrap();
+        let g = Guidance::load(None, &[], None).unwrap();
         let b = body(&g);
         assert!(b.contains("This gateway is private"));
         assert!(b.contains("href=\"data:text/css;base64,"));
@@ -296,6 +356,43 @@ mod tests {
         let head = String::from_utf8_lossy(g.response());
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(head.contains(&format!("Content-Length: {}\r\n", b.len())));
+        assert!(!head.contains("Strict-Transport-Security"), "no HSTS unless asked");
+        let strict = Guidance::load(None, &[], Some(Duration::from_secs(86_400))).unwrap();
+        let head = String::from_utf8_lossy(strict.response());
+        assert!(
+            head.contains("\r\nStrict-Transport-Security: max-age=86400\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_visitors_get_the_same_page_and_headers() {
+        let g = Guidance::load(None, &[], Some(Duration::from_secs(60))).unwrap();
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn({
+            let g = g.clone();
+            async move { g.serve_h2(server).await }
+        });
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for path in ["/", "/admin/login?x=1"] {
+            let request = hyper::Request::get(path)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["strict-transport-security"], "max-age=60");
+            assert_eq!(response.headers()["content-type"], "text/html; charset=utf-8");
+            let got = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(got, body(&g).as_bytes());
+        }
+        drop(sender);
+        served.await.unwrap().unwrap();
     }
 
     #[test]
@@ -314,7 +411,7 @@ mod tests {
                 ("bg.png", "PNG"),
             ],
         );
-        let b = body(&Guidance::load(Some(&dir), &[]).unwrap());
+        let b = body(&Guidance::load(Some(&dir), &[], None).unwrap());
         let css = b
             .split("data:text/css;base64,")
             .nth(1)
@@ -332,13 +429,13 @@ mod tests {
     #[test]
     fn bad_folders_are_refused_by_name() {
         let dir = folder("missing", &[("index.html", "<img src=\"logo.png\">")]);
-        let e = Guidance::load(Some(&dir), &[]).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir), &[], None).unwrap_err().to_string();
         assert!(e.contains("logo.png"), "{e}");
         let dir2 = folder("outside", &[("index.html", "<img src=\"../secret.png\">")]);
-        let e = Guidance::load(Some(&dir2), &[]).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir2), &[], None).unwrap_err().to_string();
         assert!(e.contains("outside the folder"), "{e}");
         let dir3 = folder("empty", &[]);
-        let e = Guidance::load(Some(&dir3), &[]).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir3), &[], None).unwrap_err().to_string();
         assert!(e.contains("index.html"), "{e}");
         for d in [dir, dir2, dir3] {
             std::fs::remove_dir_all(d).unwrap();
@@ -357,7 +454,7 @@ mod tests {
                 url: "https://dl.example/gk.svg".into(),
             },
         ];
-        let b = body(&Guidance::load(None, &downloads).unwrap());
+        let b = body(&Guidance::load(None, &downloads, None).unwrap());
         assert!(
             b.contains("<a href=\"https://dl.example/gk.exe\" rel=\"noreferrer\">Windows</a>"),
             "{b}"
@@ -367,18 +464,18 @@ mod tests {
             "a link is never inlined"
         );
         assert!(!b.contains(DOWNLOADS_MARK));
-        let plain = body(&Guidance::load(None, &[]).unwrap());
+        let plain = body(&Guidance::load(None, &[], None).unwrap());
         assert!(!plain.contains(DOWNLOADS_MARK) && !plain.contains("class=\"downloads\""));
 
         let dir = folder("nomark", &[("index.html", "<h1>private</h1>")]);
-        let e = Guidance::load(Some(&dir), &downloads).unwrap_err().to_string();
+        let e = Guidance::load(Some(&dir), &downloads, None).unwrap_err().to_string();
         assert!(e.contains(DOWNLOADS_MARK), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn every_request_gets_the_same_bytes() {
-        let g = Guidance::load(None, &[]).unwrap();
+        let g = Guidance::load(None, &[], None).unwrap();
         let requests: [&[u8]; 4] = [
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
             b"POST /admin/login?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",

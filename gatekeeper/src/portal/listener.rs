@@ -14,7 +14,6 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -30,7 +29,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
-use tunnel::tls::{Identity, TlsError};
+use tunnel::tls::{Fingerprint, LiveCertificate, TlsError, acme};
 
 use super::{
     guidance::{Guidance, GuidanceError},
@@ -45,9 +44,8 @@ use crate::{
         verify::Knock,
         wire::NONCE_LEN,
     },
-    private_file,
     relay::gateway::RelayGateway,
-    store::config::PortalSettings,
+    store::config::{PortalCertificate, PortalSettings},
 };
 
 /// How long connecting to the upstream may take.
@@ -67,25 +65,8 @@ pub enum PortalError {
     },
     #[error("portal")]
     Guidance(#[from] GuidanceError),
-    #[error("portal certificate {cert} / key {key}")]
-    Tls {
-        cert: PathBuf,
-        key: PathBuf,
-        #[source]
-        source: TlsError,
-    },
-    #[error("portal TLS configuration (is the key the certificate's?)")]
+    #[error("portal TLS configuration")]
     Config(#[source] TlsError),
-    #[error("portal certificate {path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "portal certificate: {present} exists but {absent} does not; give both files, or neither to have them generated"
-    )]
-    HalfPair { present: PathBuf, absent: PathBuf },
 }
 
 /// What one source holds and may still open.
@@ -180,30 +161,35 @@ pub struct Portal {
 
 impl Portal {
     /// Everything the portal needs before the gate goes up, so a bad
-    /// certificate, guidance folder or busy port stops the daemon at start.
-    /// `gateway` is the gateway's own identity, the default certificate;
-    /// one generated for the operator's paths names `public_addrs`.
+    /// guidance folder or busy port stops the daemon at start. `served`:
+    /// the certificate (the gateway's own, or the operator's), whose key
+    /// has `pin`.
     pub async fn prepare(
         settings: &PortalSettings,
-        gateway: Identity,
-        public_addrs: &[IpAddr],
+        served: Arc<LiveCertificate>,
+        pin: Fingerprint,
         ask: mpsc::Sender<Ask>,
         audit: Audit,
         relay: Option<RelayGateway>,
     ) -> Result<(Portal, TcpListener), PortalError> {
-        let identity = match &settings.cert_and_key {
-            Some((cert, key)) => operator_identity(cert, key, public_addrs)?,
-            None => gateway,
-        };
-        let acceptor = TlsAcceptor::from(identity.server_config().map_err(PortalError::Config)?);
-        let guidance = Guidance::load(settings.guidance.as_deref(), &settings.downloads)?;
+        let mut config = served.server_config().map_err(PortalError::Config)?;
+        // Browsers get the guidance page over HTTP/2 when they ask for it.
+        // A client of ours offers no protocol, so its upstream sees its
+        // bytes as they are. An ACME CA validating the portal asks for
+        // acme-tls/1 and gets the challenge certificate, nothing more.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if matches!(settings.certificate, PortalCertificate::Acme(_)) {
+            config.alpn_protocols.push(acme::ALPN.to_vec());
+        }
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let guidance = Guidance::load(settings.guidance.as_deref(), &settings.downloads, settings.hsts)?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| PortalError::Bind {
                 addr: settings.listen,
                 source,
             })?;
-        info!(listen = %settings.listen, upstream = %settings.upstream, fingerprint = %identity.fingerprint(),
+        info!(listen = %settings.listen, upstream = %settings.upstream, %pin,
             guidance = %settings.guidance.as_deref().map_or("(built in)".into(), |d| d.display().to_string()),
             sessions_per_source = settings.sessions_per_source, new_sessions_per_sec = settings.new_sessions_per_sec,
             "portal listening");
@@ -314,7 +300,13 @@ impl Portal {
         let verdict = timeout(left, verdict).await.ok().and_then(Result::ok);
         match verdict.unwrap_or(Verdict::Guidance) {
             Verdict::Guidance => {
-                if let Err(e) = self.guidance.serve(tls).await {
+                let served = match tls.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => self.guidance.serve_h2(tls).await,
+                    // The CA's validation ends with the handshake.
+                    Some(acme::ALPN) => return,
+                    _ => self.guidance.serve(tls).await,
+                };
+                if let Err(e) = served {
                     debug!(%peer, error = %e, "guidance page not delivered");
                 }
             }
@@ -373,47 +365,4 @@ where
         Err(e) => debug!(%peer, upstream, error = %e, secs = secs(), "portal session ended abruptly"),
     }
     Ok(())
-}
-
-/// The operator's certificate and key; both are generated (self-signed for
-/// the gateway's public addresses) when neither file exists yet.
-fn operator_identity(cert: &Path, key: &Path, public_addrs: &[IpAddr]) -> Result<Identity, PortalError> {
-    let tls = |source| PortalError::Tls {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        source,
-    };
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| PortalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    match (cert.exists(), key.exists()) {
-        (true, true) => Identity::from_pem(&read(cert)?, &read(key)?).map_err(tls),
-        (false, false) => {
-            let mut names: Vec<String> = public_addrs.iter().map(ToString::to_string).collect();
-            names.push("gatekeeper".into());
-            let identity = Identity::generate(&names).map_err(tls)?;
-            let (c, k) = identity.to_pem();
-            let write = |path: &Path, text: &str| {
-                private_file::write(path, text).map_err(|source| PortalError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            };
-            write(key, k)?;
-            write(cert, c)?;
-            info!(cert = %cert.display(), key = %key.display(), "generated the portal certificate");
-            Ok(identity)
-        }
-        (true, false) => Err(PortalError::HalfPair {
-            present: cert.to_path_buf(),
-            absent: key.to_path_buf(),
-        }),
-        (false, true) => Err(PortalError::HalfPair {
-            present: key.to_path_buf(),
-            absent: cert.to_path_buf(),
-        }),
-    }
 }

@@ -10,7 +10,10 @@
 //!   relay or guide.
 //! - [`connector`]: the client's side, for `gatekeeper portal` and
 //!   `connect --portal`.
+//! - [`acme`]: the portal's certificate from an ACME CA.
 
+#[cfg(feature = "gateway")]
+pub mod acme;
 pub mod client_hello;
 pub mod connector;
 #[cfg(feature = "gateway")]

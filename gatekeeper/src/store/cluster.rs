@@ -477,9 +477,7 @@ impl Store for ClusterStore {
             self.seen().identity = Some((cert, key));
             return Ok(id);
         }
-        let mut names: Vec<String> = self.config()?.public_addrs().iter().map(ToString::to_string).collect();
-        names.push("gatekeeper".into());
-        let id = Identity::generate(&names).map_err(StoreError::Tls)?;
+        let id = Identity::generate(&self.config()?.certificate_names()).map_err(StoreError::Tls)?;
         let (cert, key) = id.to_pem();
         // The first node to get here makes the identity; the others use it.
         self.with(|c| {
@@ -502,6 +500,29 @@ impl Store for ClusterStore {
                 reason: "the certificate or its key went missing while it was being made".into(),
             }),
         }
+    }
+
+    fn put_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let (cert, key) = identity.to_pem();
+        // Both in one transaction, and a new version, so every node's next
+        // look serves the new certificate.
+        self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("HSET")
+                .arg(IDENTITY)
+                .arg("cert")
+                .arg(cert)
+                .arg("key")
+                .arg(key)
+                .ignore()
+                .cmd("INCR")
+                .arg(VERSION)
+                .ignore()
+                .query::<()>(c)
+        })?;
+        self.seen().identity = Some((cert.to_string(), key.to_string()));
+        Ok(())
     }
 
     fn config(&self) -> Result<ConfigFile, StoreError> {

@@ -135,6 +135,7 @@ pub struct PortalOverrides {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     public_addrs: Option<Vec<IpAddr>>,
+    server_name: Option<String>,
     iface: Option<OneOrMany>,
     gate: Option<String>,
     cover: Option<Cover>,
@@ -266,6 +267,21 @@ struct PortalSection {
     handshake_timeout: Option<Duration>,
     /// Client downloads the guidance page links to: platform -> URL.
     downloads: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    hsts: Option<Duration>,
+    acme: Option<AcmeSection>,
+}
+
+/// `[portal.acme]`: the portal's certificate from an ACME CA.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcmeSection {
+    directory: Option<String>,
+    contact: Option<String>,
+    domains: Option<Vec<String>>,
+    trust: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_duration")]
+    renew_before: Option<Duration>,
 }
 
 fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecError>>(
@@ -335,6 +351,18 @@ impl ConfigFile {
         self.public_addrs.clone().unwrap_or_default()
     }
 
+    /// What the gateway's own certificate names, subject first: the
+    /// `server_name`, then the public addresses (the host name when there
+    /// are neither), like any server's certificate.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.server_name.iter().cloned().collect();
+        names.extend(self.public_addrs().iter().map(ToString::to_string));
+        if names.is_empty() {
+            names.push(host_name());
+        }
+        names
+    }
+
     /// `[cluster] url`: the Redis server of the cluster this gateway is in.
     /// Where the audit trail is written for the state in `state_dir`.
     pub fn audit_path(&self, state_dir: &Path) -> PathBuf {
@@ -400,9 +428,11 @@ pub struct PortalSettings {
     pub upstream: String,
     /// Folder of the guidance page; `None`: the built-in page.
     pub guidance: Option<PathBuf>,
-    /// Certificate (chain) and key, PEM; generated there if absent. `None`:
-    /// the gateway's own certificate, which credentials pin.
-    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+    /// Where the portal's certificate comes from.
+    pub certificate: PortalCertificate,
+    /// `Strict-Transport-Security` max-age on the guidance page; none: no
+    /// header (browsers would then refuse a self-signed certificate).
+    pub hsts: Option<Duration>,
     /// Sessions one source (an IPv4 address, an IPv6 /64) may hold at once.
     pub sessions_per_source: u32,
     /// New sessions one source may open per second (twice that in a burst).
@@ -411,6 +441,33 @@ pub struct PortalSettings {
     pub handshake_timeout: Duration,
     /// Client downloads the guidance page links to, by platform.
     pub downloads: Vec<Download>,
+}
+
+/// Where the portal's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortalCertificate {
+    /// The gateway's own, which credentials pin.
+    Gateway,
+    /// An operator's certificate (chain) and key, PEM; made there if absent.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Obtained and renewed from an ACME CA.
+    Acme(AcmeSettings),
+}
+
+/// `[portal.acme]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// `mailto:` address the CA writes to about the account.
+    pub contact: Option<String>,
+    /// The names the certificate is for; the first is its subject.
+    pub domains: Vec<String>,
+    /// A root to trust for the directory's own HTTPS (a private CA);
+    /// none: the system's roots.
+    pub trust: Option<PathBuf>,
+    /// Renew this long before expiry; none: a third of the lifetime ahead.
+    pub renew_before: Option<Duration>,
 }
 
 /// One client download the guidance page offers (`[portal.downloads]`).
@@ -818,6 +875,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
     }
     ConfigFile {
         public_addrs: pick(over.public_addrs, base.public_addrs),
+        server_name: pick(over.server_name, base.server_name),
         iface: pick(over.iface, base.iface),
         gate: pick(over.gate, base.gate),
         cover: pick(over.cover, base.cover),
@@ -864,6 +922,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             new_sessions_per_sec: pick(over.portal.new_sessions_per_sec, base.portal.new_sessions_per_sec),
             handshake_timeout: pick(over.portal.handshake_timeout, base.portal.handshake_timeout),
             downloads: pick(over.portal.downloads, base.portal.downloads),
+            hsts: pick(over.portal.hsts, base.portal.hsts),
+            acme: pick(over.portal.acme, base.portal.acme),
         },
         cluster: ClusterSection {
             url: pick(over.cluster.url, base.cluster.url),
@@ -894,9 +954,21 @@ fn portal_settings(cli: PortalOverrides, f: &PortalSection) -> Result<Option<Por
         hint: "the portal needs somewhere to send authorized sessions: pass --portal-upstream HOST:PORT or set `upstream` in [portal]",
     })?;
     let upstream = spec::upstream(&upstream).map_err(|e| invalid("portal.upstream", &upstream, &e.to_string()))?;
-    let cert_and_key = match (cli.cert.or(f.cert.clone()), cli.key.or(f.key.clone())) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
+    let certificate = match (cli.cert.or(f.cert.clone()), cli.key.or(f.key.clone())) {
+        (Some(cert), Some(key)) => match &f.acme {
+            Some(_) => {
+                return Err(invalid(
+                    "portal.acme",
+                    cert.display(),
+                    "the portal's certificate comes from files or from ACME, not both: drop cert and key, or [portal.acme]",
+                ));
+            }
+            None => PortalCertificate::Files { cert, key },
+        },
+        (None, None) => match &f.acme {
+            Some(acme) => PortalCertificate::Acme(acme_settings(acme)?),
+            None => PortalCertificate::Gateway,
+        },
         (Some(c), None) => {
             return Err(invalid(
                 "portal.cert",
@@ -920,7 +992,8 @@ fn portal_settings(cli: PortalOverrides, f: &PortalSection) -> Result<Option<Por
         listen,
         upstream,
         guidance: cli.guidance.or(f.guidance.clone()),
-        cert_and_key,
+        certificate,
+        hsts: f.hsts,
         sessions_per_source: at_least_one(
             "portal.sessions_per_source",
             f.sessions_per_source,
@@ -939,6 +1012,49 @@ fn portal_settings(cli: PortalOverrides, f: &PortalSection) -> Result<Option<Por
             .map(|(platform, url)| Download::parse(platform, url))
             .collect::<Result<_, _>>()?,
     }))
+}
+
+fn acme_settings(a: &AcmeSection) -> Result<AcmeSettings, ConfigError> {
+    let directory = a.directory.clone().ok_or(ConfigError::Missing {
+        key: "portal.acme.directory",
+        hint: "ACME needs the CA's directory URL, e.g. directory = \"https://acme-v02.api.letsencrypt.org/directory\"",
+    })?;
+    if !directory.starts_with("https://") {
+        return Err(invalid(
+            "portal.acme.directory",
+            &directory,
+            "an ACME directory is an https:// URL",
+        ));
+    }
+    let domains = a.domains.clone().unwrap_or_default();
+    if domains.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "portal.acme.domains",
+            hint: "name the DNS names the certificate is for, e.g. domains = [\"gw.example.org\"]; each must reach this portal",
+        });
+    }
+    for d in &domains {
+        let valid = rustls::pki_types::DnsName::try_from(d.as_str()).is_ok() && d.contains('.');
+        if !valid {
+            return Err(invalid(
+                "portal.acme.domains",
+                d,
+                "not a DNS name (an ACME CA validates names like gw.example.org)",
+            ));
+        }
+    }
+    if let Some(c) = &a.contact
+        && !c.starts_with("mailto:")
+    {
+        return Err(invalid("portal.acme.contact", c, "write it as mailto:ops@example.org"));
+    }
+    Ok(AcmeSettings {
+        directory,
+        contact: a.contact.clone(),
+        domains,
+        trust: a.trust.clone(),
+        renew_before: a.renew_before,
+    })
 }
 
 fn invalid(key: &'static str, value: impl ToString, why: &str) -> ConfigError {
@@ -1110,10 +1226,17 @@ mod tests {
             (
                 p.listen.port(),
                 p.upstream.as_str(),
-                p.cert_and_key,
+                p.certificate,
+                p.hsts,
                 p.sessions_per_source
             ),
-            (443, "127.0.0.1:8080", None, DEFAULT_PORTAL_SESSIONS_PER_SOURCE)
+            (
+                443,
+                "127.0.0.1:8080",
+                PortalCertificate::Gateway,
+                None,
+                DEFAULT_PORTAL_SESSIONS_PER_SOURCE
+            )
         );
         assert!(file("iface = \"eth0\"\nprotect = \"all\"\n").unwrap().portal.is_none());
         let e = file("iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\n").unwrap_err();
@@ -1127,6 +1250,49 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--portal-key"), "{e}");
+    }
+
+    #[test]
+    fn acme_settings_are_checked_and_exclude_certificate_files() {
+        let portal = "iface = \"eth0\"\nprotect = \"all\"\n[portal]\nlisten = \"0.0.0.0:443\"\nupstream = \"h:1\"\nhsts = \"180d\"\n";
+        let acme = |rest: &str| file(&format!("{portal}[portal.acme]\n{rest}"));
+        let good = "directory = \"https://ca.example/dir\"\ncontact = \"mailto:ops@example.org\"\ndomains = [\"gw.example.org\"]\nrenew_before = \"30d\"\n";
+        let p = acme(good).unwrap().portal.unwrap();
+        assert_eq!(p.hsts, Some(Duration::from_secs(180 * 86_400)));
+        assert_eq!(
+            p.certificate,
+            PortalCertificate::Acme(AcmeSettings {
+                directory: "https://ca.example/dir".into(),
+                contact: Some("mailto:ops@example.org".into()),
+                domains: vec!["gw.example.org".into()],
+                trust: None,
+                renew_before: Some(Duration::from_secs(30 * 86_400)),
+            })
+        );
+        for (bad, named) in [
+            ("domains = [\"gw.example.org\"]\n", "portal.acme.directory"),
+            (
+                "directory = \"http://ca.example/dir\"\ndomains = [\"gw.example.org\"]\n",
+                "https://",
+            ),
+            ("directory = \"https://ca.example/dir\"\n", "portal.acme.domains"),
+            (
+                "directory = \"https://ca.example/dir\"\ndomains = [\"10.0.0.1\"]\n",
+                "portal.acme.domains",
+            ),
+            (
+                "directory = \"https://ca.example/dir\"\ndomains = [\"gw.example.org\"]\ncontact = \"ops@example.org\"\n",
+                "mailto:",
+            ),
+        ] {
+            let e = acme(bad).unwrap_err();
+            assert!(e.to_string().contains(named), "{bad}: {e}");
+        }
+        let both = file(&format!(
+            "{portal}cert = \"c.pem\"\nkey = \"k.pem\"\n[portal.acme]\n{good}"
+        ))
+        .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
     }
 
     #[test]

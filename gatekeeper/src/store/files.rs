@@ -262,9 +262,7 @@ impl Store for FileStore {
                 Identity::from_pem(&read(&crt)?, &read(&key)?).map_err(StoreError::Tls)
             }
             (false, false) => {
-                let mut names: Vec<String> = self.config()?.public_addrs().iter().map(ToString::to_string).collect();
-                names.push("gatekeeper".into());
-                let id = Identity::generate(&names).map_err(StoreError::Tls)?;
+                let id = Identity::generate(&self.config()?.certificate_names()).map_err(StoreError::Tls)?;
                 let (c, k) = id.to_pem();
                 self.ensure_dir(&self.root)?;
                 private_file::write(&key, k).map_err(io_err(&key))?;
@@ -284,6 +282,15 @@ impl Store for FileStore {
         }
     }
 
+    fn put_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let (crt, key) = (self.root.join(CERT), self.root.join(KEY));
+        let (c, k) = identity.to_pem();
+        // The key first: a renewal keeps it, so a crash between the two
+        // leaves the old certificate with its own key.
+        private_file::write(&key, k).map_err(io_err(&key))?;
+        private_file::write(&crt, c).map_err(io_err(&crt))
+    }
+
     fn config(&self) -> Result<ConfigFile, StoreError> {
         let path = self.config_path();
         if !path.exists() {
@@ -294,7 +301,7 @@ impl Store for FileStore {
 
     fn version(&self) -> Result<Version, StoreError> {
         let mut h = DefaultHasher::new();
-        for file in [SERVER_KEY, CONFIG_FILE] {
+        for file in [SERVER_KEY, CONFIG_FILE, CERT] {
             hash_meta(&mut h, &self.root.join(file));
         }
         for kind in Kind::ALL {
@@ -451,7 +458,7 @@ mod tests {
         assert_eq!(cred.knock_port, crate::store::config::DEFAULT_KNOCK_UDP_PORT);
         assert_eq!(
             cred.tls_fingerprint,
-            Some(s.identity().unwrap().fingerprint().to_string()),
+            Some(s.identity().unwrap().pin().to_string()),
             "the identity is made once and pinned"
         );
         std::fs::remove_dir_all(dir).unwrap();

@@ -528,6 +528,8 @@ pub trait Store: Send + Sync {
     /// The gateway's TLS identity: the tunnel listener's certificate and
     /// the portal's default one, which credentials pin. Created on first use.
     fn identity(&self) -> Result<Identity, StoreError>;
+    /// Replaces the gateway's TLS identity (a renewal: the same key).
+    fn put_identity(&self, identity: &Identity) -> Result<(), StoreError>;
     /// The shared config (defaults where there is none).
     fn config(&self) -> Result<ConfigFile, StoreError>;
     /// Changes whenever a record changes; cheap enough to ask often.
@@ -541,6 +543,18 @@ pub trait Store: Send + Sync {
     fn put_tunnel(&self, rec: &TunnelRecord, put: Put) -> Result<(), StoreError>;
     fn relay(&self, name: &str) -> Result<RelayRecord, StoreError>;
     fn put_relay(&self, rec: &RelayRecord, put: Put) -> Result<(), StoreError>;
+
+    /// Renews the gateway's certificate now: the same key, so every pin of
+    /// it holds, under the names the config gives, valid for a year from
+    /// now. Running daemons serve it from their next look at the state.
+    fn renew_identity(&self) -> Result<Identity, StoreError> {
+        let renewed = self
+            .identity()?
+            .reissue(&self.config()?.certificate_names())
+            .map_err(StoreError::Tls)?;
+        self.put_identity(&renewed)?;
+        Ok(renewed)
+    }
 
     /// The current knock key: what new credentials name, and the relay's key.
     fn server_secret(&self) -> Result<StaticSecret, StoreError> {
@@ -623,7 +637,7 @@ pub trait Store: Send + Sync {
             servers,
             knock_port: config.knock_udp_port(),
             tunnel_port: Some(config.tunnel_port()),
-            tls_fingerprint: Some(self.identity()?.fingerprint().to_string()),
+            tls_fingerprint: Some(self.identity()?.pin().to_string()),
             knock_version: Some(2),
         })
     }

@@ -41,7 +41,7 @@ use tunnel::{
     record::{KeyEpochs, Rekey, Side, leave_tls},
     session::{Authority, SessionError, TunnelInfo, answer, hear_hello, serve_public},
     splice::Spliced,
-    tls::{Identity, TlsError},
+    tls::{Fingerprint, LiveCertificate, TlsError},
 };
 
 use super::STOP_ALPN;
@@ -154,21 +154,23 @@ pub struct SessionTiming {
 }
 
 impl Gateway {
-    /// Binds the tunnel port with the gateway's identity, before the gate
-    /// goes up, so a busy port stops the daemon at start.
+    /// Binds the tunnel port with the gateway's certificate (whose key has
+    /// `pin`), before the gate goes up, so a busy port stops the daemon at
+    /// start.
     pub async fn bind(
         port: u16,
-        identity: &Identity,
+        served: Arc<LiveCertificate>,
+        pin: Fingerprint,
         timing: SessionTiming,
         audit: Audit,
     ) -> Result<(Arc<Gateway>, TcpListener), GatewayError> {
-        let mut config = (*identity.server_config()?).clone();
+        let mut config = served.server_config()?;
         config.alpn_protocols = vec![note::ALPN.to_vec(), STOP_ALPN.to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
             .await
             .map_err(|source| GatewayError::Bind { port, source })?;
-        info!(port, fingerprint = %identity.fingerprint(), "tunnel gateway listening");
+        info!(port, %pin, "tunnel gateway listening");
         let gw = Arc::new(Gateway {
             records: RwLock::new(Vec::new()),
             live: Mutex::new(HashMap::new()),

@@ -62,7 +62,7 @@ pub fn issue(store: &dyn Store, new: &NewTunnel) -> Result<(TunnelRecord, Token)
             .find(|p| taken(*p).is_none())
             .ok_or(TunnelError::NoFreePort(range))?,
     };
-    let fingerprint = store.identity()?.fingerprint();
+    let fingerprint = store.identity()?.pin();
     let agent_client = format!("tunnel-{}", new.name);
     if existing.client(&agent_client).is_some() {
         return Err(StoreError::DuplicateClient(agent_client).into());
@@ -179,7 +179,7 @@ pub fn reissue(
         return Err(TunnelError::NotLive(name.to_string()));
     }
     let config = store.config()?;
-    let fingerprint = store.identity()?.fingerprint();
+    let fingerprint = store.identity()?.pin();
     let until = (!overlap.is_zero()).then(|| unix_now() + overlap.as_secs());
     let secret = random_bytes(32);
     rec.previous_token = until.map(|until| PreviousToken {
@@ -278,6 +278,9 @@ mod tests {
         }
         fn identity(&self) -> Result<tunnel::tls::Identity, StoreError> {
             self.inner.identity()
+        }
+        fn put_identity(&self, identity: &tunnel::tls::Identity) -> Result<(), StoreError> {
+            self.inner.put_identity(identity)
         }
         fn config(&self) -> Result<crate::store::config::ConfigFile, StoreError> {
             self.inner.config()
@@ -411,7 +414,7 @@ mod tests {
         assert_eq!(back, token);
         assert_eq!(
             back.fingerprint().unwrap(),
-            s.identity().unwrap().fingerprint(),
+            s.identity().unwrap().pin(),
             "the pin matches the gateway's certificate"
         );
         assert!(Token::decode("gkt1.@@@").is_err());

@@ -1,6 +1,6 @@
 //! Published services: issuing and revoking tunnels, and the tokens their
 //! agents carry. A token holds everything an agent needs (where and how to
-//! knock, the certificate fingerprint to pin, the tunnel secret); the
+//! knock, the pin of the gateway's TLS key, the tunnel secret); the
 //! gateway keeps only a hash of the secret, in the tunnel's record in the
 //! store.
 //!
@@ -72,7 +72,8 @@ pub struct Token {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<IpAddr>,
     pub tunnel_port: u16,
-    /// SHA-256 of the gateway's certificate, hex.
+    /// SHA-256 pin of the gateway's TLS public key, hex (of its whole
+    /// certificate in tokens from before key pins).
     pub fingerprint: String,
     /// The agent's own knock credential.
     pub credential: Credential,

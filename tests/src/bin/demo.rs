@@ -185,13 +185,22 @@ fn main() -> Result<()> {
 
     step(
         9,
-        "The portal on 443: a browser without a key gets the guidance page; the laptop's key gets it to web",
+        "The portal on 443: a browser without a key gets the guidance page (HTTP/2, a certificate like any server's); the laptop's key gets it to web",
     );
     let page = lab.exec(
         Role::Intruder,
-        &["curl", "-sk", "--max-time", "10", "https://10.77.0.1/wp-admin"],
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "-w",
+            "\nHTTP/%{http_version}",
+            "https://10.77.0.1/wp-admin",
+        ],
     )?;
     let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    let (page, version) = page.rsplit_once('\n').unwrap_or((&page, ""));
     let title = page
         .split("<title>")
         .nth(1)
@@ -199,12 +208,13 @@ fn main() -> Result<()> {
         .unwrap_or("(no title)");
     show(
         "curl -k https://10.77.0.1/wp-admin   (from the intruder)",
-        &format!("<title>{title}</title>"),
+        &format!("<title>{title}</title>   ({version})"),
     );
     ensure!(
         page.contains("This gateway is private"),
         "not the guidance page: {page:.200}"
     );
+    show("gatekeeper cert show", &lab.state_cli(&["cert", "show"])?);
     println!("$ echo through-the-portal | gatekeeper connect --portal --credential {cred_arg} 10.77.0.1:443");
     let mut child = lab.spawn_gatekeeper(
         Role::Client,

@@ -29,7 +29,10 @@ use gatekeeper::{
     knock::{credential::Credential, send::Knocker},
     portal::connector::PortalClient,
 };
-use gatekeeper_tests::lab::{ChildGuard, Lab, Role, eventually};
+use gatekeeper_tests::{
+    lab::{ChildGuard, Lab, Role, eventually},
+    pki::LabCa,
+};
 use rustls::{
     RootCertStore,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
@@ -81,21 +84,16 @@ struct ClientPki {
 }
 
 fn client_pki() -> Result<ClientPki> {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bench client CA");
-    let ca_key = rcgen::KeyPair::generate()?;
-    let ca = ca_params.self_signed(&ca_key)?;
-    let mut params = rcgen::CertificateParams::new(vec!["bench-client".to_string()])?;
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let key = rcgen::KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    let ca = LabCa::new("bench client CA")?;
+    let issued = ca.issue(
+        "bench-client",
+        vec![rcgen::SanType::DnsName("bench-client".try_into()?)],
+        vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+    )?;
     Ok(ClientPki {
         ca: ca.pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
+        cert: issued.cert,
+        key: issued.key,
     })
 }
 
