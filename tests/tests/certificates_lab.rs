@@ -242,6 +242,14 @@ fn the_portal_obtains_a_certificate_browsers_trust_and_renews_it_under_live_sess
 
     let cert = served(&lab)?;
     ensure!(cert["subject"] == format!("CN={NAME}").as_str(), "{cert}");
+    let logged = format!("pin={}", cert["pin"].as_str().context("pin")?);
+    ensure!(
+        daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("portal listening") && l.contains(&logged)),
+        "the pin logged at start, before the CA's certificate came, is the one it certifies: {cert}"
+    );
     ensure!(
         cert["issuer"].as_str().is_some_and(|i| i.contains("Pebble"))
             && cert["problem"].is_null()
@@ -337,7 +345,15 @@ fn the_portal_obtains_a_certificate_browsers_trust_and_renews_it_under_live_sess
     // audited and shown, and the CA's certificate stays served.
     daemon.stop()?;
     drop(pebble);
-    let _daemon = start_daemon(&lab, &ca, "renew_before = \"36500d\"\n")?;
+    let summary = tunnel::tls::Identity::from_pem(
+        &std::fs::read_to_string(lab.state_dir().join("acme/portal.crt"))?,
+        &key_pem,
+    )?
+    .summary()?;
+    // Renewal due a second after issue (a longer renew_before than the
+    // lifetime would count as unset).
+    let overdue = summary.not_after - summary.not_before - 1;
+    let _daemon = start_daemon(&lab, &ca, &format!("renew_before = \"{overdue}s\"\n"))?;
     let failed = eventually(LIMIT, || {
         Ok(lab
             .audit()?

@@ -28,7 +28,8 @@ pub enum Cert {
     /// cert", valid 1975-4096) identifies the product to scanners and is
     /// never renewed by itself: tunnel tokens and credentials issued before
     /// key pins pin the whole certificate, and stop working when it is
-    /// renewed. Issue them anew (`tunnel reissue`, `client rekey`), then run this.
+    /// renewed. Move them to key pins first (`client refresh` on each
+    /// device, `tunnel reissue` for each tunnel), then run this.
     ///
     /// Example: gatekeeper cert renew
     Renew(CertArgs),

@@ -63,6 +63,8 @@ pub enum CertificateError {
     Store(#[from] StoreError),
     #[error("the portal's ACME task renews this certificate, from the CA")]
     RenewedByAcme,
+    #[error(transparent)]
+    Acme(#[from] acme::AcmeError),
 }
 
 /// Where a served certificate comes from, and goes back to when renewed.
@@ -128,8 +130,10 @@ impl Served {
     }
 
     /// The portal's certificate from ACME: what the task last obtained, or,
-    /// until there is one, a self-signed certificate for the domains (kept
-    /// in memory only). `failed` is the task's record of its last failure.
+    /// until there is one, a self-signed certificate for the domains with
+    /// the key the CA will certify (kept in memory only), so the pin is the
+    /// same before and after. `failed` is the task's record of its last
+    /// failure.
     pub fn acme(acme: &Acme, settings: &AcmeSettings, failed: Failure) -> Result<Served, CertificateError> {
         let identity = match acme.stored() {
             Ok(Some(identity)) => identity,
@@ -137,7 +141,7 @@ impl Served {
                 if let Err(e) = stored {
                     warn!(error = %error_chain(&e), "the stored ACME certificate cannot be used; ordering a new one");
                 }
-                Identity::generate(&settings.domains).map_err(CertificateError::Serve)?
+                Identity::with_key(&settings.domains, &acme.key()?).map_err(CertificateError::Serve)?
             }
         };
         let files = Files {
@@ -267,15 +271,20 @@ impl Served {
     fn renews_at(&self) -> Option<u64> {
         let s = self.summary.as_ref()?;
         match &self.source {
-            Source::Acme { renew_before, .. } => Some(acme::renew_at(s, *renew_before)),
+            // Self-signed: the stand-in until the CA's first certificate.
+            Source::Acme { renew_before, .. } => (!s.self_signed()).then(|| acme::renew_at(s, *renew_before)),
             _ => (s.self_signed() && !s.old_default()).then(|| s.renew_at()),
         }
     }
 
     pub fn status(&self) -> CertificateStatus {
         let s = self.summary.as_ref();
+        let acme = matches!(self.source, Source::Acme { .. });
         let problem = match (self.failure(), s) {
             (Some((reason, _)), _) => Some(format!("the last renewal failed: {reason}")),
+            (None, Some(s)) if acme && s.self_signed() => {
+                Some("self-signed until the ACME CA issues the first certificate".into())
+            }
             (None, Some(s)) if s.old_default() => Some(
                 "made by an earlier release: its subject and validity identify the product to scanners; `gatekeeper cert renew` replaces it (key pins hold, whole-certificate pins from old tokens do not)"
                     .into(),
@@ -305,6 +314,9 @@ impl Source {
     fn read(&self) -> Result<Option<Identity>, CertificateError> {
         match self {
             Source::State(store) => Ok(Some(store.identity()?)),
+            // The ACME task makes the key first and writes the certificate
+            // once the CA issues it: until then there is nothing to serve.
+            Source::Acme { files, .. } if !files.cert.exists() => Ok(None),
             Source::Files(files) | Source::Acme { files, .. } => files.read(),
         }
     }

@@ -65,10 +65,6 @@ pub enum AcmeError {
     },
     #[error("ACME: the account file {path} cannot be read ({reason}); remove it to have a new account made")]
     Account { path: PathBuf, reason: String },
-    #[error(
-        "ACME: the new certificate is due for renewal at once: renew_before is not shorter than the CA's lifetime of {lifetime_days} days"
-    )]
-    RenewsAtOnce { lifetime_days: u64 },
 }
 
 /// Why the last attempt failed, and when the next one is (unix seconds):
@@ -76,11 +72,13 @@ pub enum AcmeError {
 pub type Failure = Arc<Mutex<Option<(String, u64)>>>;
 
 /// When an ACME certificate is due for renewal (unix seconds): `before`
-/// its expiry, or a third of its lifetime ahead.
+/// its expiry, or a third of its lifetime ahead. A `before` as long as the
+/// lifetime would renew every certificate as it arrives, and soon meet the
+/// CA's rate limits, so it then counts as unset.
 pub fn renew_at(s: &Summary, before: Option<Duration>) -> u64 {
     match before {
-        Some(before) => s.not_after.saturating_sub(before.as_secs()),
-        None => s.renew_at(),
+        Some(before) if before.as_secs() < s.not_after.saturating_sub(s.not_before) => s.not_after - before.as_secs(),
+        _ => s.renew_at(),
     }
 }
 
@@ -187,8 +185,9 @@ impl Acme {
         Ok(account)
     }
 
-    /// The portal's key, made once.
-    fn key(&self) -> Result<String, AcmeError> {
+    /// The portal's key, PEM, made once: every certificate the CA issues
+    /// is for it, so a pin of it holds.
+    pub fn key(&self) -> Result<String, AcmeError> {
         let path = self.key_path();
         if path.exists() {
             return std::fs::read_to_string(&path).map_err(Self::io(&path));
@@ -270,10 +269,15 @@ impl Acme {
         })?;
         let path = self.cert_path();
         private_file::write(&path, &chain).map_err(Self::io(&path))?;
-        if self.renew_at(&summary) <= unix_now() {
-            return Err(AcmeError::RenewsAtOnce {
-                lifetime_days: summary.not_after.saturating_sub(summary.not_before) / 86_400,
-            });
+        let lifetime = summary.not_after.saturating_sub(summary.not_before);
+        if let Some(before) = self.settings.renew_before
+            && before.as_secs() >= lifetime
+        {
+            warn!(
+                renew_before_secs = before.as_secs(),
+                lifetime_days = lifetime / 86_400,
+                "renew_before is not shorter than the CA's certificates last; renewing a third of the lifetime ahead instead"
+            );
         }
         Ok(identity)
     }
@@ -333,5 +337,27 @@ pub async fn run(acme: Acme, live: Arc<LiveCertificate>, failure: Failure, audit
                 tokio::time::sleep(Duration::from_secs(wait)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_a_third_ahead_unless_renew_before_fits_the_lifetime() {
+        let ninety_days = Summary {
+            subject: "CN=gw.example.org".into(),
+            issuer: "CN=CA".into(),
+            serial: "01".into(),
+            not_before: 1_000_000,
+            not_after: 1_000_000 + 90 * 86_400,
+        };
+        let day = Duration::from_secs(86_400);
+        assert_eq!(renew_at(&ninety_days, None), 1_000_000 + 60 * 86_400);
+        assert_eq!(renew_at(&ninety_days, Some(day * 10)), 1_000_000 + 80 * 86_400);
+        // As long as the lifetime: every certificate would be due on arrival.
+        assert_eq!(renew_at(&ninety_days, Some(day * 90)), 1_000_000 + 60 * 86_400);
+        assert_eq!(renew_at(&ninety_days, Some(day * 365)), 1_000_000 + 60 * 86_400);
     }
 }

@@ -41,6 +41,8 @@ pub enum TlsError {
     Pem { what: &'static str },
     #[error("the certificate cannot be parsed: {0}")]
     Parse(String),
+    #[error("the OS's random source failed")]
+    Random,
 }
 
 /// How long a certificate the gateway makes for itself is valid: about a
@@ -69,7 +71,13 @@ impl Identity {
     /// A new self-signed certificate for `names` with this identity's key,
     /// valid from now: every pin of the key still matches.
     pub fn reissue(&self, names: &[String]) -> Result<Identity, TlsError> {
-        Identity::self_signed(names, rcgen::KeyPair::from_pem(&self.key_pem)?)
+        Identity::with_key(names, &self.key_pem)
+    }
+
+    /// A self-signed certificate for `names` with the key in `key_pem`:
+    /// what a listener serves until a CA issues one for that key.
+    pub fn with_key(names: &[String], key_pem: &str) -> Result<Identity, TlsError> {
+        Identity::self_signed(names, rcgen::KeyPair::from_pem(key_pem)?)
     }
 
     fn self_signed(names: &[String], key: rcgen::KeyPair) -> Result<Identity, TlsError> {
@@ -83,7 +91,7 @@ impl Identity {
         // An hour back, for peers whose clocks run a little behind.
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + SELF_SIGNED_LIFETIME;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()?));
         let cert = params.self_signed(&key)?;
         Identity::from_pem(&cert.pem(), &key.serialize_pem())
     }
@@ -157,14 +165,13 @@ impl Identity {
 
 /// A serial of 16 random bytes, positive, as CAs use: two certificates
 /// for the same key never share one.
-fn random_serial() -> [u8; 16] {
+fn random_serial() -> Result<[u8; 16], TlsError> {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut serial = [0u8; 16];
-    // The OS's generator fails only when the OS has no randomness to give;
-    // the serial is then still a valid one.
-    let _ = SystemRandom::new().fill(&mut serial);
+    SystemRandom::new().fill(&mut serial).map_err(|_| TlsError::Random)?;
+    // Positive, and 16 bytes long in DER whatever the draw.
     serial[0] = serial[0] & 0x7f | 0x40;
-    serial
+    Ok(serial)
 }
 
 /// The certificate a listener serves, replaceable while it serves:
