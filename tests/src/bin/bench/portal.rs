@@ -304,7 +304,7 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     lab.serve_tcp_echo(Role::Gateway, ECHO)?;
     let cred = lab.enroll("bench", &["--allow", &format!("tcp/{KNOCK_PORT}")])?;
     let state = lab.state_dir();
-    let (cert, key) = (state.join("tunnel.crt"), state.join("tunnel.key"));
+    let (cert, key) = (state.join("gateway.crt"), state.join("gateway.key"));
     let pki = client_pki()?;
     let scratch = lab.scratch().to_path_buf();
     let path = |name: &str, text: &str| -> Result<String> {
@@ -320,7 +320,22 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
     let upstream = format!("127.0.0.1:{ECHO}");
     let gw = Role::Gateway.addr();
     let portal = format!("{gw}:{KNOCK_PORT}");
-    let mut daemon = lab.start_daemon(&["--protect", "all", "--portal", &portal, "--portal-upstream", &upstream])?;
+    // Every client runs from one address: lift the per-source limits that
+    // would otherwise (rightly) refuse a benchmark's rate.
+    let limits = path(
+        "limits.toml",
+        "[portal]\nsessions_per_source = 100000\nnew_sessions_per_sec = 1000000\n",
+    )?;
+    let mut daemon = lab.start_daemon(&[
+        "--protect",
+        "all",
+        "--portal",
+        &portal,
+        "--portal-upstream",
+        &upstream,
+        "--config",
+        &limits,
+    ])?;
     daemon.wait_for("portal listening", Duration::from_secs(20))?;
     let daemon_pid = daemon.pid().context("daemon pid")?;
     let mtls = spawn_baseline(
@@ -345,8 +360,7 @@ pub fn run(rows: &mut Vec<Row>) -> Result<()> {
 
     let credential = Credential::load(&cred)?;
     let pin: Fingerprint = credential.tls_fingerprint.clone().context("no fingerprint")?.parse()?;
-    let identity_pin =
-        Identity::from_pem(&std::fs::read_to_string(&cert)?, &std::fs::read_to_string(&key)?)?.fingerprint();
+    let identity_pin = Identity::from_pem(&std::fs::read_to_string(&cert)?, &std::fs::read_to_string(&key)?)?.pin();
     ensure!(
         pin == identity_pin,
         "all three servers present the gateway's certificate"
