@@ -169,14 +169,16 @@ pub struct Status {
 pub struct CertificateStatus {
     /// The listeners serving it: "tunnel", "portal".
     pub serves: Vec<String>,
-    /// Where it is kept: the state, or the operator's certificate file.
+    /// Where it comes from: the state, the operator's certificate file, or
+    /// "ACME".
     pub source: String,
     pub subject: String,
     pub issuer: String,
     /// Unix seconds.
     pub not_after: u64,
-    /// When the gateway renews it (unix seconds); none: it does not (a
-    /// CA's certificate, or one made by an earlier release).
+    /// When the gateway renews it (unix seconds), itself or from the ACME
+    /// CA; none: it does not (an operator's CA certificate, one made by an
+    /// earlier release, or the stand-in until ACME's first certificate).
     pub renews_at: Option<u64>,
     /// The SHA-256 pin of its public key, as tokens and credentials carry.
     pub pin: String,

@@ -135,6 +135,7 @@ pub struct PortalOverrides {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     public_addrs: Option<Vec<IpAddr>>,
+    #[serde(default, deserialize_with = "de_server_name")]
     server_name: Option<String>,
     iface: Option<OneOrMany>,
     gate: Option<String>,
@@ -294,6 +295,17 @@ fn de_parse<'de, D: serde::Deserializer<'de>, T: std::str::FromStr<Err = SpecErr
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
     spec::duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A DNS name for the gateway's certificate; addresses go in public_addrs.
+fn de_server_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    if rustls::pki_types::DnsName::try_from(s.as_str()).is_ok() {
+        return Ok(Some(s));
+    }
+    Err(serde::de::Error::custom(format!(
+        "`{s}` is not a DNS name: write the name clients reach the gateway by, e.g. server_name = \"gw.example.org\" (addresses go in public_addrs)"
+    )))
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -1250,6 +1262,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--portal-key"), "{e}");
+    }
+
+    #[test]
+    fn the_server_name_leads_the_certificate_names_and_must_be_a_dns_name() {
+        let c = ConfigFile::parse(
+            "server_name = \"gw.example.org\"\npublic_addrs = [\"192.0.2.7\"]\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.certificate_names(), ["gw.example.org", "192.0.2.7"]);
+        for bad in ["192.0.2.7", "gw example", ""] {
+            let e = ConfigFile::parse(&format!("server_name = \"{bad}\"\n"), "test").unwrap_err();
+            assert!(e.to_string().contains("not a DNS name"), "{bad}: {e}");
+        }
     }
 
     #[test]
