@@ -76,7 +76,7 @@ pub fn cert(command: Cert) -> Result<()> {
 
 fn print(identity: &Identity, as_json: bool) -> Result<()> {
     let s = identity.summary()?;
-    let renews_at = (s.self_signed() && !s.old_default()).then(|| s.renew_at());
+    let renews_at = s.self_renewal();
     if as_json {
         println!(
             "{}",

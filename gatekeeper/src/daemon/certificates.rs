@@ -273,7 +273,7 @@ impl Served {
         match &self.source {
             // Self-signed: the stand-in until the CA's first certificate.
             Source::Acme { renew_before, .. } => (!s.self_signed()).then(|| acme::renew_at(s, *renew_before)),
-            _ => (s.self_signed() && !s.old_default()).then(|| s.renew_at()),
+            _ => s.self_renewal(),
         }
     }
 

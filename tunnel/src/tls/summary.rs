@@ -51,6 +51,12 @@ impl Summary {
         self.subject == OLD_DEFAULT_SUBJECT
     }
 
+    /// When the gateway renews this certificate itself: one it made (not
+    /// a CA's, and not an earlier release's, which identifies the product).
+    pub fn self_renewal(&self) -> Option<u64> {
+        (self.self_signed() && !self.old_default()).then(|| self.renew_at())
+    }
+
     /// When a certificate the gateway made for itself is due for renewal:
     /// two thirds into its validity, as ACME clients do, which leaves a
     /// third of it to retry in.
